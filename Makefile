@@ -1,0 +1,34 @@
+# Thin wrappers: every target runs through uv, which is installed when missing.
+UV := $(or $(shell command -v uv 2>/dev/null),$(HOME)/.local/bin/uv)
+HOURS ?=
+ARGS ?=
+SOURCE ?= offline
+
+.PHONY: setup prepare image test test-fast overnight bench-cpu bench-gpu bench-sandbox
+
+$(UV):
+	python3 -m pip install --user --quiet uv || python3 -m pip install --user --quiet --break-system-packages uv
+
+setup: $(UV)
+	$(UV) sync --frozen
+
+prepare: setup
+	$(UV) run prepare.py --source $(SOURCE)
+
+test: setup
+	$(UV) run pytest -ra
+
+test-fast: setup
+	$(UV) run pytest -ra -m "not slow"
+
+overnight: setup
+	$(UV) run autoresearch overnight --source $(SOURCE) $(if $(HOURS),--hours $(HOURS)) $(ARGS)
+
+bench-cpu: setup
+	$(UV) run python bench/cpu_experiment.py $(ARGS)
+
+bench-gpu: setup
+	$(UV) run python bench/gpu_experiment.py $(ARGS)
+
+bench-sandbox: setup
+	$(UV) run python bench/sandbox_overhead.py $(ARGS)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Builds the root filesystem of the offline runtime image, for hosts that cannot
+# pull from a registry: a minimal Debian (debootstrap) plus the pinned Python
+# packages, installed from the host so that nothing is fetched inside a container.
+#
+#   images/build_rootfs.sh ROOTFS_DIR REQUIREMENTS_TXT
+#
+# Needs root (debootstrap), uv, and a reachable Debian mirror (AR_DEBIAN_MIRROR)
+# and Python index. Prints one line per step; sandbox/images.py imports the result.
+set -euo pipefail
+
+rootfs=${1:?usage: build_rootfs.sh ROOTFS_DIR REQUIREMENTS_TXT}
+requirements=${2:?usage: build_rootfs.sh ROOTFS_DIR REQUIREMENTS_TXT}
+mirror=${AR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+suite=bookworm # Python 3.11, the project's interpreter
+# python-is-python3: commands say `python`; gcc, g++, libpython3.11-dev: torch.compile
+# (Inductor on CPU, Triton on GPU) compiles C/C++ at run time.
+packages=python3,python-is-python3,coreutils,util-linux,gcc,g++,libpython3.11-dev
+
+step() { printf '[rootfs] %s\n' "$*"; }
+
+if ! command -v debootstrap >/dev/null; then
+    step "installing debootstrap on the host"
+    apt-get install -y -qq debootstrap >/dev/null
+fi
+
+step "debootstrap --variant=minbase $suite ($mirror)"
+debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$mirror" >/dev/null
+
+step "installing pinned Python packages into /opt/deps"
+# The glibc of bookworm is 2.36: the same wheels the host's lock resolves to.
+uv pip install --quiet --no-deps --require-hashes --link-mode=copy \
+    --target "$rootfs/opt/deps" \
+    --python-version 3.11 --python-platform x86_64-manylinux_2_36 \
+    -r "$requirements"
+
+step "trimming docs, locales, package caches and package tests"
+rm -rf "$rootfs"/usr/share/{doc,man,info,locale,lintian,linda} \
+    "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/* "$rootfs"/var/log/* \
+    "$rootfs"/opt/deps/bin
+find "$rootfs/opt/deps" -mindepth 2 -maxdepth 6 -type d -name tests -not -path '*/torch/*' -prune \
+    -exec rm -rf {} +
+find "$rootfs" -depth -type d -name __pycache__ -exec rm -rf {} +
+
+step "compiling bytecode with the image's interpreter (the root filesystem is read-only at run time)"
+chroot "$rootfs" python3 -m compileall -q -j 0 /usr/lib/python3.11 /opt/deps >/dev/null || true
+
+step "root filesystem ready: $(du -sh "$rootfs" | cut -f1)"

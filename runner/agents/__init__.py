@@ -1,0 +1,1 @@
+"""Proposers of train.py changes: anthropic (LLM), command (any CLI), search (offline)."""

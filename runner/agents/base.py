@@ -1,0 +1,64 @@
+"""What every agent sees and returns.
+
+An agent turns a `Context` (research directions, the current best train.py, the
+harness API, the history) into a `Proposal` (a one-line description and a unified
+diff against train.py). The runner validates the diff; when it is invalid the
+agent is asked again with `Context.feedback` set to the validator's reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One past experiment, as the agent sees it."""
+
+    exp_id: str
+    description: str
+    status: str  # lifecycle status or decision: keep, discard, crash, rejected, ...
+    val_bpb: float | None
+    delta: float | None  # val_bpb minus the parent's val_bpb (negative is better)
+    params: dict[str, float | int | str] = field(default_factory=dict)  # constants of its train.py
+
+
+@dataclass(frozen=True)
+class Context:
+    program: str  # program.md
+    train_py: str  # the current best train.py (the parent of the proposal)
+    harness_api: str  # prepare.py's public API, as text
+    history: tuple[HistoryRow, ...] = ()
+    best_val_bpb: float | None = None
+    last_failure_log: str = ""  # tail of the last failed experiment's log
+    feedback: str = ""  # why the previous proposal was rejected (retry), else ""
+    seed: int = 0  # for reproducible proposers
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token usage and estimated cost of producing one proposal."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+@dataclass(frozen=True)
+class Proposal:
+    description: str
+    diff: str
+    usage: Usage = Usage()
+
+
+class AgentError(Exception):
+    """The agent could not produce a proposal this time (the night goes on)."""
+
+
+class Agent(Protocol):
+    name: str
+
+    def propose(self, context: Context) -> Proposal: ...

@@ -1,0 +1,298 @@
+"""The prompt every language-model agent sees, and how its reply is read back.
+
+The prompt has three parts so an API can cache what rarely changes:
+  * the static part: program.md, the harness API, the rules and the reply format
+    (the same all night);
+  * the current best train.py (changes only when an experiment is kept);
+  * the dynamic part: best val_bpb, the history table, the last failure's log and,
+    on a retry, why the previous proposal was rejected.
+
+A reply is one `DESCRIPTION: ...` line and one fenced unified diff against train.py.
+Models do not always follow that exactly, so `parse_reply` is lenient about
+prose, missing or several fences and CRLF, and strict only about there being a diff.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from runner.agents.base import AgentError, Context, HistoryRow, Proposal, Usage
+
+HISTORY_ROWS = 60  # newest rows shown in the table; older ones are summarised in one line
+DESCRIPTION_CHARS = 100
+LOG_TAIL_LINES = 40
+LOG_LINE_CHARS = 300
+
+RULES = """\
+# Your task
+You are an ML researcher improving train.py, a small GPT pretraining script, one
+experiment at a time. Each experiment applies your change to the current best
+train.py, trains for the fixed time budget of the harness, and scores the exported
+model on held-out validation data with val_bpb (bits per byte, lower is better).
+A change is kept only if it beats the best val_bpb by more than the measured noise.
+
+# Rules
+- Change train.py only. prepare.py is the fixed harness; its public API is above.
+- Keep using the harness's dataloader, time budget and finish(); the training run
+  must end within the time budget and the model must stay exportable and causal
+  (a token may only depend on earlier tokens).
+- No new dependencies, no network, no files other than the ones the harness gives.
+- One idea per experiment, small enough to review. A change of the seed alone is
+  not an experiment.
+- Learn from the history: do not repeat what was already tried; if the last
+  experiment crashed, read its log before proposing.
+"""
+
+REPLY_FORMAT = """\
+# Reply format
+Reply with exactly one description line and one fenced diff block, nothing else:
+
+DESCRIPTION: <what you changed and why, one line, under 100 characters>
+```diff
+--- a/train.py
++++ b/train.py
+@@ -<old start>,<old count> +<new start>,<new count> @@
+ <unchanged context line>
+-<removed line>
++<added line>
+```
+
+The diff must be a unified diff of train.py against the current best train.py shown
+to you, with exact context lines and correct line numbers and counts.
+"""
+
+
+class ReplyFormatError(AgentError):
+    """The reply holds no usable diff (the agent is asked again)."""
+
+
+# ---------------------------------------------------------------------------- prompt
+
+
+def static_part(context: Context) -> str:
+    """Everything that stays the same all night: research program, harness API, rules."""
+    return "\n\n".join(
+        [
+            "# Research program (program.md)\n" + context.program.strip(),
+            "# Harness API (prepare.py, read-only)\n" + context.harness_api.strip(),
+            RULES.strip(),
+            REPLY_FORMAT.strip(),
+        ]
+    )
+
+
+def train_py_part(context: Context) -> str:
+    """The file the diff must apply to; it changes only when an experiment is kept."""
+    return f"# Current best train.py (your diff must apply to exactly this file)\n```python\n{context.train_py.rstrip()}\n```"
+
+
+def dynamic_part(context: Context) -> str:
+    """What changes every experiment; the rejection reason, if any, comes last so it is read last."""
+    best = "none yet" if context.best_val_bpb is None else f"{context.best_val_bpb:.4f}"
+    sections = [f"# Best val_bpb so far: {best}", history_table(context.history)]
+    if context.last_failure_log.strip():
+        sections.append("# Log tail of the last failed experiment\n```\n" + log_tail(context.last_failure_log) + "\n```")
+    if context.feedback.strip():
+        sections.append(
+            "# IMPORTANT: your previous proposal was rejected\n"
+            f"Reason: {context.feedback.strip()}\n"
+            "Fix this in your new reply; the same mistake is rejected again."
+        )
+    sections.append("Propose the next experiment now, in the reply format.")
+    return "\n\n".join(sections)
+
+
+def full_prompt(context: Context) -> str:
+    """The whole prompt as one text, for agents that take a single input."""
+    return "\n\n".join([static_part(context), train_py_part(context), dynamic_part(context)]) + "\n"
+
+
+def history_table(history: tuple[HistoryRow, ...]) -> str:
+    """A compact Markdown table of past experiments, newest last."""
+    if not history:
+        return "# Experiments so far\nNone: this is the first proposal after the baseline."
+    shown = history[-HISTORY_ROWS:]
+    lines = [
+        "# Experiments so far (newest last; delta = val_bpb minus its parent's, negative is better)",
+        "| id | status | val_bpb | delta | description |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    if len(history) > len(shown):
+        lines.insert(1, f"({len(history) - len(shown)} earlier experiments not shown)")
+    for row in shown:
+        val = "-" if row.val_bpb is None else f"{row.val_bpb:.4f}"
+        delta = "-" if row.delta is None else f"{row.delta:+.4f}"
+        lines.append(f"| {row.exp_id} | {row.status} | {val} | {delta} | {_one_line(row.description)} |")
+    return "\n".join(lines)
+
+
+def log_tail(log: str) -> str:
+    """The last lines of a log, each cut to a sane length (progress bars can be huge)."""
+    lines = log.replace("\r\n", "\n").replace("\r", "\n").rstrip().split("\n")[-LOG_TAIL_LINES:]
+    return "\n".join(line if len(line) <= LOG_LINE_CHARS else line[:LOG_LINE_CHARS] + " ..." for line in lines)
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= DESCRIPTION_CHARS else text[: DESCRIPTION_CHARS - 3] + "..."
+
+
+# ---------------------------------------------------------------------- harness API
+
+
+def harness_api_text(prepare_py_source: str) -> str:
+    """prepare.py's public surface: module docstring, constants, and public
+    function and class signatures with their docstrings (bodies left out)."""
+    tree = ast.parse(prepare_py_source)
+    parts: list[str] = []
+    module_doc = ast.get_docstring(tree)
+    if module_doc:
+        parts.append(f'"""{module_doc}"""')
+    constants: list[str] = []
+    for node in tree.body:
+        if _is_constant_statement(node):
+            constants.append(ast.get_source_segment(prepare_py_source, node) or ast.unparse(node))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _is_public(node.name):
+            parts.append(_signature(node))
+        elif isinstance(node, ast.ClassDef) and _is_public(node.name):
+            parts.append(_class_outline(node))
+    if constants:
+        parts.insert(1 if module_doc else 0, "\n".join(constants))
+    return "\n\n".join(parts) + "\n"
+
+
+def _is_public(name: str) -> bool:
+    return not name.startswith("_")
+
+
+def _is_constant_statement(node: ast.stmt) -> bool:
+    """An assignment to UPPER_CASE names, or an `if` that only sets such names (profiles)."""
+    if isinstance(node, ast.If):
+        return all(_is_constant_statement(child) for child in node.body + node.orelse)
+    if isinstance(node, ast.Assign):
+        targets = node.targets
+    elif isinstance(node, ast.AnnAssign):
+        targets = [node.target]
+    else:
+        return False
+    names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+    return bool(names) and all(name.isupper() and _is_public(name) for name in names)
+
+
+def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef, indent: str = "") -> str:
+    decorators = "".join(f"{indent}@{ast.unparse(d)}\n" for d in node.decorator_list)
+    prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+    returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+    head = f"{decorators}{indent}{prefix} {node.name}({ast.unparse(node.args)}){returns}:"
+    return head + _docstring_block(node, indent + "    ")
+
+
+def _class_outline(node: ast.ClassDef) -> str:
+    bases = ", ".join(ast.unparse(b) for b in node.bases + node.keywords)
+    lines = [f"class {node.name}({bases}):" if bases else f"class {node.name}:"]
+    lines[0] += _docstring_block(node, "    ")
+    for child in node.body:
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+            _is_public(child.name) or child.name == "__init__"
+        ):
+            lines.append(_signature(child, indent="    "))
+    return "\n".join(lines)
+
+
+def _docstring_block(node: ast.AST, indent: str) -> str:
+    doc = ast.get_docstring(node)  # type: ignore[arg-type]
+    if not doc:
+        return " ..."
+    body = "\n".join(indent + line if line else "" for line in doc.splitlines())
+    return f'\n{indent}"""{body.lstrip()}\n{indent}"""'
+
+
+# ------------------------------------------------------------------------ the reply
+
+_FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
+_DESCRIPTION = re.compile(r"^[ \t*_#>-]*description[ \t*_]*:[ \t*_]*(.+?)[ \t*]*$", re.IGNORECASE | re.MULTILINE)
+_DIFF_START = re.compile(r"^(diff --git |--- )")
+_DIFF_BODY = re.compile(r"^([ +\-\\]|@@|diff --git |index |--- |\+\+\+ )")
+
+
+def parse_reply(text: str, usage: Usage = Usage()) -> Proposal:
+    """Read a `DESCRIPTION:` line and a unified diff from a model's reply."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    diff = _pick_diff(text)
+    if diff is None:
+        raise ReplyFormatError("the reply contains no unified diff of train.py (expected one ```diff block)")
+    return Proposal(description=_description(text), diff=diff, usage=usage)
+
+
+def _description(text: str) -> str:
+    match = _DESCRIPTION.search(text)
+    if match:
+        return _one_line(match.group(1))
+    prose = (line.strip() for line in _outside_fences(text) if line.strip())
+    return _one_line(next(prose, "(no description)"))
+
+
+def _pick_diff(text: str) -> str | None:
+    """The fenced block that looks most like a diff of train.py (last one on a tie),
+    else a bare diff in the text; None when there is no hunk anywhere."""
+    scored = [(_diff_score(lang, body), i, body) for i, (lang, body) in enumerate(_fenced_blocks(text))]
+    scored = [item for item in scored if item[0] > 0]
+    if scored:
+        return _clean_diff(max(scored)[2])
+    return _clean_diff(text)
+
+
+def _diff_score(lang: str, body: str) -> int:
+    if not re.search(r"^@@ ", body, re.MULTILINE):
+        return 0
+    score = 2
+    if re.search(r"^\+\+\+ .*train\.py", body, re.MULTILINE):
+        score += 2
+    if lang.lower() in ("diff", "patch", "udiff"):
+        score += 1
+    return score
+
+
+def _fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of each fenced block; an unclosed fence runs to the end."""
+    blocks: list[tuple[str, str]] = []
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines):
+        opening = _FENCE.match(lines[i])
+        if not opening:
+            i += 1
+            continue
+        fence, lang = opening.group(1), opening.group(2)
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == fence), len(lines))
+        blocks.append((lang, "\n".join(lines[i + 1 : end])))
+        i = end + 1
+    return blocks
+
+
+def _outside_fences(text: str) -> list[str]:
+    inside, kept = False, []
+    for line in text.split("\n"):
+        if _FENCE.match(line):
+            inside = not inside
+        elif not inside:
+            kept.append(line)
+    return kept
+
+
+def _clean_diff(text: str) -> str | None:
+    """From the first file header to the last diff line; blank lines inside hunks
+    become blank context lines (editors and models strip the leading space)."""
+    lines = text.split("\n")
+    start = next((i for i, line in enumerate(lines) if _DIFF_START.match(line)), None)
+    if start is None:
+        return None
+    body = lines[start:]
+    while body and not _DIFF_BODY.match(body[-1]):
+        body.pop()
+    if not any(line.startswith("@@") for line in body):
+        return None
+    first_hunk = next(i for i, line in enumerate(body) if line.startswith("@@"))
+    body = [" " if (i > first_hunk and not line) else line for i, line in enumerate(body)]
+    return "\n".join(body) + "\n"

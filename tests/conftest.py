@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny prepared dataset and the Docker engine (when there is one)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.corpus import write_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_VOCAB = 512
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """An AR_CACHE holding `local/`: the synthetic corpus prepared by the real prepare.py."""
+    cache = tmp_path_factory.mktemp("ar_cache")
+    corpus = write_corpus(tmp_path_factory.mktemp("corpus"))
+    env = {**os.environ, "AR_CACHE": str(cache)}
+    subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--source", "local", str(corpus), "--vocab-size", str(TINY_VOCAB)],
+                   check=True, env=env, cwd=ROOT, capture_output=True)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_cache) -> Path:
+    """The prepared data directory (tokenizer, train/, val/, manifest.json)."""
+    return tiny_cache / "local"
+
+
+def docker_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=5).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """A Docker client; skips without an engine unless AR_REQUIRE_DOCKER is set (then fails)."""
+    if not docker_available():
+        if os.environ.get("AR_REQUIRE_DOCKER"):
+            pytest.fail("AR_REQUIRE_DOCKER is set but no Docker engine answers")
+        pytest.skip("no Docker engine reachable")
+    import docker
+
+    return docker.from_env(timeout=120)

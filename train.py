@@ -199,8 +199,15 @@ for opt in optimizers:
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
 
-step_model = torch.compile(model, dynamic=False) if GPU else model
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if GPU else torch.autocast("cpu", enabled=False)
+
+
+def train_loss(x, y):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=GPU):
+        logits = model(x)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+
+
+step_loss = torch.compile(train_loss, dynamic=False) if GPU else train_loss  # one fused graph incl. the loss
 grad_accum = max(1, TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * MAX_SEQ_LEN))
 loader = make_dataloader(DEVICE_BATCH_SIZE, MAX_SEQ_LEN)
 
@@ -227,9 +234,7 @@ while not budget.done:
         group["momentum"] = 0.85 + 0.1 * min(budget.step_count / 300, 1.0)
     for _ in range(grad_accum):
         x, y = next(loader)
-        with autocast:
-            logits = step_model(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        loss = step_loss(x, y)
         (loss / grad_accum).backward()
     for opt in optimizers:
         opt.step()

@@ -142,20 +142,27 @@ def _one_line(text: str) -> str:
 
 
 def harness_api_text(prepare_py_source: str) -> str:
-    """prepare.py's public surface: module docstring, constants, and public
-    function and class signatures with their docstrings (bodies left out)."""
+    """prepare.py's public surface: module docstring, constants, and public function and
+    class signatures with their docstrings (bodies left out). When prepare.py declares
+    `__all__`, only those names are shown, which keeps the prompt to the runtime API."""
     tree = ast.parse(prepare_py_source)
+    exported = _dunder_all(tree)
+
+    def shown(names: list[str]) -> bool:
+        return any(name in exported for name in names) if exported is not None else all(map(_is_public, names))
+
     parts: list[str] = []
     module_doc = ast.get_docstring(tree)
     if module_doc:
         parts.append(f'"""{module_doc}"""')
     constants: list[str] = []
     for node in tree.body:
-        if _is_constant_statement(node):
+        names = _constant_names(node)
+        if names and shown(names):
             constants.append(ast.get_source_segment(prepare_py_source, node) or ast.unparse(node))
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _is_public(node.name):
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and shown([node.name]):
             parts.append(_signature(node))
-        elif isinstance(node, ast.ClassDef) and _is_public(node.name):
+        elif isinstance(node, ast.ClassDef) and shown([node.name]):
             parts.append(_class_outline(node))
     if constants:
         parts.insert(1 if module_doc else 0, "\n".join(constants))
@@ -166,18 +173,32 @@ def _is_public(name: str) -> bool:
     return not name.startswith("_")
 
 
-def _is_constant_statement(node: ast.stmt) -> bool:
-    """An assignment to UPPER_CASE names, or an `if` that only sets such names (profiles)."""
+def _dunder_all(tree: ast.Module) -> set[str] | None:
+    for node in tree.body:
+        if _constant_names(node) == ["__all__"]:
+            try:
+                return set(ast.literal_eval(node.value))  # type: ignore[attr-defined]
+            except ValueError:
+                return None
+    return None
+
+
+def _constant_names(node: ast.stmt) -> list[str]:
+    """Names set by an assignment to UPPER_CASE names (or `__all__`), or by an `if` that
+    only sets such names (profiles); [] for any other statement."""
     if isinstance(node, ast.If):
-        return all(_is_constant_statement(child) for child in node.body + node.orelse)
+        groups = [_constant_names(child) for child in node.body + node.orelse]
+        return [name for group in groups for name in group] if all(groups) else []
     if isinstance(node, ast.Assign):
         targets = node.targets
     elif isinstance(node, ast.AnnAssign):
         targets = [node.target]
     else:
-        return False
+        return []
     names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
-    return bool(names) and all(name.isupper() and _is_public(name) for name in names)
+    if names and all(name.isupper() or name == "__all__" for name in names):
+        return names
+    return []
 
 
 def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef, indent: str = "") -> str:
@@ -204,6 +225,8 @@ def _docstring_block(node: ast.AST, indent: str) -> str:
     doc = ast.get_docstring(node)  # type: ignore[arg-type]
     if not doc:
         return " ..."
+    if "\n" not in doc:
+        return f'\n{indent}"""{doc}"""'
     body = "\n".join(indent + line if line else "" for line in doc.splitlines())
     return f'\n{indent}"""{body.lstrip()}\n{indent}"""'
 

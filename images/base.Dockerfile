@@ -1,0 +1,12 @@
+# The base image: a runtime image (offline root filesystem or images/Dockerfile) plus
+# the trusted harness. sandbox/images.py builds it; experiment images add train.py only.
+ARG RUNTIME
+FROM ${RUNTIME}
+ARG UID
+# prepare.py comes from the build context root-owned with mode 0444: nobody can change it.
+COPY prepare.py /app/prepare.py
+# The root filesystem is read-only at run time: HOME and every cache live in the /tmp tmpfs.
+ENV PYTHONPATH=/opt/deps HOME=/tmp PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+USER ${UID}:${UID}
+WORKDIR /app
+LABEL autoresearch.kind=base

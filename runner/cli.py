@@ -1,0 +1,88 @@
+"""The `autoresearch` command line: a thin dispatcher; the work lives in the modules.
+
+A problem the user can cause or fix (a bad flag, no Docker, no API key, no data)
+ends in one sentence on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from runner.agents.factory import AGENT_NAMES, AgentConfigError
+from runner.decision import Rule
+from runner.ledger import LedgerError
+from runner.loop import NightError
+from runner.settings import SANDBOXES, Settings, SettingsError, Source, default_tag
+from sandbox.spec import SandboxUnavailable
+
+# Exceptions whose message is a sentence meant for the user.
+USER_ERRORS = (SettingsError, NightError, SandboxUnavailable, AgentConfigError, LedgerError)
+
+
+def fail(exc: Exception) -> None:
+    """Turn a user-caused error into one line and exit 1."""
+    raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def main() -> None:
+    """autoresearch-sandbox: an agent improves train.py overnight, every experiment sandboxed."""
+
+
+@main.command()
+@click.option("--hours", type=float, default=None, help="Stop starting experiments after this long (default: until Ctrl-C).")
+@click.option("--max-experiments", type=int, default=None, help="Stop after this many proposals.")
+@click.option("--agent", type=click.Choice(AGENT_NAMES), default="auto", show_default=True,
+              help="auto: anthropic when ANTHROPIC_API_KEY is set, else the offline search.")
+@click.option("--agent-command", default=None, help="Shell command for --agent command (prompt on stdin).")
+@click.option("--sandbox", type=click.Choice(SANDBOXES), default="auto", show_default=True)
+@click.option("--gpus", default="all", show_default=True, help="all, none, or indices such as 0,1.")
+@click.option("--tag", default=None, help="Run name (runs/<tag>); an existing tag resumes. Default: date-time.")
+@click.option("--budget", type=float, default=None, help="Training seconds per experiment (default: the profile's).")
+@click.option("--source", default="offline", show_default=True, help="Data: offline, linux, hf, local or local:PATH.")
+@click.option("--baseline-runs", type=int, default=3, show_default=True, help="Baseline runs that measure the noise.")
+@click.option("--k", type=float, default=Rule.k, show_default=True, help="Keep threshold: k times the noise sigma.")
+@click.option("--min-delta", type=float, default=Rule.min_delta, show_default=True, help="Smallest improvement kept.")
+@click.option("--confirm/--no-confirm", default=False, show_default=True,
+              help="Confirm a candidate keep with a second run under another seed.")
+@click.option("--max-diff-retries", type=int, default=3, show_default=True,
+              help="Tries for the agent to send a valid diff before the proposal is rejected.")
+def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, budget, source, baseline_runs,
+              k, min_delta, confirm, max_diff_retries) -> None:
+    """Run the experiment loop for the night (resume with the same --tag)."""
+    from runner.overnight import run_overnight
+
+    try:
+        settings = Settings(
+            tag=tag or default_tag(), hours=hours, max_experiments=max_experiments, agent=agent,
+            agent_command=agent_command, sandbox=sandbox, gpus=gpus, budget=budget, source=Source.parse(source),
+            baseline_runs=baseline_runs, rule=Rule(k=k, min_delta=min_delta, confirm=confirm),
+            max_diff_retries=max_diff_retries,
+        )
+        run_overnight(settings)
+    except USER_ERRORS as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        click.echo("stopped at once (second Ctrl-C); resume with the same --tag.", err=True)
+        sys.exit(130)
+
+
+@main.command("check-diff")
+@click.argument("diff_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--base", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=Path("train.py"),
+              show_default=True, help="The train.py the diff must apply to.")
+def check_diff(diff_file: Path, base: Path) -> None:
+    """Validate a diff exactly as the night does; exit 1 when it is rejected."""
+    from runner.diffs import DiffRejected, changed_lines, validate_and_apply
+
+    diff = diff_file.read_text()
+    try:
+        validate_and_apply(diff, base.read_text())
+    except DiffRejected as exc:
+        click.echo(f"rejected: {exc.reason}")
+        sys.exit(1)
+    added, removed = changed_lines(diff)
+    click.echo(f"ok: +{added} -{removed} lines")

@@ -1,0 +1,437 @@
+"""The night's record: one SQLite database per run tag (DESIGN §3.8).
+
+Every lifecycle transition (§3.3) is committed before the work it announces
+starts on the machine, so a runner killed at any point can resume from the
+ledger alone: rows left `proposed`, `built`, `training` or `evaluating` are the
+work still owed. WAL mode lets `status` and `review` read while the night writes;
+one connection guarded by a lock serves all worker threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+# Lifecycle (DESIGN §3.3).
+PROPOSED, REJECTED, BUILT, TRAINING, EVALUATING, DONE = (
+    "proposed", "rejected", "built", "training", "evaluating", "done",
+)
+FAILURES = ("crash", "timeout", "oom", "gpu_oom", "export_failed", "probe_failed", "cancelled")
+UNFINISHED = (PROPOSED, BUILT, TRAINING, EVALUATING)
+TERMINAL = (REJECTED, DONE, *FAILURES)
+_RUNNING = (TRAINING, EVALUATING)
+TRANSITIONS: dict[str, frozenset[str]] = {
+    # -> crash before training: the infrastructure (image build, backend) kept failing.
+    PROPOSED: frozenset({REJECTED, BUILT, "crash"}),
+    BUILT: frozenset({TRAINING, "crash"}),
+    # training -> training and evaluating -> training: a resumed or requeued run starts over.
+    TRAINING: frozenset({TRAINING, EVALUATING, *FAILURES}),
+    EVALUATING: frozenset({TRAINING, DONE, *FAILURES}),
+}
+
+# Kinds of rows.
+BASELINE, EXPERIMENT, CONFIRM, RERUN = "baseline", "experiment", "confirm", "rerun"
+
+# Summary-block keys (names as the harness prints them) -> ledger columns.
+SUMMARY_COLUMNS = {
+    "val_bpb": "val_bpb",
+    "training_seconds": "training_seconds",
+    "total_seconds": "total_seconds",
+    "peak_vram_mb": "peak_vram_mb",
+    "mfu_percent": "mfu_percent",
+    "total_tokens_M": "total_tokens_m",
+    "num_steps": "num_steps",
+    "num_params_M": "num_params_m",
+    "depth": "depth",
+}
+
+# Ordered migrations; PRAGMA user_version is the number applied. Never edit one
+# that has shipped: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the experiment record and the nights.
+    """
+    CREATE TABLE nights (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        tag TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        ended_at TEXT,
+        stop_reason TEXT,
+        settings_json TEXT NOT NULL,
+        baseline_mean REAL,
+        sigma REAL,
+        baseline_runs INTEGER,
+        threshold REAL
+    );
+    CREATE TABLE experiments (
+        seq INTEGER NOT NULL UNIQUE,
+        id TEXT PRIMARY KEY,
+        night_id INTEGER REFERENCES nights(id),
+        parent_id TEXT,
+        kind TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        diff TEXT NOT NULL DEFAULT '',
+        train_sha256 TEXT,
+        params_json TEXT,
+        image TEXT,
+        backend TEXT,
+        isolation TEXT,
+        data_hash TEXT,
+        status TEXT NOT NULL,
+        decision TEXT,
+        decision_value REAL,
+        best_before REAL,
+        threshold REAL,
+        decided_at TEXT,
+        val_bpb REAL,
+        val_bpb_text TEXT,
+        training_seconds REAL,
+        total_seconds REAL,
+        peak_vram_mb REAL,
+        mfu_percent REAL,
+        total_tokens_m REAL,
+        num_steps INTEGER,
+        num_params_m REAL,
+        depth INTEGER,
+        metrics_json TEXT,
+        build_seconds REAL,
+        train_seconds REAL,
+        eval_seconds REAL,
+        train_exit_code INTEGER,
+        eval_exit_code INTEGER,
+        train_killed_by TEXT,
+        eval_killed_by TEXT,
+        peak_host_memory_bytes INTEGER,
+        peak_gpu_memory_bytes INTEGER,
+        gpu_uuid TEXT,
+        gpu_name TEXT,
+        gpu_driver TEXT,
+        agent TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cache_creation_input_tokens INTEGER NOT NULL DEFAULT 0,
+        cache_read_input_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        reject_reason TEXT,
+        log_tail TEXT,
+        error TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX experiments_status ON experiments(status);
+    """,
+    # 2: repeated runs (confirmation under another seed, reruns) and the morning review.
+    """
+    ALTER TABLE experiments ADD COLUMN target_id TEXT;
+    ALTER TABLE experiments ADD COLUMN seed INTEGER;
+    ALTER TABLE experiments ADD COLUMN review_state TEXT;
+    ALTER TABLE experiments ADD COLUMN review_note TEXT;
+    CREATE INDEX experiments_decision ON experiments(decision);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class LedgerError(Exception):
+    """The ledger cannot be used as asked (newer schema, illegal transition, unknown id)."""
+
+
+@dataclass
+class Experiment:
+    """One ledger row (mirrors the latest schema)."""
+
+    seq: int
+    id: str
+    night_id: int | None
+    parent_id: str | None
+    kind: str
+    description: str
+    diff: str
+    train_sha256: str | None
+    params_json: str | None
+    image: str | None
+    backend: str | None
+    isolation: str | None
+    data_hash: str | None
+    status: str
+    decision: str | None
+    decision_value: float | None
+    best_before: float | None
+    threshold: float | None
+    decided_at: str | None
+    val_bpb: float | None
+    val_bpb_text: str | None
+    training_seconds: float | None
+    total_seconds: float | None
+    peak_vram_mb: float | None
+    mfu_percent: float | None
+    total_tokens_m: float | None
+    num_steps: int | None
+    num_params_m: float | None
+    depth: int | None
+    metrics_json: str | None
+    build_seconds: float | None
+    train_seconds: float | None
+    eval_seconds: float | None
+    train_exit_code: int | None
+    eval_exit_code: int | None
+    train_killed_by: str | None
+    eval_killed_by: str | None
+    peak_host_memory_bytes: int | None
+    peak_gpu_memory_bytes: int | None
+    gpu_uuid: str | None
+    gpu_name: str | None
+    gpu_driver: str | None
+    agent: str | None
+    attempts: int
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    cost_usd: float
+    reject_reason: str | None
+    log_tail: str | None
+    error: str | None
+    created_at: str
+    updated_at: str
+    target_id: str | None
+    seed: int | None
+    review_state: str | None
+    review_note: str | None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return json.loads(self.params_json) if self.params_json else {}
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return json.loads(self.metrics_json) if self.metrics_json else {}
+
+
+_COLUMNS = tuple(f.name for f in dataclasses.fields(Experiment))
+
+
+def metric_columns(metrics: dict[str, float]) -> dict[str, float]:
+    """The summary metrics that have a column of their own (all of them stay in metrics_json)."""
+    return {column: metrics[key] for key, column in SUMMARY_COLUMNS.items() if key in metrics}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def exp_id(seq: int) -> str:
+    return f"e{seq:04d}"
+
+
+class Ledger:
+    """The SQLite ledger at `path` (created and migrated on open)."""
+
+    def __init__(self, path: Path, migrations: tuple[str, ...] = MIGRATIONS) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._migrate(migrations)
+
+    def _migrate(self, migrations: tuple[str, ...]) -> None:
+        with self._lock:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(migrations):
+                raise LedgerError(
+                    f"{self.path} was written by a newer version (schema {version}); upgrade autoresearch-sandbox."
+                )
+            for number, script in enumerate(migrations[version:], start=version + 1):
+                # executescript commits first; BEGIN makes the script and the version bump one step.
+                self._db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- nights ---------------------------------------------------------------
+
+    def start_night(self, tag: str, settings: dict[str, Any]) -> int:
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO nights (tag, started_at, settings_json) VALUES (?, ?, ?)",
+                (tag, now(), json.dumps(settings, sort_keys=True, default=str)),
+            )
+            return int(cur.lastrowid)
+
+    def set_noise(self, night_id: int, *, mean: float, sigma: float, runs: int, threshold: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE nights SET baseline_mean=?, sigma=?, baseline_runs=?, threshold=? WHERE id=?",
+                (mean, sigma, runs, threshold, night_id),
+            )
+
+    def end_night(self, night_id: int, reason: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE nights SET ended_at=?, stop_reason=? WHERE id=?", (now(), reason, night_id)
+            )
+
+    def nights(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._db.execute("SELECT * FROM nights ORDER BY id")]
+
+    # -- experiments ------------------------------------------------------------
+
+    def add(self, *, kind: str, status: str, **fields: Any) -> Experiment:
+        """Insert a new row with the next id (e0001, e0002, ...) and return it."""
+        if status not in (PROPOSED, REJECTED, BUILT):
+            raise LedgerError(f"a new experiment cannot start as {status!r}")
+        self._check_columns(fields)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM experiments").fetchone()[0]
+                stamp = now()
+                row = {"seq": seq, "id": exp_id(seq), "kind": kind, "status": status,
+                       "created_at": stamp, "updated_at": stamp, **fields}
+                names = ", ".join(row)
+                marks = ", ".join("?" for _ in row)
+                self._db.execute(f"INSERT INTO experiments ({names}) VALUES ({marks})", tuple(row.values()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return self.get(exp_id(seq))
+
+    def update(self, exp: str, **fields: Any) -> None:
+        """Set columns of one row (no status change; use `transition` for that)."""
+        if "status" in fields:
+            raise LedgerError("use transition() to change a status")
+        self._write(exp, fields)
+
+    def transition(self, exp: str, status: str, **fields: Any) -> None:
+        """Move a row along the lifecycle, refusing moves §3.3 does not allow."""
+        with self._lock:
+            current = self.get(exp).status
+            if status not in TRANSITIONS.get(current, frozenset()):
+                raise LedgerError(f"{exp}: cannot go from {current} to {status}")
+            self._write(exp, {**fields, "status": status})
+
+    def decide(self, exp: str, decision: str, *, value: float, best_before: float, threshold: float) -> None:
+        """Record keep/discard; a keep enters the morning review queue."""
+        self._write(exp, {
+            "decision": decision, "decision_value": value, "best_before": best_before,
+            "threshold": threshold, "decided_at": now(),
+            "review_state": "pending" if decision == "keep" else None,
+        })
+
+    def review(self, exp: str, state: str, note: str = "") -> None:
+        if state not in ("pending", "accepted", "rejected"):
+            raise LedgerError(f"unknown review state {state!r}")
+        self._write(exp, {"review_state": state, "review_note": note})
+
+    def _write(self, exp: str, fields: dict[str, Any]) -> None:
+        self._check_columns(fields)
+        fields = {**fields, "updated_at": now()}
+        sets = ", ".join(f"{name}=?" for name in fields)
+        with self._lock:
+            cur = self._db.execute(f"UPDATE experiments SET {sets} WHERE id=?", (*fields.values(), exp))
+            if cur.rowcount != 1:
+                raise LedgerError(f"no experiment {exp}")
+
+    @staticmethod
+    def _check_columns(fields: dict[str, Any]) -> None:
+        unknown = set(fields) - set(_COLUMNS)
+        if unknown:
+            raise LedgerError(f"unknown ledger columns: {sorted(unknown)}")
+
+    # -- queries ------------------------------------------------------------------
+
+    def get(self, exp: str) -> Experiment:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM experiments WHERE id=?", (exp,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no experiment {exp}")
+        return Experiment(**dict(row))
+
+    def experiments(
+        self,
+        *,
+        kinds: Iterable[str] | None = None,
+        statuses: Iterable[str] | None = None,
+        night_id: int | None = None,
+    ) -> list[Experiment]:
+        """Rows in creation order, optionally filtered."""
+        where, args = [], []
+        for column, values in (("kind", kinds), ("status", statuses)):
+            if values is not None:
+                values = list(values)
+                where.append(f"{column} IN ({', '.join('?' for _ in values)})")
+                args.extend(values)
+        if night_id is not None:
+            where.append("night_id=?")
+            args.append(night_id)
+        sql = "SELECT * FROM experiments" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY seq"
+        with self._lock:
+            return [Experiment(**dict(r)) for r in self._db.execute(sql, args)]
+
+    def unfinished(self) -> list[Experiment]:
+        """Work owed by an earlier runner that stopped mid-way (resume)."""
+        return self.experiments(statuses=UNFINISHED)
+
+    def undecided(self) -> list[Experiment]:
+        """Experiments that finished but were never decided (the runner stopped in between)."""
+        return [e for e in self.experiments(kinds=[EXPERIMENT], statuses=[DONE]) if e.decision is None]
+
+    def best_kept(self) -> Experiment | None:
+        """The current best kept change. Keeps only ever lower the best, so it is the lowest."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM experiments WHERE decision='keep' ORDER BY decision_value, seq LIMIT 1"
+            ).fetchone()
+        return Experiment(**dict(row)) if row else None
+
+    def confirmation_of(self, exp: str) -> Experiment | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM experiments WHERE kind=? AND target_id=? ORDER BY seq DESC LIMIT 1",
+                (CONFIRM, exp),
+            ).fetchone()
+        return Experiment(**dict(row)) if row else None
+
+
+def write_tsv(ledger: Ledger, out: TextIO) -> int:
+    """Write the reference's results.tsv (Karpathy's autoresearch); return the row count.
+
+    Columns `commit val_bpb memory_gb status description`; the experiment id
+    stands in for the commit. Baseline runs are `keep` (the starting point, as in
+    the reference), decided experiments `keep`/`discard`, failures `crash`.
+    Rejected proposals, confirmations and unfinished work never ran as an
+    experiment of their own and are left out.
+    """
+    out.write("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
+    count = 0
+    for e in ledger.experiments(kinds=[BASELINE, EXPERIMENT]):
+        if e.status == DONE and (e.kind == BASELINE or e.decision):
+            status = "keep" if e.kind == BASELINE else e.decision
+        elif e.status in FAILURES and e.status != "cancelled":
+            status = "crash"
+        else:
+            continue
+        val = e.val_bpb if status != "crash" and e.val_bpb is not None else 0.0
+        memory_gb = (e.peak_vram_mb or 0.0) / 1024 if status != "crash" else 0.0
+        description = " ".join((e.description or e.kind).split())
+        out.write(f"{e.id}\t{val:.6f}\t{memory_gb:.1f}\t{status}\t{description}\n")
+        count += 1
+    return count

@@ -1,0 +1,68 @@
+"""Logging for a night: every event as a JSON line in `runs/<tag>/events.jsonl`,
+and a short line on the console.
+
+The JSON lines are the night's event log (DESIGN §3.8): complete, one object per
+event, safe to grep and to load. The console shows only what a person watching
+wants, printed through the rich console so it does not tear the live status line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+from rich.console import Console
+
+_CONSOLE_KEYS_HIDDEN = ("timestamp", "level", "event", "logger")
+
+
+class _Tee:
+    """The last processor: writes the event to the JSON file and the console, then drops it."""
+
+    def __init__(self, jsonl: TextIO, console: Console, console_level: int) -> None:
+        self._jsonl = jsonl
+        self._console = console
+        self._console_level = console_level
+        self._lock = threading.Lock()
+
+    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> Any:
+        line = json.dumps(event, default=str, sort_keys=False)
+        with self._lock:
+            self._jsonl.write(line + "\n")
+            self._jsonl.flush()
+        if logging.getLevelName(event.get("level", "info").upper()) >= self._console_level:
+            self._console.print(_concise(event), markup=False, highlight=False, soft_wrap=True)
+        raise structlog.DropEvent
+
+
+def _concise(event: dict[str, Any]) -> str:
+    time = str(event.get("timestamp", ""))[11:19]
+    level = event.get("level", "info")
+    mark = "" if level == "info" else f"{level.upper()} "
+    details = " ".join(f"{k}={v}" for k, v in event.items() if k not in _CONSOLE_KEYS_HIDDEN)
+    return f"{time} {mark}{event.get('event', '')} {details}".rstrip()
+
+
+def configure(jsonl_path: Path, console: Console, console_level: str = "info") -> TextIO:
+    """Send all structlog events to `jsonl_path` and the concise ones to `console`.
+
+    Returns the open JSON-lines file; the caller closes it at the end of the night.
+    """
+    jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = open(jsonl_path, "a", encoding="utf-8")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _Tee(jsonl, console, logging.getLevelName(console_level.upper())),
+        ],
+        logger_factory=structlog.ReturnLoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+    return jsonl

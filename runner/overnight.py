@@ -1,0 +1,82 @@
+"""`autoresearch overnight`: get everything a night needs, then run it.
+
+Cheap checks that a user can fail come first (flags, GPUs, agent, sandbox), so a
+mistake costs seconds, not a data build; then data and the base image are made
+if missing, and the loop runs under a live status line.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import structlog
+from rich.console import Console
+
+from runner import gpus as gpu_inventory
+from runner import logging as night_logging
+from runner.agents.factory import make_agent
+from runner.console import StatusLine, summary_table
+from runner.gpus import Gpu
+from runner.ledger import Ledger
+from runner.loop import Dataset, Night, NightError
+from runner.settings import Settings, cache_dir
+
+log = structlog.get_logger(__name__)
+
+
+def ensure_data(settings: Settings) -> Dataset:
+    """The prepared data of `settings.source`, built with prepare.py when missing."""
+    path = cache_dir() / settings.source.name
+    manifest = path / "manifest.json"
+    if not manifest.exists():
+        command = [sys.executable, str(settings.root / "prepare.py"), *settings.source.prepare_args()]
+        log.info("data.prepare", source=str(settings.source), into=str(path))
+        done = subprocess.run(command, cwd=settings.root)
+        if done.returncode != 0 or not manifest.exists():
+            raise NightError(
+                f"no prepared data for --source {settings.source} and prepare.py could not build it "
+                f"(exit {done.returncode}); see its output above."
+            )
+    return Dataset(path, json.loads(manifest.read_text())["hash"])
+
+
+def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, console: Console | None = None) -> str:
+    """Run one night; returns why it stopped. User-caused problems raise with one sentence."""
+    from sandbox.backends import get_backend  # imports docker; only the night needs it
+
+    console = console or Console(stderr=True)
+    run_dir = settings.run_dir
+    events = night_logging.configure(run_dir / "events.jsonl", console)
+    try:
+        gpus = gpu_inventory.select(gpu_inventory.discover() if inventory is None else inventory, settings.gpus)
+        profile = "gpu" if gpus else "cpu"
+        if not gpus:
+            log.info("night.cpu", note="no GPU selected: CPU profile, one worker")
+        agent = make_agent(settings.agent, command=settings.agent_command, profile=profile)
+        backend = get_backend(settings.sandbox)
+        data = ensure_data(settings)
+        backend.ensure_ready()
+        ledger = Ledger(run_dir / "ledger.sqlite")
+        night = Night(settings, ledger=ledger, backend=backend, agent=agent, gpus=gpus, data=data)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            with StatusLine(console) as line:
+                reason = night.run(on_tick=line.show)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        baseline = night.noise.mean if night.noise else None
+        console.print(summary_table(ledger.experiments(night_id=night.night_id), baseline))
+        console.print(f"stopped: {reason}; ledger {ledger.path}; resume with --tag {settings.tag}")
+        ledger.close()
+        return reason
+    finally:
+        events.close()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM stops the night like Ctrl-C: running experiments are cancelled and recorded."""
+    raise KeyboardInterrupt
+

@@ -1,0 +1,338 @@
+"""The docker isolation backend: every run is one locked-down container (DESIGN §3.4).
+
+The container has no network, a read-only root filesystem with a tmpfs /tmp, /out bound
+from the run directory (read-only in phase 2), data mounts read-only, a non-root user
+without capabilities, and memory (no swap), pids, CPU and shm limits. Its environment
+is the spec's alone, so no secret of the host can reach it. The host enforces the
+deadline and the cancel token; a `timeout` inside the container is the backstop for a
+runner that died. Whatever the container does ends in a `RunResult`, never an exception.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import os
+import re
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+import docker
+import docker.errors
+import requests
+import structlog
+from docker.models.containers import Container
+from docker.types import DeviceRequest, LogConfig, Mount
+
+from sandbox import images
+from sandbox.spec import CancelToken, Killer, Phase, RunResult, RunSpec, SandboxUnavailable, Status
+
+log = structlog.get_logger(__name__)
+
+RUN_LABEL = "autoresearch.run"
+LOG_TAIL_LINES = 40
+MAX_LOG_BYTES = 64 * 2**20  # a run that prints more is cut there on disk; its tail is still kept
+BACKSTOP_S = 15  # the in-container `timeout` fires this long after the host deadline
+KILL_GRACE_S = 30.0  # how long a killed container may take to stop before the run is given up
+POLL_S = 0.2
+STATS_EVERY_S = 1.0
+_NEWLINE = re.compile(r"\r\n|\r|\n")
+_DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+
+
+class LineLog:
+    """A byte stream written to a file as lines split on `\\n` and `\\r`, each flushed.
+
+    Progress bars redraw with `\\r`: splitting on it makes every redraw a line that can
+    be tailed live. The file is cut at `max_bytes`; the last lines are always kept.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = MAX_LOG_BYTES, tail_lines: int = LOG_TAIL_LINES) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("w", encoding="utf-8")
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+        self._written = 0
+        self._max_bytes = max_bytes
+        self.tail: deque[str] = deque(maxlen=tail_lines)
+
+    def feed(self, chunk: bytes) -> None:
+        text = self._pending + self._decoder.decode(chunk)
+        held = "\r" if text.endswith("\r") else ""  # maybe the first half of "\r\n"
+        *lines, rest = _NEWLINE.split(text[: len(text) - len(held)])
+        self._pending = rest + held
+        for line in lines:
+            self._write(line)
+
+    def close(self) -> None:
+        rest = (self._pending + self._decoder.decode(b"", final=True)).rstrip("\r")
+        if rest:
+            self._write(rest)
+        self._file.close()
+
+    def note(self, line: str) -> None:
+        """A line from the sandbox itself (why a run was stopped, an engine error)."""
+        self._write(f"[sandbox] {line}")
+
+    def _write(self, line: str) -> None:
+        self.tail.append(line)
+        if self._written > self._max_bytes:
+            return
+        self._written += len(line) + 1
+        self._file.write(line + "\n" if self._written <= self._max_bytes else f"[log cut at {self._max_bytes} bytes]\n")
+        self._file.flush()
+
+
+class _Stopper:
+    """Kills the container once, remembering who asked first (exit code 137 is ambiguous)."""
+
+    def __init__(self, container: Container, line_log: LineLog) -> None:
+        self._container, self._log = container, line_log
+        self._lock = threading.Lock()
+        self.killer = Killer.NONE
+        self.at: float | None = None
+
+    def kill(self, killer: Killer, why: str) -> None:
+        with self._lock:
+            if self.killer is not Killer.NONE:
+                return
+            self.killer, self.at = killer, time.monotonic()
+        self._log.note(why)
+        try:
+            self._container.kill()
+        except docker.errors.APIError:  # it has just exited by itself
+            pass
+
+
+def container_config(spec: RunSpec) -> dict[str, Any]:
+    """Keyword arguments of `containers.create` for `spec`: every isolation setting is here."""
+    limits = spec.limits
+    out_read_only = spec.phase is Phase.EVAL
+    mounts = [Mount("/out", str(spec.out_dir.resolve()), type="bind", read_only=out_read_only)]
+    mounts += [Mount(m.target, str(m.source.resolve()), type="bind", read_only=True) for m in spec.mounts]
+    config: dict[str, Any] = dict(
+        image=spec.image,
+        command=["timeout", "-s", "KILL", str(math.ceil(spec.deadline_s + BACKSTOP_S)), *spec.command],
+        name=f"autoresearch-{spec.run_id}",
+        labels={**spec.labels, RUN_LABEL: spec.run_id},
+        environment=dict(spec.env),
+        user=f"{images.CONTAINER_UID}:{images.CONTAINER_UID}",
+        network_mode="none",
+        read_only=True,
+        tmpfs={"/tmp": f"rw,exec,nosuid,nodev,size={limits.tmp_bytes}"},
+        mounts=mounts,
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        init=True,
+        mem_limit=limits.memory_bytes,
+        memswap_limit=limits.memory_bytes,
+        pids_limit=limits.pids,
+        shm_size=limits.shm_bytes,
+        log_config=LogConfig(type="json-file", config={"max-size": "64m", "max-file": "2"}),
+    )
+    if limits.cpus:
+        config["nano_cpus"] = int(limits.cpus * 1e9)
+    if spec.gpu_uuid:
+        config["device_requests"] = [DeviceRequest(device_ids=[spec.gpu_uuid], capabilities=[["gpu"]])]
+    return config
+
+
+def classify(killer: Killer, exit_code: int | None, oom_killed: bool) -> tuple[Status, Killer]:
+    """How a run ended, from who stopped it, its exit code and the kernel's OOM flag."""
+    by_killer = {Killer.CANCEL: Status.CANCELLED, Killer.DEADLINE: Status.TIMEOUT, Killer.WATCHDOG: Status.GPU_OOM}
+    if killer in by_killer:
+        return by_killer[killer], killer
+    if exit_code == 0:
+        return Status.OK, Killer.NONE
+    if oom_killed:
+        return Status.OOM, Killer.OOM_KILLER
+    return Status.CRASH, Killer.NONE
+
+
+def _make_writable(out_dir: Path) -> None:
+    """/out is written by the container's uid: hand the directory to it (or open it up)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(out_dir, images.CONTAINER_UID, images.CONTAINER_UID)
+    else:
+        out_dir.chmod(0o777)
+
+
+def _host_pids(container: Container) -> Callable[[], set[int]]:
+    """Host PIDs of the container's processes, for the GPU watchdog."""
+
+    def pids() -> set[int]:
+        try:
+            top = container.top()
+            column = top["Titles"].index("PID")
+            return {int(row[column]) for row in top.get("Processes") or []}
+        except (*_DOCKER_ERRORS, KeyError, ValueError):
+            return set()
+
+    return pids
+
+
+class DockerBackend:
+    """Runs each `RunSpec` in a fresh container of the engine `client` talks to."""
+
+    name = "docker"
+    isolation = "docker (no network, read-only rootfs, non-root, no capabilities)"
+
+    def __init__(self, client: docker.DockerClient | None = None, runtime_source: str | None = None) -> None:
+        self._client = client
+        self._runtime_source = runtime_source
+        self.base_id: str | None = None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            try:
+                self._client = docker.from_env(timeout=120)
+                self._client.ping()
+            except docker.errors.DockerException as error:
+                self._client = None
+                raise SandboxUnavailable(f"no Docker engine answers ({error})") from error
+        return self._client
+
+    def ensure_ready(self) -> None:
+        try:
+            self.base_id = images.ensure_base_image(self.client, self._runtime_source)
+        except images.ImageBuildError as error:
+            raise SandboxUnavailable(str(error)) from error
+
+    def build_image(self, train_py: str, exp_id: str) -> str:
+        if self.base_id is None:
+            self.ensure_ready()
+        return images.build_experiment_image(self.client, self.base_id, train_py, exp_id)
+
+    def image_exists(self, image: str) -> bool:
+        try:
+            self.client.images.get(image)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+
+    def remove_image(self, image: str) -> None:
+        try:
+            self.client.images.remove(image)
+        except docker.errors.ImageNotFound:
+            pass
+
+    def reap(self) -> int:
+        leftovers = self.client.containers.list(all=True, filters={"label": RUN_LABEL})
+        for container in leftovers:
+            container.remove(force=True)
+        if leftovers:
+            log.info("docker.reaped", containers=len(leftovers))
+        return len(leftovers)
+
+    def run(self, spec: RunSpec, cancel: CancelToken | None = None) -> RunResult:
+        line_log = LineLog(spec.log_path)
+        started = time.monotonic()
+        container: Container | None = None
+        try:
+            if not self.image_exists(spec.image):  # never pull: images are built here
+                line_log.note(f"image {spec.image} does not exist on this engine")
+                return self._result(spec, Status.CRASH, None, Killer.NONE, started, line_log)
+            if spec.phase is Phase.TRAIN:
+                _make_writable(spec.out_dir)
+            container = self.client.containers.create(**container_config(spec))
+            return self._supervise(container, spec, cancel, line_log)
+        except _DOCKER_ERRORS as error:
+            line_log.note(f"docker error: {error}")
+            log.warning("docker.run_error", run_id=spec.run_id, error=str(error))
+            return self._result(spec, Status.CRASH, None, Killer.NONE, started, line_log)
+        finally:
+            if container is not None:
+                try:
+                    container.remove(force=True)
+                except _DOCKER_ERRORS as error:  # reap() will get it
+                    log.warning("docker.remove_failed", run_id=spec.run_id, error=str(error))
+
+    def _supervise(self, container: Container, spec: RunSpec, cancel: CancelToken | None, line_log: LineLog) -> RunResult:
+        stopper = _Stopper(container, line_log)
+        container.start()
+        started = time.monotonic()
+        exited = threading.Event()
+        threading.Thread(target=_wait, args=(container, exited), daemon=True).start()
+        pump = threading.Thread(target=_pump_logs, args=(container, line_log), daemon=True)
+        pump.start()
+        watchdog = self._watchdog(container, spec, stopper)
+        peak_memory, next_stats = 0, started
+        try:
+            while not exited.wait(POLL_S):
+                now = time.monotonic()
+                if cancel is not None and cancel.cancelled:
+                    stopper.kill(Killer.CANCEL, "cancelled by the runner")
+                elif now - started >= spec.deadline_s:
+                    stopper.kill(Killer.DEADLINE, f"deadline of {spec.deadline_s:g} s reached")
+                if stopper.at is not None and now - stopper.at > KILL_GRACE_S:
+                    raise docker.errors.DockerException(f"the container did not stop {KILL_GRACE_S:g} s after SIGKILL")
+                if now >= next_stats:
+                    peak_memory, next_stats = max(peak_memory, _memory_peak(container)), now + STATS_EVERY_S
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+        pump.join(timeout=10)
+        container.reload()
+        state = container.attrs["State"]
+        if watchdog is not None and watchdog.exceeded:
+            stopper.kill(Killer.WATCHDOG, "GPU memory cap exceeded")
+        status, killer = classify(stopper.killer, state.get("ExitCode"), bool(state.get("OOMKilled")))
+        if status is Status.OOM:
+            line_log.note(f"killed by the kernel: memory limit of {spec.limits.memory_bytes} bytes")
+        return self._result(
+            spec, status, state.get("ExitCode"), killer, started, line_log,
+            peak_host=peak_memory or None, peak_gpu=watchdog.peak_bytes if watchdog is not None else None,
+        )
+
+    def _watchdog(self, container: Container, spec: RunSpec, stopper: _Stopper):
+        if not (spec.gpu_uuid and spec.limits.gpu_memory_bytes):
+            return None
+        from sandbox.gpu_watchdog import GpuWatchdog  # NVML is needed only with a GPU
+
+        watchdog = GpuWatchdog(
+            spec.gpu_uuid, spec.limits.gpu_memory_bytes, pids=_host_pids(container),
+            on_exceed=lambda used: stopper.kill(Killer.WATCHDOG, f"GPU memory {used} bytes above the cap"),
+        )
+        watchdog.start()
+        return watchdog
+
+    def _result(
+        self, spec: RunSpec, status: Status, exit_code: int | None, killer: Killer, started: float,
+        line_log: LineLog, peak_host: int | None = None, peak_gpu: int | None = None,
+    ) -> RunResult:
+        line_log.close()
+        return RunResult(
+            status=status, exit_code=exit_code, killed_by=killer, wall_seconds=time.monotonic() - started,
+            log_path=spec.log_path, peak_host_memory_bytes=peak_host, peak_gpu_memory_bytes=peak_gpu,
+            isolation=self.isolation, log_tail="\n".join(line_log.tail),
+        )
+
+
+def _wait(container: Container, exited: threading.Event) -> None:
+    try:
+        container.wait()
+    except _DOCKER_ERRORS:  # the engine lost it: the supervisor reads the state and reports
+        pass
+    exited.set()
+
+
+def _pump_logs(container: Container, line_log: LineLog) -> None:
+    try:
+        for chunk in container.logs(stream=True, follow=True):
+            line_log.feed(chunk)
+    except (*_DOCKER_ERRORS, ValueError):  # the container is gone, or the log was closed
+        pass
+
+
+def _memory_peak(container: Container) -> int:
+    """The container's peak memory so far (cgroup v1 `max_usage`; current usage on v2)."""
+    try:
+        memory = container.stats(stream=False, one_shot=True).get("memory_stats", {})
+    except _DOCKER_ERRORS:
+        return 0
+    return int(memory.get("max_usage") or memory.get("usage") or 0)

@@ -1,0 +1,93 @@
+"""The command agent, driven by small Python one-liners."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.agents.base import AgentError, Context
+from runner.agents.command_agent import CommandAgent
+from runner.agents.factory import AgentConfigError, make_agent
+from runner.agents.prompt import ReplyFormatError
+
+CONTEXT = Context(program="Make it better.", train_py="MATRIX_LR = 0.04\n", harness_api="def finish(model): ...")
+DIFF = "--- a/train.py\n+++ b/train.py\n@@ -1 +1 @@\n-MATRIX_LR = 0.04\n+MATRIX_LR = 0.05\n"
+PY = shlex.quote(sys.executable)
+
+
+def python(code: str) -> str:
+    return f"{PY} -c {shlex.quote(code)}"
+
+
+def test_prompt_on_stdin_and_proposal_from_stdout(tmp_path: Path) -> None:
+    seen = tmp_path / "prompt.txt"
+    reply = f"Thinking...\nDESCRIPTION: raise LR\n```diff\n{DIFF}```\n"
+    code = f"import sys; open({str(seen)!r}, 'w').write(sys.stdin.read()); print({reply!r})"
+    proposal = CommandAgent(python(code)).propose(CONTEXT)
+
+    assert proposal.description == "raise LR"
+    assert proposal.diff == DIFF
+    prompt = seen.read_text()
+    assert "Make it better." in prompt and "MATRIX_LR = 0.04" in prompt and "DESCRIPTION:" in prompt
+
+
+def test_non_zero_exit_reports_stderr_tail() -> None:
+    code = "import sys; sys.stderr.write('x' * 5000 + 'model quota exhausted'); sys.exit(3)"
+    with pytest.raises(AgentError, match="(?s)exited with status 3.*model quota exhausted") as info:
+        CommandAgent(python(code)).propose(CONTEXT)
+    assert len(str(info.value)) < 2500  # only the tail
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    code = (
+        "import subprocess, sys, time; "
+        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); "
+        "sys.stderr.write('still thinking'); sys.stderr.flush(); time.sleep(300)"
+    )
+    with pytest.raises(AgentError, match="(?s)timed out after 1 s.*still thinking"):
+        CommandAgent(python(code), timeout=1).propose(CONTEXT)
+    assert _gone(int(pid_file.read_text()))
+
+
+def _gone(pid: int) -> bool:
+    """Dead or a zombie waiting for its new parent to reap it (bounded wait for the kill to land)."""
+    for _ in range(100):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_output_without_diff_is_an_agent_error() -> None:
+    with pytest.raises(ReplyFormatError, match="no unified diff"):
+        CommandAgent(python("print('I could not decide.')")).propose(CONTEXT)
+
+
+def test_missing_command_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AR_AGENT_COMMAND", raising=False)
+    with pytest.raises(AgentConfigError, match="no agent command given"):
+        CommandAgent()
+
+
+def test_factory_takes_the_command_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AR_AGENT_COMMAND", "cat")
+    agent = make_agent("command", timeout=5.0, model="not for this agent")
+    assert isinstance(agent, CommandAgent) and agent.command == "cat" and agent.timeout == 5.0
+    with pytest.raises(AgentConfigError, match="unknown agent 'gpt'; choose one of"):
+        make_agent("gpt")
+
+
+def test_command_runs_in_cwd(tmp_path: Path) -> None:
+    (tmp_path / "reply.txt").write_text(f"DESCRIPTION: from a file\n```diff\n{DIFF}```\n")
+    proposal = CommandAgent("cat reply.txt", cwd=str(tmp_path)).propose(CONTEXT)
+    assert proposal.description == "from a file"  # and a command that ignores stdin is fine

@@ -25,10 +25,10 @@ overnight: setup
 	$(UV) run autoresearch overnight --source $(SOURCE) $(if $(HOURS),--hours $(HOURS)) $(ARGS)
 
 bench-cpu: setup
-	$(UV) run python bench/cpu_experiment.py $(ARGS)
+	$(UV) run python bench/experiment.py --budget 60 $(ARGS)
 
 bench-gpu: setup
-	$(UV) run python bench/gpu_experiment.py $(ARGS)
+	$(UV) run python bench/experiment.py --gpu auto --budget 300 --source $(SOURCE) $(ARGS)
 
 bench-sandbox: setup
 	$(UV) run python bench/sandbox_overhead.py $(ARGS)

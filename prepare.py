@@ -49,6 +49,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# The runtime API train.py may use (Part 2); the rest builds data and evaluates.
+__all__ = ["PROFILE", "DEVICE", "MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "EVAL_BATCH", "SEED", "Tokenizer",
+           "get_tokenizer", "make_dataloader", "Budget", "finish"]
+
 # -----------------------------------------------------------------------------
 # Constants. The CPU profile keeps an experiment to about two minutes on a laptop.
 
@@ -75,7 +79,7 @@ PHASE = os.environ.get("AR_PHASE", "")  # "train" or "eval" inside the sandbox; 
 
 DOC_CHARS = 4096  # long works are cut into documents of about this many characters
 TOKENIZER_SAMPLE_BYTES = 128 * 2**20  # cap on the train text that BPE learns its merges from
-LINUX_MAX_FILE_BYTES = 256 * 2**10  # larger kernel files are generated tables, not code
+LINUX_MAX_FILE_BYTES = 2**20  # the few larger kernel files are generated tables, not code
 LINUX_SKIP = re.compile(r"\.(json|svg|ppm|png|jpg|gif|pdf|bin|fw|gz|xz|bz2|zst|cpio)$|_shipped$|/asic_reg/")
 LOCAL_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")  # what --source local reads
 HF_BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"  # the reference's shards
@@ -224,7 +228,7 @@ def osis_to_text(osis: str) -> str:
     """Plain text from OSIS markup: footnotes dropped; paragraphs, titles and chapters start
     after a blank line and lines of poetry on a new line."""
     text = re.sub(r"<note\b.*?</note>", " ", osis, flags=re.S)
-    text = re.sub(r'<(?:chapter|/?title|/?lg|div[^>]*type="x-p")\b[^>]*>', "\n\n", text)
+    text = re.sub(r'<(?:(?:chapter|/?title|/?lg)\b|div[^>]*type="x-p")[^>]*>', "\n\n", text)
     text = re.sub(r"<l\b(?![^>]*eID)[^>]*>", "\n", text)
     return squeeze(html.unescape(re.sub(r"<[^>]*>", "", text)))
 
@@ -268,7 +272,8 @@ def wordnet_glosses(path: Path) -> Iterator[str]:
 def run_tool(command: list[str], cwd: Path, what: str) -> None:
     """Runs an external fetch tool; any failure becomes one sentence naming `what`."""
     if shutil.which(command[0]) is None:
-        raise PrepareError(f"{command[0]} is not available to fetch {what}; build from your own text with --source local PATH")
+        raise PrepareError(f"{command[0]} is not available to fetch {what}; "
+                           "build from your own text with --source local PATH")
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit code {done.returncode}"]
@@ -332,7 +337,7 @@ def download(url: str, path: Path) -> None:
     raise PrepareError(f"could not download {url} after {DOWNLOAD_ATTEMPTS} attempts ({error})")
 
 
-# ---- sources: each yields (group, document text) in a fixed order ---------------
+# ---- sources: documents in a fixed order; a source yields (group, text) pairs ----
 
 
 def austen_docs() -> Iterator[str]:
@@ -412,7 +417,7 @@ def linux_source_docs() -> Iterator[tuple[str, str]]:
         for member in tree:
             if member.isfile() and member.size <= LINUX_MAX_FILE_BYTES and not LINUX_SKIP.search(member.name):
                 text = decode_text(tree.extractfile(member).read())
-                if text and text.strip():
+                if text:  # not binary
                     yield "linux", text
 
 
@@ -460,13 +465,13 @@ def local_file_docs(path: Path) -> Iterator[str]:
     yield from jsonl_texts(path, text) if path.suffix == ".jsonl" else cut_text(text)
 
 
-
 def local_docs(path: Path) -> Iterator[tuple[str, str]]:
     if not path.exists():
         raise PrepareError(f"{path} does not exist")
     if path.is_file() and path.suffix not in LOCAL_SUFFIXES:
         raise PrepareError(f"{path} is not a .txt, .md, .jsonl or .parquet file")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
     if not files:
         raise PrepareError(f"{path} holds no .txt, .md, .jsonl or .parquet files")
     return (("local", doc) for file in files for doc in local_file_docs(file))
@@ -552,7 +557,7 @@ def spooled(folder: Path, split: str, sizes: list[int], keep: set[int] | None = 
                 yield data.decode("utf-8")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, folder: Path):
+def train_tokenizer(texts: Iterable[str], vocab_size: int, folder: Path):  # -> tiktoken.Encoding
     """Learns BPE merges with rustbpe and saves a tiktoken-loadable spec plus the byte length of
     every token (0 for BOS), which turns token losses into bits per byte."""
     import rustbpe  # build-time only
@@ -679,7 +684,8 @@ def build(docs: Iterable[tuple[str, str]], data_dir: Path, source: str, vocab_si
         sample = spooled(spool, "train", corpus["sizes"]["train"], corpus["sample"])
         enc = train_tokenizer(sample, vocab_size, work / "tokenizer")
         print(f"  tokenizer: {vocab_size} tokens learned in {time.time() - tokenizer_start:.0f} s", flush=True)
-        stats = {split: tokenize_split(enc, spool, split, sizes, work / split) for split, sizes in corpus["sizes"].items()}
+        stats = {split: tokenize_split(enc, spool, split, sizes, work / split)
+                 for split, sizes in corpus["sizes"].items()}
         shutil.rmtree(spool)
         stats |= {"sources": corpus["groups"], "seconds": round(time.time() - start, 1)}
         manifest = write_manifest(work, source, vocab_size, stats)
@@ -714,6 +720,8 @@ def source_docs(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
         raise PrepareError("give a PATH exactly when using --source local")
     if not 257 < args.vocab_size <= 2**16:
         raise PrepareError("--vocab-size must be between 258 and 65536 (tokens are stored as uint16)")
+    if args.num_shards < 1:
+        raise PrepareError("--num-shards must be at least 1")
     if args.source == "local":
         return local_docs(args.path)
     if args.source == "hf":
@@ -729,16 +737,15 @@ def build_main(argv: list[str]) -> int:
             manifest = read_manifest(data_dir)
             print(f"{data_dir} is complete (data hash {manifest['hash'][:12]}); nothing to do (--force rebuilds)")
             return 0
-        docs = source_docs(args)
         print(f"building {args.source} data into {data_dir}", flush=True)
-        manifest = build(docs, data_dir, args.source, args.vocab_size)
+        manifest = build(source_docs(args), data_dir, args.source, args.vocab_size)
     except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, even for wrapped library errors
         return 1
     stats = manifest["stats"]
     for split in ("train", "val"):
         s = stats[split]
-        print(f"  {split}: {s['docs']:,} documents, {s['bytes'] / 1e6:,.1f} MB, {s['tokens'] / 1e6:,.2f}M tokens")
+        print(f"  {split}: {s['docs']:,} documents, {s['bytes'] / 1e6:,.1f} MB, {s['tokens']:,} tokens")
     print(f"done in {stats['seconds']:.0f} s: {data_dir} (data hash {manifest['hash'][:12]})")
     return 0
 
@@ -1089,7 +1096,8 @@ def evaluate(model_path: Path) -> dict:
 
 
 SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
-                "num_steps", "num_params_M", "depth", "data_wait_percent", "val_bpb_hex")
+                "num_steps", "num_params_M", "depth", "tokens_per_second", "startup_seconds", "export_seconds",
+                "data_wait_percent", "val_bpb_hex")
 
 
 def print_summary(summary: dict) -> None:

@@ -5,7 +5,7 @@
 #
 #   images/build_rootfs.sh ROOTFS_DIR REQUIREMENTS_TXT
 #
-# Needs root (debootstrap), uv, and a reachable Debian mirror (AR_DEBIAN_MIRROR)
+# Needs root (debootstrap), uv ($UV or on PATH), and a reachable Debian mirror (AR_DEBIAN_MIRROR)
 # and Python index. Prints one line per step; sandbox/images.py imports the result.
 set -euo pipefail
 
@@ -29,7 +29,7 @@ debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$mirror"
 
 step "installing pinned Python packages into /opt/deps"
 # The glibc of bookworm is 2.36: the same wheels the host's lock resolves to.
-uv pip install --quiet --no-deps --require-hashes --link-mode=copy \
+"${UV:-uv}" pip install --quiet --no-deps --require-hashes --link-mode=copy \
     --target "$rootfs/opt/deps" \
     --python-version 3.11 --python-platform x86_64-manylinux_2_36 \
     -r "$requirements"
@@ -38,11 +38,11 @@ step "trimming docs, locales, package caches and package tests"
 rm -rf "$rootfs"/usr/share/{doc,man,info,locale,lintian,linda} \
     "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/* "$rootfs"/var/log/* \
     "$rootfs"/opt/deps/bin
-find "$rootfs/opt/deps" -mindepth 2 -maxdepth 6 -type d -name tests -not -path '*/torch/*' -prune \
+find "$rootfs/opt/deps" -mindepth 2 -type d -name tests -not -path '*/torch/*' -prune \
     -exec rm -rf {} +
 find "$rootfs" -depth -type d -name __pycache__ -exec rm -rf {} +
 
 step "compiling bytecode with the image's interpreter (the root filesystem is read-only at run time)"
-chroot "$rootfs" python3 -m compileall -q -j 0 /usr/lib/python3.11 /opt/deps >/dev/null || true
+chroot "$rootfs" python3 -m compileall -q -j 0 /usr/lib/python3.11 /opt/deps
 
 step "root filesystem ready: $(du -sh "$rootfs" | cut -f1)"

@@ -6,10 +6,12 @@ ends in one sentence on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import click
+import structlog
 
 from runner.agents.factory import AGENT_NAMES, AgentConfigError
 from runner.decision import Rule
@@ -78,6 +80,7 @@ def check_diff(diff_file: Path, base: Path) -> None:
     """Validate a diff exactly as the night does; exit 1 when it is rejected."""
     from runner.diffs import DiffRejected, changed_lines, validate_and_apply
 
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))  # one line out
     diff = diff_file.read_text()
     try:
         validate_and_apply(diff, base.read_text())

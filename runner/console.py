@@ -10,7 +10,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from runner.ledger import Experiment
+from runner.ledger import UNFINISHED, Experiment
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,19 @@ def summary_table(rows: Sequence[Experiment], baseline_mean: float | None) -> Ta
     for e in rows:
         val = "" if e.val_bpb is None else f"{e.val_bpb:.6f}"
         delta = "" if e.val_bpb is None or e.best_before is None else f"{e.val_bpb - e.best_before:+.6f}"
-        style = {"keep": "green", "discard": "", None: ""}.get(e.decision, "")
-        if e.status not in ("done",):
-            style = "red" if e.status not in ("rejected", "cancelled") else "yellow"
-        table.add_row(e.id, e.kind, e.status, e.decision or "", val, delta, e.gpu_name or "cpu",
-                      e.description or e.reject_reason or "", style=style)
+        where = e.gpu_name or ("cpu" if e.train_seconds is not None else "")
+        table.add_row(e.id, e.kind, e.status, e.decision or "", val, delta, where,
+                      e.description or e.reject_reason or "", style=_style(e))
     if baseline_mean is not None:
         table.caption = f"baseline mean val_bpb {baseline_mean:.6f}"
     return table
+
+
+def _style(e: Experiment) -> str:
+    if e.decision == "keep":
+        return "green"
+    if e.status in ("rejected", "cancelled"):
+        return "yellow"
+    if e.status in UNFINISHED:  # left for the next resume
+        return "dim"
+    return "" if e.status == "done" else "red"

@@ -140,10 +140,13 @@ class Night:
         self.threshold: float | None = None
         self._best: Best | None = None
         self._best_lock = threading.Lock()
-        self._agent_lock = threading.Lock()
+        # One proposal at a time: agents need not be thread-safe, and CPython 3.11's ast
+        # module is not (parallel ast.parse can fail with "recursion depth mismatch"), so
+        # every parse of a train.py (validation, hyperparameters) happens under this lock.
+        self._parse_lock = threading.RLock()
         self._pending: collections.deque[Experiment] = collections.deque()
         self._pending_lock = threading.Lock()
-        self._infra_failures: collections.Counter[str] = collections.Counter()
+        self._failed_on: dict[str, set[str]] = collections.defaultdict(set)  # row -> slots it failed on
         self._proposals = 0  # proposals started this night (for --max-experiments)
         self._agent_errors = 0  # in a row
         self._stop = threading.Event()
@@ -242,8 +245,6 @@ class Night:
         self._work(propose=True)
         if self._stop.is_set():
             return self._stop_reason()
-        if all(s.retired for s in self.slots):
-            raise NightError(self._retired_message())
         return "hours" if self._past_deadline() else "max-experiments"
 
     def _stop_reason(self) -> str:
@@ -300,7 +301,7 @@ class Night:
         while not self._stop.is_set():
             active = [s for s in self.slots if not s.retired]
             if not active:
-                return
+                raise NightError(self._retired_message())
             self._threads = [threading.Thread(target=self._worker, args=(s, propose), daemon=True, name=s.name)
                              for s in active]
             for thread in self._threads:
@@ -328,7 +329,7 @@ class Night:
     def _serve(self, slot: Slot, propose: bool) -> None:
         prefetch: _Prefetch | None = None
         while not self._stop.is_set() and not slot.retired and not (propose and self._past_deadline()):
-            row = self._take()
+            row = self._take(slot)
             if row is None and propose:
                 prefetch = prefetch or self._prefetch()
                 if prefetch is None:
@@ -342,11 +343,20 @@ class Night:
                 prefetch = prefetch or self._prefetch()
             self._execute(slot, row)
         if prefetch is not None and not self._cancel.cancelled:
-            prefetch.wait()  # let it reach the ledger as `built`: the next resume runs it
+            row = prefetch.wait()  # at least it reaches the ledger as `built`: a resume runs it
+            if row is not None and slot.retired:
+                self._queue([row])  # another slot runs it tonight
 
-    def _take(self) -> Experiment | None:
+    def _take(self, slot: Slot) -> Experiment | None:
+        """The next owed row, but not one that just failed on this slot while others could run it."""
         with self._pending_lock:
-            return self._pending.popleft() if self._pending else None
+            active = {s.name for s in self.slots if not s.retired}
+            for row in self._pending:
+                tried = self._failed_on.get(row.id, set())
+                if slot.name not in tried or active <= tried:
+                    self._pending.remove(row)
+                    return row
+            return None
 
     def _queue(self, rows) -> None:
         with self._pending_lock:
@@ -356,20 +366,20 @@ class Night:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
     def _prefetch(self) -> _Prefetch | None:
-        """Start preparing the next experiment, if this night may start another."""
+        """Start preparing the next experiment from the best of this moment, if the night may start another."""
         if self._stop.is_set() or self._past_deadline():
             return None
         with self._pending_lock:
             if self.settings.max_experiments is not None and self._proposals >= self.settings.max_experiments:
                 return None
             self._proposals += 1
-        return _Prefetch(self._prepare)
+        with self._best_lock:
+            parent = self._best
+        return _Prefetch(lambda: self._prepare(parent))
 
     # -- one experiment: propose, build, run, record, decide ---------------------------------
 
-    def _prepare(self) -> Experiment | None:
-        with self._best_lock:
-            parent = self._best
+    def _prepare(self, parent: Best) -> Experiment | None:
         try:
             row = self._propose(parent)
         except AgentConfigError as exc:
@@ -389,11 +399,14 @@ class Night:
 
     def _propose(self, parent: Best) -> Experiment | None:
         """Ask the agent, feeding back the validator's reason, up to N tries."""
+        with self._parse_lock:
+            return self._propose_locked(parent)
+
+    def _propose_locked(self, parent: Best) -> Experiment | None:
         context = self._context(parent)
         usage, attempt, proposal, reason = Usage(), 0, None, ""
         for attempt in range(1, self.settings.max_diff_retries + 1):
-            with self._agent_lock:
-                proposal = self.agent.propose(context)
+            proposal = self.agent.propose(context)
             self._agent_errors = 0
             usage = _add_usage(usage, proposal.usage)
             try:
@@ -467,7 +480,8 @@ class Night:
     def _params(self, train_py: str) -> dict:
         """Its hyperparameter constants, shown to agents (none when the file does not parse)."""
         try:
-            return hyperparameters(train_py, self.profile)
+            with self._parse_lock:
+                return hyperparameters(train_py, self.profile)
         except SyntaxError:
             return {}
 
@@ -495,7 +509,6 @@ class Night:
                 self._infra_failure(slot, row, exc)
                 return
             slot.strikes = 0
-            self._infra_failures.pop(row.id, None)
             self._record_outcome(row, outcome)
             row = self._after(row.id) if outcome.status != "cancelled" else None
 
@@ -542,10 +555,12 @@ class Night:
         """Requeue the row for another slot; a slot failing N times in a row leaves rotation."""
         limit = self.settings.gpu_failures
         slot.strikes += 1
-        self._infra_failures[row.id] += 1
+        with self._pending_lock:
+            self._failed_on[row.id].add(slot.name)
+            failures = len(self._failed_on[row.id])
         log.error("experiment.infrastructure_error", exp=row.id, slot=slot.name, error=f"{type(exc).__name__}: {exc}",
                   strikes=slot.strikes)
-        if self._infra_failures[row.id] >= limit:
+        if failures >= limit:
             self.ledger.transition(row.id, "crash", error=f"infrastructure failed {limit} times: {exc}")
         else:
             self.ledger.update(row.id, error=str(exc))

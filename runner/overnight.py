@@ -45,17 +45,17 @@ def ensure_data(settings: Settings) -> Dataset:
 
 def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, console: Console | None = None) -> str:
     """Run one night; returns why it stopped. User-caused problems raise with one sentence."""
-    from sandbox.backends import get_backend  # imports docker; only the night needs it
-
+    gpus = gpu_inventory.select(gpu_inventory.discover() if inventory is None else inventory, settings.gpus)
+    profile = "gpu" if gpus else "cpu"
     console = console or Console(stderr=True)
     run_dir = settings.run_dir
     events = night_logging.configure(run_dir / "events.jsonl", console)
     try:
-        gpus = gpu_inventory.select(gpu_inventory.discover() if inventory is None else inventory, settings.gpus)
-        profile = "gpu" if gpus else "cpu"
         if not gpus:
             log.info("night.cpu", note="no GPU selected: CPU profile, one worker")
         agent = make_agent(settings.agent, command=settings.agent_command, profile=profile)
+        from sandbox.backends import get_backend  # imports docker: only a night needs it
+
         backend = get_backend(settings.sandbox)
         data = ensure_data(settings)
         backend.ensure_ready()

@@ -28,11 +28,13 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, LogConfig, Mount
 
 from sandbox import images
+from sandbox.gpu_watchdog import GpuWatchdog, Reader
 from sandbox.spec import CancelToken, Killer, Phase, RunResult, RunSpec, SandboxUnavailable, Status
 
 log = structlog.get_logger(__name__)
 
 RUN_LABEL = "autoresearch.run"
+OWNER_LABEL = "autoresearch.owner"  # the runner process that supervises the container
 LOG_TAIL_LINES = 40
 MAX_LOG_BYTES = 64 * 2**20  # a run that prints more is cut there on disk; its tail is still kept
 BACKSTOP_S = 15  # the in-container `timeout` fires this long after the host deadline
@@ -57,6 +59,7 @@ class LineLog:
         self._pending = ""
         self._written = 0
         self._max_bytes = max_bytes
+        self._lock = threading.Lock()  # the stream and the sandbox's notes come from different threads
         self.tail: deque[str] = deque(maxlen=tail_lines)
 
     def feed(self, chunk: bytes) -> None:
@@ -78,12 +81,13 @@ class LineLog:
         self._write(f"[sandbox] {line}")
 
     def _write(self, line: str) -> None:
-        self.tail.append(line)
-        if self._written > self._max_bytes:
-            return
-        self._written += len(line) + 1
-        self._file.write(line + "\n" if self._written <= self._max_bytes else f"[log cut at {self._max_bytes} bytes]\n")
-        self._file.flush()
+        with self._lock:
+            self.tail.append(line)
+            if self._written > self._max_bytes:
+                return
+            self._written += len(line) + 1
+            self._file.write(line + "\n" if self._written <= self._max_bytes else f"[log cut at {self._max_bytes} bytes]\n")
+            self._file.flush()
 
 
 class _Stopper:
@@ -107,8 +111,25 @@ class _Stopper:
             pass
 
 
-def container_config(spec: RunSpec) -> dict[str, Any]:
-    """Keyword arguments of `containers.create` for `spec`: every isolation setting is here."""
+def process_identity(pid: int) -> str | None:
+    """`pid:start time` of a live process, None if there is none (the start time tells a reused pid apart)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def _owner_alive(owner: str) -> bool:
+    pid = owner.partition(":")[0]
+    return pid.isdigit() and process_identity(int(pid)) == owner
+
+
+def container_config(spec: RunSpec, owner: str = "") -> dict[str, Any]:
+    """Keyword arguments of `containers.create` for `spec`: every isolation setting is here.
+
+    `owner` (a `process_identity`) marks the supervising runner, so that `reap` leaves
+    the containers of a live runner alone."""
     limits = spec.limits
     out_read_only = spec.phase is Phase.EVAL
     mounts = [Mount("/out", str(spec.out_dir.resolve()), type="bind", read_only=out_read_only)]
@@ -117,7 +138,7 @@ def container_config(spec: RunSpec) -> dict[str, Any]:
         image=spec.image,
         command=["timeout", "-s", "KILL", str(math.ceil(spec.deadline_s + BACKSTOP_S)), *spec.command],
         name=f"autoresearch-{spec.run_id}",
-        labels={**spec.labels, RUN_LABEL: spec.run_id},
+        labels={**spec.labels, RUN_LABEL: spec.run_id, OWNER_LABEL: owner},
         environment=dict(spec.env),
         user=f"{images.CONTAINER_UID}:{images.CONTAINER_UID}",
         network_mode="none",
@@ -181,9 +202,12 @@ class DockerBackend:
     name = "docker"
     isolation = "docker (no network, read-only rootfs, non-root, no capabilities)"
 
-    def __init__(self, client: docker.DockerClient | None = None, runtime_source: str | None = None) -> None:
+    def __init__(
+        self, client: docker.DockerClient | None = None, runtime_source: str | None = None, gpu_reader: Reader | None = None
+    ) -> None:
         self._client = client
-        self._runtime_source = runtime_source
+        self._runtime_source = runtime_source  # "offline" or "online"; None: $AR_RUNTIME, else offline
+        self._gpu_reader = gpu_reader  # None: NVML
         self.base_id: str | None = None
 
     @property
@@ -222,7 +246,9 @@ class DockerBackend:
             pass
 
     def reap(self) -> int:
-        leftovers = self.client.containers.list(all=True, filters={"label": RUN_LABEL})
+        """Remove the containers of runs whose runner is gone; a live runner's are left alone."""
+        labelled = self.client.containers.list(all=True, filters={"label": RUN_LABEL})
+        leftovers = [c for c in labelled if not _owner_alive(c.labels.get(OWNER_LABEL, ""))]
         for container in leftovers:
             container.remove(force=True)
         if leftovers:
@@ -239,7 +265,7 @@ class DockerBackend:
                 return self._result(spec, Status.CRASH, None, Killer.NONE, started, line_log)
             if spec.phase is Phase.TRAIN:
                 _make_writable(spec.out_dir)
-            container = self.client.containers.create(**container_config(spec))
+            container = self.client.containers.create(**container_config(spec, process_identity(os.getpid()) or ""))
             return self._supervise(container, spec, cancel, line_log)
         except _DOCKER_ERRORS as error:
             line_log.note(f"docker error: {error}")
@@ -279,8 +305,6 @@ class DockerBackend:
         pump.join(timeout=10)
         container.reload()
         state = container.attrs["State"]
-        if watchdog is not None and watchdog.exceeded:
-            stopper.kill(Killer.WATCHDOG, "GPU memory cap exceeded")
         status, killer = classify(stopper.killer, state.get("ExitCode"), bool(state.get("OOMKilled")))
         if status is Status.OOM:
             line_log.note(f"killed by the kernel: memory limit of {spec.limits.memory_bytes} bytes")
@@ -289,14 +313,14 @@ class DockerBackend:
             peak_host=peak_memory or None, peak_gpu=watchdog.peak_bytes if watchdog is not None else None,
         )
 
-    def _watchdog(self, container: Container, spec: RunSpec, stopper: _Stopper):
-        if not (spec.gpu_uuid and spec.limits.gpu_memory_bytes):
+    def _watchdog(self, container: Container, spec: RunSpec, stopper: _Stopper) -> GpuWatchdog | None:
+        """With a GPU: track its peak memory and kill the run above the cap (if one is set)."""
+        if not spec.gpu_uuid:
             return None
-        from sandbox.gpu_watchdog import GpuWatchdog  # NVML is needed only with a GPU
-
         watchdog = GpuWatchdog(
             spec.gpu_uuid, spec.limits.gpu_memory_bytes, pids=_host_pids(container),
             on_exceed=lambda used: stopper.kill(Killer.WATCHDOG, f"GPU memory {used} bytes above the cap"),
+            reader=self._gpu_reader,
         )
         watchdog.start()
         return watchdog

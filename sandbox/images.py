@@ -8,7 +8,7 @@ Each layer is tagged by the hash of its inputs, so a second build finds it and d
       hash of: the runtime requirements (taken from uv.lock) + the builder script or Dockerfile.
   autoresearch-base:<hash>   runtime + the trusted prepare.py, user, workdir, env (base.Dockerfile).
       hash of: runtime id + prepare.py + base.Dockerfile + the container uid.
-  autoresearch-exp:<hash>    base + one experiment's train.py, built with the network off.
+  autoresearch-exp:<hash>    base + one experiment's train.py (read-only), nothing run to build it.
       hash of: base id + train.py.
 
 Identical train.py files share one experiment image: its `autoresearch.exp` label names
@@ -17,6 +17,8 @@ the first experiment that built it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import os
@@ -28,6 +30,7 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
+from typing import Iterator
 
 import docker
 import docker.errors
@@ -45,11 +48,11 @@ BASE_DOCKERFILE = IMAGES_DIR / "base.Dockerfile"
 CONTAINER_UID = 65534  # `nobody`: every sandboxed process runs as this uid and gid
 RUNTIME_REPO, BASE_REPO, EXPERIMENT_REPO = "autoresearch-runtime", "autoresearch-base", "autoresearch-exp"
 KIND_LABEL, EXP_LABEL = "autoresearch.kind", "autoresearch.exp"
+UV = os.environ.get("UV", "uv")  # `uv run` names its own binary here, which may not be on PATH
 SOURCES = ("offline", "online")
+EXPERIMENT_COMMAND = ["python3", "train.py"]  # the experiment image's default command (phase 1)
 # The packages the container imports; the online image already brings torch and its CUDA stack.
 RUNTIME_ROOTS = {"offline": ("torch", "numpy", "tiktoken"), "online": ("numpy", "tiktoken")}
-
-
 _REQUIREMENT_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -95,7 +98,7 @@ def runtime_requirements(source: str) -> str:
     lock = tomllib.loads((PROJECT_ROOT / "uv.lock").read_text())
     wanted = _lock_closure(lock, RUNTIME_ROOTS[source])
     exported = subprocess.run(
-        ["uv", "export", "--frozen", "--no-dev", "--no-emit-project", "--no-header", "--no-annotate"],
+        [UV, "export", "--frozen", "--no-dev", "--no-emit-project", "--no-header", "--no-annotate"],
         cwd=PROJECT_ROOT, check=True, capture_output=True, text=True,
     ).stdout
     blocks: list[list[str]] = []
@@ -119,7 +122,7 @@ def _find(client: docker.DockerClient, ref: str) -> Image | None:
         return None
 
 
-def _context(files: dict[str, tuple[bytes, int]]) -> io.BytesIO:
+def _tar(files: dict[str, tuple[bytes, int]]) -> io.BytesIO:
     """An in-memory build context; files are root-owned with the given mode (COPY keeps it)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
@@ -134,20 +137,23 @@ def _context(files: dict[str, tuple[bytes, int]]) -> io.BytesIO:
 def _build(client: docker.DockerClient, files: dict[str, tuple[bytes, int]], tag: str, **kwargs) -> Image:
     try:
         image, _ = client.images.build(
-            fileobj=_context(files), custom_context=True, tag=tag, rm=True, forcerm=True, pull=False, **kwargs
+            fileobj=_tar(files), custom_context=True, tag=tag, rm=True, forcerm=True, pull=False, **kwargs
         )
     except docker.errors.BuildError as error:
-        output = "".join(chunk.get("stream", "") for chunk in error.build_log)[-2000:]
-        raise ImageBuildError(f"building {tag} failed: {error.msg}\n{output}") from error
+        output = "".join(chunk.get("stream", "") for chunk in error.build_log)
+        log.error("image.build_failed", tag=tag, output=output[-4000:])
+        raise ImageBuildError(f"building {tag} failed: {error.msg}") from error
     return image
 
 
 def _build_offline_runtime(client: docker.DockerClient, tag: str, requirements: str) -> None:
+    """debootstrap a root filesystem with the packages installed from the host, then import it."""
     if os.geteuid() != 0:
         raise ImageBuildError(
             "building the offline runtime image needs root (debootstrap); run as root or set AR_RUNTIME=online"
         )
-    work = Path(tempfile.mkdtemp(prefix="autoresearch-rootfs-"))
+    # About 5 GB: /var/tmp rather than a /tmp that may live in memory.
+    work = Path(tempfile.mkdtemp(prefix="autoresearch-rootfs-", dir=os.environ.get("TMPDIR", "/var/tmp")))
     try:
         (work / "requirements.txt").write_text(requirements)
         rootfs = work / "rootfs"
@@ -174,6 +180,17 @@ def _build_online_runtime(client: docker.DockerClient, tag: str, requirements: s
     _build(client, files, tag, labels={KIND_LABEL: "runtime"})
 
 
+@contextlib.contextmanager
+def _host_lock() -> Iterator[None]:
+    """One base build at a time on this host: a second caller waits, then finds the image built."""
+    fd = os.open(Path(tempfile.gettempdir()) / "autoresearch-images.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def ensure_runtime_image(client: docker.DockerClient, source: str) -> str:
     """The runtime image id for `source` ("offline" or "online"), built once."""
     if source not in SOURCES:
@@ -186,14 +203,19 @@ def ensure_runtime_image(client: docker.DockerClient, source: str) -> str:
     log.info("image.step", step=f"building the {source} runtime image (minutes, once)", tag=tag)
     started = time.monotonic()
     (_build_offline_runtime if source == "offline" else _build_online_runtime)(client, tag, requirements)
-    image = client.images.get(tag)
+    if (image := _find(client, tag)) is None:
+        raise ImageBuildError(f"the {source} runtime build finished without producing {tag}")
     log.info("image.built", tag=tag, seconds=round(time.monotonic() - started, 1), size_mb=image.attrs["Size"] // 2**20)
     return image.id
 
 
 def ensure_base_image(client: docker.DockerClient, source: str | None = None) -> str:
     """The base image id (runtime + prepare.py, user, workdir, env), built once per input."""
-    source = source or os.environ.get("AR_RUNTIME", "offline")
+    with _host_lock():
+        return _ensure_base_image(client, source or os.environ.get("AR_RUNTIME", "offline"))
+
+
+def _ensure_base_image(client: docker.DockerClient, source: str) -> str:
     runtime_id = ensure_runtime_image(client, source)
     prepare, dockerfile = (PROJECT_ROOT / "prepare.py").read_bytes(), BASE_DOCKERFILE.read_bytes()
     tag = f"{BASE_REPO}:{_digest(runtime_id, prepare, dockerfile, str(CONTAINER_UID))}"
@@ -211,16 +233,23 @@ def experiment_tag(base_id: str, train_py: str) -> str:
 
 
 def build_experiment_image(client: docker.DockerClient, base_id: str, train_py: str, exp_id: str) -> str:
-    """Bake train.py (read-only) into an image on top of the base; return its id."""
+    """Bake train.py (root-owned, read-only) into an image on top of the base; return its id.
+
+    The same as `FROM base` + `COPY train.py /app/train.py`, done as one commit of a
+    container that never starts (and has no network): a single layer step, where a
+    Dockerfile build needs one for COPY and one for the labels.
+    """
     tag = experiment_tag(base_id, train_py)
     if image := _find(client, tag):
         return image.id
-    files = {
-        "Dockerfile": (f"FROM {base_id}\nCOPY train.py /app/train.py\n".encode(), 0o644),
-        "train.py": (train_py.encode(), 0o444),
-    }
     labels = {KIND_LABEL: "experiment", EXP_LABEL: exp_id}
-    return _build(client, files, tag, labels=labels, network_mode="none").id
+    container = client.containers.create(base_id, command=EXPERIMENT_COMMAND, labels=labels, network_mode="none")
+    try:
+        container.put_archive("/app", _tar({"train.py": (train_py.encode(), 0o444)}))
+        repository, _, version = tag.partition(":")
+        return container.commit(repository=repository, tag=version).id
+    finally:
+        container.remove(force=True)
 
 
 def prune_experiment_images(keep_ids: set[str], client: docker.DockerClient | None = None) -> int:

@@ -52,3 +52,11 @@ def docker_client():
     import docker
 
     return docker.from_env(timeout=120)
+
+
+@pytest.fixture(scope="session")
+def docker_base_image(docker_client) -> str:
+    """The sandbox base image id: built once (minutes the first time), then found by its tag."""
+    from sandbox.images import ensure_base_image
+
+    return ensure_base_image(docker_client)

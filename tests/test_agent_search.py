@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from runner.agents.base import AgentError, Context, HistoryRow
 from runner.agents.factory import make_agent
@@ -162,7 +163,7 @@ def test_powers_of_two_stay_powers_of_two_in_their_notation() -> None:
     agent = SearchAgent(profile="gpu")
     for seed in range(6):
         description = agent.propose(context("TOTAL_BATCH_SIZE = 2**19\nDEVICE_BATCH_SIZE = 128\n", seed=seed)).description
-        for name, old, new in re.findall(r"(\w+) ([^ ,]+) -> ([^ ,]+)", description):
+        for name, _old, new in re.findall(r"(\w+) ([^ ,]+) -> ([^ ,]+)", description):
             if name == "TOTAL_BATCH_SIZE":
                 assert re.fullmatch(r"2\*\*\d+", new)
             else:
@@ -216,7 +217,9 @@ def _applied(source: str, agent: SearchAgent, rows: tuple[HistoryRow, ...], seed
     return "MATRIX_LR = " + description.rsplit(" -> ", 1)[1] + "\n"
 
 
-def test_factory_auto_without_key_is_search(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_factory_auto_without_key_is_search_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
-    agent = make_agent("auto", profile="cpu", seed=5, model="ignored", command="ignored")
+    with capture_logs() as logs:
+        agent = make_agent("auto", profile="cpu", seed=5, model="ignored", command="ignored")
     assert isinstance(agent, SearchAgent) and agent.seed == 5 and agent.profile == "cpu"
+    assert [(e["event"], e["agent"]) for e in logs] == [("agent_chosen", "search")]

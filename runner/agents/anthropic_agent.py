@@ -10,6 +10,7 @@ before going on with the night.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -49,18 +50,23 @@ _EPHEMERAL = {"type": "ephemeral"}
 
 def estimate_cost(model: str, usage: Usage) -> float:
     """Estimated $ cost of `usage` on `model` from the small price table above."""
-    price = next(((inp, out) for prefix, inp, out in PRICES if model.startswith(prefix)), None)
-    if price is None:
-        log.warning("anthropic_price_unknown", model=model, note="cost recorded as 0")
-        return 0.0
-    inp, out = price
-    tokens = (
+    inp, out = _price(model)
+    dollars_per_mtok = (
         usage.input_tokens * inp
         + usage.cache_creation_input_tokens * inp * CACHE_WRITE_FACTOR
         + usage.cache_read_input_tokens * inp * CACHE_READ_FACTOR
         + usage.output_tokens * out
     )
-    return tokens / 1e6
+    return dollars_per_mtok / 1e6
+
+
+@functools.cache  # one warning per unknown model, not one per proposal
+def _price(model: str) -> tuple[float, float]:
+    price = next(((inp, out) for prefix, inp, out in PRICES if model.startswith(prefix)), None)
+    if price is None:
+        log.warning("anthropic_price_unknown", model=model, note="cost recorded as 0")
+        return 0.0, 0.0
+    return price
 
 
 class AnthropicAgent:
@@ -85,7 +91,7 @@ class AnthropicAgent:
         api_key = api_key or os.environ.get("ANTHROPIC_API_KEY")
         if not api_key:
             raise AgentConfigError(
-                "ANTHROPIC_API_KEY is not set; export your API key or choose the offline agent with --agent search."
+                "ANTHROPIC_API_KEY is not set; export your API key, or use the offline search agent."
             )
         self.model = model or os.environ.get("AR_ANTHROPIC_MODEL") or DEFAULT_MODEL
         self.max_tokens = max_tokens or _env_number("AR_ANTHROPIC_MAX_TOKENS", int) or DEFAULT_MAX_TOKENS
@@ -118,6 +124,8 @@ class AnthropicAgent:
                 retry_after = _retry_after(exc.response.headers)
             except (anthropic.APIConnectionError, anthropic.APIResponseValidationError, json.JSONDecodeError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
+            except anthropic.AnthropicError as exc:  # anything else the SDK raises: not worth a retry
+                raise AgentError(f"the Anthropic SDK failed: {type(exc).__name__}: {exc}") from exc
             else:
                 usage = _add(usage, self._usage(getattr(message, "usage", None)))
                 try:

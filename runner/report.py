@@ -1,0 +1,360 @@
+"""What a night measured, and the files that show it: the progress chart, exports, the HTML report.
+
+The figures are read from the ledger alone (plus the time of the last event), so
+they can be computed while the night runs or long after. The chart follows the
+teaser of Karpathy's *autoresearch*: every experiment's val_bpb in order, the
+discarded ones faint, the kept ones highlighted and labelled, the running best
+as a step line.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import statistics
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from runner.decision import DISCARD, KEEP  # noqa: E402
+from runner.ledger import (  # noqa: E402
+    BASELINE, CONFIRM, DONE, EXPERIMENT, FAILURES, REJECTED, UNFINISHED, Experiment, Ledger,
+)
+from runner.review import baseline_mean, item  # noqa: E402
+from sandbox.logparse import tail  # noqa: E402
+
+# A night that recorded no end is taken as still running while its last sign of
+# life is younger than one experiment can take: budget + compile/export + evaluation.
+STARTUP_ALLOWANCE_S, EVAL_DEADLINE_S, SLACK_S = 120.0, 120.0, 60.0
+NIGHT_KINDS = (BASELINE, EXPERIMENT, CONFIRM)  # reruns are morning work, not the night's
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
+def last_event_time(run_dir: Path) -> datetime | None:
+    """The timestamp of the last complete line of events.jsonl (read from its end)."""
+    path = run_dir / "events.jsonl"
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return parse_time(json.loads(line).get("timestamp"))
+        except (ValueError, AttributeError):
+            continue
+    return None
+
+
+def night_settings(ledger: Ledger) -> dict[str, Any]:
+    """The settings the latest start of this night ran with."""
+    nights = ledger.nights()
+    return json.loads(nights[-1]["settings_json"]) if nights else {}
+
+
+@dataclass(frozen=True)
+class Figures:
+    tag: str
+    state: str  # running, ended, stopped (no end recorded), not started
+    state_note: str
+    in_flight: tuple[tuple[str, str, str], ...]  # (id, kind, status) of rows under way or owed
+    best_id: str | None
+    best_value: float | None
+    best_description: str
+    baseline_mean: float | None
+    sigma: float | None
+    baseline_runs: int | None
+    threshold: float | None
+    k: float | None
+    min_delta: float | None
+    confirm: bool | None
+    counts: dict[str, int]
+    experiments_per_hour: float | None
+    duty_cycle: float | None  # training seconds / (wall seconds x slots)
+    mfu_percent: float | None  # median over finished runs (0 on the CPU profile)
+    wall_seconds: float
+    training_seconds: float
+    slots: int
+    profile: str | None
+    time_budget: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figures:
+    now = now or datetime.now(timezone.utc)
+    nights = ledger.nights()
+    settings = night_settings(ledger)
+    rows = [r for r in ledger.experiments() if r.kind in NIGHT_KINDS]
+    experiments = [r for r in rows if r.kind == EXPERIMENT]
+    # the night's own events only: morning reviews and reruns touch the ledger, never events.jsonl
+    last = max(filter(None, [last_event_time(run_dir), *(parse_time(n["started_at"]) for n in nights)]), default=None)
+    budget = settings.get("time_budget")
+    state, note = _state(nights, last, now, budget, run_dir.name)
+    wall = _wall_seconds(nights, now if state == "running" else last)
+    slots = max(len(settings.get("gpus") or ()), 1)
+    training = sum(r.training_seconds or 0.0 for r in rows)
+    finished = [r for r in experiments if r.status == DONE or (r.status in FAILURES and r.status != "cancelled")]
+    mfu = [r.mfu_percent for r in rows if r.status == DONE and r.mfu_percent is not None]
+    best = ledger.best_kept()
+    base = baseline_mean(ledger)
+    record = next((n for n in reversed(nights) if n["sigma"] is not None), {})
+    rule = settings.get("rule") or {}
+    return Figures(
+        tag=run_dir.name, state=state, state_note=note,
+        in_flight=tuple((r.id, r.kind, r.status) for r in rows if r.status in UNFINISHED),
+        best_id=best.id if best else _first_baseline(rows),
+        best_value=best.decision_value if best else base,
+        best_description=best.description if best else "baseline",
+        baseline_mean=base, sigma=record.get("sigma"), baseline_runs=record.get("baseline_runs"),
+        threshold=record.get("threshold"), k=rule.get("k"), min_delta=rule.get("min_delta"), confirm=rule.get("confirm"),
+        counts={
+            "kept": sum(r.decision == KEEP for r in experiments),
+            "discarded": sum(r.decision == DISCARD for r in experiments),
+            "failed": sum(r.status in FAILURES and r.status != "cancelled" for r in rows if r.kind != CONFIRM),
+            "cancelled": sum(r.status == "cancelled" for r in experiments),
+            "rejected": sum(r.status == REJECTED for r in experiments),
+            "pending_review": sum(r.review_state == "pending" for r in experiments),
+            "baseline_runs": sum(r.kind == BASELINE and r.status == DONE for r in rows),
+        },
+        experiments_per_hour=len(finished) / (wall / 3600) if wall > 0 else None,
+        duty_cycle=training / (wall * slots) if wall > 0 else None,
+        mfu_percent=statistics.median(mfu) if mfu else None,
+        wall_seconds=wall, training_seconds=training, slots=slots,
+        profile=settings.get("profile"), time_budget=budget,
+    )
+
+
+def _first_baseline(rows: list[Experiment]) -> str | None:
+    return next((r.id for r in rows if r.kind == BASELINE and r.status == DONE), None)
+
+
+def _state(nights: list[dict], last: datetime | None, now: datetime, budget: float | None,
+           tag: str) -> tuple[str, str]:
+    """Whether the night runs. The loop writes no heartbeat, so an open night is judged by its last sign of life."""
+    if not nights:
+        return "not started", "no night has started under this tag"
+    latest = nights[-1]
+    if latest["ended_at"]:
+        return "ended", f"ended {latest['ended_at'][:19]} ({latest['stop_reason']})"
+    quiet = (now - last).total_seconds() if last else float("inf")
+    window = (budget or 300.0) + STARTUP_ALLOWANCE_S + EVAL_DEADLINE_S + SLACK_S
+    if quiet <= window:
+        return "running", f"no end recorded, last event {quiet:.0f} s ago (judged from activity)"
+    return "stopped", (f"no end recorded and silent for {quiet / 60:.0f} min: the runner was probably killed; "
+                       f"resume with `autoresearch overnight --tag {tag}`")
+
+
+def _wall_seconds(nights: list[dict], open_end: datetime | None) -> float:
+    """Seconds the night's runners were up. A start that recorded no end lasted until the next
+    start, or for the latest one until now (running) or its last event (killed)."""
+    total = 0.0
+    for i, night in enumerate(nights):
+        start = parse_time(night["started_at"])
+        following = parse_time(nights[i + 1]["started_at"]) if i + 1 < len(nights) else open_end
+        end = parse_time(night["ended_at"]) or following or start
+        total += max((end - start).total_seconds(), 0.0)
+    return total
+
+
+# -- chart ------------------------------------------------------------------------------------
+
+
+class NothingToPlot(Exception):
+    """No experiment of the night has a val_bpb yet."""
+
+
+@dataclass(frozen=True)
+class Series:
+    """What the chart draws: (seq, val_bpb) points and the running best as steps."""
+
+    baseline: list[tuple[int, float]]
+    discarded: list[tuple[int, float]]  # finished experiments that were not kept
+    kept: list[tuple[int, float, str]]  # with their descriptions
+    best: list[tuple[int, float]]  # step line: where the best changed, and the last experiment
+
+
+def progress_series(ledger: Ledger) -> Series:
+    rows = [r for r in ledger.experiments(kinds=[BASELINE, EXPERIMENT]) if r.status == DONE and r.val_bpb is not None]
+    if not rows:
+        raise NothingToPlot("nothing to plot yet: no experiment of this night has a val_bpb.")
+    base = baseline_mean(ledger)
+    kept = [r for r in rows if r.decision == KEEP]
+    best = [(rows[0].seq, base if base is not None else rows[0].val_bpb)]
+    best += [(r.seq, r.decision_value if r.decision_value is not None else r.val_bpb) for r in kept]
+    best.append((rows[-1].seq, best[-1][1]))
+    return Series(
+        baseline=[(r.seq, r.val_bpb) for r in rows if r.kind == BASELINE],
+        discarded=[(r.seq, r.val_bpb) for r in rows if r.kind == EXPERIMENT and r.decision != KEEP],
+        kept=[(r.seq, r.val_bpb, r.description) for r in kept],
+        best=best,
+    )
+
+
+def plot_png(ledger: Ledger, title: str = "") -> bytes:
+    """The progress chart as PNG bytes."""
+    series = progress_series(ledger)
+    fig, ax = plt.subplots(figsize=(13, 6), dpi=110)
+    try:
+        for points, style in ((series.discarded, dict(s=14, color="#9e9e9e", alpha=0.45, label="discarded", zorder=2)),
+                              (series.baseline, dict(s=30, marker="s", color="#1f77b4", label="baseline runs", zorder=3)),
+                              (series.kept, dict(s=46, color="#2ca02c", edgecolor="black", linewidth=0.5,
+                                                 label="kept", zorder=4))):
+            ax.scatter([p[0] for p in points], [p[1] for p in points], **style)
+        for seq, value, description in series.kept:
+            ax.annotate(_clip(description, 42), (seq, value), xytext=(6, 8), textcoords="offset points",
+                        fontsize=7.5, rotation=22, color="#1b5e20")
+        ax.step([p[0] for p in series.best], [p[1] for p in series.best], where="post", color="#2ca02c",
+                linewidth=1.6, alpha=0.8, label="running best", zorder=1)
+        ax.set_xlabel("experiment")
+        ax.set_ylabel("val_bpb (lower is better)")
+        counts = f"{len(series.discarded) + len(series.kept)} experiments, {len(series.kept)} kept"
+        ax.set_title(f"{title}: {counts}" if title else counts, loc="left")
+        ax.grid(alpha=0.25)
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        return buffer.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# -- exports ----------------------------------------------------------------------------------
+
+
+def export_json(ledger: Ledger, tag: str) -> dict[str, Any]:
+    """The whole ledger of a night as plain JSON (settings parsed, every column kept)."""
+    nights = [{**{k: v for k, v in n.items() if k != "settings_json"}, "settings": json.loads(n["settings_json"])}
+              for n in ledger.nights()]
+    return {"tag": tag, "nights": nights, "experiments": [dataclasses.asdict(r) for r in ledger.experiments()]}
+
+
+def log_tail(run_dir: Path, row: Experiment, name: str, lines: int = 20) -> str | None:
+    """The end of one of an experiment's logs, None when the file is not there."""
+    try:
+        return tail((run_dir / row.id / name).read_text(errors="replace"), lines)
+    except OSError:
+        return None
+
+
+# -- the HTML report -------------------------------------------------------------------------
+
+_CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
+h1 { font-size: 1.5em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; } td, th { padding: .25em .8em; text-align: left; border-bottom: 1px solid #eee; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; }
+pre { background: #f7f7f7; padding: .7em; overflow-x: auto; font-size: 12px; }
+.add { color: #1b5e20; background: #e8f5e9; } .del { color: #b71c1c; background: #ffebee; } .hunk { color: #0d47a1; }
+img { max-width: 100%; }
+"""
+
+
+def html_report(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> str:
+    """One self-contained HTML page: figures, chart, kept changes with diffs, failures with log tails."""
+    fig = figures(ledger, run_dir, now)
+    try:
+        chart = f'<img alt="progress" src="data:image/png;base64,{base64.b64encode(plot_png(ledger)).decode()}">'
+    except NothingToPlot as exc:
+        chart = f"<p>{html.escape(str(exc))}</p>"
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>autoresearch {html.escape(fig.tag)}</title>"
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>autoresearch night {html.escape(fig.tag)}</h1>",
+        f"<p>{html.escape(fig.state)}: {html.escape(fig.state_note)}</p>",
+        _figures_table(fig), "<h2>Progress</h2>", chart, _kept_section(ledger), _failures_section(ledger, run_dir),
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _figures_table(fig: Figures) -> str:
+    counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in fig.counts.items())
+    rows = [
+        ("best val_bpb", f"{_num(fig.best_value, '.6f')} ({fig.best_id or '-'}: {fig.best_description})"),
+        ("baseline mean", f"{_num(fig.baseline_mean, '.6f')} over {fig.baseline_runs or 0} runs"),
+        ("noise σ", _num(fig.sigma, ".6f")),
+        ("keep threshold", f"{_num(fig.threshold, '.6f')} = max(min_delta {_num(fig.min_delta, 'g')}, "
+                           f"k {_num(fig.k, 'g')} · σ){' with confirmation runs' if fig.confirm else ''}"),
+        ("experiments", counts),
+        ("experiments / hour", _num(fig.experiments_per_hour, ".2f")),
+        ("duty cycle", f"{_num(fig.duty_cycle and 100 * fig.duty_cycle, '.1f')} % "
+                       f"(training {fig.training_seconds / 3600:.2f} h of {fig.wall_seconds / 3600:.2f} h × {fig.slots})"),
+        ("MFU (median)", f"{_num(fig.mfu_percent, '.1f')} %"),
+        ("profile / budget", f"{fig.profile or '-'} / {_num(fig.time_budget, 'g')} s"),
+    ]
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<h2>Figures</h2><table>{body}</table>"
+
+
+def diff_html(diff: str) -> str:
+    """A diff as <pre> with added, removed and hunk lines coloured."""
+    styles = {"+": "add", "-": "del", "@": "hunk"}
+    lines = []
+    for line in diff.splitlines():
+        css = "" if line.startswith(("+++", "---")) else styles.get(line[:1], "")
+        text = html.escape(line)
+        lines.append(f'<span class="{css}">{text}</span>' if css else text)
+    return "<pre>" + "\n".join(lines) + "</pre>"
+
+
+def _kept_section(ledger: Ledger) -> str:
+    kept = [r for r in ledger.experiments(kinds=[EXPERIMENT]) if r.decision == KEEP]
+    if not kept:
+        return "<h2>Kept changes</h2><p>none</p>"
+    base = baseline_mean(ledger)
+    parts = ["<h2>Kept changes</h2><table><tr><th>id</th><th>val_bpb</th><th>vs parent</th><th>vs baseline</th>"
+             "<th>review</th><th>description</th></tr>"]
+    details = []
+    for r in kept:
+        it = item(ledger, r, base)
+        parts.append(
+            f"<tr><td>{r.id}</td><td class=n>{_num(it.value, '.6f')}</td><td class=n>{_num(it.vs_parent, '+.6f')}</td>"
+            f"<td class=n>{_num(it.vs_baseline, '+.6f')}</td><td>{html.escape(r.review_state or '')}</td>"
+            f"<td>{html.escape(r.description)}</td></tr>"
+        )
+        details.append(f"<h3>{r.id}: {html.escape(r.description)}</h3>{diff_html(r.diff)}")
+    parts.append("</table>")
+    return "".join(parts) + "".join(details)
+
+
+def _failures_section(ledger: Ledger, run_dir: Path) -> str:
+    failed = [r for r in ledger.experiments() if r.status in FAILURES]
+    if not failed:
+        return "<h2>Failures</h2><p>none</p>"
+    parts = ["<h2>Failures</h2>"]
+    for status in sorted({r.status for r in failed}):
+        group = [r for r in failed if r.status == status]
+        parts.append(f"<h3>{html.escape(status)} ({len(group)})</h3>")
+        for r in group:
+            logs = r.log_tail or log_tail(run_dir, r, "eval.log") or log_tail(run_dir, r, "train.log") or r.error or ""
+            parts.append(f"<p><b>{r.id}</b> {html.escape(r.description)}</p><pre>{html.escape(logs)}</pre>")
+    return "".join(parts)

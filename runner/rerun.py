@@ -1,0 +1,300 @@
+"""Rerunning a recorded experiment: bit for bit (`--exact`) or as a fresh timed run.
+
+`--exact` runs the recorded image on the recorded data with the recorded seed,
+deterministic, and replays the phase-1 budget trace, so the schedule and the step
+count are those of the original whatever the speed of the machine. The rerun is
+bit-identical when phase 2 printed the same `val_bpb_hex` and the exported models
+have the same sha256. A timed rerun (no replay) measures run-to-run noise instead.
+
+A rerun that differs is a finding about the experiment, not a failure of the
+tool: the verdict says so and lists what it can see that differs. What would make
+the comparison meaningless (the image or the recorded trace gone, other data) is
+refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import structlog
+
+from runner import gpus as gpu_inventory
+from runner.ledger import BUILT, DONE, RERUN, TRAINING, Experiment, Ledger, LedgerError, metric_columns
+from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
+from sandbox.logparse import parse_summary
+from sandbox.spec import Backend
+
+log = structlog.get_logger(__name__)
+
+TRACE, MODEL, EVAL_LOG = "out/trace.json", "out/model.pt2", "eval.log"
+
+
+class RerunRefused(Exception):
+    """The rerun cannot be compared with the original (one sentence for the user)."""
+
+
+def open_backend(name: str) -> Backend:
+    """The isolation backend the experiment ran on (imported late: docker is slow to import)."""
+    from sandbox.backends import get_backend
+
+    return get_backend(name)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    exp_id: str
+    rerun_id: str
+    exact: bool
+    status: str  # how the rerun ended (done or a failure status)
+    original: str | None  # val_bpb_hex as phase 2 printed it
+    repeated: str | None
+    original_value: float | None
+    repeated_value: float | None
+    original_weights: str | None  # sha256 of the exported model
+    repeated_weights: str | None
+    sigma: float | None  # the night's noise, to read a timed rerun's difference against
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def identical(self) -> bool:
+        weights_agree = None in (self.original_weights, self.repeated_weights) or \
+            self.original_weights == self.repeated_weights
+        return self.status == DONE and self.original is not None and self.original == self.repeated and weights_agree
+
+    @property
+    def difference(self) -> float | None:
+        if self.original_value is None or self.repeated_value is None:
+            return None
+        return self.repeated_value - self.original_value
+
+    def line(self) -> str:
+        """The one line a person reads."""
+        head = f"{self.exp_id} (rerun {self.rerun_id})"
+        if self.status != DONE:
+            return f"{head}: NOT REPRODUCED: the rerun ended in {self.status}, the original finished."
+        numbers = f"val_bpb {_value(self.original_value)} -> {_value(self.repeated_value)}"
+        if self.difference is not None:
+            numbers += f" ({self.difference:+.3g}"
+            numbers += f", {abs(self.difference) / self.sigma:.2f} sigma)" if self.sigma else ")"
+        if not self.exact:
+            return f"{head}: timed rerun, {numbers}."
+        if self.identical:
+            weights = " and the exported weights" if self.original_weights else ""
+            return f"{head}: BIT-IDENTICAL: val_bpb {self.original}{weights} match exactly."
+        return f"{head}: NOT REPRODUCIBLE: {numbers}; {'; '.join(self.reasons)}."
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "identical": self.identical, "difference": self.difference, "line": self.line()}
+
+
+def _value(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything checked before the rerun starts."""
+
+    row: Experiment
+    settings: dict
+    data_dir: Path
+    gpu: gpu_inventory.Gpu | None
+    trace: Path | None
+    time_budget: float
+
+
+def rerun(ledger: Ledger, run_dir: Path, exp_id: str, *, exact: bool, backend: Backend | None = None,
+          inventory: Callable[[], list[gpu_inventory.Gpu]] = gpu_inventory.discover,
+          on_start: Callable[[str], None] = lambda message: None) -> Verdict:
+    """Rerun `exp_id` from its image, record the rerun in the ledger, return the verdict.
+
+    `on_start` hears one line once every check has passed and the run begins.
+    """
+    plan = _plan(ledger, run_dir, ledger.get(exp_id), exact, inventory)
+    backend = backend or open_backend(plan.row.backend or "auto")
+    if not plan.row.image or not backend.image_exists(plan.row.image):
+        raise RerunRefused(f"the image of {exp_id} ({plan.row.image or 'none recorded'}) no longer exists; "
+                           "a rerun needs the exact image the experiment ran from.")
+    rerun_row = _add_row(ledger, run_dir, plan, exact, backend)
+    how = "replaying its recorded schedule" if exact else "as a fresh timed run"
+    on_start(f"rerunning {exp_id} as {rerun_row.id} from {plan.row.image}, {how} ({backend.name} sandbox) ...")
+    outcome = _run(ledger, backend, plan, rerun_row, run_dir / rerun_row.id)
+    verdict = _verdict(ledger, run_dir, plan, rerun_row.id, outcome, exact, backend)
+    ledger.update(rerun_row.id, description=f"{rerun_row.description}: {_short(verdict)}")
+    log.info("rerun.verdict", exp=exp_id, rerun=rerun_row.id, identical=verdict.identical, status=verdict.status)
+    return verdict
+
+
+def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
+          inventory: Callable[[], list[gpu_inventory.Gpu]]) -> _Plan:
+    """Check what needs no sandbox: a finished run, the same data, the recorded trace, a GPU."""
+    if row.status != DONE:
+        raise RerunRefused(f"{row.id} ended in {row.status}, so there is no val_bpb to reproduce.")
+    night = next((n for n in ledger.nights() if n["id"] == row.night_id), None)
+    settings = json.loads(night["settings_json"]) if night else {}
+    data_dir = Path(settings.get("data_dir", ""))
+    _check_data(row, data_dir)
+    trace = run_dir / row.id / TRACE
+    budget = settings.get("time_budget")
+    if exact:
+        try:
+            budget = json.loads(trace.read_text())["time_budget"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise RerunRefused(f"--exact needs the recorded budget trace {trace}, which is missing or unreadable.") from None
+    if budget is None:
+        raise RerunRefused(f"the night of {row.id} recorded no time budget; rerun it with --exact.")
+    return _Plan(row, settings, data_dir, _gpu(row, inventory), trace if exact else None, float(budget))
+
+
+def _check_data(row: Experiment, data_dir: Path) -> None:
+    manifest = data_dir / "manifest.json"
+    try:
+        current = json.loads(manifest.read_text())["hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RerunRefused(f"the data of {row.id} is gone: {manifest} is missing or unreadable; "
+                           "prepare the same source again.") from None
+    if current != row.data_hash:
+        raise RerunRefused(f"the data in {data_dir} changed since {row.id} ran "
+                           f"(manifest {current[:12]}, recorded {str(row.data_hash)[:12]}); a rerun would not be comparable.")
+
+
+def _gpu(row: Experiment, inventory: Callable[[], list[gpu_inventory.Gpu]]) -> gpu_inventory.Gpu | None:
+    """The recorded GPU when this host has it, else the first one; None for a CPU experiment."""
+    if not row.gpu_uuid:
+        return None
+    found = inventory()
+    if not found:
+        raise RerunRefused(f"{row.id} ran on a GPU ({row.gpu_name}) and this host has none.")
+    return next((g for g in found if g.uuid == row.gpu_uuid), found[0])
+
+
+def _add_row(ledger: Ledger, run_dir: Path, plan: _Plan, exact: bool, backend: Backend) -> Experiment:
+    row, gpu = plan.row, plan.gpu
+    new = ledger.add(
+        kind=RERUN, status=BUILT, night_id=row.night_id, target_id=row.id, parent_id=row.parent_id,
+        description=f"rerun {'--exact ' if exact else ''}of {row.id}", diff=row.diff,
+        train_sha256=row.train_sha256, params_json=row.params_json, image=row.image, seed=row.seed,
+        backend=backend.name, isolation=backend.isolation, data_hash=row.data_hash,
+        gpu_uuid=gpu.uuid if gpu else None, gpu_name=gpu.name if gpu else None, gpu_driver=gpu.driver if gpu else None,
+    )
+    directory = run_dir / new.id
+    directory.mkdir(parents=True, exist_ok=True)
+    if (run_dir / row.id / "train.py").is_file():
+        shutil.copyfile(run_dir / row.id / "train.py", directory / "train.py")
+    return new
+
+
+def _run(ledger: Ledger, backend: Backend, plan: _Plan, rerun_row: Experiment, directory: Path) -> ExperimentOutcome:
+    spec = ExperimentSpec(
+        exp_id=rerun_row.id, image=plan.row.image, data_dir=plan.data_dir, run_dir=directory,
+        time_budget=plan.time_budget, gpu_uuid=plan.gpu.uuid if plan.gpu else None,
+        deterministic=True, replay_trace=plan.trace, seed=plan.row.seed,
+    )
+    try:
+        outcome = run_experiment(backend, spec, on_phase=lambda phase: ledger.transition(rerun_row.id, phase))
+    except BaseException as exc:  # Ctrl-C or a broken backend: never leave work owed to a resumed night
+        _end(ledger, rerun_row.id, "cancelled" if isinstance(exc, KeyboardInterrupt) else "crash", str(exc))
+        raise
+    ledger.transition(rerun_row.id, outcome.status, **_outcome_fields(outcome))
+    return outcome
+
+
+def _end(ledger: Ledger, exp_id: str, status: str, error: str) -> None:
+    try:
+        if ledger.get(exp_id).status == BUILT:
+            ledger.transition(exp_id, TRAINING)
+        ledger.transition(exp_id, status, error=error or status)
+    except LedgerError:  # it had ended already
+        pass
+
+
+def _outcome_fields(outcome: ExperimentOutcome) -> dict:
+    return {
+        "train_seconds": outcome.phase_seconds.get("train"),
+        "eval_seconds": outcome.phase_seconds.get("eval"),
+        "train_exit_code": outcome.train.exit_code,
+        "train_killed_by": outcome.train.killed_by.value,
+        "eval_exit_code": outcome.eval.exit_code if outcome.eval else None,
+        "eval_killed_by": outcome.eval.killed_by.value if outcome.eval else None,
+        "log_tail": outcome.failure_log or None,
+        "metrics_json": json.dumps(outcome.metrics),
+        "val_bpb_text": outcome.summary.get("val_bpb"),
+        **metric_columns(outcome.metrics),
+    }
+
+
+def _verdict(ledger: Ledger, run_dir: Path, plan: _Plan, rerun_id: str, outcome: ExperimentOutcome, exact: bool,
+             backend: Backend) -> Verdict:
+    original_dir, repeated_dir = run_dir / plan.row.id, run_dir / rerun_id
+    original = _summary(original_dir)
+    sigmas = [n["sigma"] for n in ledger.nights() if n["id"] == plan.row.night_id]
+    verdict = Verdict(
+        exp_id=plan.row.id, rerun_id=rerun_id, exact=exact, status=outcome.status,
+        original=original.get("val_bpb_hex"), repeated=outcome.summary.get("val_bpb_hex"),
+        original_value=plan.row.val_bpb, repeated_value=outcome.val_bpb,
+        original_weights=_sha256(original_dir / MODEL), repeated_weights=_sha256(repeated_dir / MODEL),
+        sigma=sigmas[0] if sigmas else None,
+    )
+    if not exact or verdict.identical:
+        return verdict
+    return Verdict(**{**asdict(verdict), "reasons": tuple(_reasons(plan, verdict, backend, original_dir, repeated_dir))})
+
+
+def _summary(directory: Path) -> dict[str, str]:
+    try:
+        return parse_summary((directory / EVAL_LOG).read_text(errors="replace"))
+    except OSError:
+        return {}
+
+
+def _reasons(plan: _Plan, verdict: Verdict, backend: Backend, original_dir: Path, repeated_dir: Path) -> list[str]:
+    """What differs between the two runs, as far as the records show."""
+    row, gpu = plan.row, plan.gpu
+    reasons = []
+    if verdict.original is None:
+        reasons.append(f"the original's {EVAL_LOG} has no val_bpb_hex to compare bit for bit")
+    if plan.settings.get("deterministic") is False:
+        reasons.append("the original night did not run deterministically")
+    if gpu and (gpu.name, gpu.driver) != (row.gpu_name, row.gpu_driver):
+        reasons.append(f"other GPU or driver: {row.gpu_name} / {row.gpu_driver} then, {gpu.name} / {gpu.driver} now")
+    if row.isolation and backend.isolation != row.isolation:
+        reasons.append(f"other sandbox: {row.isolation} then, {backend.isolation} now")
+    steps = [_steps(d / TRACE) for d in (original_dir, repeated_dir)]
+    if None not in steps and steps[0] != steps[1]:
+        reasons.append(f"the step count differs ({steps[0]} then, {steps[1]} now): train.py does not follow the budget")
+    if verdict.original_weights and verdict.original_weights == verdict.repeated_weights:
+        reasons.append("the exported weights are identical, so the evaluation itself differed")
+    if not reasons:
+        reasons.append("same image, data, seed, schedule and hardware: train.py itself is not deterministic "
+                       "(e.g. it seeds from the clock or os.urandom, or uses nondeterministic kernels)")
+    return reasons
+
+
+def _steps(trace: Path) -> int | None:
+    try:
+        return int(json.loads(trace.read_text())["num_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _short(verdict: Verdict) -> str:
+    if verdict.status != DONE:
+        return f"ended in {verdict.status}"
+    if not verdict.exact:
+        return "timed" if verdict.difference is None else f"timed, {verdict.difference:+.3g}"
+    return "bit-identical" if verdict.identical else "not reproducible"

@@ -1,0 +1,210 @@
+"""The morning review: kept changes, best first, accepted into train.py or rejected.
+
+A kept change is a diff against its parent's train.py, and parents chain back to
+the baseline. Accepting one applies it to the working tree's train.py exactly
+(no fuzz, the night's own validator); when train.py still holds an ancestor of
+the change, the kept changes in between come along, so the best change of a
+chain can be accepted first. Inside a git work tree only train.py is committed,
+with a message that carries the description and the numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from runner.decision import KEEP
+from runner.diffs import DiffRejected, validate_and_apply
+from runner.ledger import BASELINE, EXPERIMENT, Experiment, Ledger
+
+log = structlog.get_logger(__name__)
+
+PENDING, ACCEPTED, REJECTED = "pending", "accepted", "rejected"
+
+
+class ReviewError(Exception):
+    """A review step that cannot be done as asked (one sentence for the user)."""
+
+
+class Conflict(ReviewError):
+    """The change does not apply to train.py as it is now."""
+
+
+def baseline_mean(ledger: Ledger) -> float | None:
+    """The night's measured baseline (the latest record of it: a resumed night re-measures)."""
+    means = [n["baseline_mean"] for n in ledger.nights() if n["baseline_mean"] is not None]
+    return means[-1] if means else None
+
+
+def credited(row: Experiment, baseline: float | None) -> float | None:
+    """The value a row stands for: the baseline mean, a keep's decided value, else its val_bpb."""
+    if row.kind == BASELINE and baseline is not None:
+        return baseline
+    return row.decision_value if row.decision_value is not None else row.val_bpb
+
+
+def lineage(ledger: Ledger, row: Experiment) -> list[Experiment]:
+    """`row`, its parent, ... up to the baseline it descends from."""
+    chain, seen = [row], {row.id}
+    while chain[-1].parent_id and chain[-1].parent_id not in seen:
+        chain.append(ledger.get(chain[-1].parent_id))
+        seen.add(chain[-1].id)
+    return chain
+
+
+@dataclass(frozen=True)
+class Item:
+    """One experiment with what it is measured against."""
+
+    row: Experiment
+    parent: Experiment | None
+    value: float | None
+    vs_parent: float | None  # value minus the parent's (negative is better)
+    vs_baseline: float | None
+
+
+def item(ledger: Ledger, row: Experiment, baseline: float | None = None) -> Item:
+    baseline = baseline_mean(ledger) if baseline is None else baseline
+    parent = ledger.get(row.parent_id) if row.parent_id else None
+    value = credited(row, baseline)
+    parent_value = credited(parent, baseline) if parent else None
+    return Item(
+        row=row,
+        parent=parent,
+        value=value,
+        vs_parent=value - parent_value if value is not None and parent_value is not None else None,
+        vs_baseline=value - baseline if value is not None and baseline is not None else None,
+    )
+
+
+def queue(ledger: Ledger) -> list[Item]:
+    """Kept changes still pending review, best first."""
+    baseline = baseline_mean(ledger)
+    rows = [r for r in ledger.experiments(kinds=[EXPERIMENT]) if r.decision == KEEP and r.review_state == PENDING]
+    items = [item(ledger, r, baseline) for r in rows]
+    return sorted(items, key=lambda i: (i.value if i.value is not None else float("inf"), i.row.seq))
+
+
+def reviewable(ledger: Ledger, exp_id: str) -> Experiment:
+    row = ledger.get(exp_id)
+    if row.kind != EXPERIMENT or row.decision != KEEP:
+        what = row.decision or row.status
+        raise ReviewError(f"{exp_id} is a {row.kind} that was {what}; only kept changes are reviewed.")
+    return row
+
+
+def reject(ledger: Ledger, exp_id: str, why: str) -> None:
+    reviewable(ledger, exp_id)
+    ledger.review(exp_id, REJECTED, why)
+    log.info("review.rejected", exp=exp_id, why=why)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    exp_id: str
+    applied: tuple[str, ...]  # the changes written into train.py, oldest first (empty: already there)
+    commit: str | None  # the git commit, when train.py is in a work tree
+
+
+def accept(ledger: Ledger, exp_id: str, train_py: Path, tag: str) -> Accepted:
+    """Apply the change (and the kept ancestors train.py lacks) to `train_py`, commit it, record it."""
+    row = reviewable(ledger, exp_id)
+    if not train_py.is_file():
+        raise ReviewError(f"there is no train.py at {train_py}; pass --train-py PATH.")
+    current = train_py.read_text()
+    chain = _changes_missing(ledger, row, _sha256(current))
+    text = current
+    for change in chain:
+        try:
+            text = validate_and_apply(change.diff, text)
+        except DiffRejected as exc:
+            raise Conflict(
+                f"{change.id} does not apply to {train_py}, which has changed since the night "
+                f"({exc.reason.rstrip('.')}); port it by hand from `autoresearch show {change.id}`."
+            ) from None
+    commit = None
+    if chain:
+        train_py.write_text(text)
+        message = commit_message(ledger, chain, tag)
+        try:
+            commit = git_commit(train_py, message)
+        except ReviewError as exc:
+            _record(ledger, chain, exp_id, "applied; git commit failed")
+            raise ReviewError(f"{exp_id} was applied to {train_py}, but {exc}") from None
+    _record(ledger, chain or [row], exp_id, f"commit {commit}" if commit else "")
+    log.info("review.accepted", exp=exp_id, applied=[c.id for c in chain], commit=commit)
+    return Accepted(exp_id, tuple(c.id for c in chain), commit)
+
+
+def _record(ledger: Ledger, chain: list[Experiment], exp_id: str, note: str) -> None:
+    for change in chain:
+        extra = f"with {exp_id}" if change.id != exp_id else ""
+        ledger.review(change.id, ACCEPTED, "; ".join(part for part in (note, extra) if part))
+
+
+def _changes_missing(ledger: Ledger, row: Experiment, current_sha: str) -> list[Experiment]:
+    """The changes to apply, oldest first: up from `row` to the ancestor train.py holds.
+
+    When train.py holds none of the ancestors (it moved on), only the change itself
+    is tried; it may still apply when the edits do not touch the same lines.
+    """
+    chain = lineage(ledger, row)
+    holds = next((i for i, r in enumerate(chain) if r.train_sha256 == current_sha), None)
+    if holds is None:
+        return [row]
+    missing = list(reversed(chain[:holds]))
+    refused = [r for r in missing if r.review_state == REJECTED or r.decision != KEEP]
+    if refused:
+        r = refused[0]
+        why = "you rejected it" if r.review_state == REJECTED else f"it was {r.decision or r.status}"
+        raise Conflict(f"{row.id} builds on {r.id}, which train.py lacks and {why}; it cannot be accepted on its own.")
+    return missing
+
+
+def commit_message(ledger: Ledger, chain: list[Experiment], tag: str) -> str:
+    """Subject: the description; body: the numbers, so `git log` tells the story."""
+    baseline = baseline_mean(ledger)
+    head = chain[-1]
+    lines = [f"{head.description} ({head.id})", ""]
+    for change in reversed(chain):
+        it = item(ledger, change, baseline)
+        numbers = [f"val_bpb {it.value:.6f}" if it.value is not None else "val_bpb -"]
+        if it.vs_parent is not None and it.parent is not None:
+            numbers.append(f"{it.vs_parent:+.6f} vs parent {it.parent.id}")
+        if it.vs_baseline is not None:
+            numbers.append(f"{it.vs_baseline:+.6f} vs baseline {baseline:.6f}")
+        lines.append(f"{change.id}: {change.description}")
+        lines.append(f"  {', '.join(numbers)}")
+        lines.append(f"  image {change.image or '-'}, data manifest {change.data_hash or '-'}")
+    lines.append("")
+    lines.append(f"Accepted from autoresearch night {tag}.")
+    return "\n".join(lines) + "\n"
+
+
+def git_commit(path: Path, message: str) -> str | None:
+    """Commit only `path` when it lies in a git work tree; return the commit id (None outside git)."""
+    folder, name = path.resolve().parent, path.name
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True)
+
+    try:
+        inside = git("rev-parse", "--is-inside-work-tree")
+    except FileNotFoundError:  # no git installed: nothing to commit into
+        return None
+    if inside.returncode != 0 or inside.stdout.strip() != "true":
+        return None
+    for args in (("add", "--", name), ("commit", "--quiet", "--only", "-m", message, "--", name)):
+        done = git(*args)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise ReviewError(f"git {args[0]} failed: {lines[-1] if lines else f'exit {done.returncode}'}.")
+    return git("rev-parse", "HEAD").stdout.strip()
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

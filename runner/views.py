@@ -1,0 +1,189 @@
+"""How the morning commands look: rich panels and tables, and the plain dicts behind `--json`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+
+from runner.ledger import DONE, UNFINISHED, Experiment, Ledger
+from runner.report import Figures, log_tail
+from runner.review import Item, item, lineage
+
+_DECISION_STYLE = {"keep": "bold green", "discard": "dim"}
+
+
+def _num(value: float | None, fmt: str = ".6f") -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def _style(row: Experiment) -> str:
+    if row.status == DONE:
+        return _DECISION_STYLE.get(row.decision or "", "")
+    if row.status in ("rejected", "cancelled"):
+        return "yellow"
+    return "" if row.status in UNFINISHED else "red"
+
+
+# -- status ------------------------------------------------------------------------------------
+
+
+def status_panel(fig: Figures) -> Panel:
+    state_style = {"running": "bold green", "ended": "bold", "stopped": "bold yellow"}.get(fig.state, "bold")
+    lines = [Text.assemble((fig.state, state_style), f"  {fig.state_note}")]
+    if fig.in_flight:
+        verb = "now" if fig.state == "running" else "owed"
+        lines.append(Text(f"{verb}: " + ", ".join(f"{i} {kind} {status}" for i, kind, status in fig.in_flight)))
+    best = f"{_num(fig.best_value)} ({fig.best_id}: {fig.best_description})" if fig.best_value is not None else "-"
+    lines.append(Text.assemble(("best ", "bold"), best))
+    counts = fig.counts
+    lines.append(Text(
+        f"kept {counts['kept']}  discarded {counts['discarded']}  failed {counts['failed']}  "
+        f"rejected {counts['rejected']}  cancelled {counts['cancelled']}  "
+        f"(pending review {counts['pending_review']}, baseline runs {counts['baseline_runs']})"
+    ))
+    rate = "-" if fig.experiments_per_hour is None else f"{fig.experiments_per_hour:.2f}"
+    duty = "-" if fig.duty_cycle is None else f"{100 * fig.duty_cycle:.1f} %"
+    mfu = "" if not fig.mfu_percent else f"   MFU {fig.mfu_percent:.1f} %"
+    lines.append(Text(f"{rate} experiments/hour   duty cycle {duty} "
+                      f"(training {fig.training_seconds / 60:.1f} min / wall {fig.wall_seconds / 60:.1f} min"
+                      f" x {fig.slots} slot{'s' if fig.slots > 1 else ''}){mfu}"))
+    if fig.sigma is None:
+        lines.append(Text("noise: not measured yet (baseline runs first)", style="dim"))
+    else:
+        lines.append(Text(
+            f"noise sigma {fig.sigma:.6f} over {fig.baseline_runs} baseline runs (mean {_num(fig.baseline_mean)}); "
+            f"keep when val_bpb < best - {fig.threshold:.6f} = max(min_delta {fig.min_delta}, k {fig.k} x sigma)"
+            f"{', confirmed by a second seed' if fig.confirm else ''}"
+        ))
+    return Panel(Group(*lines), title=f"autoresearch {fig.tag}", title_align="left")
+
+
+# -- list --------------------------------------------------------------------------------------
+
+
+def row_dict(it: Item) -> dict[str, Any]:
+    """One experiment as `list --json` prints it."""
+    r = it.row
+    return {
+        "id": r.id, "kind": r.kind, "parent": r.parent_id, "status": r.status, "decision": r.decision,
+        "review": r.review_state, "val_bpb": r.val_bpb, "value": it.value, "vs_parent": it.vs_parent,
+        "vs_baseline": it.vs_baseline, "training_seconds": r.training_seconds, "description": r.description,
+    }
+
+
+def _outcome(row: Experiment) -> str:
+    return row.decision or row.status if row.status == DONE else row.status
+
+
+def experiments_table(items: list[Item], title: str) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for name, justify in (("id", "left"), ("kind", "left"), ("outcome", "left"), ("review", "left"),
+                          ("val_bpb", "right"), ("vs parent", "right"), ("train s", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    table.add_column("description", overflow="fold", min_width=24)
+    for it in items:
+        r = it.row
+        table.add_row(r.id, r.kind, _outcome(r), r.review_state or "", _num(r.val_bpb), _num(it.vs_parent, "+.6f"),
+                      _num(r.training_seconds, ".1f"), r.description or r.reject_reason or "", style=_style(r))
+    if not items:
+        table.caption = "no experiments yet"
+    return table
+
+
+# -- show --------------------------------------------------------------------------------------
+
+
+def show_dict(ledger: Ledger, run_dir: Path, row: Experiment) -> dict[str, Any]:
+    """Everything `show` prints, as data."""
+    it = item(ledger, row)
+    return {
+        **row_dict(it),
+        "lineage": [f"{r.id}" for r in lineage(ledger, row)],
+        "metrics": row.metrics,
+        "phases": _phases(row),
+        "image": row.image, "backend": row.backend, "isolation": row.isolation, "data_hash": row.data_hash,
+        "seed": row.seed, "gpu": row.gpu_name, "gpu_driver": row.gpu_driver,
+        "reject_reason": row.reject_reason, "error": row.error, "review_note": row.review_note,
+        "logs": {name: log_tail(run_dir, row, name) for name in ("train.log", "eval.log")},
+        "diff": row.diff,
+    }
+
+
+def _phases(row: Experiment) -> dict[str, dict[str, Any]]:
+    return {
+        "train": {"exit_code": row.train_exit_code, "killed_by": row.train_killed_by, "seconds": row.train_seconds},
+        "eval": {"exit_code": row.eval_exit_code, "killed_by": row.eval_killed_by, "seconds": row.eval_seconds},
+    }
+
+
+def _phase_text(phase: dict[str, Any]) -> str:
+    if phase["exit_code"] is None and phase["seconds"] is None:
+        return "did not run"
+    killed = f", killed by {phase['killed_by']}" if phase["killed_by"] not in (None, "none") else ""
+    return f"exit {phase['exit_code']}{killed}, {_num(phase['seconds'], '.1f')} s"
+
+
+def show_renderables(ledger: Ledger, run_dir: Path, row: Experiment) -> list[RenderableType]:
+    data = show_dict(ledger, run_dir, row)
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    chain = lineage(ledger, row)
+    fields = [
+        ("description", row.description),
+        ("lineage", " <- ".join(f"{r.id} ({r.kind})" if r.kind != "experiment" else r.id for r in chain)),
+        ("status", f"{row.status}" + (f", {row.decision}" if row.decision else "")
+         + (f", review {row.review_state}" if row.review_state else "")),
+        ("val_bpb", f"{_num(row.val_bpb) or '-'}  vs parent {_num(data['vs_parent'], '+.6f') or '-'}  "
+                    f"vs baseline {_num(data['vs_baseline'], '+.6f') or '-'}"),
+        ("phase 1 train", _phase_text(data["phases"]["train"])),
+        ("phase 2 eval", _phase_text(data["phases"]["eval"])),
+        ("image", row.image or "-"),
+        ("data manifest", row.data_hash or "-"),
+        ("sandbox", f"{row.backend or '-'} ({row.isolation or '-'})"),
+        ("hardware", f"{row.gpu_name or 'cpu'}" + (f", driver {row.gpu_driver}" if row.gpu_driver else "")),
+        ("seed", "harness default" if row.seed is None else str(row.seed)),
+    ]
+    for key, value in (("rejected because", row.reject_reason), ("error", row.error), ("review note", row.review_note)):
+        if value:
+            fields.append((key, value))
+    for key, value in fields:
+        head.add_row(key, value)
+    parts: list[RenderableType] = [Panel(head, title=f"{row.id} ({row.kind})", title_align="left")]
+    if row.metrics:
+        metrics = Table(title="metrics (phase 2 summary)", title_justify="left")
+        metrics.add_column("key")
+        metrics.add_column("value", justify="right")
+        for key, value in row.metrics.items():
+            metrics.add_row(key, f"{value:g}")
+        parts.append(metrics)
+    for name, text in data["logs"].items():
+        body = text if text is not None else (row.log_tail if name == "train.log" and row.log_tail else "(no log)")
+        parts.append(Panel(Text(body or "(empty)"), title=f"{name} (tail)", title_align="left", style="dim"))
+    if row.diff:
+        parts.append(Panel(Syntax(row.diff, "diff", theme="ansi_dark", word_wrap=True), title="diff", title_align="left"))
+    return parts
+
+
+# -- review ------------------------------------------------------------------------------------
+
+
+def review_card(it: Item, position: int, total: int) -> list[RenderableType]:
+    r = it.row
+    numbers = Text.assemble(
+        ("val_bpb ", "bold"), _num(it.value) or "-",
+        f"   vs parent {it.parent.id if it.parent else '-'} ", (_num(it.vs_parent, "+.6f") or "-", "green"),
+        "   vs baseline ", (_num(it.vs_baseline, "+.6f") or "-", "green"),
+    )
+    head = Group(Text(r.description, style="bold"), numbers)
+    return [
+        Panel(head, title=f"[{position}/{total}] {r.id}", title_align="left"),
+        Syntax(r.diff, "diff", theme="ansi_dark", word_wrap=True),
+    ]

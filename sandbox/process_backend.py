@@ -1,0 +1,867 @@
+"""The process isolation backend, for hosts without a Docker engine (DESIGN §3.4).
+
+Each run is a child of the `unshare` command in new network, mount and (where the
+kernel allows) PID namespaces. Inside, a small launcher running as root builds a
+fresh root filesystem on a tmpfs:
+
+- every top-level directory of the host bound read-only (system, Python, CUDA),
+  except `/root`, `/home`, `/run` and `/tmp`, which start empty;
+- `/app` = the run's snapshot (prepare.py + train.py), `/data/...` = the data
+  mounts, `/out` (read-only in phase 2), all bound as in the docker backend, so
+  commands and paths are the same for both backends;
+- a size-limited tmpfs on `/tmp` and `/dev/shm`, a fresh `/proc` and `/sys` (so
+  only loopback is visible), and the data cache, snapshots and run directories
+  covered by empty tmpfs (no val split in phase 1, no other experiment);
+- the Python installation bound back in wherever it lives.
+
+It then chroots the child, drops it to a per-run unprivileged uid with
+no-new-privileges (it cannot undo the mounts) and waits for it as the PID
+namespace's init: when train.py exits, everything it spawned dies with the
+namespace. A per-run cgroup v2 group caps memory (no swap) and pids where the
+hierarchy is writable; elsewhere only RLIMIT_NPROC on the run's uid bounds the
+pids and the kernel's own OOM killer is the memory limit.
+
+Without root (or where `unshare` fails) the command runs as a plain child process:
+no isolation at all, which the `isolation` string and the log say loudly.
+
+Who ended a run: the deadline, the cancel token and the GPU watchdog kill it
+(SIGKILL to the namespace, the cgroup, the run's uid and its process tree); an
+OOM is the cgroup's `oom_kill` counter, or, without a cgroup, a SIGKILL that the
+host did not send (the kernel's OOM killer is the only other sender).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import structlog
+
+from sandbox.docker_backend import LineLog, classify
+from sandbox.gpu_watchdog import GpuWatchdog
+from sandbox.spec import CancelToken, Killer, Limits, Phase, RunResult, RunSpec, SandboxUnavailable, Status
+
+log = structlog.get_logger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CGROUP_PARENT = "autoresearch-sandbox"  # under the cgroup v2 root; one child group per run
+CGROUP_PREFIX = "ar-"
+UID_BASE = 3_000_000  # runs get uids UID_BASE + hash(run_id) % UID_SPAN: never a real user's
+UID_SPAN = 2**24
+POLL_S = 0.1
+KILL_GRACE_S = 30.0  # a killed run that has not ended after this is reported and left to reap()
+CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# the launcher imports this module, so it sees what this process sees (never the child's business)
+_LAUNCHER_PATH = os.pathsep.join(dict.fromkeys([str(REPO_ROOT), *filter(None, sys.path)]))
+RUN_RECORD = "run.json"  # per-run state under <snapshots>/.runs/<run_id>/, read by reap()
+
+
+def default_snapshots_root() -> Path:
+    """`$AR_CACHE/snapshots` (the same cache directory rule as prepare.py)."""
+    cache = os.environ.get("AR_CACHE") or Path.home() / ".cache" / "autoresearch-sandbox"
+    return Path(cache) / "snapshots"
+
+
+# -----------------------------------------------------------------------------
+# What this host supports
+
+
+@dataclass(frozen=True)
+class HostSupport:
+    """The isolation this host allows: namespaces (empty: none), and a cgroup v2 parent."""
+
+    namespaces: tuple[str, ...]
+    cgroup_parent: Path | None
+    reason: str = ""  # why there are no namespaces
+
+    @property
+    def isolated(self) -> bool:
+        return bool(self.namespaces)
+
+    @property
+    def memory_limit(self) -> bool:
+        return self.cgroup_parent is not None
+
+    @property
+    def pids_limit(self) -> bool:
+        return self.cgroup_parent is not None or self.isolated  # RLIMIT_NPROC on the run's own uid
+
+    def describe(self) -> str:
+        if not self.isolated:
+            return f"process (no isolation: {self.reason})"
+        limits = "cgroup v2 memory+pids" if self.cgroup_parent else "rlimit pids, no memory limit (no cgroup v2)"
+        return f"process({'+'.join(self.namespaces)} namespaces, chroot, unprivileged uid, {limits})"
+
+
+def _unshare_flags(namespaces: tuple[str, ...]) -> list[str]:
+    flags = ["--net", "--mount", "--propagation", "private"]
+    if "pid" in namespaces:
+        flags += ["--pid", "--fork", "--kill-child"]  # the launcher is the namespace's init
+    return flags
+
+
+def probe_host(cgroup_parent: str = CGROUP_PARENT) -> HostSupport:
+    """Find out, by trying, which namespaces and which cgroup this host gives us."""
+    if os.geteuid() != 0:
+        return HostSupport((), None, "not root")
+    cgroup = _cgroup_parent(cgroup_parent)
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return HostSupport((), cgroup, "the unshare command is missing")
+    failure = ""
+    for namespaces in (("net", "mount", "pid"), ("net", "mount")):
+        probe = subprocess.run([unshare, *_unshare_flags(namespaces), "true"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return HostSupport(namespaces, cgroup)
+        failure = probe.stderr.strip()
+    return HostSupport((), cgroup, f"unshare failed: {failure}")
+
+
+# -----------------------------------------------------------------------------
+# cgroup v2
+
+
+def _cgroup2_mount() -> Path | None:
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            _, target, fstype, *_ = line.split()
+            if fstype == "cgroup2":
+                return Path(target)
+    return None
+
+
+def _enable_controllers(group: Path, wanted: set[str]) -> None:
+    missing = wanted - set((group / "cgroup.subtree_control").read_text().split())
+    if missing:
+        (group / "cgroup.subtree_control").write_text(" ".join(f"+{name}" for name in sorted(missing)))
+
+
+def _cgroup_parent(name: str) -> Path | None:
+    """The parent group of all runs, with memory and pids (and cpu) delegated; None if not writable."""
+    root = _cgroup2_mount()
+    if root is None:
+        return None
+    available = set((root / "cgroup.controllers").read_text().split())
+    if not {"memory", "pids"} <= available:
+        return None
+    wanted = {"memory", "pids"} | ({"cpu"} & available)
+    parent = root / name
+    try:
+        _enable_controllers(root, wanted)
+        parent.mkdir(exist_ok=True)
+        _enable_controllers(parent, wanted)
+    except OSError as error:
+        log.info("process_backend.no_cgroup", reason=str(error))
+        return None
+    return parent
+
+
+def _cgroup_name(run_id: str) -> str:
+    return CGROUP_PREFIX + re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:120]
+
+
+class Cgroup:
+    """One run's cgroup v2 group: limits, membership, OOM count, peak, kill."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, parent: Path, run_id: str, limits: Limits) -> Cgroup:
+        group = cls(parent / _cgroup_name(run_id))
+        group.path.mkdir(exist_ok=True)
+        group._write("memory.max", limits.memory_bytes)
+        group._write("memory.swap.max", 0)
+        group._write("memory.oom.group", 1)  # an OOM ends the whole run, not one random process
+        group._write("pids.max", limits.pids)
+        if limits.cpus:
+            group._write("cpu.max", f"{int(limits.cpus * 100_000)} 100000")
+        return group
+
+    def _write(self, name: str, value: object) -> None:
+        if (self.path / name).exists():  # swap and cpu files exist only where configured
+            (self.path / name).write_text(str(value))
+
+    def _read(self, name: str) -> str:
+        try:
+            return (self.path / name).read_text()
+        except OSError:
+            return ""
+
+    def pids(self) -> set[int]:
+        return {int(pid) for pid in self._read("cgroup.procs").split()}
+
+    def oom_killed(self) -> bool:
+        return bool(re.search(r"^oom_kill [1-9]", self._read("memory.events"), re.M))
+
+    def peak_bytes(self) -> int | None:
+        peak = self._read("memory.peak").strip()  # kernel >= 5.19
+        return int(peak) if peak.isdigit() else None
+
+    def kill(self) -> None:
+        if (self.path / "cgroup.kill").exists():  # kernel >= 5.14: atomic, races no fork
+            self._write("cgroup.kill", 1)
+        else:
+            for pid in self.pids():
+                _sigkill(pid)
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as error:  # still populated: reap() will get it
+            log.warning("process_backend.cgroup_left", cgroup=str(self.path), error=str(error))
+
+
+# -----------------------------------------------------------------------------
+# Host processes of a run
+
+
+def _sigkill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@dataclass(frozen=True)
+class _Proc:
+    pid: int
+    ppid: int
+    sid: int
+    uid: int
+    start: int  # clock ticks after boot: tells a process from a later one with the same pid
+    zombie: bool
+
+
+def _read_proc(pid: int) -> _Proc | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
+    uid = re.search(r"^Uid:\s+(\d+)", status, re.M)
+    return _Proc(pid, int(fields[1]), int(fields[3]), int(uid[1]) if uid else -1, int(fields[19]), fields[0] == "Z")
+
+
+def _processes() -> list[_Proc]:
+    found = (_read_proc(int(name)) for name in os.listdir("/proc") if name.isdigit())
+    return [proc for proc in found if proc is not None]
+
+
+@dataclass
+class _RunHandle:
+    """Everything that identifies a run's processes on the host, also after a runner restart."""
+
+    run_id: str
+    uid: int | None  # the run's own uid (None: it runs as the runner's user)
+    cgroup: str | None
+    root_pid: int | None = None  # the process the backend started (unshare or the launcher)
+    root_start: int | None = None
+    new_root: str | None = None  # the empty host directory the launcher mounts the new root on
+
+    def group(self) -> Cgroup | None:
+        return Cgroup(Path(self.cgroup)) if self.cgroup else None
+
+    def pids(self) -> set[int]:
+        """Host PIDs of the run (zombies left out): its cgroup, its uid, its session and process tree.
+
+        The session and the tree count only while the started process is still there (alive or
+        a zombie not yet reaped), so that a reused pid never makes a stranger part of the run.
+        """
+        procs = _processes()
+        pids: set[int] = set()
+        root = next((proc for proc in procs if proc.pid == self.root_pid), None)
+        if root is not None and root.start == self.root_start:
+            children: dict[int, list[int]] = {}
+            for proc in procs:
+                children.setdefault(proc.ppid, []).append(proc.pid)
+            stack = [root.pid, *(proc.pid for proc in procs if proc.sid == root.pid)]
+            while stack:
+                pid = stack.pop()
+                if pid not in pids:
+                    pids.add(pid)
+                    stack.extend(children.get(pid, []))
+        if self.uid is not None:
+            pids.update(proc.pid for proc in procs if proc.uid == self.uid)
+        group = self.group()
+        if group is not None:
+            pids.update(group.pids())
+        zombies = {proc.pid for proc in procs if proc.zombie}
+        return pids - zombies - {os.getpid()}
+
+    def kill(self) -> bool:
+        """SIGKILL every process of the run until none is left; False if some survived."""
+        group = self.group()
+        deadline = time.monotonic() + KILL_GRACE_S
+        while time.monotonic() < deadline:
+            if group is not None:
+                group.kill()
+            pids = self.pids()
+            if not pids:
+                return True
+            for pid in pids:
+                _sigkill(pid)
+            time.sleep(0.02)
+        log.error("process_backend.unkillable", run_id=self.run_id, pids=sorted(self.pids()))
+        return False
+
+    def clean_up(self, state_dir: Path) -> None:
+        group = self.group()
+        if group is not None:
+            group.remove()
+        if self.new_root:
+            try:  # never rmtree: were the namespace's mounts ever visible here, that would delete the host
+                os.rmdir(self.new_root)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                log.warning("process_backend.root_left", path=self.new_root, error=str(error))
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# The launcher: runs as root inside the namespaces, builds the root, starts the child
+
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC = 32, 4096, 16384
+_PR_SET_NO_NEW_PRIVS = 38
+# top-level names the new root makes itself instead of binding the host's
+_FRESH_TOPS = frozenset({"proc", "sys", "dev", "tmp", "run", "root", "home", "app", "data", "out"})
+
+
+@dataclass
+class _Plan:
+    """What the launcher does; written by the backend as JSON, read by the launcher."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    status_path: str  # the launcher writes {"returncode": n} or {"setup_error": why} here
+    rlimits: dict[str, int] = field(default_factory=dict)
+    cgroup: str | None = None
+    new_root: str | None = None  # None: no namespaces, run in place
+    uid: int | None = None
+    fresh_proc: bool = False
+    tmpfs: list[tuple[str, int]] = field(default_factory=list)  # (path in the new root, size)
+    binds: list[tuple[str, str, bool]] = field(default_factory=list)  # (host path, path inside, read-only)
+    hide: list[str] = field(default_factory=list)  # host paths covered by an empty tmpfs inside
+    expose: list[str] = field(default_factory=list)  # host paths bound back (read-only) after hiding
+
+
+def _mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0, options: str | None = None) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    encoded = [None if value is None else value.encode() for value in (source, target, fstype, options)]
+    if libc.mount(encoded[0], encoded[1], encoded[2], ctypes.c_ulong(flags), encoded[3]) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mount {target}: {os.strerror(errno)}")
+
+
+def _bind(source: str, target: str, read_only: bool) -> None:
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "a").close()
+    _mount(source, target, flags=_MS_BIND | _MS_REC)
+    if read_only:
+        kept = os.statvfs(source).f_flag & (_MS_NODEV | _MS_NOEXEC)
+        _mount(None, target, flags=_MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | kept)
+
+
+def _build_root(plan: _Plan) -> None:
+    root = plan.new_root
+    assert root is not None
+    _mount("tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")
+    for name in _FRESH_TOPS:
+        os.mkdir(f"{root}/{name}", 0o755)
+    for name in sorted(set(os.listdir("/")) - _FRESH_TOPS):
+        host, inside = f"/{name}", f"{root}/{name}"
+        if os.path.islink(host):
+            os.symlink(os.readlink(host), inside)
+        elif os.path.isdir(host):
+            _bind(host, inside, read_only=True)
+    if plan.fresh_proc:
+        _mount("proc", f"{root}/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    else:
+        _bind("/proc", f"{root}/proc", read_only=False)
+    try:  # a sysfs mounted in the new network namespace lists only its interfaces: lo
+        _mount("sysfs", f"{root}/sys", "sysfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    except OSError:
+        _bind("/sys", f"{root}/sys", read_only=True)
+    _bind("/dev", f"{root}/dev", read_only=False)
+    for path, size in plan.tmpfs:
+        if os.path.isdir(root + path):
+            _mount("tmpfs", root + path, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={size}")
+    for source, target, read_only in plan.binds:
+        _bind(source, root + target, read_only)
+    for path in plan.hide:
+        inside = root + path
+        if os.path.isdir(inside) and not os.path.islink(inside):
+            _mount("tmpfs", inside, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=4k")
+        elif os.path.isfile(inside) and not os.path.islink(inside):
+            _mount("/dev/null", inside, flags=_MS_BIND)
+    for path in plan.expose:
+        _bind(path, root + path, read_only=True)
+    _mount(None, root, flags=_MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+
+
+def _exec_child(plan: _Plan) -> None:
+    """In the forked child: enter the new root, drop to the run's uid, exec. Never returns."""
+    try:
+        if plan.new_root is not None:
+            os.chroot(plan.new_root)
+        os.chdir(plan.cwd)
+        for name, value in plan.rlimits.items():
+            resource.setrlimit(getattr(resource, name), (value, value))
+        if plan.uid is not None:
+            os.setgroups([])
+            os.setresgid(plan.uid, plan.uid, plan.uid)
+            os.setresuid(plan.uid, plan.uid, plan.uid)
+            if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+        os.umask(0o022)
+        os.execve(plan.argv[0], plan.argv, plan.env)
+    except BaseException as error:  # the child must never return into the launcher's code
+        os.write(2, f"[sandbox] cannot start {plan.argv[0]}: {error}\n".encode())
+    os._exit(127)
+
+
+def _launch(plan_path: str) -> int:
+    """The launcher's main: join the cgroup, build the root, run the child, reap everything."""
+    plan = _Plan(**json.loads(Path(plan_path).read_text()))
+    status = Path(plan.status_path)
+    try:
+        if plan.cgroup:
+            Path(plan.cgroup, "cgroup.procs").write_text("0")  # before the fork: the child is born inside
+        if plan.new_root:
+            _build_root(plan)
+    except OSError as error:
+        status.write_text(json.dumps({"setup_error": str(error)}))
+        return 125
+    child = os.fork()
+    if child == 0:
+        _exec_child(plan)
+    while True:  # as the PID namespace's init, orphans are ours to reap
+        pid, wait_status = os.wait()
+        if pid == child:
+            break
+    returncode = os.waitstatus_to_exitcode(wait_status)
+    status.write_text(json.dumps({"returncode": returncode}))
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+# -----------------------------------------------------------------------------
+# Snapshots ("images")
+
+
+def snapshot_id(prepare_py: bytes, train_py: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in (prepare_py, train_py):  # length-prefixed: no two file pairs hash alike
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()[:16]
+
+
+def _make_writable_tree(path: Path) -> None:
+    for folder, _, _ in os.walk(path):
+        os.chmod(folder, 0o755)
+
+
+# -----------------------------------------------------------------------------
+# The backend
+
+
+class _Waiter(threading.Thread):
+    """Notices when the started process exits, without reaping it.
+
+    Until `reap()`, the exited process stays a zombie, so its pid (the session id of
+    everything it started) cannot be reused while the run's processes are killed.
+    """
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        super().__init__(name=f"wait-{process.pid}", daemon=True)
+        self.process = process
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
+        self.done.set()
+
+    def reap(self) -> tuple[int | None, int | None]:
+        """(returncode, peak RSS in bytes of the largest process it waited for); Nones if it still runs."""
+        pid, wait_status, usage = os.wait4(self.process.pid, 0 if self.done.is_set() else os.WNOHANG)
+        if pid == 0:
+            return None, None
+        self.process.returncode = os.waitstatus_to_exitcode(wait_status)
+        return self.process.returncode, usage.ru_maxrss * 1024
+
+
+@dataclass
+class _Ending:
+    """How a run ended, as the backend saw it."""
+
+    status: Status
+    exit_code: int | None = None
+    killer: Killer = Killer.NONE
+    peak_host: int | None = None
+    peak_gpu: int | None = None
+
+
+def _pump(stream, line_log: LineLog, stop: threading.Event) -> None:
+    """Copy the child's output into the log until EOF (or until stopped and quiet)."""
+    fd = stream.fileno()
+    while True:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if not ready:
+            if stop.is_set():
+                return
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return
+        line_log.feed(chunk)
+
+
+def _translate(value: str, views: dict[str, str]) -> str:
+    """A sandbox path (/app, /data/..., /out/...) as the host path it stands for."""
+    for inside, host in views.items():
+        if value == inside or value.startswith(inside + "/"):
+            return host + value[len(inside) :]
+    return value
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+class ProcessBackend:
+    """Runs each `RunSpec` as an isolated child process (see the module docstring).
+
+    `python` is the interpreter the child runs ("python"/"python3" in a command
+    mean it); it must import torch, so its installation is bound into the sandbox.
+    `hide` adds host paths the child must not see (the runner's run directory).
+    """
+
+    name = "process"
+
+    def __init__(
+        self,
+        snapshots_root: Path | None = None,
+        prepare_py: Path | None = None,
+        python: str = sys.executable,
+        hide: tuple[Path, ...] = (),
+        support: HostSupport | None = None,
+    ) -> None:
+        self.snapshots_root = Path(snapshots_root or default_snapshots_root())
+        self.state_root = self.snapshots_root / ".runs"
+        self.prepare_py = Path(prepare_py or REPO_ROOT / "prepare.py")
+        self.python = shutil.which(python) or python
+        self._hide = tuple(hide) + (self.snapshots_root.parent,)
+        self._support = support
+        self._python_paths: list[str] | None = None
+        self._active: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- host support ---------------------------------------------------------
+
+    @property
+    def support(self) -> HostSupport:
+        if self._support is None:
+            self._support = probe_host()
+            if self._support.isolated:
+                log.info("process_backend.isolation", isolation=self._support.describe())
+            else:
+                log.warning("process_backend.NO_ISOLATION", isolation=self._support.describe(),
+                            hint="run as root on Linux with the unshare command for a real sandbox")
+        return self._support
+
+    @property
+    def isolation(self) -> str:
+        return self.support.describe()
+
+    def _child_python_paths(self) -> list[str]:
+        """The directories the child's Python needs (its prefixes), found by asking it."""
+        if self._python_paths is None:
+            query = "import json, sys; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))"
+            try:
+                out = subprocess.run([self.python, "-c", query], capture_output=True, text=True, check=True).stdout
+            except (OSError, subprocess.CalledProcessError) as error:
+                raise SandboxUnavailable(f"the sandbox's Python {self.python} does not run: {error}.") from error
+            paths = json.loads(out) + [str(Path(os.path.realpath(self.python)).parent)]
+            self._python_paths = sorted({os.path.realpath(path) for path in paths})
+        return self._python_paths
+
+    # -- images ---------------------------------------------------------------
+
+    def ensure_ready(self) -> None:
+        if not self.prepare_py.is_file():
+            raise SandboxUnavailable(f"the harness {self.prepare_py} does not exist.")
+        self.snapshots_root.mkdir(parents=True, exist_ok=True)
+        self.state_root.mkdir(parents=True, exist_ok=True)
+        self._self_check()
+
+    def _self_check(self) -> None:
+        """Run a trivial child through the whole sandbox once: a broken setup fails here, clearly."""
+        probe = "import importlib.util as u, sys\nassert u.find_spec('torch'), 'torch is not importable'\nprint('sandbox-ok')\n"
+        image = self.build_image(probe, "self-check")
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = RunSpec(run_id=f"self-check-{os.getpid()}", image=image, phase=Phase.TRAIN,
+                           command=["python", "train.py"], log_path=Path(tmp, "log"), out_dir=Path(tmp, "out"),
+                           deadline_s=120.0)
+            spec.out_dir.mkdir()
+            result = self.run(spec)
+        if result.status is not Status.OK:
+            raise SandboxUnavailable(f"the process sandbox cannot run its Python ({result.status.value}): "
+                                     f"{result.log_tail.strip()[-500:]}")
+
+    def build_image(self, train_py: str, exp_id: str) -> str:
+        prepare = self.prepare_py.read_bytes()
+        train = train_py.encode()
+        path = self.snapshots_root / snapshot_id(prepare, train)
+        if not self.image_exists(str(path)):
+            self.snapshots_root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.snapshots_root))
+            for name, content in (("prepare.py", prepare), ("train.py", train)):
+                (staging / name).write_bytes(content)
+                (staging / name).chmod(0o444)
+            staging.chmod(0o555)
+            try:
+                staging.rename(path)
+            except OSError:  # made meanwhile by another run of the same content
+                _make_writable_tree(staging)
+                shutil.rmtree(staging)
+        log.info("process_backend.snapshot", exp_id=exp_id, image=str(path))
+        return str(path)
+
+    def image_exists(self, image: str) -> bool:
+        path = Path(image)
+        return path.parent == self.snapshots_root and (path / "prepare.py").is_file() and (path / "train.py").is_file()
+
+    def remove_image(self, image: str) -> None:
+        path = Path(image)
+        if path.parent == self.snapshots_root and path.is_dir():
+            _make_writable_tree(path)
+            shutil.rmtree(path)
+
+    # -- runs -----------------------------------------------------------------
+
+    def run(self, spec: RunSpec, cancel: CancelToken | None = None) -> RunResult:
+        started = time.monotonic()
+        line_log = LineLog(spec.log_path)
+        try:
+            if self.image_exists(spec.image):
+                ending = self._run(spec, cancel, line_log)
+            else:
+                line_log.note(f"snapshot {spec.image} does not exist")
+                ending = _Ending(Status.CRASH)
+        finally:
+            line_log.close()
+        return RunResult(
+            status=ending.status, exit_code=ending.exit_code, killed_by=ending.killer,
+            wall_seconds=time.monotonic() - started, log_path=spec.log_path,
+            peak_host_memory_bytes=ending.peak_host, peak_gpu_memory_bytes=ending.peak_gpu,
+            isolation=self.isolation, log_tail="\n".join(line_log.tail),
+        )
+
+    def _run(self, spec: RunSpec, cancel: CancelToken | None, line_log: LineLog) -> _Ending:
+        state_dir = self.state_root / spec.run_id
+        shutil.rmtree(state_dir, ignore_errors=True)
+        state_dir.mkdir(parents=True)
+        support = self.support
+        handle = _RunHandle(spec.run_id, uid=self._uid(spec.run_id) if support.isolated else None, cgroup=None)
+        with self._lock:
+            self._active.add(spec.run_id)
+        try:
+            if support.cgroup_parent is not None:
+                handle.cgroup = str(Cgroup.create(support.cgroup_parent, spec.run_id, spec.limits).path)
+            plan = self._plan(spec, handle, state_dir)
+            process = subprocess.Popen(
+                self._command(state_dir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, env={"PATH": CHILD_PATH, "PYTHONPATH": _LAUNCHER_PATH},
+                cwd=state_dir, start_new_session=True,
+            )
+            spawned = time.monotonic()
+            root = _read_proc(process.pid)
+            handle.root_pid, handle.root_start = process.pid, root.start if root else None
+            self._record(handle, state_dir)
+            waiter = _Waiter(process)
+            waiter.start()
+            stop_pump = threading.Event()
+            pump = threading.Thread(target=_pump, args=(process.stdout, line_log, stop_pump), daemon=True)
+            pump.start()
+            watchdog = self._watchdog(spec, handle)
+            try:
+                killer, why = self._wait(spec, waiter, watchdog, cancel, spawned)
+                handle.kill()  # also after a clean exit: nothing the run started outlives it
+                waiter.done.wait(KILL_GRACE_S)
+            finally:
+                stop_pump.set()
+                pump.join(KILL_GRACE_S)
+                if watchdog is not None:
+                    watchdog.stop()
+            process.stdout.close()
+            if why:
+                line_log.note(why)
+            returncode, max_rss = waiter.reap()
+            return self._ending(spec, plan, handle, killer, returncode, max_rss, watchdog, line_log)
+        finally:
+            handle.kill()
+            handle.clean_up(state_dir)
+            with self._lock:
+                self._active.discard(spec.run_id)
+
+    @staticmethod
+    def _wait(spec: RunSpec, waiter: _Waiter, watchdog: GpuWatchdog | None, cancel: CancelToken | None,
+              spawned: float) -> tuple[Killer, str]:
+        """Until the run exits (Killer.NONE) or someone must stop it: who, and why."""
+        while not waiter.done.wait(POLL_S):
+            if cancel is not None and cancel.cancelled:
+                return Killer.CANCEL, "cancelled by the runner"
+            if time.monotonic() - spawned >= spec.deadline_s:
+                return Killer.DEADLINE, f"deadline of {spec.deadline_s:g} s reached"
+            if watchdog is not None and watchdog.exceeded:
+                return Killer.WATCHDOG, f"GPU memory above the cap of {spec.limits.gpu_memory_bytes} bytes"
+        return Killer.NONE, ""
+
+    def _ending(self, spec: RunSpec, plan: _Plan, handle: _RunHandle, killer: Killer, returncode: int | None,
+                max_rss: int | None, watchdog: GpuWatchdog | None, line_log: LineLog) -> _Ending:
+        status_path = Path(plan.status_path)
+        exit_info = json.loads(status_path.read_text()) if status_path.exists() else {}
+        if "setup_error" in exit_info:
+            raise SandboxUnavailable(f"the process sandbox could not be set up: {exit_info['setup_error']}.")
+        returncode = exit_info.get("returncode", returncode)  # the child's own, not the launcher's
+        group = handle.group()
+        if group is not None:
+            oom, peak = group.oom_killed(), group.peak_bytes()
+        else:  # no cgroup: a SIGKILL the host did not send came from the kernel's OOM killer
+            oom, peak = killer is Killer.NONE and returncode == -signal.SIGKILL, max_rss
+        exit_code = None if returncode is None else (returncode if returncode >= 0 else 128 - returncode)
+        status, killer = classify(killer, exit_code, oom)
+        if status is Status.OOM:
+            line_log.note(f"killed by the kernel's OOM killer (memory limit {spec.limits.memory_bytes} bytes)")
+        return _Ending(status, exit_code, killer, peak, watchdog.peak_bytes if watchdog is not None else None)
+
+    @staticmethod
+    def _uid(run_id: str) -> int:
+        return UID_BASE + int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % UID_SPAN
+
+    def _plan(self, spec: RunSpec, handle: _RunHandle, state_dir: Path) -> _Plan:
+        support = self.support
+        env = {"PATH": f"{Path(self.python).parent}:{CHILD_PATH}", "HOME": "/tmp", "TMPDIR": "/tmp",
+               "USER": "sandbox", "LOGNAME": "sandbox", **spec.env,  # USER: getpass (torch.compile) needs a name
+               "CUDA_VISIBLE_DEVICES": spec.gpu_uuid or ""}
+        if spec.gpu_uuid and spec.limits.gpu_memory_bytes:
+            env.setdefault("AR_GPU_MEMORY_CAP", str(spec.limits.gpu_memory_bytes))
+        argv = list(spec.command)
+        if argv and argv[0] in ("python", "python3"):
+            argv[0] = self.python
+        elif argv and "/" not in argv[0]:
+            argv[0] = shutil.which(argv[0], path=CHILD_PATH) or argv[0]
+        plan = _Plan(argv=argv, env=env, cwd="/app", status_path=str(state_dir / "exit.json"),
+                     rlimits={"RLIMIT_CORE": 0}, cgroup=handle.cgroup)
+        if support.isolated:
+            self._isolate(plan, spec, handle)
+        else:
+            self._run_in_place(plan, spec, state_dir)
+        self._record(handle, state_dir)
+        plan_path = state_dir / "plan.json"
+        plan_path.write_text(json.dumps(asdict(plan)))
+        plan_path.chmod(0o600)
+        return plan
+
+    def _isolate(self, plan: _Plan, spec: RunSpec, handle: _RunHandle) -> None:
+        """Fill the plan for a namespaced run: the new root's mounts, the uid, the pid limit."""
+        assert handle.uid is not None
+        handle.new_root = tempfile.mkdtemp(prefix="autoresearch-root-", dir="/tmp")  # /tmp: never bound inside
+        plan.new_root, plan.uid = handle.new_root, handle.uid
+        plan.fresh_proc = "pid" in self.support.namespaces
+        if self.support.cgroup_parent is None:
+            plan.rlimits["RLIMIT_NPROC"] = spec.limits.pids  # counts the processes of the run's own uid
+        plan.tmpfs = [("/tmp", spec.limits.tmp_bytes), ("/dev/shm", spec.limits.shm_bytes)]
+        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = os.path.realpath(spec.out_dir)
+        for folder, _, files in os.walk(out_dir):  # /out belongs to the run's uid
+            for path in [folder, *(os.path.join(folder, name) for name in files)]:
+                os.lchown(path, handle.uid, handle.uid)
+        plan.binds = [(os.path.realpath(spec.image), "/app", True), (out_dir, "/out", spec.phase is Phase.EVAL)]
+        plan.binds += [(os.path.realpath(m.source), m.target, True) for m in spec.mounts]
+        hide = [*self._hide, self.snapshots_root, spec.out_dir.parent, *(m.source.parent for m in spec.mounts)]
+        plan.hide = sorted({os.path.realpath(path) for path in hide} - {"/"})
+        plan.expose = [path for path in self._child_python_paths()
+                       if path.split("/")[1] in _FRESH_TOPS or any(_under(path, h) for h in plan.hide)]
+
+    def _run_in_place(self, plan: _Plan, spec: RunSpec, state_dir: Path) -> None:
+        """Fill the plan for a run without namespaces: sandbox paths become host paths."""
+        view = state_dir / "view"
+        views = {"/app": os.path.realpath(spec.image), "/out": os.path.realpath(spec.out_dir)}
+        for mount in spec.mounts:
+            link = view / mount.target.lstrip("/")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.realpath(mount.source))
+            top = "/" + mount.target.strip("/").split("/")[0]
+            views.setdefault(top, str(view / top.lstrip("/")))
+        home = state_dir / "home"
+        home.mkdir()
+        plan.env.update(HOME=str(home), TMPDIR=str(home))
+        plan.env = {key: _translate(value, views) for key, value in plan.env.items()}
+        plan.argv = [_translate(arg, views) for arg in plan.argv]
+        plan.cwd = views["/app"]
+
+    def _record(self, handle: _RunHandle, state_dir: Path) -> None:
+        (state_dir / RUN_RECORD).write_text(json.dumps(asdict(handle)))
+
+    def _command(self, state_dir: Path) -> list[str]:
+        launcher = [sys.executable, "-m", "sandbox.process_backend", str(state_dir / "plan.json")]
+        if not self.support.isolated:
+            return launcher
+        unshare = shutil.which("unshare")
+        assert unshare is not None
+        return [unshare, *_unshare_flags(self.support.namespaces), *launcher]
+
+    @staticmethod
+    def _watchdog(spec: RunSpec, handle: _RunHandle) -> GpuWatchdog | None:
+        """Tracks the run's GPU memory (the peak is reported); `_wait` kills it above the cap."""
+        if not spec.gpu_uuid:
+            return None
+        watchdog = GpuWatchdog(spec.gpu_uuid, spec.limits.gpu_memory_bytes, pids=handle.pids,
+                               on_exceed=lambda used: None)
+        watchdog.start()
+        return watchdog
+
+    # -- leftovers ------------------------------------------------------------
+
+    def reap(self) -> int:
+        """Kill and remove what runs of an earlier runner left: processes, cgroups, state."""
+        with self._lock:
+            active = set(self._active)
+        reaped = 0
+        for record in sorted(self.state_root.glob(f"*/{RUN_RECORD}")):
+            handle = _RunHandle(**json.loads(record.read_text()))
+            if handle.run_id in active:
+                continue
+            handle.kill()
+            handle.clean_up(record.parent)
+            reaped += 1
+        if reaped:
+            log.info("process_backend.reaped", runs=reaped)
+        return reaped
+
+
+if __name__ == "__main__":
+    sys.exit(_launch(sys.argv[1]))

@@ -1,0 +1,86 @@
+"""The GPU memory watchdog, driven by an injected reader (no GPU needed)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from sandbox.gpu_watchdog import GpuWatchdog
+
+GPU = "GPU-00000000-0000-0000-0000-000000000000"
+MiB = 2**20
+
+
+class Readings:
+    """A reader that returns the next of a list of samples (the last one repeats)."""
+
+    def __init__(self, *samples: dict[int, int]) -> None:
+        self.samples = list(samples)
+        self.gpus: list[str] = []
+
+    def __call__(self, gpu_uuid: str) -> dict[int, int]:
+        self.gpus.append(gpu_uuid)
+        return self.samples.pop(0) if len(self.samples) > 1 else self.samples[0]
+
+
+def make(reader, cap=1000 * MiB, pids=frozenset({10, 11})):
+    exceeded: list[int] = []
+    watchdog = GpuWatchdog(GPU, cap, pids=lambda: set(pids), on_exceed=exceeded.append, reader=reader)
+    return watchdog, exceeded
+
+
+def test_below_the_cap_it_only_tracks_the_peak():
+    watchdog, exceeded = make(Readings({10: 300 * MiB, 11: 200 * MiB}, {10: 100 * MiB}))
+    assert watchdog.sample() == 500 * MiB
+    assert watchdog.sample() == 100 * MiB
+    assert watchdog.peak_bytes == 500 * MiB
+    assert not watchdog.exceeded and exceeded == []
+
+
+def test_above_the_cap_it_reports_once():
+    watchdog, exceeded = make(Readings({10: 600 * MiB, 11: 600 * MiB}, {10: 2000 * MiB}))
+    watchdog.sample()
+    watchdog.sample()
+    assert watchdog.exceeded
+    assert exceeded == [1200 * MiB]
+    assert watchdog.peak_bytes == 2000 * MiB
+
+
+def test_processes_of_other_runs_are_ignored():
+    reader = Readings({10: 100 * MiB, 99: 50_000 * MiB})
+    watchdog, exceeded = make(reader)
+    assert watchdog.sample() == 100 * MiB
+    assert exceeded == [] and reader.gpus == [GPU]
+
+
+def test_without_a_cap_it_tracks_the_peak_only():
+    watchdog, exceeded = make(Readings({10: 50_000 * MiB}), cap=None)
+    watchdog.sample()
+    assert watchdog.peak_bytes == 50_000 * MiB and exceeded == [] and not watchdog.exceeded
+
+
+def test_a_failing_read_is_skipped():
+    def broken(gpu_uuid: str) -> dict[int, int]:
+        raise RuntimeError("NVML_ERROR_GPU_IS_LOST")
+
+    watchdog, exceeded = make(broken)
+    assert watchdog.sample() is None
+    assert watchdog.peak_bytes is None and exceeded == []
+
+
+def test_the_polling_thread_reports_and_stops():
+    fired = threading.Event()
+    watchdog = GpuWatchdog(GPU, 1000 * MiB, pids=lambda: {10}, on_exceed=lambda used: fired.set(),
+                           reader=Readings({10: 10}, {10: 2000 * MiB}), interval_s=0.01)
+    watchdog.start()
+    assert fired.wait(30)
+    watchdog.stop()
+    assert watchdog.exceeded and watchdog.peak_bytes == 2000 * MiB
+
+
+def test_without_nvml_it_does_nothing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` now raises ImportError
+    watchdog = GpuWatchdog(GPU, 1, pids=lambda: {10}, on_exceed=lambda used: None)
+    watchdog.start()
+    watchdog.stop()
+    assert watchdog.peak_bytes is None and not watchdog.exceeded

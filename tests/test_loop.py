@@ -1,0 +1,397 @@
+"""The night's logic with a fake sandbox and a scripted agent (no training: fast).
+
+The fake backend reads the constants of the train.py baked into its "image":
+`LR` sets the score (val_bpb = 1 - LR), `BEHAVIOUR` makes phase 1 crash or hang,
+`LUCK` lowers the score only under the harness's default seed, so a confirmation
+run under another seed exposes it. Baseline seeds add -0.001/0/+0.001 of noise, so
+the baseline measures sigma = 0.001 and the keep threshold is max(0.001, 2σ) = 0.002.
+"""
+
+from __future__ import annotations
+
+import collections
+import difflib
+import hashlib
+import json
+import os
+import re
+import signal
+import threading
+import types
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from runner import loop
+from runner.agents.base import AgentError, Proposal, Usage
+from runner.agents.factory import AgentConfigError
+from runner.cli import main
+from runner.decision import Rule
+from runner.gpus import Gpu
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Ledger
+from runner.loop import Dataset, Night, NightError
+from runner.overnight import ensure_data
+from runner.settings import Settings, Source
+from sandbox.spec import Killer, Phase, RunResult, Status
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_TRAIN_PY = '"""A stand-in train.py: its constants steer the fake sandbox."""\nLR = 0.1\nBEHAVIOUR = "train"\nLUCK = 0.0\n'
+SEED_NOISE = {None: 0.0, "1": 0.001, "2": -0.001}
+
+
+class SimulatedKill(BaseException):
+    """Stands for `kill -9` of the runner: nothing after it runs, nothing catches it."""
+
+
+class FakeBackend:
+    name = "fake"
+    isolation = "fake (none)"
+
+    def __init__(self, fail_gpus=(), kill_at=None, on_hang=None):
+        self.fail_gpus = set(fail_gpus)
+        self.kill_at = kill_at  # (exp_id, Phase): die there, like a killed runner
+        self.on_hang = on_hang
+        self.images: dict[str, str] = {}
+        self.runs: list[tuple[str, Phase, str | None]] = []
+        self.builds: list[str] = []
+        self._active: collections.Counter[str] = collections.Counter()
+        self.max_active: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def ensure_ready(self):
+        pass
+
+    def reap(self):
+        return 0
+
+    def build_image(self, train_py, exp_id):
+        image = "img-" + hashlib.sha256(train_py.encode()).hexdigest()[:12]
+        self.images[image] = train_py
+        self.builds.append(exp_id)
+        return image
+
+    def image_exists(self, image):
+        return image in self.images
+
+    def remove_image(self, image):
+        self.images.pop(image, None)
+
+    def run(self, spec, cancel=None):
+        exp_id, gpu = spec.labels["autoresearch.exp"], spec.gpu_uuid or "cpu"
+        with self._lock:
+            self.runs.append((exp_id, spec.phase, spec.gpu_uuid))
+            self._active[gpu] += 1
+            self.max_active[gpu] = max(self.max_active[gpu], self._active[gpu])
+        try:
+            if (exp_id, spec.phase) == self.kill_at:
+                raise SimulatedKill()
+            if spec.gpu_uuid in self.fail_gpus:
+                raise RuntimeError("the GPU has fallen off the bus")
+            return self._behave(spec, cancel)
+        finally:
+            with self._lock:
+                self._active[gpu] -= 1
+
+    def _behave(self, spec, cancel):
+        constants: dict = {}
+        exec(self.images[spec.image], constants)  # the test's own stand-in file
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if spec.phase is Phase.TRAIN:
+            if constants["BEHAVIOUR"] == "crash":
+                text = "step 1\nTraceback (most recent call last):\nRuntimeError: boom\n"
+                spec.log_path.write_text(text)
+                return self._result(spec, Status.CRASH, 1, log_tail=text)
+            if constants["BEHAVIOUR"] == "hang":
+                self.on_hang()
+                assert cancel.wait(30), "the runner never cancelled the hanging run"
+                return self._result(spec, Status.CANCELLED, 137, killed_by=Killer.CANCEL)
+            spec.log_path.write_text("step 1\n")
+            (spec.out_dir / "model.pt2").write_text("model")
+            return self._result(spec, Status.OK, 0)
+        seed = spec.env.get("AR_SEED")
+        value = 1.0 - constants["LR"] - (constants["LUCK"] if seed is None else 0.0) + SEED_NOISE[seed]
+        spec.log_path.write_text(f"evaluating\n---\nval_bpb: {value:.6f}\npeak_vram_mb: 512.0\nnum_steps: 10\n")
+        return self._result(spec, Status.OK, 0)
+
+    @staticmethod
+    def _result(spec, status, code, killed_by=Killer.NONE, log_tail=""):
+        return RunResult(status, code, killed_by, 0.01, spec.log_path, isolation="fake (none)", log_tail=log_tail)
+
+
+def change(**constants):
+    """A scripted step: set constants in whatever train.py the agent is shown."""
+
+    def step(context):
+        new = context.train_py
+        for name, value in constants.items():
+            new = re.sub(rf"^{name} = .*$", f"{name} = {value!r}", new, count=1, flags=re.MULTILINE)
+        lines = difflib.unified_diff(context.train_py.splitlines(True), new.splitlines(True), "a/train.py", "b/train.py")
+        return Proposal(f"set {constants}", "".join(lines), Usage(input_tokens=10, cost_usd=0.5))
+
+    return step
+
+
+def garbage(context):
+    return Proposal("not a diff", "this is not a diff\n", Usage(input_tokens=10))
+
+
+def agent_error(context):
+    raise AgentError("the model is overloaded")
+
+
+class ScriptedAgent:
+    name = "scripted"
+
+    def __init__(self, *steps):
+        self.steps = list(steps)
+        self.contexts = []
+
+    def propose(self, context):
+        self.contexts.append(context)
+        if not self.steps:
+            raise AgentError("the script is over")
+        return self.steps.pop(0)(context)
+
+
+@pytest.fixture
+def project(tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "train.py").write_text(BASE_TRAIN_PY)
+    (root / "prepare.py").write_text('"""A stand-in harness."""\nTIME_BUDGET = 1.0\n')
+    (root / "program.md").write_text("Lower val_bpb.\n")
+    return root
+
+
+def make_night(project, agent, backend, gpus=(), **overrides):
+    settings = Settings(root=project, runs_dir=project.parent / "runs", tag="t", budget=1.0,
+                        **{"max_experiments": 1, **overrides})
+    ledger = Ledger(settings.run_dir / "ledger.sqlite")
+    night = Night(settings, ledger=ledger, backend=backend, agent=agent, gpus=list(gpus),
+                  data=Dataset(project.parent / "data", "datahash"))
+    return night, ledger
+
+
+def experiments(ledger, kind=EXPERIMENT):
+    return ledger.experiments(kinds=[kind])
+
+
+def test_baseline_sets_the_threshold_then_keep_advances_best_and_discard_does_not(project):
+    agent = ScriptedAgent(change(LR=0.2), change(LR=0.201), change(LR=0.3))
+    night, ledger = make_night(project, agent, FakeBackend(), max_experiments=3)
+    assert night.run() == "max-experiments"
+
+    baseline = experiments(ledger, BASELINE)
+    assert [(r.status, r.seed, r.val_bpb) for r in baseline] == [("done", None, 0.9), ("done", 1, 0.901),
+                                                                  ("done", 2, 0.899)]
+    (record,) = ledger.nights()
+    assert record["sigma"] == pytest.approx(0.001) and record["threshold"] == pytest.approx(0.002)
+    assert record["baseline_mean"] == pytest.approx(0.9) and record["stop_reason"] == "max-experiments"
+
+    first, second, third = experiments(ledger)
+    assert (first.decision, first.val_bpb, first.parent_id, first.best_before) == ("keep", 0.8, "e0001", 0.9)
+    # 0.799 beats the best (0.8) but not by the threshold: discarded, best unchanged
+    assert (second.decision, second.val_bpb, second.best_before) == ("discard", 0.799, 0.8)
+    assert (third.decision, third.val_bpb, third.best_before, third.parent_id) == ("keep", 0.7, 0.8, first.id)
+    assert night.best.exp_id == third.id and night.best.value == 0.7
+    # the parent recorded is the train.py each proposal was made from (prefetched from the best of its moment)
+    for row, context in zip((first, second, third), agent.contexts):
+        assert (night.settings.run_dir / row.parent_id / "train.py").read_text() == context.train_py
+        assert (night.settings.run_dir / row.id / "diff.patch").read_text() == row.diff
+    assert "LR = 0.2" in agent.contexts[2].train_py and agent.contexts[2].best_val_bpb == 0.8
+    # prepared while the second ran: the agent sees it in flight
+    assert [h.status for h in agent.contexts[2].history] == ["keep", "built"]
+    assert agent.contexts[2].history[0].delta == pytest.approx(-0.1)
+    assert agent.contexts[2].history[0].params["LR"] == 0.2
+    assert (first.review_state, second.review_state) == ("pending", None)
+    assert (first.val_bpb_text, first.num_steps, first.peak_vram_mb) == ("0.800000", 10, 512.0)
+    assert (first.input_tokens, first.cost_usd, first.agent, first.attempts) == (10, 0.5, "scripted", 1)
+    assert first.train_sha256 == hashlib.sha256((night.settings.run_dir / first.id / "train.py").read_bytes()).hexdigest()
+    assert first.image and first.backend == "fake" and first.data_hash == "datahash"
+    assert json.loads(first.metrics_json)["val_bpb"] == 0.8
+
+
+def test_invalid_diff_is_fed_back_then_recorded_rejected(project):
+    agent = ScriptedAgent(garbage, garbage, garbage, garbage, change(LR=0.2))
+    backend = FakeBackend()
+    night, ledger = make_night(project, agent, backend, max_experiments=2, max_diff_retries=3)
+    night.run()
+    rejected, accepted = experiments(ledger)
+    assert (rejected.status, rejected.attempts, rejected.input_tokens) == ("rejected", 3, 30)
+    assert rejected.reject_reason and rejected.image is None and rejected.id not in backend.builds
+    assert [c.feedback for c in agent.contexts[:3]] == ["", rejected.reject_reason, rejected.reject_reason]
+    # the next proposal starts fresh; its second try succeeds
+    assert agent.contexts[3].feedback == "" and agent.contexts[4].feedback == rejected.reject_reason
+    assert (accepted.status, accepted.attempts, accepted.decision) == ("done", 2, "keep")
+
+
+def test_a_crash_is_recorded_with_its_log_tail_and_shown_to_the_agent(project):
+    agent = ScriptedAgent(change(BEHAVIOUR="crash"), change(LR=0.2), change(LR=0.3))
+    night, ledger = make_night(project, agent, FakeBackend(), max_experiments=3)
+    night.run()
+    crashed = experiments(ledger)[0]
+    assert (crashed.status, crashed.train_exit_code, crashed.decision, crashed.val_bpb) == ("crash", 1, None, None)
+    assert "RuntimeError: boom" in crashed.log_tail
+    # the third proposal was prepared after the crash was recorded
+    assert "RuntimeError: boom" in agent.contexts[2].last_failure_log
+    assert agent.contexts[2].history[0].status == "crash"
+    assert night.best.exp_id != crashed.id
+
+
+def test_ctrl_c_cancels_the_running_experiment_and_records_it(project):
+    backend = FakeBackend(on_hang=lambda: os.kill(os.getpid(), signal.SIGINT))
+    night, ledger = make_night(project, ScriptedAgent(change(BEHAVIOUR="hang")), backend)
+    assert night.run() == "interrupted"
+    (row,) = experiments(ledger)
+    assert (row.status, row.train_killed_by, row.decision) == ("cancelled", "cancel", None)
+    assert ledger.nights()[0]["stop_reason"] == "interrupted"
+
+
+def test_resume_after_a_kill_reruns_the_experiment_in_flight_exactly_once(project, monkeypatch):
+    # night 1 dies in phase 2 of its second experiment
+    agent = ScriptedAgent(change(LR=0.2), change(LR=0.3))
+    killer = FakeBackend(kill_at=("e0005", Phase.EVAL))
+    night, ledger = make_night(project, agent, killer, max_experiments=2)
+    died = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_type))
+    night.run()
+    assert died == [SimulatedKill]
+    ledger.close()
+    assert Ledger(night.settings.run_dir / "ledger.sqlite").get("e0005").status == "evaluating"
+    # ... and a proposal was recorded but not yet built when it died
+    ledger = Ledger(night.settings.run_dir / "ledger.sqlite")
+    built = change(LR=0.15)(agent.contexts[0])
+    orphan = ledger.add(kind=EXPERIMENT, status="proposed", parent_id="e0001", diff=built.diff, description="orphan")
+    (night.settings.run_dir / orphan.id / "train.py").parent.mkdir()
+    (night.settings.run_dir / orphan.id / "train.py").write_text(BASE_TRAIN_PY.replace("LR = 0.1", "LR = 0.15"))
+    ledger.close()
+
+    # night 2, same tag, a fresh process (no images survive)
+    backend = FakeBackend()
+    night2, ledger = make_night(project, ScriptedAgent(change(LR=0.35)), backend, max_experiments=1)
+    night2.run()
+    trained = collections.Counter(exp for exp, phase, _ in backend.runs if phase is Phase.TRAIN)
+    assert not any(r.id in trained for r in experiments(ledger, BASELINE))  # baseline not repeated
+    assert trained == {"e0005": 1, orphan.id: 1, "e0007": 1}
+    assert set(backend.builds) == {"e0005", orphan.id, "e0007"}
+    assert ledger.unfinished() == []
+    rows = {r.id: r for r in experiments(ledger)}
+    assert (rows["e0005"].status, rows["e0005"].decision) == ("done", "keep")
+    assert (rows[orphan.id].status, rows[orphan.id].decision) == ("done", "discard")  # 0.85 vs best 0.8
+    assert rows["e0007"].parent_id == "e0005"  # the resumed keep became the parent
+    assert len(ledger.nights()) == 2
+
+
+def test_workers_never_share_a_gpu_and_a_failing_gpu_leaves_rotation(project):
+    gpus = [Gpu(0, "GPU-a", "Fake H100", "580.1"), Gpu(1, "GPU-bad", "Fake H100", "580.1"),
+            Gpu(2, "GPU-c", "Fake H100", "580.1")]
+    agent = ScriptedAgent(*(change(LR=round(0.1 + 0.02 * n, 3)) for n in range(1, 9)))
+    backend = FakeBackend(fail_gpus={"GPU-bad"})
+    night, ledger = make_night(project, agent, backend, gpus=gpus, max_experiments=8, gpu_failures=2)
+    night.run()
+    assert max(backend.max_active.values()) == 1
+    assert {s.name: s.retired for s in night.slots} == {"gpu0": False, "gpu1": True, "gpu2": False}
+    assert sum(gpu == "GPU-bad" for _, _, gpu in backend.runs) == 2  # two strikes, then out
+    rows = ledger.experiments()
+    assert [r.status for r in rows] == ["done"] * 11  # nothing lost: requeued runs finished elsewhere
+    assert {r.gpu_uuid for r in rows} <= {"GPU-a", "GPU-c"}
+    assert {r.gpu_name for r in rows} == {"Fake H100"}
+
+
+def test_all_gpus_failing_ends_the_night_with_one_sentence(project):
+    night, _ = make_night(project, ScriptedAgent(), FakeBackend(fail_gpus={"GPU-a"}),
+                          gpus=[Gpu(0, "GPU-a", "Fake", "1")], gpu_failures=2)
+    with pytest.raises(NightError, match="every GPU failed 2 times in a row"):
+        night.run()
+
+
+def test_a_confirmed_keep_is_credited_with_the_mean_and_luck_is_exposed(project):
+    agent = ScriptedAgent(change(LR=0.2), change(LUCK=0.15))
+    night, ledger = make_night(project, agent, FakeBackend(), max_experiments=2,
+                               rule=Rule(k=2, min_delta=0.001, confirm=True))
+    night.run()
+    real, lucky = experiments(ledger)
+    confirms = {r.target_id: r for r in experiments(ledger, CONFIRM)}
+    assert (real.decision, real.decision_value) == ("keep", pytest.approx(0.8005))  # mean of 0.8 and 0.801
+    assert (confirms[real.id].seed, confirms[real.id].val_bpb, confirms[real.id].decision) == (1, 0.801, None)
+    # 0.75 under the default seed, 0.9 under another: the confirmation does not beat the best
+    assert (lucky.val_bpb, lucky.decision) == (0.75, "discard")
+    assert confirms[lucky.id].val_bpb == 0.901
+    assert night.best.exp_id == real.id
+
+
+def test_an_agent_error_is_waited_out_and_the_night_goes_on(project, monkeypatch):
+    monkeypatch.setattr(loop, "AGENT_BACKOFF_S", (0.0, 0.0))
+    agent = ScriptedAgent(agent_error, change(LR=0.2))
+    night, ledger = make_night(project, agent, FakeBackend(), max_experiments=1)
+    night.run()
+    assert len(agent.contexts) == 2
+    assert [(r.status, r.decision) for r in experiments(ledger)] == [("done", "keep")]
+
+
+def test_a_misconfigured_agent_ends_the_night(project):
+    def misconfigured(context):
+        raise AgentConfigError("no agent command given.")
+
+    night, _ = make_night(project, ScriptedAgent(misconfigured), FakeBackend())
+    with pytest.raises(NightError, match="no agent command given"):
+        night.run()
+
+
+def test_other_data_under_the_same_tag_is_refused(project):
+    night, ledger = make_night(project, ScriptedAgent(change(LR=0.2)), FakeBackend())
+    night.run()
+    ledger.close()
+    settings = night.settings
+    other = Night(settings, ledger=Ledger(settings.run_dir / "ledger.sqlite"), backend=FakeBackend(),
+                  agent=ScriptedAgent(), gpus=[], data=Dataset(project.parent / "data", "otherhash"))
+    with pytest.raises(NightError, match="measured on other data"):
+        other.run()
+
+
+# -- setup and command line ------------------------------------------------------------
+
+
+def test_data_is_prepared_only_when_missing(project, tmp_path, monkeypatch):
+    monkeypatch.setenv("AR_CACHE", str(tmp_path / "cache"))
+    (project / "prepare.py").write_text(
+        "import json, os, pathlib, sys\n"
+        "out = pathlib.Path(os.environ['AR_CACHE']) / sys.argv[2]\n"
+        "out.mkdir(parents=True)\n"
+        "(out / 'manifest.json').write_text(json.dumps({'hash': 'h-' + sys.argv[-1]}))\n"
+    )
+    settings = Settings(root=project, source=Source.parse(f"local:{tmp_path}"))
+    assert ensure_data(settings).manifest_hash == f"h-{tmp_path}"
+    (project / "prepare.py").write_text("raise SystemExit(5)\n")
+    assert ensure_data(settings).manifest_hash == f"h-{tmp_path}"  # already there: not run again
+    with pytest.raises(NightError, match="prepare.py could not build it"):
+        ensure_data(Settings(root=project, source=Source.parse("linux")))
+
+
+def test_check_diff_reports_ok_or_the_reason(tmp_path):
+    base = tmp_path / "train.py"
+    base.write_text(BASE_TRAIN_PY)
+    good = tmp_path / "good.patch"
+    good.write_text(change(LR=0.2)(types.SimpleNamespace(train_py=BASE_TRAIN_PY)).diff)
+    bad = tmp_path / "bad.patch"
+    bad.write_text("nonsense\n")
+    runner = CliRunner()
+    ok = runner.invoke(main, ["check-diff", str(good), "--base", str(base)])
+    assert (ok.exit_code, ok.output) == (0, "ok: +1 -1 lines\n")
+    rejected = runner.invoke(main, ["check-diff", str(bad), "--base", str(base)])
+    assert rejected.exit_code == 1 and rejected.output.startswith("rejected: ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--baseline-runs", "0"], "--baseline-runs must be at least 1"),
+    (["--gpus", "7"], "--gpus asks for GPU 7"),
+    (["--source", "nowhere"], "unknown data source 'nowhere'"),
+    (["--tag", "a/b"], "--tag must be a plain name"),
+])
+def test_overnight_bad_flags_are_one_sentence(args, message, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    result = CliRunner().invoke(main, ["overnight", "--gpus", "none", *args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: ")
+    assert message in lines[0]

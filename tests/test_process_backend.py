@@ -1,0 +1,225 @@
+"""The process backend: runs, logs, limits, kills, snapshots, leftovers; and backend selection."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sandbox import backends
+from sandbox.process_backend import HostSupport, ProcessBackend
+from sandbox.spec import CancelToken, Killer, Limits, Mount, Phase, RunResult, RunSpec, SandboxUnavailable, Status
+from tests.hostile_cases import FAKE_SECRET, leftover_processes, make_fake_data
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory) -> ProcessBackend:
+    return ProcessBackend(snapshots_root=tmp_path_factory.mktemp("snapshots"))
+
+
+def run(backend: ProcessBackend, tmp_path: Path, source: str, cancel: CancelToken | None = None,
+        **spec_args) -> tuple[RunResult, str]:
+    image = backend.build_image(textwrap.dedent(source), "test")
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    spec = RunSpec(**{"run_id": f"test-{tmp_path.name}", "image": image, "phase": Phase.TRAIN,
+                      "command": ["python", "train.py"], "log_path": tmp_path / "run.log", "out_dir": out,
+                      "deadline_s": 60.0, **spec_args})
+    result = backend.run(spec, cancel)
+    return result, spec.log_path.read_text()
+
+
+def wait_for_line(log: Path, line: str) -> None:
+    """Until `line` is in the log (bounded: a hung run fails the test instead of hanging it)."""
+    for _ in range(600):
+        if log.exists() and line in log.read_text():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{line!r} never reached {log}")
+
+
+def test_an_ok_run_logs_lines_split_on_cr_and_lf(backend, tmp_path):
+    result, log = run(backend, tmp_path, r"""
+        import sys
+        sys.stdout.write("a\rb\r\nc\n")
+        sys.stdout.write("no newline at the end")
+    """)
+    assert (result.status, result.exit_code, result.killed_by) == (Status.OK, 0, Killer.NONE)
+    assert log.splitlines() == ["a", "b", "c", "no newline at the end"]
+    assert result.isolation == backend.isolation
+    assert result.peak_host_memory_bytes and result.peak_host_memory_bytes > 0
+
+
+def test_the_log_is_written_while_the_run_goes_on(backend, tmp_path):
+    outcome: list[RunResult] = []
+    runner = threading.Thread(target=lambda: outcome.append(run(backend, tmp_path, """
+        import os, time
+        print("started", flush=True)
+        for _ in range(600):  # until the test answers, which it can only do after reading the log
+            if os.path.exists(os.path.join(os.environ["AR_OUT_DIR"], "go")):
+                break
+            time.sleep(0.1)
+        print("released")
+    """, env={"AR_OUT_DIR": "/out"})[0]))
+    runner.start()
+    wait_for_line(tmp_path / "run.log", "started")
+    (tmp_path / "out" / "go").touch()
+    runner.join()
+    assert outcome[0].status is Status.OK
+    assert (tmp_path / "run.log").read_text().splitlines() == ["started", "released"]
+
+
+def test_the_environment_is_the_specs_only(backend, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", FAKE_SECRET)
+    result, log = run(backend, tmp_path, "", command=["env"], env={"AR_PHASE": "train"})
+    assert result.status is Status.OK
+    keys = {line.split("=", 1)[0] for line in log.splitlines()}
+    assert keys == {"AR_PHASE", "PATH", "HOME", "TMPDIR", "USER", "LOGNAME", "CUDA_VISIBLE_DEVICES"}
+    assert FAKE_SECRET not in log
+
+
+def test_the_deadline_kills_everything_the_run_started(backend, tmp_path):
+    nonce = f"deadline-{os.getpid()}-{tmp_path.name}"
+    result, log = run(backend, tmp_path, f"""
+        import os, subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "{nonce}"])
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "{nonce}"], start_new_session=True)
+        print("started", flush=True)
+        time.sleep(600)
+    """, deadline_s=3.0)
+    assert (result.status, result.killed_by) == (Status.TIMEOUT, Killer.DEADLINE)
+    assert "deadline of 3 s reached" in result.log_tail
+    assert leftover_processes(nonce) == []
+
+
+def test_cancel_stops_the_run(backend, tmp_path):
+    cancel = CancelToken()
+
+    def cancel_once_started() -> None:
+        wait_for_line(tmp_path / "run.log", "started")
+        cancel.cancel()
+
+    canceller = threading.Thread(target=cancel_once_started)
+    canceller.start()
+    result, _ = run(backend, tmp_path, """
+        import time
+        print("started", flush=True)
+        time.sleep(600)
+    """, cancel=cancel)
+    canceller.join()
+    assert (result.status, result.killed_by) == (Status.CANCELLED, Killer.CANCEL)
+
+
+def test_a_crash_keeps_the_tail_of_the_log(backend, tmp_path):
+    result, _ = run(backend, tmp_path, """
+        for i in range(100):
+            print("line", i)
+        raise RuntimeError("boom")
+    """)
+    assert (result.status, result.exit_code) == (Status.CRASH, 1)
+    assert "RuntimeError: boom" in result.log_tail and "line 99" in result.log_tail
+
+
+def test_memory_past_the_limit_is_an_oom(backend, tmp_path):
+    if not backend.support.memory_limit:
+        pytest.skip(f"no memory limit can be enforced on this host: {backend.isolation}")
+    result, _ = run(backend, tmp_path, """
+        chunks = [b"x" * (32 * 2**20) for _ in range(32)]  # 1 GiB, written
+    """, limits=Limits(memory_bytes=256 * 2**20))
+    assert (result.status, result.killed_by) == (Status.OOM, Killer.OOM_KILLER)
+    assert result.peak_host_memory_bytes is not None and result.peak_host_memory_bytes <= 256 * 2**20
+
+
+def test_a_missing_snapshot_is_a_crash(backend, tmp_path):
+    spec = RunSpec(run_id="missing", image=str(tmp_path / "nothing"), phase=Phase.TRAIN, command=["python", "train.py"],
+                   log_path=tmp_path / "run.log", out_dir=tmp_path)
+    result = backend.run(spec)
+    assert result.status is Status.CRASH and "does not exist" in result.log_tail
+
+
+def test_snapshots_are_content_addressed_and_read_only(backend):
+    first = backend.build_image("print('a')\n", "exp-1")
+    assert backend.build_image("print('a')\n", "exp-2") == first
+    second = backend.build_image("print('b')\n", "exp-3")
+    assert second != first
+    snapshot = Path(first)
+    assert sorted(p.name for p in snapshot.iterdir()) == ["prepare.py", "train.py"]
+    assert (snapshot / "prepare.py").read_bytes() == (ROOT / "prepare.py").read_bytes()
+    assert (snapshot / "train.py").stat().st_mode & 0o777 == 0o444
+    assert backend.image_exists(first)
+    backend.remove_image(first)
+    assert not backend.image_exists(first) and not snapshot.exists()
+    assert backend.image_exists(second)
+
+
+def test_reap_kills_what_an_earlier_runner_left(backend, tmp_path):
+    nonce = f"leftover-{os.getpid()}-{tmp_path.name}"
+    outcome: list[RunResult] = []
+    runner = threading.Thread(target=lambda: outcome.append(run(backend, tmp_path, f"""
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "{nonce}"], start_new_session=True)
+        print("started", flush=True)
+        time.sleep(600)
+    """, deadline_s=600.0)[0]))
+    runner.start()
+    wait_for_line(tmp_path / "run.log", "started")
+    another_runner = ProcessBackend(snapshots_root=backend.snapshots_root)
+    assert another_runner.reap() == 1
+    assert leftover_processes(nonce) == []
+    runner.join()
+    assert outcome and outcome[0].killed_by is not Killer.DEADLINE
+    assert another_runner.reap() == 0
+
+
+def test_ensure_ready_runs_a_child_through_the_sandbox(backend):
+    backend.ensure_ready()
+
+
+def test_without_isolation_it_says_so_and_still_runs(tmp_path):
+    plain = ProcessBackend(snapshots_root=tmp_path / "snapshots", support=HostSupport((), None, "not root"))
+    assert plain.isolation == "process (no isolation: not root)"
+    data = make_fake_data(tmp_path / "data")
+    result, log = run(plain, tmp_path, """
+        import os
+        print("train:", open(os.path.join(os.environ["AR_DATA_DIR"], "train", "tokens.bin")).read())
+        open(os.path.join(os.environ["AR_OUT_DIR"], "model"), "w").write("m")
+        print("cwd files:", sorted(os.listdir(".")))
+    """, mounts=(Mount(data / "train", "/data/train"),), env={"AR_DATA_DIR": "/data", "AR_OUT_DIR": "/out"})
+    assert result.status is Status.OK, log
+    assert "train: train/tokens.bin" in log and "cwd files: ['prepare.py', 'train.py']" in log
+    assert (tmp_path / "out" / "model").read_text() == "m"
+    assert result.isolation == "process (no isolation: not root)"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/nvidiactl"), reason="needs an NVIDIA GPU")
+def test_gpu_memory_above_the_cap_is_killed_by_the_watchdog(backend, tmp_path):
+    import pynvml
+
+    pynvml.nvmlInit()
+    gpu = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(0))
+    gpu = gpu.decode() if isinstance(gpu, bytes) else gpu
+    result, log = run(backend, tmp_path, """
+        import time, torch
+        x = torch.ones(2 * 2**30, dtype=torch.uint8, device="cuda")  # 2 GiB
+        print("allocated", flush=True)
+        time.sleep(600)
+    """, gpu_uuid=gpu, limits=Limits(gpu_memory_bytes=512 * 2**20), deadline_s=300.0)
+    assert (result.status, result.killed_by) == (Status.GPU_OOM, Killer.WATCHDOG), log
+    assert result.peak_gpu_memory_bytes is not None and result.peak_gpu_memory_bytes > 512 * 2**20
+
+
+def test_get_backend_picks_process_without_an_engine(monkeypatch, tmp_path):
+    monkeypatch.setattr(backends, "docker_unreachable", lambda: "FileNotFoundError: no socket")
+    chosen = backends.get_backend("auto", snapshots_root=tmp_path, not_a_process_setting=1)
+    assert isinstance(chosen, ProcessBackend) and chosen.snapshots_root == tmp_path
+    assert isinstance(backends.get_backend("process", snapshots_root=tmp_path), ProcessBackend)
+    with pytest.raises(SandboxUnavailable, match="no Docker engine answers"):
+        backends.get_backend("docker")
+    with pytest.raises(SandboxUnavailable, match="unknown sandbox backend"):
+        backends.get_backend("bwrap")

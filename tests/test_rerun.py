@@ -1,0 +1,177 @@
+"""`rerun`: refusals, verdicts and the ledger record on the fake sandbox, then the bit-for-bit
+proof on a real CPU experiment through the real sandbox."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from runner import rerun as reruns
+from runner.agents.base import Proposal
+from runner.gpus import Gpu
+from runner.ledger import RERUN, Ledger
+from runner.loop import Dataset, Night
+from runner.settings import Settings
+from tests.test_loop import change
+from tests.test_morning import cli, invoke, night, one_line_error, project, record_night  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def sandbox(night, monkeypatch):  # noqa: F811
+    """The rerun finds the night's own fake sandbox (it holds the night's images)."""
+    monkeypatch.setattr(reruns, "open_backend", lambda name: night.backend)
+    return night.backend
+
+
+def ledger_rows(night):  # noqa: F811
+    ledger = Ledger(night.run_dir / "ledger.sqlite")
+    try:
+        return ledger.experiments()
+    finally:
+        ledger.close()
+
+
+def test_exact_rerun_of_a_deterministic_experiment_is_bit_identical(night, sandbox):  # noqa: F811
+    result = invoke(night.runs, "rerun", "e0008", "--exact", "--json")
+    assert result.exit_code == 0, result.output
+    verdict = json.loads(result.stdout)
+    assert verdict["identical"] is True and verdict["rerun_id"] == "e0011"
+    assert verdict["original"] == verdict["repeated"] == (0.7).hex()
+    assert verdict["original_weights"] == verdict["repeated_weights"] is not None
+    assert "BIT-IDENTICAL" in verdict["line"]
+
+    spec = sandbox.specs[-2]  # phase 1 of the rerun
+    original = json.loads((night.run_dir / "e0008" / "out" / "trace.json").read_text())
+    assert spec.env["AR_DETERMINISTIC"] == "1" and spec.env["AR_REPLAY"] == "/out/replay_trace.json"
+    assert json.loads((night.run_dir / "e0011" / "out" / "replay_trace.json").read_text()) == original
+    assert spec.env["AR_TIME_BUDGET"] == repr(original["time_budget"]) and "AR_SEED" not in spec.env
+    row = ledger_rows(night)[-1]
+    assert (row.id, row.kind, row.target_id, row.status, row.val_bpb) == ("e0011", RERUN, "e0008", "done", 0.7)
+    assert row.description == "rerun --exact of e0008: bit-identical"
+    assert row.image == ledger_rows(night)[7].image and row.data_hash == "datahash"
+    # a rerun is morning work: the night's figures do not count it
+    assert json.loads(invoke(night.runs, "status", "--json").output)["counts"]["kept"] == 2
+
+
+def test_the_recorded_seed_is_used(night, sandbox):  # noqa: F811
+    result = invoke(night.runs, "rerun", "e0002", "--exact")
+    assert "BIT-IDENTICAL" in result.output and sandbox.specs[-1].env["AR_SEED"] == "1"
+
+
+def test_a_nondeterministic_experiment_is_reported_not_reproducible(night, sandbox):  # noqa: F811
+    result = invoke(night.runs, "rerun", "e0010", "--exact")
+    assert result.exit_code == 0, result.output  # a finding about the experiment, not a failure of the tool
+    line = result.stdout.strip()
+    assert line.startswith("e0010 (rerun e0011): NOT REPRODUCIBLE: val_bpb ")
+    assert "train.py itself is not deterministic" in line
+    assert ledger_rows(night)[-1].description == "rerun --exact of e0010: not reproducible"
+
+
+def test_a_timed_rerun_measures_noise_without_replay(night, sandbox):  # noqa: F811
+    verdict = json.loads(invoke(night.runs, "rerun", "e0008", "--json").stdout)
+    assert "AR_REPLAY" not in sandbox.specs[-2].env
+    assert (verdict["exact"], verdict["difference"], verdict["sigma"]) == (False, 0.0, pytest.approx(0.001))
+    assert verdict["line"] == "e0008 (rerun e0011): timed rerun, val_bpb 0.700000 -> 0.700000 (+0, 0.00 sigma)."
+
+
+@pytest.mark.parametrize("damage, exp, message", [
+    (lambda n, b: b.remove_image(next(r.image for r in ledger_rows(n) if r.id == "e0008")), "e0008",
+     "the image of e0008 (img-"),
+    (lambda n, b: (n.data / "manifest.json").write_text('{"hash": "otherhash"}'), "e0008",
+     "changed since e0008 ran (manifest otherhash, recorded datahash)"),
+    (lambda n, b: (n.data / "manifest.json").unlink(), "e0008", "the data of e0008 is gone"),
+    (lambda n, b: (n.run_dir / "e0008" / "out" / "trace.json").unlink(), "e0008", "--exact needs the recorded"),
+    (lambda n, b: None, "e0006", "e0006 ended in crash, so there is no val_bpb to reproduce"),
+    (lambda n, b: None, "e0099", "no experiment e0099"),
+])
+def test_refusals_are_one_line_and_run_nothing(night, sandbox, damage, exp, message):  # noqa: F811
+    damage(night, sandbox)
+    runs_before, rows_before = len(sandbox.runs), len(ledger_rows(night))
+    assert message in one_line_error(invoke(night.runs, "rerun", exp, "--exact"))
+    assert (len(sandbox.runs), len(ledger_rows(night))) == (runs_before, rows_before)
+
+
+def test_gpu_reruns_name_the_hardware(project):  # noqa: F811
+    recorded = record_night(project, script=(change(LR=0.2, BEHAVIOUR="noisy"),),
+                            gpus=[Gpu(0, "GPU-a", "Fake H100", "580.1")])
+    ledger = Ledger(recorded.run_dir / "ledger.sqlite")
+    try:
+        with pytest.raises(reruns.RerunRefused, match=r"ran on a GPU \(Fake H100\) and this host has none"):
+            reruns.rerun(ledger, recorded.run_dir, "e0004", exact=True, backend=recorded.backend, inventory=list)
+        other = [Gpu(0, "GPU-b", "Fake H200", "590.2")]
+        verdict = reruns.rerun(ledger, recorded.run_dir, "e0004", exact=True, backend=recorded.backend,
+                               inventory=lambda: other)
+    finally:
+        ledger.close()
+    assert not verdict.identical
+    assert "other GPU or driver: Fake H100 / 580.1 then, Fake H200 / 590.2 now" in verdict.reasons
+    assert recorded.backend.specs[-1].gpu_uuid == "GPU-b"
+
+
+# -- the proof on a real experiment -------------------------------------------------------------------
+
+BUDGET_S = 5.0
+# A learning rate drawn from os.urandom: every run trains another model.
+UNSEEDED_LR = 'MATRIX_LR = 0.04 * (1 + int.from_bytes(__import__("os").urandom(2), "little") / 2**18)  # Muon'
+
+
+class OneProposal:
+    name = "scripted"
+
+    def __init__(self, description: str, edit) -> None:
+        self.proposal = (description, edit)
+
+    def propose(self, context):
+        description, edit = self.proposal
+        new = edit(context.train_py)
+        diff = "".join(difflib.unified_diff(context.train_py.splitlines(True), new.splitlines(True),
+                                            "a/train.py", "b/train.py"))
+        return Proposal(description, diff)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sandbox_name", ["process", pytest.param("docker", marks=pytest.mark.docker)])
+def test_bit_for_bit_rerun_of_a_real_cpu_experiment(sandbox_name, tiny_data, tmp_path, request, monkeypatch):
+    if sandbox_name == "docker":
+        request.getfixturevalue("docker_client")  # skips without an engine (fails under AR_REQUIRE_DOCKER)
+    from sandbox.backends import get_backend
+
+    backend = get_backend(sandbox_name)
+    backend.ensure_ready()
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("train.py", "prepare.py", "program.md"):
+        shutil.copyfile(ROOT / name, project / name)
+    unseeded = OneProposal("learning rate from os.urandom",
+                           lambda text: re.sub(r"^MATRIX_LR = .*$", UNSEEDED_LR, text, count=1, flags=re.MULTILINE))
+    settings = Settings(root=project, runs_dir=tmp_path / "runs", tag="real", budget=BUDGET_S, baseline_runs=1,
+                        max_experiments=1, max_diff_retries=1)
+    ledger = Ledger(settings.run_dir / "ledger.sqlite")
+    manifest = json.loads((tiny_data / "manifest.json").read_text())["hash"]
+    night = Night(settings, ledger=ledger, backend=backend, agent=unseeded, gpus=[], data=Dataset(tiny_data, manifest))
+    night.run()
+    rows = ledger.experiments()
+    ledger.close()
+    assert [(r.id, r.kind, r.status) for r in rows] == [("e0001", "baseline", "done"), ("e0002", "experiment", "done")]
+
+    monkeypatch.setattr(reruns, "open_backend", lambda name: backend)  # the instance that is ready
+    runner = CliRunner()
+    same = runner.invoke(cli(), ["rerun", "e0001", "--exact", "--json", "--runs-dir", str(tmp_path / "runs")])
+    assert same.exit_code == 0, same.output
+    verdict = json.loads(same.stdout)
+    assert verdict["identical"] is True, verdict["line"]
+    assert verdict["original"] == verdict["repeated"] and verdict["original"].startswith("0x1.")
+    assert verdict["original_weights"] == verdict["repeated_weights"] is not None
+
+    other = runner.invoke(cli(), ["rerun", "e0002", "--exact", "--runs-dir", str(tmp_path / "runs")])
+    assert other.exit_code == 0, other.output
+    assert "e0002 (rerun e0004): NOT REPRODUCIBLE" in other.stdout
+    assert "train.py itself is not deterministic" in other.stdout

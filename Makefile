@@ -15,6 +15,9 @@ setup: $(UV)
 prepare: setup
 	$(UV) run prepare.py --source $(SOURCE)
 
+image: setup
+	$(UV) run python -m sandbox.images
+
 test: setup
 	$(UV) run pytest -ra
 

@@ -30,8 +30,13 @@ def fail(exc: Exception) -> None:
 
 
 @click.group()
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """autoresearch-sandbox: an agent improves train.py overnight, every experiment sandboxed."""
+    # A command prints its own output; only warnings of the modules it uses join it
+    # (a night logs to its own files, see runner.logging).
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    ctx.call_on_close(structlog.reset_defaults)
 
 
 @main.command()
@@ -80,7 +85,6 @@ def check_diff(diff_file: Path, base: Path) -> None:
     """Validate a diff exactly as the night does; exit 1 when it is rejected."""
     from runner.diffs import DiffRejected, changed_lines, validate_and_apply
 
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))  # one line out
     diff = diff_file.read_text()
     try:
         validate_and_apply(diff, base.read_text())

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 import structlog
 from rich.console import Console
@@ -47,22 +48,24 @@ def _concise(event: dict[str, Any]) -> str:
     return f"{time} {mark}{event.get('event', '')} {details}".rstrip()
 
 
-def configure(jsonl_path: Path, console: Console, console_level: str = "info") -> TextIO:
-    """Send all structlog events to `jsonl_path` and the concise ones to `console`.
-
-    Returns the open JSON-lines file; the caller closes it at the end of the night.
-    """
+@contextmanager
+def night_log(jsonl_path: Path, console: Console, console_level: str = "info") -> Iterator[None]:
+    """Within the block, all structlog events go to `jsonl_path` and the concise ones to `console`."""
     jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-    jsonl = open(jsonl_path, "a", encoding="utf-8")
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            _Tee(jsonl, console, logging.getLevelName(console_level.upper())),
-        ],
-        logger_factory=structlog.ReturnLoggerFactory(),
-        cache_logger_on_first_use=False,
-    )
-    return jsonl
+    with open(jsonl_path, "a", encoding="utf-8") as jsonl:
+        structlog.configure(
+            processors=[
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.format_exc_info,
+                _Tee(jsonl, console, logging.getLevelName(console_level.upper())),
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+            logger_factory=structlog.ReturnLoggerFactory(),
+            cache_logger_on_first_use=False,
+        )
+        try:
+            yield
+        finally:
+            structlog.reset_defaults()

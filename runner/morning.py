@@ -14,10 +14,11 @@ import json
 import logging
 import sqlite3
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import click
 import structlog
@@ -201,7 +202,7 @@ class ReviewTarget:
     tag: str | None
     train_py: Path | None
 
-    def merged(self, runs_dir: Path | None, tag: str | None, train_py: Path | None) -> "ReviewTarget":
+    def merged(self, runs_dir: Path | None, tag: str | None, train_py: Path | None) -> ReviewTarget:
         """A subcommand's own options win over the group's."""
         return ReviewTarget(runs_dir or self.runs_dir, tag or self.tag, train_py or self.train_py)
 

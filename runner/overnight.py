@@ -16,11 +16,11 @@ import structlog
 from rich.console import Console
 
 from runner import gpus as gpu_inventory
-from runner import logging as night_logging
 from runner.agents.factory import make_agent
 from runner.console import StatusLine, summary_table
 from runner.gpus import Gpu
 from runner.ledger import Ledger
+from runner.logging import night_log
 from runner.loop import Dataset, Night, NightError
 from runner.settings import Settings, cache_dir
 
@@ -49,8 +49,7 @@ def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, con
     profile = "gpu" if gpus else "cpu"
     console = console or Console(stderr=True)
     run_dir = settings.run_dir
-    events = night_logging.configure(run_dir / "events.jsonl", console)
-    try:
+    with night_log(run_dir / "events.jsonl", console):
         if not gpus:
             log.info("night.cpu", note="no GPU selected: CPU profile, one worker")
         agent = make_agent(settings.agent, command=settings.agent_command, profile=profile)
@@ -72,8 +71,6 @@ def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, con
         console.print(f"stopped: {reason}; ledger {ledger.path}; resume with --tag {settings.tag}")
         ledger.close()
         return reason
-    finally:
-        events.close()
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -27,7 +27,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from runner.decision import DISCARD, KEEP  # noqa: E402
 from runner.ledger import (  # noqa: E402
-    BASELINE, CONFIRM, DONE, EXPERIMENT, FAILURES, REJECTED, UNFINISHED, Experiment, Ledger,
+    BASELINE,
+    CONFIRM,
+    DONE,
+    EXPERIMENT,
+    FAILURES,
+    REJECTED,
+    UNFINISHED,
+    Experiment,
+    Ledger,
 )
 from runner.review import baseline_mean, item  # noqa: E402
 from sandbox.logparse import tail  # noqa: E402
@@ -125,7 +133,8 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
         best_value=best.decision_value if best else base,
         best_description=best.description if best else "baseline",
         baseline_mean=base, sigma=record.get("sigma"), baseline_runs=record.get("baseline_runs"),
-        threshold=record.get("threshold"), k=rule.get("k"), min_delta=rule.get("min_delta"), confirm=rule.get("confirm"),
+        threshold=record.get("threshold"), k=rule.get("k"), min_delta=rule.get("min_delta"),
+        confirm=rule.get("confirm"),
         counts={
             "kept": sum(r.decision == KEEP for r in experiments),
             "discarded": sum(r.decision == DISCARD for r in experiments),
@@ -214,10 +223,12 @@ def plot_png(ledger: Ledger, title: str = "") -> bytes:
     series = progress_series(ledger)
     fig, ax = plt.subplots(figsize=(13, 6), dpi=110)
     try:
-        for points, style in ((series.discarded, dict(s=14, color="#9e9e9e", alpha=0.45, label="discarded", zorder=2)),
-                              (series.baseline, dict(s=30, marker="s", color="#1f77b4", label="baseline runs", zorder=3)),
-                              (series.kept, dict(s=46, color="#2ca02c", edgecolor="black", linewidth=0.5,
-                                                 label="kept", zorder=4))):
+        layers = (
+            (series.discarded, dict(s=14, color="#9e9e9e", alpha=0.45, label="discarded", zorder=2)),
+            (series.baseline, dict(s=30, marker="s", color="#1f77b4", label="baseline runs", zorder=3)),
+            (series.kept, dict(s=46, color="#2ca02c", edgecolor="black", linewidth=0.5, label="kept", zorder=4)),
+        )
+        for points, style in layers:
             ax.scatter([p[0] for p in points], [p[1] for p in points], **style)
         for seq, value, description in series.kept:
             ax.annotate(_clip(description, 42), (seq, value), xytext=(6, 8), textcoords="offset points",
@@ -306,8 +317,8 @@ def _figures_table(fig: Figures) -> str:
                            f"k {_num(fig.k, 'g')} · σ){' with confirmation runs' if fig.confirm else ''}"),
         ("experiments", counts),
         ("experiments / hour", _num(fig.experiments_per_hour, ".2f")),
-        ("duty cycle", f"{_num(fig.duty_cycle and 100 * fig.duty_cycle, '.1f')} % "
-                       f"(training {fig.training_seconds / 3600:.2f} h of {fig.wall_seconds / 3600:.2f} h × {fig.slots})"),
+        ("duty cycle", f"{_num(fig.duty_cycle and 100 * fig.duty_cycle, '.1f')} % (training "
+                       f"{fig.training_seconds / 3600:.2f} h of {fig.wall_seconds / 3600:.2f} h × {fig.slots})"),
         ("MFU (median)", f"{_num(fig.mfu_percent, '.1f')} %"),
         ("profile / budget", f"{fig.profile or '-'} / {_num(fig.time_budget, 'g')} s"),
     ]

@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import structlog
 
@@ -145,7 +145,9 @@ def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
         try:
             budget = json.loads(trace.read_text())["time_budget"]
         except (OSError, ValueError, KeyError, TypeError):
-            raise RerunRefused(f"--exact needs the recorded budget trace {trace}, which is missing or unreadable.") from None
+            raise RerunRefused(
+                f"--exact needs the recorded budget trace {trace}, which is missing or unreadable."
+            ) from None
     if budget is None:
         raise RerunRefused(f"the night of {row.id} recorded no time budget; rerun it with --exact.")
     return _Plan(row, settings, data_dir, _gpu(row, inventory), trace if exact else None, float(budget))
@@ -159,8 +161,8 @@ def _check_data(row: Experiment, data_dir: Path) -> None:
         raise RerunRefused(f"the data of {row.id} is gone: {manifest} is missing or unreadable; "
                            "prepare the same source again.") from None
     if current != row.data_hash:
-        raise RerunRefused(f"the data in {data_dir} changed since {row.id} ran "
-                           f"(manifest {current[:12]}, recorded {str(row.data_hash)[:12]}); a rerun would not be comparable.")
+        raise RerunRefused(f"the data in {data_dir} changed since {row.id} ran (manifest {current[:12]}, "
+                           f"recorded {str(row.data_hash)[:12]}); a rerun would not be comparable.")
 
 
 def _gpu(row: Experiment, inventory: Callable[[], list[gpu_inventory.Gpu]]) -> gpu_inventory.Gpu | None:
@@ -242,7 +244,8 @@ def _verdict(ledger: Ledger, run_dir: Path, plan: _Plan, rerun_id: str, outcome:
     )
     if not exact or verdict.identical:
         return verdict
-    return Verdict(**{**asdict(verdict), "reasons": tuple(_reasons(plan, verdict, backend, original_dir, repeated_dir))})
+    reasons = tuple(_reasons(plan, verdict, backend, original_dir, repeated_dir))
+    return replace(verdict, reasons=reasons)
 
 
 def _summary(directory: Path) -> dict[str, str]:

@@ -19,6 +19,10 @@ from runner.review import Item, item, lineage
 _DECISION_STYLE = {"keep": "bold green", "discard": "dim"}
 
 
+def _diff(text: str) -> Syntax:
+    return Syntax(text, "diff", theme="ansi_dark", word_wrap=True)
+
+
 def _num(value: float | None, fmt: str = ".6f") -> str:
     return "" if value is None else format(value, fmt)
 
@@ -168,7 +172,7 @@ def show_renderables(ledger: Ledger, run_dir: Path, row: Experiment) -> list[Ren
         body = text if text is not None else (row.log_tail if name == "train.log" and row.log_tail else "(no log)")
         parts.append(Panel(Text(body or "(empty)"), title=f"{name} (tail)", title_align="left", style="dim"))
     if row.diff:
-        parts.append(Panel(Syntax(row.diff, "diff", theme="ansi_dark", word_wrap=True), title="diff", title_align="left"))
+        parts.append(Panel(_diff(row.diff), title="diff", title_align="left"))
     return parts
 
 
@@ -185,5 +189,5 @@ def review_card(it: Item, position: int, total: int) -> list[RenderableType]:
     head = Group(Text(r.description, style="bold"), numbers)
     return [
         Panel(head, title=f"[{position}/{total}] {r.id}", title_align="left"),
-        Syntax(r.diff, "diff", theme="ansi_dark", word_wrap=True),
+        _diff(r.diff),
     ]

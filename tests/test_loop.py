@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import difflib
 import hashlib
+import io
 import json
 import os
 import re
@@ -21,7 +22,9 @@ import types
 from pathlib import Path
 
 import pytest
+import structlog
 from click.testing import CliRunner
+from rich.console import Console
 
 from runner import loop
 from runner.agents.base import AgentError, Proposal, Usage
@@ -30,6 +33,7 @@ from runner.cli import main
 from runner.decision import Rule
 from runner.gpus import Gpu
 from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Ledger
+from runner.logging import night_log
 from runner.loop import Dataset, Night, NightError
 from runner.overnight import ensure_data
 from runner.settings import Settings, Source
@@ -395,3 +399,18 @@ def test_overnight_bad_flags_are_one_sentence(args, message, monkeypatch):
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: ")
     assert message in lines[0]
+
+
+def test_events_go_to_the_json_lines_file_and_concisely_to_the_console(project):
+    night, ledger = make_night(project, ScriptedAgent(change(LR=0.2)), FakeBackend())
+    screen = io.StringIO()
+    events_path = night.settings.run_dir / "events.jsonl"
+    with night_log(events_path, Console(file=screen, width=200)):
+        night.run()
+    events = [json.loads(line) for line in events_path.read_text().splitlines()]
+    names = [e["event"] for e in events]
+    assert names[0] == "night.start" and names[-1] == "night.end"
+    decided = next(e for e in events if e["event"] == "experiment.decided")
+    assert (decided["exp"], decided["decision"], decided["level"]) == ("e0004", "keep", "info") and decided["timestamp"]
+    assert "experiment.decided exp=e0004 decision=keep" in screen.getvalue()
+    assert structlog.get_config()["processors"] != []  # back to the defaults after the block

@@ -116,20 +116,20 @@ def cli() -> click.Group:
     return autoresearch
 
 
-def record_night(project, script=NIGHT_SCRIPT, backend=None, **settings):
-    """Run the real loop over `script`; returns where it wrote and the backend holding its images."""
-    data = project.parent / "data"
+def record_night(root, script=NIGHT_SCRIPT, backend=None, **settings):
+    """Run the real loop over `script` in project `root`; returns where it wrote and the backend holding its images."""
+    data = root.parent / "data"
     data.mkdir(exist_ok=True)
     (data / "manifest.json").write_text(json.dumps({"hash": "datahash", "files": {}}))
     backend = backend or RealisticBackend()
-    night, ledger = make_night(project, ScriptedAgent(*script), backend,
+    night, ledger = make_night(root, ScriptedAgent(*script), backend,
                                **{"max_experiments": len(script), "max_diff_retries": 1, **settings})
     try:
         night.run()
     finally:
         ledger.close()
-    runs = project.parent / "runs"
-    return types.SimpleNamespace(project=project, runs=runs, run_dir=runs / "t", data=data, backend=backend)
+    runs = root.parent / "runs"
+    return types.SimpleNamespace(project=root, runs=runs, run_dir=runs / "t", data=data, backend=backend)
 
 
 def invoke(runs: Path, *args: str, input: str | None = None):
@@ -241,12 +241,12 @@ def test_the_latest_night_is_the_default_and_env_names_the_runs_dir(night, tmp_p
     assert older["best_id"] == "e0008"
 
 
-def _copy_project(project, where: Path):
+def _copy_project(source: Path, where: Path) -> Path:
     where.mkdir(parents=True)
     root = where / "project"
     root.mkdir()
     for name in ("train.py", "prepare.py", "program.md"):
-        (root / name).write_text((project / name).read_text())
+        (root / name).write_text((source / name).read_text())
     return root
 
 

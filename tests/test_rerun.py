@@ -146,18 +146,17 @@ def test_bit_for_bit_rerun_of_a_real_cpu_experiment(sandbox_name, tiny_data, tmp
 
     backend = get_backend(sandbox_name)
     backend.ensure_ready()
-    project = tmp_path / "project"
-    project.mkdir()
+    root = tmp_path / "project"
+    root.mkdir()
     for name in ("train.py", "prepare.py", "program.md"):
-        shutil.copyfile(ROOT / name, project / name)
+        shutil.copyfile(ROOT / name, root / name)
     unseeded = OneProposal("learning rate from os.urandom",
                            lambda text: re.sub(r"^MATRIX_LR = .*$", UNSEEDED_LR, text, count=1, flags=re.MULTILINE))
-    settings = Settings(root=project, runs_dir=tmp_path / "runs", tag="real", budget=BUDGET_S, baseline_runs=1,
+    settings = Settings(root=root, runs_dir=tmp_path / "runs", tag="real", budget=BUDGET_S, baseline_runs=1,
                         max_experiments=1, max_diff_retries=1)
     ledger = Ledger(settings.run_dir / "ledger.sqlite")
     manifest = json.loads((tiny_data / "manifest.json").read_text())["hash"]
-    night = Night(settings, ledger=ledger, backend=backend, agent=unseeded, gpus=[], data=Dataset(tiny_data, manifest))
-    night.run()
+    Night(settings, ledger=ledger, backend=backend, agent=unseeded, gpus=[], data=Dataset(tiny_data, manifest)).run()
     rows = ledger.experiments()
     ledger.close()
     assert [(r.id, r.kind, r.status) for r in rows] == [("e0001", "baseline", "done"), ("e0002", "experiment", "done")]

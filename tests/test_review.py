@@ -16,9 +16,9 @@ from tests.test_morning import cli, invoke, night, one_line_error, project  # no
 @pytest.fixture
 def git_env(monkeypatch):
     """git with a known identity and no user or system configuration."""
-    for key, value in {"GIT_AUTHOR_NAME": "Morning", "GIT_AUTHOR_EMAIL": "m@example.org", "GIT_COMMITTER_NAME": "Morning",
-                       "GIT_COMMITTER_EMAIL": "m@example.org", "GIT_CONFIG_GLOBAL": "/dev/null",
-                       "GIT_CONFIG_NOSYSTEM": "1"}.items():
+    identity = {"GIT_AUTHOR_NAME": "Morning", "GIT_AUTHOR_EMAIL": "m@example.org", "GIT_COMMITTER_NAME": "Morning",
+                "GIT_COMMITTER_EMAIL": "m@example.org", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
+    for key, value in identity.items():
         monkeypatch.setenv(key, value)
 
 
@@ -71,7 +71,8 @@ def test_accepting_the_best_brings_its_kept_parent_and_commits_only_train_py(nig
     assert message.startswith("set {'LR': 0.3} (e0008)\n")
     assert "val_bpb 0.700000, -0.100000 vs parent e0004, -0.200000 vs baseline 0.900000" in message
     assert "e0004: set {'LR': 0.2}" in message and "Accepted from autoresearch night t." in message
-    assert git(repo, "status", "--porcelain", "--untracked-files=no").splitlines() == ["M  program.md"]  # still staged, not committed
+    staged = git(repo, "status", "--porcelain", "--untracked-files=no").splitlines()
+    assert staged == ["M  program.md"]  # still staged, not committed
     commit = git(repo, "rev-parse", "HEAD").strip()
     assert states(night, "e0008", "e0004") == [("accepted", f"commit {commit}"),
                                                ("accepted", f"commit {commit}; with e0008")]

@@ -18,6 +18,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
+import structlog
+
+log = structlog.get_logger(__name__)
+
 # Lifecycle (DESIGN §3.3).
 PROPOSED, REJECTED, BUILT, TRAINING, EVALUATING, DONE = (
     "proposed", "rejected", "built", "training", "evaluating", "done",
@@ -327,6 +331,7 @@ class Ledger:
             if status not in TRANSITIONS.get(current, frozenset()):
                 raise LedgerError(f"{exp}: cannot go from {current} to {status}")
             self._write(exp, {**fields, "status": status})
+        log.debug("experiment.status", exp=exp, status=status, previous=current)
 
     def decide(self, exp: str, decision: str, *, value: float, best_before: float, threshold: float) -> None:
         """Record keep/discard; a keep enters the morning review queue."""

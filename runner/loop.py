@@ -154,7 +154,7 @@ class Night:
         self._fatal: str | None = None
         self._last_infra_error = ""
         self._tick: Callable[[NightView], None] = lambda view: None
-        self._threads: list[threading.Thread] = []
+        self._finished: list[threading.Event] = []  # one per worker of the current round
         self._started = time.monotonic()
         self._deadline = self._started + settings.hours * 3600 if settings.hours else None
         self._program = _read(settings.root / "program.md")
@@ -302,21 +302,22 @@ class Night:
             active = [s for s in self.slots if not s.retired]
             if not active:
                 raise NightError(self._retired_message())
-            self._threads = [threading.Thread(target=self._worker, args=(s, propose), daemon=True, name=s.name)
-                             for s in active]
-            for thread in self._threads:
-                thread.start()
+            self._finished = [threading.Event() for _ in active]
+            for slot, finished in zip(active, self._finished):
+                threading.Thread(target=self._worker, args=(slot, propose, finished), daemon=True,
+                                 name=slot.name).start()
             self._join()
             if not self._pending or (propose and self._past_deadline()):
                 return
 
     def _join(self) -> None:
-        for thread in self._threads:
-            while thread.is_alive():
-                thread.join(0.5)
+        """Wait for the workers. Not Thread.join: on Python 3.11 a Ctrl-C inside it can mark
+        a running thread as stopped, and the cancelled experiment would go unrecorded."""
+        for finished in self._finished:
+            while not finished.wait(0.5):
                 self._tick(self.view())
 
-    def _worker(self, slot: Slot, propose: bool) -> None:
+    def _worker(self, slot: Slot, propose: bool, finished: threading.Event) -> None:
         try:
             self._serve(slot, propose)
         except Exception as exc:  # a bug, not the experiment's doing: stop the night, say so
@@ -325,6 +326,7 @@ class Night:
             self._stop.set()
         finally:
             slot.show(None, "idle")
+            finished.set()
 
     def _serve(self, slot: Slot, propose: bool) -> None:
         prefetch: _Prefetch | None = None

@@ -151,7 +151,11 @@ def console() -> Console:
 @json_option
 @user_errors
 def status(runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
-    """Is the night running, what runs now, the best so far, throughput, noise and thresholds."""
+    """Is the night running, and how it goes.
+
+    What runs now, the best so far, kept/discarded/failed counts, experiments per
+    hour, duty cycle, and the noise and thresholds the decisions use.
+    """
     with open_night(runs_dir, tag) as night:
         fig = reports.figures(night.ledger, night.run_dir)
     if as_json:
@@ -181,7 +185,11 @@ def list_(runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
 @json_option
 @user_errors
 def show(exp_id: str, runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
-    """One experiment: description, lineage, metrics, both phases, image, data, log tails, diff."""
+    """One experiment in full.
+
+    Description, lineage back to the baseline, metrics, both phases, image, data
+    manifest, the tails of its logs and its diff.
+    """
     with open_night(runs_dir, tag) as night:
         row = night.ledger.get(exp_id)
         if as_json:
@@ -218,7 +226,12 @@ class ReviewTarget:
 @click.pass_context
 @user_errors
 def review(ctx: click.Context, runs_dir: Path | None, tag: str | None, train_py: Path | None, as_json: bool) -> None:
-    """Walk the kept changes, best first: [a]ccept into train.py (git commit), [r]eject, [s]kip, [q]uit."""
+    """Accept or reject the kept changes.
+
+    Walks the pending kept changes best first: [a]ccept applies it to train.py
+    and commits that file (inside a git work tree), [r]eject records why,
+    [s]kip leaves it pending, [q]uit stops.
+    """
     ctx.obj = ReviewTarget(runs_dir, tag, train_py)
     if ctx.invoked_subcommand is not None:
         return
@@ -303,7 +316,12 @@ def review_reject(target: ReviewTarget, exp_id: str, why: str, runs_dir: Path | 
 @json_option
 @user_errors
 def rerun(exp_id: str, exact: bool, runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
-    """Rerun EXP_ID from its recorded image and data; say whether val_bpb is bit-identical."""
+    """Rerun an experiment from its image.
+
+    Uses the recorded image, data and seed. With --exact the recorded schedule is
+    replayed and the verdict says whether val_bpb and the exported weights are
+    bit-identical; without it, a fresh timed run measures the noise.
+    """
     with open_night(runs_dir, tag) as night:
         verdict = reruns.rerun(night.ledger, night.run_dir, exp_id, exact=exact,
                                on_start=lambda line: click.echo(line, err=True))
@@ -322,7 +340,11 @@ def rerun(exp_id: str, exact: bool, runs_dir: Path | None, tag: str | None, as_j
 @night_options
 @user_errors
 def plot(out: Path | None, runs_dir: Path | None, tag: str | None) -> None:
-    """The progress chart: val_bpb per experiment, kept ones labelled, the running best."""
+    """The progress chart (PNG).
+
+    val_bpb per experiment in order: discarded ones faint, kept ones labelled,
+    the running best as a step line.
+    """
     with open_night(runs_dir, tag) as night:
         png = reports.plot_png(night.ledger, f"autoresearch {night.tag}")
         out = out or night.run_dir / "progress.png"
@@ -360,7 +382,11 @@ def export(fmt: str, out: Path | None, runs_dir: Path | None, tag: str | None) -
 @night_options
 @user_errors
 def report(out: Path | None, runs_dir: Path | None, tag: str | None) -> None:
-    """One self-contained HTML page: chart, kept changes with diffs, failures, noise and throughput."""
+    """One self-contained HTML report.
+
+    The chart, the kept changes with their diffs, the failures with their log
+    tails, the noise and the throughput figures.
+    """
     with open_night(runs_dir, tag) as night:
         page = reports.html_report(night.ledger, night.run_dir)
         out = out or night.run_dir / "report.html"

@@ -20,25 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from runner.decision import DISCARD, KEEP  # noqa: E402
-from runner.ledger import (  # noqa: E402
-    BASELINE,
-    CONFIRM,
-    DONE,
-    EXPERIMENT,
-    FAILURES,
-    REJECTED,
-    UNFINISHED,
-    Experiment,
-    Ledger,
-)
-from runner.review import baseline_mean, item  # noqa: E402
-from sandbox.logparse import tail  # noqa: E402
+from runner.decision import DISCARD, KEEP
+from runner.ledger import BASELINE, CONFIRM, DONE, EXPERIMENT, FAILURES, REJECTED, UNFINISHED, Experiment, Ledger
+from runner.review import baseline_mean, item
+from sandbox.logparse import tail
 
 # A night that recorded no end is taken as still running while its last sign of
 # life is younger than one experiment can take: budget + compile/export + evaluation.
@@ -221,6 +206,11 @@ def progress_series(ledger: Ledger) -> Series:
 def plot_png(ledger: Ledger, title: str = "") -> bytes:
     """The progress chart as PNG bytes."""
     series = progress_series(ledger)
+    import matplotlib  # here: it takes a second to import and only the chart needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(13, 6), dpi=110)
     try:
         layers = (

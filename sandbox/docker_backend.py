@@ -10,13 +10,10 @@ runner that died. Whatever the container does ends in a `RunResult`, never an ex
 
 from __future__ import annotations
 
-import codecs
 import math
 import os
-import re
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,65 +26,18 @@ from docker.types import DeviceRequest, LogConfig, Mount
 
 from sandbox import images
 from sandbox.gpu_watchdog import GpuWatchdog, Reader
+from sandbox.runlog import LineLog, classify
 from sandbox.spec import CancelToken, Killer, Phase, RunResult, RunSpec, SandboxUnavailable, Status
 
 log = structlog.get_logger(__name__)
 
 RUN_LABEL = "autoresearch.run"
 OWNER_LABEL = "autoresearch.owner"  # the runner process that supervises the container
-LOG_TAIL_LINES = 40
-MAX_LOG_BYTES = 64 * 2**20  # a run that prints more is cut there on disk; its tail is still kept
 BACKSTOP_S = 15  # the in-container `timeout` fires this long after the host deadline
 KILL_GRACE_S = 30.0  # how long a killed container may take to stop before the run is given up
 POLL_S = 0.2
 STATS_EVERY_S = 1.0
-_NEWLINE = re.compile(r"\r\n|\r|\n")
 _DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
-
-
-class LineLog:
-    """A byte stream written to a file as lines split on `\\n` and `\\r`, each flushed.
-
-    Progress bars redraw with `\\r`: splitting on it makes every redraw a line that can
-    be tailed live. The file is cut at `max_bytes`; the last lines are always kept.
-    """
-
-    def __init__(self, path: Path, max_bytes: int = MAX_LOG_BYTES, tail_lines: int = LOG_TAIL_LINES) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("w", encoding="utf-8")
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._pending = ""
-        self._written = 0
-        self._max_bytes = max_bytes
-        self._lock = threading.Lock()  # the stream and the sandbox's notes come from different threads
-        self.tail: deque[str] = deque(maxlen=tail_lines)
-
-    def feed(self, chunk: bytes) -> None:
-        text = self._pending + self._decoder.decode(chunk)
-        held = "\r" if text.endswith("\r") else ""  # maybe the first half of "\r\n"
-        *lines, rest = _NEWLINE.split(text[: len(text) - len(held)])
-        self._pending = rest + held
-        for line in lines:
-            self._write(line)
-
-    def close(self) -> None:
-        rest = (self._pending + self._decoder.decode(b"", final=True)).rstrip("\r")
-        if rest:
-            self._write(rest)
-        self._file.close()
-
-    def note(self, line: str) -> None:
-        """A line from the sandbox itself (why a run was stopped, an engine error)."""
-        self._write(f"[sandbox] {line}")
-
-    def _write(self, line: str) -> None:
-        with self._lock:
-            self.tail.append(line)
-            if self._written > self._max_bytes:
-                return
-            self._written += len(line) + 1
-            self._file.write(line + "\n" if self._written <= self._max_bytes else f"[log cut at {self._max_bytes} bytes]\n")
-            self._file.flush()
 
 
 class _Stopper:
@@ -159,18 +109,6 @@ def container_config(spec: RunSpec, owner: str = "") -> dict[str, Any]:
     if spec.gpu_uuid:
         config["device_requests"] = [DeviceRequest(device_ids=[spec.gpu_uuid], capabilities=[["gpu"]])]
     return config
-
-
-def classify(killer: Killer, exit_code: int | None, oom_killed: bool) -> tuple[Status, Killer]:
-    """How a run ended, from who stopped it, its exit code and the kernel's OOM flag."""
-    by_killer = {Killer.CANCEL: Status.CANCELLED, Killer.DEADLINE: Status.TIMEOUT, Killer.WATCHDOG: Status.GPU_OOM}
-    if killer in by_killer:
-        return by_killer[killer], killer
-    if exit_code == 0:
-        return Status.OK, Killer.NONE
-    if oom_killed:
-        return Status.OOM, Killer.OOM_KILLER
-    return Status.CRASH, Killer.NONE
 
 
 def _make_writable(out_dir: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-_LINE = re.compile(r"^([a-z_][a-z0-9_]*): (\S+)$")
+_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*): (\S+)$")
 
 
 def parse_summary(text: str) -> dict[str, str]:

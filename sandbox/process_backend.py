@@ -51,7 +51,7 @@ from pathlib import Path
 
 import structlog
 
-from sandbox.docker_backend import LineLog, classify
+from sandbox.runlog import LineLog, classify
 from sandbox.gpu_watchdog import GpuWatchdog
 from sandbox.spec import CancelToken, Killer, Limits, Phase, RunResult, RunSpec, SandboxUnavailable, Status
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from sandbox import docker_backend, images
-from tests import hostile_cases as hostile
-from sandbox.docker_backend import (OWNER_LABEL, RUN_LABEL, DockerBackend, LineLog, classify, container_config,
-                                    process_identity)
+from sandbox.docker_backend import OWNER_LABEL, RUN_LABEL, DockerBackend, container_config, process_identity
+from sandbox.runlog import LineLog, classify
 from sandbox.spec import CancelToken, Killer, Limits, Mount, Phase, RunSpec, Status
+from tests import hostile_cases as hostile
 
 FAKE_SECRET = "sk-ant-fake-secret-for-the-sandbox-test"
 TINY = Limits(memory_bytes=256 * 2**20, pids=128, shm_bytes=16 * 2**20, tmp_bytes=32 * 2**20)

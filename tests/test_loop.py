@@ -414,3 +414,27 @@ def test_events_go_to_the_json_lines_file_and_concisely_to_the_console(project):
     assert (decided["exp"], decided["decision"], decided["level"]) == ("e0004", "keep", "info") and decided["timestamp"]
     assert "experiment.decided exp=e0004 decision=keep" in screen.getvalue()
     assert structlog.get_config()["processors"] != []  # back to the defaults after the block
+
+
+@pytest.mark.parametrize("agent, message", [
+    ("command", "no agent command given"),
+    ("anthropic", "ANTHROPIC_API_KEY is not set"),
+])
+def test_an_agent_that_cannot_work_is_one_line_before_anything_runs(agent, message, project, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("AR_AGENT_COMMAND", raising=False)
+    monkeypatch.chdir(project)
+    result = CliRunner().invoke(main, ["overnight", "--gpus", "none", "--agent", agent, "--tag", "t"])
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith("Error: ") and message in last
+    assert "Traceback" not in result.output
+    assert not (project / "runs" / "t" / "ledger.sqlite").exists()  # nothing was started
+
+
+def test_asking_for_docker_without_an_engine_is_one_line(project, monkeypatch):
+    monkeypatch.setattr("sandbox.backends.docker_unreachable", lambda: "FileNotFoundError: no socket")
+    monkeypatch.chdir(project)
+    result = CliRunner().invoke(main, ["overnight", "--gpus", "none", "--agent", "search", "--sandbox", "docker"])
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith("Error: the docker sandbox was asked for")
+    assert "Traceback" not in result.output

@@ -1,0 +1,72 @@
+"""What both backends do with a run's output and its end: line logs and status classification."""
+
+from __future__ import annotations
+
+import codecs
+import re
+import threading
+from collections import deque
+from pathlib import Path
+
+from sandbox.spec import Killer, Status
+
+LOG_TAIL_LINES = 40
+MAX_LOG_BYTES = 64 * 2**20  # a run that prints more is cut there on disk; its tail is still kept
+_NEWLINE = re.compile(r"\r\n|\r|\n")
+
+
+class LineLog:
+    """A byte stream written to a file as lines split on `\\n` and `\\r`, each flushed.
+
+    Progress bars redraw with `\\r`: splitting on it makes every redraw a line that can
+    be tailed live. The file is cut at `max_bytes`; the last lines are always kept.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = MAX_LOG_BYTES, tail_lines: int = LOG_TAIL_LINES) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("w", encoding="utf-8")
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+        self._written = 0
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()  # the stream and the sandbox's notes come from different threads
+        self.tail: deque[str] = deque(maxlen=tail_lines)
+
+    def feed(self, chunk: bytes) -> None:
+        text = self._pending + self._decoder.decode(chunk)
+        held = "\r" if text.endswith("\r") else ""  # maybe the first half of "\r\n"
+        *lines, rest = _NEWLINE.split(text[: len(text) - len(held)])
+        self._pending = rest + held
+        for line in lines:
+            self._write(line)
+
+    def close(self) -> None:
+        rest = (self._pending + self._decoder.decode(b"", final=True)).rstrip("\r")
+        if rest:
+            self._write(rest)
+        self._file.close()
+
+    def note(self, line: str) -> None:
+        """A line from the sandbox itself (why a run was stopped, an engine error)."""
+        self._write(f"[sandbox] {line}")
+
+    def _write(self, line: str) -> None:
+        with self._lock:
+            self.tail.append(line)
+            if self._written > self._max_bytes:
+                return
+            self._written += len(line) + 1
+            self._file.write(line + "\n" if self._written <= self._max_bytes else f"[log cut at {self._max_bytes} bytes]\n")
+            self._file.flush()
+
+
+def classify(killer: Killer, exit_code: int | None, oom_killed: bool) -> tuple[Status, Killer]:
+    """How a run ended, from who stopped it, its exit code and the kernel's OOM flag."""
+    by_killer = {Killer.CANCEL: Status.CANCELLED, Killer.DEADLINE: Status.TIMEOUT, Killer.WATCHDOG: Status.GPU_OOM}
+    if killer in by_killer:
+        return by_killer[killer], killer
+    if exit_code == 0:
+        return Status.OK, Killer.NONE
+    if oom_killed:
+        return Status.OOM, Killer.OOM_KILLER
+    return Status.CRASH, Killer.NONE

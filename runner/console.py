@@ -74,7 +74,7 @@ def summary_table(rows: Sequence[Experiment], baseline_mean: float | None) -> Ta
     """The night's experiments, one line each, for the end of the run."""
     table = Table(title="autoresearch: this night", title_justify="left")
     for name, justify in (("id", "left"), ("kind", "left"), ("status", "left"), ("decision", "left"),
-                          ("val_bpb", "right"), ("delta", "right"), ("gpu", "left"), ("description", "left")):
+                          ("val_bpb", "right"), ("vs best", "right"), ("gpu", "left"), ("description", "left")):
         table.add_column(name, justify=justify, overflow="fold")
     for e in rows:
         val = "" if e.val_bpb is None else f"{e.val_bpb:.6f}"

@@ -16,9 +16,12 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
 import structlog
+
+if TYPE_CHECKING:
+    from sandbox.experiment import ExperimentOutcome
 
 log = structlog.get_logger(__name__)
 
@@ -28,8 +31,6 @@ PROPOSED, REJECTED, BUILT, TRAINING, EVALUATING, DONE = (
 )
 FAILURES = ("crash", "timeout", "oom", "gpu_oom", "export_failed", "probe_failed", "cancelled")
 UNFINISHED = (PROPOSED, BUILT, TRAINING, EVALUATING)
-TERMINAL = (REJECTED, DONE, *FAILURES)
-_RUNNING = (TRAINING, EVALUATING)
 TRANSITIONS: dict[str, frozenset[str]] = {
     # -> crash before training: the infrastructure (image build, backend) kept failing.
     PROPOSED: frozenset({REJECTED, BUILT, "crash"}),
@@ -224,6 +225,33 @@ _COLUMNS = tuple(f.name for f in dataclasses.fields(Experiment))
 def metric_columns(metrics: dict[str, float]) -> dict[str, float]:
     """The summary metrics that have a column of their own (all of them stay in metrics_json)."""
     return {column: metrics[key] for key, column in SUMMARY_COLUMNS.items() if key in metrics}
+
+
+def outcome_fields(outcome: ExperimentOutcome) -> dict[str, Any]:
+    """The columns an experiment's outcome fills; one mapping for nights and reruns."""
+    runs = [r for r in (outcome.train, outcome.eval) if r is not None]
+    fields = {
+        "train_seconds": outcome.phase_seconds.get("train"),
+        "eval_seconds": outcome.phase_seconds.get("eval"),
+        "train_exit_code": outcome.train.exit_code,
+        "train_killed_by": outcome.train.killed_by.value,
+        "eval_exit_code": outcome.eval.exit_code if outcome.eval else None,
+        "eval_killed_by": outcome.eval.killed_by.value if outcome.eval else None,
+        "peak_host_memory_bytes": _peak(r.peak_host_memory_bytes for r in runs),
+        "peak_gpu_memory_bytes": _peak(r.peak_gpu_memory_bytes for r in runs),
+        "log_tail": outcome.failure_log or None,
+        "metrics_json": json.dumps(outcome.metrics),
+        "val_bpb_text": outcome.summary.get("val_bpb"),
+        **metric_columns(outcome.metrics),
+    }
+    if outcome.train.isolation:  # the level the backend actually reached for this run
+        fields["isolation"] = outcome.train.isolation
+    return fields
+
+
+def _peak(values: Iterable[int | None]) -> int | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
 
 
 def now() -> str:

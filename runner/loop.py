@@ -17,9 +17,6 @@ Order of a night:
 from __future__ import annotations
 
 import collections
-import dataclasses
-import hashlib
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,23 +26,22 @@ from typing import Callable
 import structlog
 
 from runner import decision
-from runner.agents.base import Agent, AgentError, Context, HistoryRow, Usage
+from runner.agents.base import Agent, AgentError
 from runner.agents.factory import AgentConfigError
-from runner.agents.prompt import harness_api_text
-from runner.agents.search_agent import hyperparameters
 from runner.console import NightView, WorkerView
-from runner.diffs import DiffRejected, validate_and_apply
 from runner.gpus import Gpu
+from runner.judge import Judge
 from runner.ledger import (
-    BASELINE, BUILT, CONFIRM, DONE, EXPERIMENT, FAILURES, PROPOSED, REJECTED, Experiment, Ledger, metric_columns,
+    BASELINE, BUILT, DONE, EXPERIMENT, FAILURES, PROPOSED, UNFINISHED, Experiment, Ledger, outcome_fields,
 )
+from runner.proposals import Best, Proposer
+from runner.records import Records
 from runner.settings import Settings
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.spec import Backend, CancelToken
 
 log = structlog.get_logger(__name__)
 
-CONFIRM_SEED = 1  # harness seed of confirmation runs (the default seed is the harness's own)
 AGENT_BACKOFF_S = (5.0, 300.0)  # first and longest wait after an agent error
 RunFn = Callable[..., ExperimentOutcome]
 
@@ -58,15 +54,6 @@ class NightError(Exception):
 class Dataset:
     path: Path  # $AR_CACHE/<source>
     manifest_hash: str
-
-
-@dataclass(frozen=True)
-class Best:
-    """What proposals start from: the baseline, then each kept change."""
-
-    exp_id: str
-    value: float
-    train_py: str
 
 
 @dataclass
@@ -135,17 +122,13 @@ class Night:
         self._run = run
         self.profile = "gpu" if gpus else "cpu"
         self.slots = [Slot(gpu) for gpu in gpus] or [Slot(None)]
-        self.night_id: int | None = None
+        self.records = Records(ledger, settings.run_dir, self.profile)
+        self.proposer = Proposer(agent, self.records, settings.root, settings.max_diff_retries)
+        self.judge: Judge | None = None  # once the baseline has measured the noise
         self.noise: decision.Noise | None = None
-        self.threshold: float | None = None
-        self._best: Best | None = None
-        self._best_lock = threading.Lock()
-        # One proposal at a time: agents need not be thread-safe, and CPython 3.11's ast
-        # module is not (parallel ast.parse can fail with "recursion depth mismatch"), so
-        # every parse of a train.py (validation, hyperparameters) happens under this lock.
-        self._parse_lock = threading.RLock()
+        self.night_id: int | None = None
         self._pending: collections.deque[Experiment] = collections.deque()
-        self._pending_lock = threading.Lock()
+        self._lock = threading.Lock()  # the pending queue, failure bookkeeping, proposal counts
         self._failed_on: dict[str, set[str]] = collections.defaultdict(set)  # row -> slots it failed on
         self._proposals = 0  # proposals started this night (for --max-experiments)
         self._agent_errors = 0  # in a row
@@ -157,20 +140,18 @@ class Night:
         self._finished: list[threading.Event] = []  # one per worker of the current round
         self._started = time.monotonic()
         self._deadline = self._started + settings.hours * 3600 if settings.hours else None
-        self._program = _read(settings.root / "program.md")
-        self._harness_api = harness_api_text(_read(settings.root / "prepare.py"))
 
     # -- public -------------------------------------------------------------------
 
     @property
     def best(self) -> Best | None:
-        return self._best
+        return self.judge.best if self.judge else None
 
     def run(self, on_tick: Callable[[NightView], None] | None = None) -> str:
         """Run the night; return why it stopped. Ctrl-C cancels running experiments cleanly."""
         if on_tick is not None:
             self._tick = on_tick
-        self.night_id = self.ledger.start_night(self.settings.tag, self._record())
+        self.night_id = self.records.night_id = self.ledger.start_night(self.settings.tag, self._record())
         reason = "interrupted"
         try:
             reason = self._night()
@@ -194,8 +175,7 @@ class Night:
         now = time.monotonic()
         rows = self.ledger.experiments(night_id=self.night_id, kinds=[EXPERIMENT])
         finished = [r for r in rows if r.status in (DONE, *FAILURES) and r.status != "cancelled"]
-        hours = max(now - self._started, 1.0) / 3600
-        best = self._best
+        best = self.best
         return NightView(
             workers=tuple(WorkerView(s.name, s.exp_id, "retired" if s.retired else s.phase, now - s.since)
                           for s in self.slots),
@@ -203,7 +183,7 @@ class Night:
             best_id=best.exp_id if best else None,
             finished=len(finished),
             kept=sum(r.decision == decision.KEEP for r in rows),
-            per_hour=len(finished) / hours,
+            per_hour=len(finished) / (max(now - self._started, 1.0) / 3600),
         )
 
     # -- the phases of a night -------------------------------------------------------------
@@ -239,9 +219,9 @@ class Night:
         self._work(propose=False)
         if self._stop.is_set():
             return self._stop_reason()
-        self._measure_noise()
+        self.judge = self._measure_noise()
         self._queue(r for r in owed if r.kind != BASELINE)
-        self._queue(self._settle_undecided())
+        self._queue(self.judge.settle_undecided())
         self._work(propose=True)
         if self._stop.is_set():
             return self._stop_reason()
@@ -262,33 +242,34 @@ class Night:
     def _new_baselines(self) -> list[Experiment]:
         """Baseline rows still missing: R done ones are needed; those in flight count."""
         rows = self.ledger.experiments(kinds=[BASELINE])
-        have = [r for r in rows if r.status == DONE or r.status in (PROPOSED, BUILT, "training", "evaluating")]
-        train_py = self._train_py(rows[0]) if rows else _read(self.settings.root / "train.py")
+        have = [r for r in rows if r.status == DONE or r.status in UNFINISHED]
+        train_py = self.records.train_py(rows[0]) if rows else (self.settings.root / "train.py").read_text()
         new = []
         for n in range(len(rows), len(rows) + self.settings.baseline_runs - len(have)):
             seed = None if n == 0 else n  # the first uses the harness's default seed, like the experiments
-            new.append(self._add(kind=BASELINE, status=PROPOSED, train_py=train_py, seed=seed,
-                                 description="baseline" if seed is None else f"baseline (seed {seed})"))
+            new.append(self.records.add(kind=BASELINE, status=PROPOSED, train_py=train_py, seed=seed,
+                                        description="baseline" if seed is None else f"baseline (seed {seed})"))
         return new
 
-    def _measure_noise(self) -> None:
+    def _measure_noise(self) -> Judge:
         failed = [r for r in self.ledger.experiments(kinds=[BASELINE], night_id=self.night_id) if r.status != DONE]
-        runs = self.ledger.experiments(kinds=[BASELINE], statuses=[DONE])
         if failed:
             raise NightError(
                 f"the baseline train.py ended in {failed[0].status} ({failed[0].id}); "
-                f"see {self._dir(failed[0].id) / 'train.log'}."
+                f"see {self.records.dir(failed[0].id) / 'train.log'}."
             )
+        runs = self.ledger.experiments(kinds=[BASELINE], statuses=[DONE])
         self.noise = decision.measure_noise([r.val_bpb for r in runs])
-        self.threshold = decision.threshold(self.settings.rule, self.noise.sigma)
-        self.ledger.set_noise(self.night_id, mean=self.noise.mean, sigma=self.noise.sigma,
-                              runs=self.noise.runs, threshold=self.threshold)
+        threshold = decision.threshold(self.settings.rule, self.noise.sigma)
+        self.ledger.set_noise(self.night_id, mean=self.noise.mean, sigma=self.noise.sigma, runs=self.noise.runs,
+                              threshold=threshold)
         kept = self.ledger.best_kept()
         start = kept or runs[0]
-        self._best = Best(start.id, kept.decision_value if kept else self.noise.mean, self._train_py(start))
+        best = Best(start.id, kept.decision_value if kept else self.noise.mean, self.records.train_py(start))
         log.info("night.thresholds", baseline_mean=self.noise.mean, sigma=self.noise.sigma, runs=self.noise.runs,
-                 k=self.settings.rule.k, min_delta=self.settings.rule.min_delta, threshold=self.threshold,
-                 best=self._best.value, best_id=self._best.exp_id)
+                 k=self.settings.rule.k, min_delta=self.settings.rule.min_delta, threshold=threshold,
+                 best=best.value, best_id=best.exp_id)
+        return Judge(self.records, self.settings.rule, threshold, best)
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -351,7 +332,7 @@ class Night:
 
     def _take(self, slot: Slot) -> Experiment | None:
         """The next owed row, but not one that just failed on this slot while others could run it."""
-        with self._pending_lock:
+        with self._lock:
             active = {s.name for s in self.slots if not s.retired}
             for row in self._pending:
                 tried = self._failed_on.get(row.id, set())
@@ -361,29 +342,28 @@ class Night:
             return None
 
     def _queue(self, rows) -> None:
-        with self._pending_lock:
+        with self._lock:
             self._pending.extend(rows)
 
     def _past_deadline(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
+    # -- one experiment: propose, build, run, record, decide ---------------------------------
+
     def _prefetch(self) -> _Prefetch | None:
         """Start preparing the next experiment from the best of this moment, if the night may start another."""
         if self._stop.is_set() or self._past_deadline():
             return None
-        with self._pending_lock:
+        with self._lock:
             if self.settings.max_experiments is not None and self._proposals >= self.settings.max_experiments:
                 return None
             self._proposals += 1
-        with self._best_lock:
-            parent = self._best
+        parent = self.judge.best
         return _Prefetch(lambda: self._prepare(parent))
-
-    # -- one experiment: propose, build, run, record, decide ---------------------------------
 
     def _prepare(self, parent: Best) -> Experiment | None:
         try:
-            row = self._propose(parent)
+            row = self.proposer.propose(parent, self.noise.mean)
         except AgentConfigError as exc:
             self._fatal = str(exc)
             self._stop.set()
@@ -391,6 +371,7 @@ class Night:
         except AgentError as exc:
             self._agent_failed(exc)
             return None
+        self._agent_errors = 0
         if row is None or self._stop.is_set():
             return row
         try:
@@ -399,37 +380,9 @@ class Night:
             log.warning("experiment.build_failed", exp=row.id, error=str(exc))
             return row
 
-    def _propose(self, parent: Best) -> Experiment | None:
-        """Ask the agent, feeding back the validator's reason, up to N tries."""
-        with self._parse_lock:
-            return self._propose_locked(parent)
-
-    def _propose_locked(self, parent: Best) -> Experiment | None:
-        context = self._context(parent)
-        usage, attempt, proposal, reason = Usage(), 0, None, ""
-        for attempt in range(1, self.settings.max_diff_retries + 1):
-            proposal = self.agent.propose(context)
-            self._agent_errors = 0
-            usage = _add_usage(usage, proposal.usage)
-            try:
-                train_py = validate_and_apply(proposal.diff, parent.train_py)
-            except DiffRejected as exc:
-                reason = exc.reason
-                log.info("proposal.rejected", attempt=attempt, reason=reason)
-                context = dataclasses.replace(context, feedback=reason)
-                continue
-            return self._add(kind=EXPERIMENT, status=PROPOSED, train_py=train_py, parent_id=parent.exp_id,
-                             description=proposal.description, diff=proposal.diff, agent=self.agent.name,
-                             attempts=attempt, **dataclasses.asdict(usage))
-        assert proposal is not None
-        self._add(kind=EXPERIMENT, status=REJECTED, train_py=None, parent_id=parent.exp_id,
-                  description=proposal.description, diff=proposal.diff, agent=self.agent.name,
-                  attempts=attempt, reject_reason=reason, **dataclasses.asdict(usage))
-        return None
-
     def _agent_failed(self, exc: AgentError) -> None:
         """Record, wait a little longer each time, go on: an agent outage never ends the night."""
-        with self._pending_lock:
+        with self._lock:
             self._agent_errors += 1
             self._proposals -= 1  # nothing was proposed
             errors = self._agent_errors
@@ -438,61 +391,12 @@ class Night:
         log.warning("agent.error", agent=self.agent.name, error=str(exc), in_a_row=errors, retry_in_s=wait)
         self._stop.wait(wait)
 
-    def _context(self, parent: Best) -> Context:
-        rows = self.ledger.experiments(kinds=[EXPERIMENT])
-        values = {r.id: r.decision_value for r in rows if r.decision == decision.KEEP}
-        values.update({r.id: self.noise.mean for r in self.ledger.experiments(kinds=[BASELINE])})
-        history = tuple(
-            HistoryRow(
-                exp_id=r.id,
-                description=r.description,
-                status=r.decision or r.status,
-                val_bpb=r.val_bpb,
-                delta=(r.val_bpb - values[r.parent_id]) if r.val_bpb is not None and r.parent_id in values else None,
-                params=r.params,
-            )
-            for r in rows
-        )
-        failures = [r for r in rows if r.status in FAILURES and r.log_tail]
-        return Context(
-            program=self._program,
-            train_py=parent.train_py,
-            harness_api=self._harness_api,
-            history=history,
-            best_val_bpb=parent.value,
-            last_failure_log=failures[-1].log_tail if failures else "",
-            seed=len(rows),
-        )
-
-    def _add(self, *, kind: str, status: str, train_py: str | None, **fields) -> Experiment:
-        """A new ledger row, with its directory holding train.py and the diff."""
-        if train_py is not None:
-            fields.update(train_sha256=_sha256(train_py), params_json=json.dumps(self._params(train_py)))
-        row = self.ledger.add(kind=kind, status=status, night_id=self.night_id, **fields)
-        directory = self._dir(row.id)
-        directory.mkdir(parents=True, exist_ok=True)
-        if train_py is not None:
-            (directory / "train.py").write_text(train_py)
-        if row.diff:
-            (directory / "diff.patch").write_text(row.diff)
-        log.info("experiment.added", exp=row.id, kind=kind, status=status, parent=row.parent_id,
-                 description=row.description, reason=row.reject_reason)
-        return row
-
-    def _params(self, train_py: str) -> dict:
-        """Its hyperparameter constants, shown to agents (none when the file does not parse)."""
-        try:
-            with self._parse_lock:
-                return hyperparameters(train_py, self.profile)
-        except SyntaxError:
-            return {}
-
     def _build(self, row: Experiment) -> Experiment:
         """Bake the row's train.py into an image (again, if the recorded one is gone)."""
         if row.status != PROPOSED and row.image and self.backend.image_exists(row.image):
             return row
         started = time.monotonic()
-        image = self.backend.build_image(self._train_py(row), row.id)
+        image = self.backend.build_image(self.records.train_py(row), row.id)
         fields = {"image": image, "build_seconds": time.monotonic() - started}
         if row.status == PROPOSED:
             self.ledger.transition(row.id, BUILT, **fields)
@@ -500,7 +404,7 @@ class Night:
             self.ledger.update(row.id, **fields)
         return self.ledger.get(row.id)
 
-    def _execute(self, slot: Slot, row: Experiment) -> None:
+    def _execute(self, slot: Slot, row: Experiment | None) -> None:
         """Run one experiment on `slot`, record it, decide it; run its confirmation if any."""
         while row is not None and not self._stop.is_set():
             try:
@@ -512,7 +416,7 @@ class Night:
                 return
             slot.strikes = 0
             self._record_outcome(row, outcome)
-            row = self._after(row.id) if outcome.status != "cancelled" else None
+            row = self.judge.after(row.id, may_confirm=not self._stop.is_set()) if self.judge else None
 
     def _run_phases(self, slot: Slot, row: Experiment) -> ExperimentOutcome:
         gpu = slot.gpu
@@ -527,134 +431,38 @@ class Night:
             slot.show(row.id, status)
 
         spec = ExperimentSpec(
-            exp_id=row.id, image=row.image, data_dir=self.data.path, run_dir=self._dir(row.id),
+            exp_id=row.id, image=row.image, data_dir=self.data.path, run_dir=self.records.dir(row.id),
             time_budget=self.settings.time_budget(self.profile), gpu_uuid=gpu.uuid if gpu else None, seed=row.seed,
         )
         return self._run(self.backend, spec, self._cancel, on_phase=on_phase)
 
     def _record_outcome(self, row: Experiment, outcome: ExperimentOutcome) -> None:
-        runs = [r for r in (outcome.train, outcome.eval) if r is not None]
-        fields = {
-            "train_seconds": outcome.phase_seconds.get("train"),
-            "eval_seconds": outcome.phase_seconds.get("eval"),
-            "train_exit_code": outcome.train.exit_code,
-            "train_killed_by": outcome.train.killed_by.value,
-            "eval_exit_code": outcome.eval.exit_code if outcome.eval else None,
-            "eval_killed_by": outcome.eval.killed_by.value if outcome.eval else None,
-            "peak_host_memory_bytes": _peak(r.peak_host_memory_bytes for r in runs),
-            "peak_gpu_memory_bytes": _peak(r.peak_gpu_memory_bytes for r in runs),
-            "isolation": outcome.train.isolation or self.backend.isolation,
-            "log_tail": outcome.failure_log or None,
-            "metrics_json": json.dumps(outcome.metrics),
-            "val_bpb_text": outcome.summary.get("val_bpb"),
-            **metric_columns(outcome.metrics),
-        }
-        self.ledger.transition(row.id, outcome.status, **fields)
+        self.ledger.transition(row.id, outcome.status, **outcome_fields(outcome))
         log.info("experiment.finished", exp=row.id, kind=row.kind, status=outcome.status, val_bpb=outcome.val_bpb,
                  seconds=outcome.phase_seconds)
 
     def _infra_failure(self, slot: Slot, row: Experiment, exc: Exception) -> None:
         """Requeue the row for another slot; a slot failing N times in a row leaves rotation."""
         limit = self.settings.gpu_failures
+        error = f"{type(exc).__name__}: {exc}"
         slot.strikes += 1
-        with self._pending_lock:
+        with self._lock:
             self._failed_on[row.id].add(slot.name)
             failures = len(self._failed_on[row.id])
-        log.error("experiment.infrastructure_error", exp=row.id, slot=slot.name, error=f"{type(exc).__name__}: {exc}",
-                  strikes=slot.strikes)
+        log.error("experiment.infrastructure_error", exp=row.id, slot=slot.name, error=error, strikes=slot.strikes)
         if failures >= limit:
-            self.ledger.transition(row.id, "crash", error=f"infrastructure failed {limit} times: {exc}")
+            self.ledger.transition(row.id, "crash", error=f"infrastructure failed on {limit} slots: {error}")
         else:
-            self.ledger.update(row.id, error=str(exc))
+            self.ledger.update(row.id, error=error)
             self._queue([self.ledger.get(row.id)])
         if slot.strikes >= limit:
             slot.retired = True
+            self._last_infra_error = error
             log.warning("night.slot_retired", slot=slot.name, gpu=slot.gpu.uuid if slot.gpu else None,
-                        failures_in_a_row=slot.strikes, last_error=str(exc))
-            self._last_infra_error = f"{type(exc).__name__}: {exc}"
+                        failures_in_a_row=slot.strikes, last_error=error)
 
     def _retired_message(self) -> str:
         what = "every GPU" if self.slots[0].gpu else "the CPU worker"
         return (f"{what} failed {self.settings.gpu_failures} times in a row with infrastructure errors "
                 f"(last: {self._last_infra_error}); see events.jsonl.")
 
-    # -- decisions ---------------------------------------------------------------------------
-
-    def _after(self, exp_id: str) -> Experiment | None:
-        """Decide a finished row; returns a confirmation run to do next, if one is needed."""
-        row = self.ledger.get(exp_id)
-        if row.kind == EXPERIMENT and row.status == DONE:
-            return self._decide(row)
-        if row.kind == CONFIRM:
-            self._decide_confirmed(row)
-        return None
-
-    def _decide(self, row: Experiment) -> Experiment | None:
-        with self._best_lock:
-            best = self._best
-            keep = decision.beats(row.val_bpb, best.value, self.threshold)
-            if not keep or not self.settings.rule.confirm:
-                self._settle(row, decision.KEEP if keep else decision.DISCARD, row.val_bpb, best)
-                return None
-        if self._stop.is_set():
-            return None  # left undecided; the next resume confirms it
-        log.info("experiment.candidate", exp=row.id, val_bpb=row.val_bpb, best=best.value, threshold=self.threshold)
-        return self._add(kind=CONFIRM, status=BUILT, train_py=self._train_py(row), target_id=row.id,
-                         parent_id=row.parent_id, image=row.image, seed=CONFIRM_SEED, diff=row.diff,
-                         description=f"confirm {row.id} (seed {CONFIRM_SEED})")
-
-    def _decide_confirmed(self, confirm: Experiment) -> None:
-        target = self.ledger.get(confirm.target_id)
-        with self._best_lock:
-            best = self._best
-            if confirm.status == DONE:
-                verdict, value = decision.decide_confirmed(target.val_bpb, confirm.val_bpb, best.value, self.threshold)
-            else:  # the confirmation failed: nothing confirms the change
-                verdict, value = decision.DISCARD, target.val_bpb
-            self._settle(target, verdict, value, best)
-
-    def _settle(self, row: Experiment, verdict: str, value: float, best: Best) -> None:
-        """Record the decision; a keep makes this row the best (caller holds the best lock)."""
-        self.ledger.decide(row.id, verdict, value=value, best_before=best.value, threshold=self.threshold)
-        if verdict == decision.KEEP:
-            self._best = Best(row.id, value, self._train_py(row))
-        log.info("experiment.decided", exp=row.id, decision=verdict, value=value, best_before=best.value,
-                 threshold=self.threshold)
-
-    def _settle_undecided(self) -> list[Experiment]:
-        """Resume: decide rows that finished just before a kill; returns confirmations to run."""
-        runs = []
-        for row in self.ledger.undecided():
-            confirm = self.ledger.confirmation_of(row.id)
-            if confirm is None or confirm.status == "cancelled":
-                follow = self._decide(row)
-                runs.extend([follow] if follow else [])
-            elif confirm.status in (DONE, *FAILURES):
-                self._decide_confirmed(confirm)
-            # else: the confirmation itself is owed and decides the row when it ends
-        return runs
-
-    # -- files -------------------------------------------------------------------------------
-
-    def _dir(self, exp_id: str) -> Path:
-        return self.settings.run_dir / exp_id
-
-    def _train_py(self, row: Experiment) -> str:
-        return (self._dir(row.id) / "train.py").read_text()
-
-
-def _read(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _add_usage(a: Usage, b: Usage) -> Usage:
-    return Usage(**{k: v + getattr(b, k) for k, v in dataclasses.asdict(a).items()})
-
-
-def _peak(values) -> int | None:
-    present = [v for v in values if v is not None]
-    return max(present) if present else None

@@ -287,6 +287,36 @@ def test_resume_after_a_kill_reruns_the_experiment_in_flight_exactly_once(projec
     assert len(ledger.nights()) == 2
 
 
+def test_a_confirmation_killed_in_flight_is_run_again_and_then_decides(project, monkeypatch):
+    rule = Rule(k=2, min_delta=0.001, confirm=True)
+    died = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_type))
+    night, ledger = make_night(project, ScriptedAgent(change(LR=0.2)), FakeBackend(kill_at=("e0005", Phase.TRAIN)),
+                               rule=rule)
+    night.run()
+    assert died == [SimulatedKill]
+    assert (ledger.get("e0004").decision, ledger.get("e0005").kind, ledger.get("e0005").status) == \
+        (None, "confirm", "training")
+    ledger.close()
+
+    backend = FakeBackend()
+    night2, ledger = make_night(project, ScriptedAgent(change(LR=0.3)), backend, rule=rule)
+    night2.run()
+    assert [(exp, phase) for exp, phase, _ in backend.runs[:2]] == [("e0005", Phase.TRAIN), ("e0005", Phase.EVAL)]
+    assert sum(exp == "e0005" for exp, _, _ in backend.runs) == 2  # once per phase, once only
+    candidate = ledger.get("e0004")
+    assert (candidate.decision, candidate.decision_value) == ("keep", pytest.approx(0.8005))
+    assert ledger.unfinished() == [] and ledger.undecided() == []
+
+
+def test_after_the_deadline_the_baseline_still_completes_but_no_experiment_starts(project):
+    agent = ScriptedAgent(change(LR=0.2))
+    night, ledger = make_night(project, agent, FakeBackend(), max_experiments=None, hours=1e-9)
+    assert night.run() == "hours"
+    assert [r.status for r in experiments(ledger, BASELINE)] == ["done"] * 3
+    assert experiments(ledger) == [] and agent.contexts == []
+
+
 def test_workers_never_share_a_gpu_and_a_failing_gpu_leaves_rotation(project):
     gpus = [Gpu(0, "GPU-a", "Fake H100", "580.1"), Gpu(1, "GPU-bad", "Fake H100", "580.1"),
             Gpu(2, "GPU-c", "Fake H100", "580.1")]

@@ -1,0 +1,108 @@
+"""Getting the next experiment from the agent: context in, a valid diff (or a rejection) out.
+
+An invalid diff is sent back to the agent with the validator's reason, up to
+`max_tries` times; then the proposal is recorded `rejected` with the last reason,
+so the agent sees its own failure in the history next time (DESIGN §3.5–3.6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from runner.agents.base import Agent, Context, HistoryRow, Usage
+from runner.agents.prompt import harness_api_text
+from runner.decision import KEEP
+from runner.diffs import DiffRejected, validate_and_apply
+from runner.ledger import BASELINE, EXPERIMENT, FAILURES, PROPOSED, REJECTED, Experiment
+from runner.records import PARSE_LOCK, Records
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Best:
+    """What proposals start from: the baseline, then each kept change."""
+
+    exp_id: str
+    value: float
+    train_py: str
+
+
+class Proposer:
+    def __init__(self, agent: Agent, records: Records, root: Path, max_tries: int) -> None:
+        self.agent = agent
+        self.records = records
+        self.max_tries = max_tries
+        self._program = _read(root / "program.md")
+        self._harness_api = harness_api_text(_read(root / "prepare.py"))
+
+    def propose(self, parent: Best, baseline_mean: float) -> Experiment | None:
+        """A `proposed` row, or None when every try was invalid. Agent errors propagate.
+
+        One proposal at a time (agents need not be thread-safe; see PARSE_LOCK).
+        """
+        with PARSE_LOCK:
+            return self._propose(parent, baseline_mean)
+
+    def _propose(self, parent: Best, baseline_mean: float) -> Experiment | None:
+        context = self.context(parent, baseline_mean)
+        usage, proposal, reason = Usage(), None, ""
+        for attempt in range(1, self.max_tries + 1):
+            proposal = self.agent.propose(context)
+            usage = _add_usage(usage, proposal.usage)
+            try:
+                train_py = validate_and_apply(proposal.diff, parent.train_py)
+            except DiffRejected as exc:
+                reason = exc.reason
+                log.info("proposal.rejected", attempt=attempt, reason=reason)
+                context = dataclasses.replace(context, feedback=reason)
+                continue
+            return self._record(PROPOSED, train_py, parent, proposal.description, proposal.diff, attempt, usage)
+        self._record(REJECTED, None, parent, proposal.description, proposal.diff, self.max_tries, usage,
+                     reject_reason=reason)
+        return None
+
+    def _record(self, status, train_py, parent, description, diff, attempts, usage, **fields) -> Experiment:
+        return self.records.add(kind=EXPERIMENT, status=status, train_py=train_py, parent_id=parent.exp_id,
+                                description=description, diff=diff, agent=self.agent.name, attempts=attempts,
+                                **dataclasses.asdict(usage), **fields)
+
+    def context(self, parent: Best, baseline_mean: float) -> Context:
+        """What the agent sees: the parent's train.py, the history with deltas, the last failure."""
+        ledger = self.records.ledger
+        rows = ledger.experiments(kinds=[EXPERIMENT])
+        values = {r.id: r.decision_value for r in rows if r.decision == KEEP}
+        values.update({r.id: baseline_mean for r in ledger.experiments(kinds=[BASELINE])})
+        history = tuple(
+            HistoryRow(
+                exp_id=r.id,
+                description=r.description,
+                status=r.decision or r.status,
+                val_bpb=r.val_bpb,
+                delta=(r.val_bpb - values[r.parent_id]) if r.val_bpb is not None and r.parent_id in values else None,
+                params=r.params,
+            )
+            for r in rows
+        )
+        failures = [r for r in rows if r.status in FAILURES and r.log_tail]
+        return Context(
+            program=self._program,
+            train_py=parent.train_py,
+            harness_api=self._harness_api,
+            history=history,
+            best_val_bpb=parent.value,
+            last_failure_log=failures[-1].log_tail if failures else "",
+            seed=len(rows),
+        )
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _add_usage(a: Usage, b: Usage) -> Usage:
+    return Usage(**{k: v + getattr(b, k) for k, v in dataclasses.asdict(a).items()})

@@ -433,6 +433,7 @@ class Night:
         spec = ExperimentSpec(
             exp_id=row.id, image=row.image, data_dir=self.data.path, run_dir=self.records.dir(row.id),
             time_budget=self.settings.time_budget(self.profile), gpu_uuid=gpu.uuid if gpu else None, seed=row.seed,
+            deterministic=self.settings.deterministic,
         )
         return self._run(self.backend, spec, self._cancel, on_phase=on_phase)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import structlog
 
 from runner import gpus as gpu_inventory
-from runner.ledger import BUILT, DONE, RERUN, TRAINING, Experiment, Ledger, LedgerError, metric_columns
+from runner.ledger import BUILT, DONE, RERUN, TRAINING, Experiment, Ledger, LedgerError, outcome_fields
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.logparse import parse_summary
 from sandbox.spec import Backend
@@ -202,7 +202,7 @@ def _run(ledger: Ledger, backend: Backend, plan: _Plan, rerun_row: Experiment, d
     except BaseException as exc:  # Ctrl-C or a broken backend: never leave work owed to a resumed night
         _end(ledger, rerun_row.id, "cancelled" if isinstance(exc, KeyboardInterrupt) else "crash", str(exc))
         raise
-    ledger.transition(rerun_row.id, outcome.status, **_outcome_fields(outcome))
+    ledger.transition(rerun_row.id, outcome.status, **outcome_fields(outcome))
     return outcome
 
 
@@ -213,21 +213,6 @@ def _end(ledger: Ledger, exp_id: str, status: str, error: str) -> None:
         ledger.transition(exp_id, status, error=error or status)
     except LedgerError:  # it had ended already
         pass
-
-
-def _outcome_fields(outcome: ExperimentOutcome) -> dict:
-    return {
-        "train_seconds": outcome.phase_seconds.get("train"),
-        "eval_seconds": outcome.phase_seconds.get("eval"),
-        "train_exit_code": outcome.train.exit_code,
-        "train_killed_by": outcome.train.killed_by.value,
-        "eval_exit_code": outcome.eval.exit_code if outcome.eval else None,
-        "eval_killed_by": outcome.eval.killed_by.value if outcome.eval else None,
-        "log_tail": outcome.failure_log or None,
-        "metrics_json": json.dumps(outcome.metrics),
-        "val_bpb_text": outcome.summary.get("val_bpb"),
-        **metric_columns(outcome.metrics),
-    }
 
 
 def _verdict(ledger: Ledger, run_dir: Path, plan: _Plan, rerun_id: str, outcome: ExperimentOutcome, exact: bool,

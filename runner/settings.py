@@ -76,6 +76,7 @@ class Settings:
     rule: Rule = Rule()
     max_diff_retries: int = 3
     gpu_failures: int = 3  # infrastructure failures in a row that take a GPU out of rotation
+    deterministic: bool = True  # bit-for-bit reruns; costs ~19 % of GPU throughput (docs/benchmarks.md)
     runs_dir: Path | None = None  # None: root / "runs"
 
     def __post_init__(self) -> None:

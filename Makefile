@@ -4,7 +4,7 @@ HOURS ?=
 ARGS ?=
 SOURCE ?= offline
 
-.PHONY: setup prepare image test test-fast overnight bench-cpu bench-gpu bench-sandbox
+.PHONY: setup prepare image test test-fast overnight bench-cpu bench-gpu bench-night bench-sandbox
 
 $(UV):
 	python3 -m pip install --user --quiet uv || python3 -m pip install --user --quiet --break-system-packages uv
@@ -32,6 +32,9 @@ bench-cpu: setup
 
 bench-gpu: setup
 	$(UV) run python bench/experiment.py --gpu auto --budget 300 --source $(SOURCE) $(ARGS)
+
+bench-night: setup
+	$(UV) run python bench/gpu_night.py --source $(SOURCE) $(ARGS)
 
 bench-sandbox: setup
 	$(UV) run python bench/sandbox_overhead.py $(ARGS)

@@ -37,4 +37,4 @@ bench-night: setup
 	$(UV) run python bench/gpu_night.py --source $(SOURCE) $(ARGS)
 
 bench-sandbox: setup
-	$(UV) run python bench/sandbox_overhead.py $(ARGS)
+	$(UV) run python bench/experiment.py --budget 5 --repeat 5 $(ARGS)

@@ -778,7 +778,8 @@ def _configure_runtime() -> None:
 class Tokenizer:
     """The BPE tokenizer built by Part 1, as a tiktoken Encoding plus the BOS token."""
 
-    def __init__(self, data_dir: Path = DATA_DIR):
+    def __init__(self, data_dir: Path | None = None):
+        data_dir = data_dir or DATA_DIR
         with open(data_dir / "tokenizer" / "tokenizer.pkl", "rb") as f:
             spec = pickle.load(f)
         import tiktoken
@@ -1043,6 +1044,7 @@ def _logits(model, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits.float()
 
 
+@torch.no_grad()
 def causality_probe(model, x: torch.Tensor, vocab_size: int, tolerance: float = 1e-4) -> float:
     """Change every token after position t and check logits up to t do not move.
 

@@ -1,0 +1,193 @@
+"""The runtime half of prepare.py: packing, the budget, export, evaluation, the probe."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import prepare
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def harness(tiny_data, tmp_path, monkeypatch):
+    """prepare.py pointed at the tiny dataset, standalone, writing to a temporary /out."""
+    monkeypatch.setattr(prepare, "DATA_DIR", tiny_data)
+    monkeypatch.setattr(prepare, "OUT_DIR", tmp_path / "out")
+    monkeypatch.setattr(prepare, "PHASE", "")
+    monkeypatch.setattr(prepare, "_TOKENIZER", None)
+    monkeypatch.delenv("AR_REPLAY", raising=False)
+    return prepare
+
+
+class Bigram(torch.nn.Module):
+    """A causal model: logits at t depend on token t only."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, idx):
+        return self.table(idx)
+
+
+class Uniform(torch.nn.Module):
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.bias = torch.nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, idx):
+        return self.bias.expand(*idx.shape, self.vocab)
+
+
+class PeeksAhead(Bigram):
+    """Adds the embedding of the next token: the leak the probe must catch."""
+
+    def forward(self, idx):
+        future = torch.cat([idx[:, 1:], idx[:, :1]], dim=1)
+        return self.table(idx) + self.table(future)
+
+
+def test_tokenizer_round_trip(harness):
+    tok = harness.get_tokenizer()
+    text = "The old sailor paints the map again. Counting: 3 4 5."
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_id and tok.bos_id == tok.vocab_size - 1
+    assert tok.decode(ids[1:]) == text
+    assert tok.token_bytes[tok.bos_id] == 0 and tok.token_bytes[:-1].min() >= 1
+
+
+def test_packed_rows_start_with_bos_and_are_deterministic(harness):
+    bos = harness.get_tokenizer().bos_id
+    rows = harness._packed_rows("train", 65, seed=7)
+    first = [next(rows) for _ in range(50)]
+    assert all(len(r) == 65 and r[0] == bos for r in first)
+    again = harness._packed_rows("train", 65, seed=7)
+    assert all(np.array_equal(a, next(again)) for a in first)
+    other = harness._packed_rows("train", 65, seed=8)
+    assert not all(np.array_equal(a, next(other)) for a in first)
+
+
+def test_packing_keeps_documents_whole_when_they_fit(harness):
+    tokens, docs = harness._open_split("train")
+    bos = harness.get_tokenizer().bos_id
+    row_len = int(np.diff(docs).max()) + 1  # every document fits in a row
+    row = next(harness._packed_rows("train", row_len, seed=0))
+    starts = np.flatnonzero(row == bos)
+    known = {tuple(tokens[a:b]) for a, b in zip(docs[:-1], docs[1:])}
+    for a, b in zip(starts[:-1], starts[1:]):  # all but the last (possibly cropped) piece are whole documents
+        assert tuple(row[a:b]) in known
+
+
+def test_split_guard(harness, monkeypatch):
+    monkeypatch.setattr(harness, "PHASE", "train")
+    harness._open_split("train")
+    with pytest.raises(PermissionError):
+        harness._open_split("val")
+    monkeypatch.setattr(harness, "PHASE", "eval")
+    with pytest.raises(PermissionError):
+        harness._open_split("train")
+
+
+def test_dataloader_shapes(harness):
+    x, y = next(harness.make_dataloader(4, 32))
+    assert x.shape == y.shape == (4, 32) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_budget_record_and_replay(harness, tmp_path, monkeypatch):
+    budget, seen = harness.Budget(seconds=0.3), []
+    while not budget.done:
+        seen.append(budget.progress)
+        time.sleep(0.01 * (1 + len(seen) % 3))
+        budget.step(tokens=10)
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps(budget.trace()))
+    assert budget.step_count > harness.WARMUP_STEPS and seen == budget.progress_log
+
+    monkeypatch.setenv("AR_REPLAY", str(trace))
+    replay, replayed = harness.Budget(seconds=0.3), []
+    while not replay.done:
+        replayed.append(replay.progress)
+        replay.step(tokens=10)  # no sleeping: replay ignores the clock
+    assert replayed == seen and replay.step_count == budget.step_count
+
+
+def test_bits_per_byte_of_a_uniform_model(harness, tmp_path):
+    """A uniform model costs log2(V) bits per scored token: val_bpb = log2(V) * tokens / bytes."""
+    tok = harness.get_tokenizer()
+    model = Uniform(tok.vocab_size)
+    program = torch.export.export(model, (torch.zeros(harness.EVAL_BATCH, harness.MAX_SEQ_LEN, dtype=torch.long),))
+    torch.export.save(program, tmp_path / "model.pt2")
+    result = harness.evaluate(tmp_path / "model.pt2")
+
+    rows = harness._packed_rows("val", harness.MAX_SEQ_LEN + 1, seed=0)
+    n_rows = max(1, harness.EVAL_TOKENS // (harness.EVAL_BATCH * harness.MAX_SEQ_LEN)) * harness.EVAL_BATCH
+    targets = np.stack([next(rows) for _ in range(n_rows)])[:, 1:]
+    nbytes = tok.token_bytes[targets]
+    expected = math.log2(tok.vocab_size) * np.count_nonzero(nbytes) / nbytes.sum()
+    assert result["val_bpb"] == pytest.approx(expected, rel=1e-5)
+    assert float.fromhex(result["val_bpb_hex"]) == result["val_bpb"]
+
+
+def test_causality_probe(harness):
+    vocab = harness.get_tokenizer().vocab_size
+    x = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    assert harness.causality_probe(Bigram(vocab), x, vocab) == 0.0
+    with pytest.raises(harness.EvaluationError) as leak:
+        harness.causality_probe(PeeksAhead(vocab), x, vocab)
+    assert leak.value.exit_code == harness.EXIT_PROBE_FAILED
+
+
+def test_finish_exports_and_evaluate_reads_it(harness, capsys):
+    vocab = harness.get_tokenizer().vocab_size
+    budget = harness.Budget(seconds=0.05)
+    while not budget.done:
+        budget.step(tokens=1)
+    summary = harness.finish(Bigram(vocab), budget, depth=1)
+    out = harness.OUT_DIR
+    assert {"model.pt2", "trace.json", "summary.json"} <= {p.name for p in out.iterdir()}
+    assert summary["num_steps"] == budget.step_count
+    printed = capsys.readouterr().out
+    assert "\n---\nval_bpb: " in printed  # standalone: finish also evaluates
+    assert harness.evaluate_main(["--model", str(out / "model.pt2")]) == 0
+
+
+def test_evaluate_main_statuses(harness, tmp_path):
+    assert harness.evaluate_main(["--model", str(tmp_path / "missing.pt2")]) == harness.EXIT_EXPORT_FAILED
+    (tmp_path / "junk.pt2").write_bytes(b"not a model")
+    assert harness.evaluate_main(["--model", str(tmp_path / "junk.pt2")]) == harness.EXIT_EXPORT_FAILED
+    vocab = harness.get_tokenizer().vocab_size
+    shape = (harness.EVAL_BATCH, harness.MAX_SEQ_LEN)
+    torch.export.save(torch.export.export(PeeksAhead(vocab), (torch.zeros(shape, dtype=torch.long),)), tmp_path / "leak.pt2")
+    assert harness.evaluate_main(["--model", str(tmp_path / "leak.pt2")]) == harness.EXIT_PROBE_FAILED
+
+
+@pytest.mark.slow
+def test_train_py_learns_below_the_unigram_baseline(tiny_data, tmp_path):
+    """The real train.py on the CPU profile, standalone, for a few seconds."""
+    env = {**os.environ, "AR_DATA_DIR": str(tiny_data), "AR_OUT_DIR": str(tmp_path), "AR_TIME_BUDGET": "8",
+           "AR_PROFILE": "cpu", "AR_PHASE": ""}
+    run = subprocess.run([sys.executable, "train.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = dict(line.split(": ", 1) for line in run.stdout.split("\n---\n")[-1].splitlines() if ": " in line)
+    val_bpb = float(summary["val_bpb"])
+
+    train = np.fromfile(tiny_data / "train" / "tokens.bin", dtype=np.uint16)
+    token_bytes = np.load(tiny_data / "tokenizer" / "token_bytes.npy")
+    counts = np.bincount(train, minlength=len(token_bytes)).astype(float) + 1
+    val = np.fromfile(tiny_data / "val" / "tokens.bin", dtype=np.uint16)
+    scored = val[token_bytes[val] > 0]
+    unigram_bpb = -np.log2(counts[scored] / counts.sum()).sum() / token_bytes[scored].sum()
+    assert val_bpb < unigram_bpb, (val_bpb, unigram_bpb)

@@ -7,7 +7,6 @@ if missing, and the loop runs under a live status line.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from runner.gpus import Gpu
 from runner.ledger import Ledger
 from runner.logging import night_log
 from runner.loop import Dataset, Night, NightError
-from runner.settings import Settings, cache_dir
+from runner.settings import Settings, cache_dir, data_hash
 
 log = structlog.get_logger(__name__)
 
@@ -30,17 +29,16 @@ log = structlog.get_logger(__name__)
 def ensure_data(settings: Settings) -> Dataset:
     """The prepared data of `settings.source`, built with prepare.py when missing."""
     path = cache_dir() / settings.source.name
-    manifest = path / "manifest.json"
-    if not manifest.exists():
+    if data_hash(path) is None:
         command = [sys.executable, str(settings.root / "prepare.py"), *settings.source.prepare_args()]
         log.info("data.prepare", source=str(settings.source), into=str(path))
         done = subprocess.run(command, cwd=settings.root)
-        if done.returncode != 0 or not manifest.exists():
+        if done.returncode != 0 or data_hash(path) is None:
             raise NightError(
                 f"no prepared data for --source {settings.source} and prepare.py could not build it "
                 f"(exit {done.returncode}); see its output above."
             )
-    return Dataset(path, json.loads(manifest.read_text())["hash"])
+    return Dataset(path, data_hash(path))
 
 
 def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, console: Console | None = None) -> str:

@@ -25,6 +25,7 @@ import structlog
 
 from runner import gpus as gpu_inventory
 from runner.ledger import BUILT, DONE, RERUN, TRAINING, Experiment, Ledger, LedgerError, outcome_fields
+from runner.settings import data_hash
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.logparse import parse_summary
 from sandbox.spec import Backend
@@ -154,12 +155,10 @@ def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
 
 
 def _check_data(row: Experiment, data_dir: Path) -> None:
-    manifest = data_dir / "manifest.json"
-    try:
-        current = json.loads(manifest.read_text())["hash"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise RerunRefused(f"the data of {row.id} is gone: {manifest} is missing or unreadable; "
-                           "prepare the same source again.") from None
+    current = data_hash(data_dir)
+    if current is None:
+        raise RerunRefused(f"the data of {row.id} is gone: {data_dir / 'manifest.json'} is missing or unreadable; "
+                           "prepare the same source again.")
     if current != row.data_hash:
         raise RerunRefused(f"the data in {data_dir} changed since {row.id} ran (manifest {current[:12]}, "
                            f"recorded {str(row.data_hash)[:12]}); a rerun would not be comparable.")

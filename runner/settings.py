@@ -8,6 +8,7 @@ thresholds, budget and agent produced each decision.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,6 +35,14 @@ def default_tag() -> str:
 def cache_dir() -> Path:
     """Where prepare.py keeps prepared data (same rule as the harness: $AR_CACHE)."""
     return Path(os.environ.get("AR_CACHE") or Path.home() / ".cache" / "autoresearch-sandbox")
+
+
+def data_hash(data_dir: Path) -> str | None:
+    """The combined hash of prepared data (manifest.json, written last), None when missing or unreadable."""
+    try:
+        return json.loads((data_dir / "manifest.json").read_text())["hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass(frozen=True)

@@ -119,8 +119,7 @@ def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken |
     seconds["train"] = train.wall_seconds
     if train.status is not Status.OK:
         return ExperimentOutcome(train.status.value, None, {}, {}, train, None, seconds)
-    if not (out / "model.pt2").exists():
-        train.log_tail = tail(train.log_path.read_text(errors="replace")) if train.log_path.exists() else ""
+    if not (out / "model.pt2").exists():  # the backend already kept the log's tail
         return ExperimentOutcome(Status.EXPORT_FAILED.value, None, {}, {}, train, None, seconds)
 
     if on_phase:

@@ -3,8 +3,9 @@
 ARG RUNTIME
 FROM ${RUNTIME}
 ARG UID
-# prepare.py comes from the build context root-owned with mode 0444: nobody can change it.
-COPY prepare.py /app/prepare.py
+# The harness (prepare.py, contract.py) comes from the build context root-owned with mode 0444:
+# nobody can change it.
+COPY prepare.py contract.py /app/
 # The root filesystem is read-only at run time: HOME and every cache live in the /tmp tmpfs.
 ENV PYTHONPATH=/opt/deps HOME=/tmp PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER ${UID}:${UID}

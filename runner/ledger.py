@@ -29,7 +29,7 @@ log = structlog.get_logger(__name__)
 PROPOSED, REJECTED, BUILT, TRAINING, EVALUATING, DONE = (
     "proposed", "rejected", "built", "training", "evaluating", "done",
 )
-FAILURES = ("crash", "timeout", "oom", "gpu_oom", "export_failed", "probe_failed", "cancelled")
+FAILURES = ("crash", "timeout", "oom", "gpu_oom", "export_failed", "probe_failed", "over_budget", "cancelled")
 UNFINISHED = (PROPOSED, BUILT, TRAINING, EVALUATING)
 TRANSITIONS: dict[str, frozenset[str]] = {
     # -> crash before training: the infrastructure (image build, backend) kept failing.
@@ -43,7 +43,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 # Kinds of rows.
 BASELINE, EXPERIMENT, CONFIRM, RERUN = "baseline", "experiment", "confirm", "rerun"
 
-# Summary-block keys (names as the harness prints them) -> ledger columns.
+# Figure names (as the harness and the host name them) -> ledger columns. A column is filled from the
+# trusted figures (phase 2's result, the host's measurements) where they have it, else from what
+# train.py reported; reported_json keeps the reported figures apart, so the source stays visible.
 SUMMARY_COLUMNS = {
     "val_bpb": "val_bpb",
     "training_seconds": "training_seconds",
@@ -139,6 +141,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE experiments ADD COLUMN review_note TEXT;
     CREATE INDEX experiments_decision ON experiments(decision);
     """,
+    # 3: the trust boundary: the exact val_bpb, and train.py's own figures kept apart from measured ones.
+    """
+    ALTER TABLE experiments ADD COLUMN val_bpb_hex TEXT;
+    ALTER TABLE experiments ADD COLUMN reported_json TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -209,6 +216,8 @@ class Experiment:
     seed: int | None
     review_state: str | None
     review_note: str | None
+    val_bpb_hex: str | None
+    reported_json: str | None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -216,7 +225,13 @@ class Experiment:
 
     @property
     def metrics(self) -> dict[str, float]:
+        """Measured figures: phase 2's result and the host's own measurements."""
         return json.loads(self.metrics_json) if self.metrics_json else {}
+
+    @property
+    def reported(self) -> dict[str, float]:
+        """What train.py's process reported about itself (untrusted, never decisive)."""
+        return json.loads(self.reported_json) if self.reported_json else {}
 
 
 _COLUMNS = tuple(f.name for f in dataclasses.fields(Experiment))
@@ -241,8 +256,11 @@ def outcome_fields(outcome: ExperimentOutcome) -> dict[str, Any]:
         "peak_gpu_memory_bytes": _peak(r.peak_gpu_memory_bytes for r in runs),
         "log_tail": outcome.failure_log or None,
         "metrics_json": json.dumps(outcome.metrics),
-        "val_bpb_text": outcome.summary.get("val_bpb"),
-        **metric_columns(outcome.metrics),
+        "reported_json": json.dumps(outcome.reported),
+        "val_bpb_hex": outcome.result.get("val_bpb_hex"),
+        "val_bpb_text": f"{outcome.val_bpb:.6f}" if outcome.val_bpb is not None else None,
+        **metric_columns(outcome.reported),
+        **metric_columns(outcome.metrics),  # measured figures win where both have one
     }
     if outcome.train.isolation:  # the level the backend actually reached for this run
         fields["isolation"] = outcome.train.isolation

@@ -25,8 +25,9 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, LogConfig, Mount
 
 from sandbox import images
+from sandbox.budget_guard import Account
 from sandbox.gpu_watchdog import GpuWatchdog, Reader
-from sandbox.runlog import LineLog, classify
+from sandbox.runlog import LineLog, budget_account, classify, settle_budget
 from sandbox.spec import CancelToken, Killer, Phase, RunResult, RunSpec, SandboxUnavailable, Status
 
 log = structlog.get_logger(__name__)
@@ -194,7 +195,8 @@ class DockerBackend:
         return len(leftovers)
 
     def run(self, spec: RunSpec, cancel: CancelToken | None = None) -> RunResult:
-        line_log = LineLog(spec.log_path)
+        account = budget_account(spec)
+        line_log = LineLog(spec.log_path, on_line=account.on_line if account else None)
         started = time.monotonic()
         container: Container | None = None
         try:
@@ -204,7 +206,7 @@ class DockerBackend:
             if spec.phase is Phase.TRAIN:
                 _make_writable(spec.out_dir)
             container = self.client.containers.create(**container_config(spec, process_identity(os.getpid()) or ""))
-            return self._supervise(container, spec, cancel, line_log)
+            return self._supervise(container, spec, cancel, line_log, account)
         except _DOCKER_ERRORS as error:
             line_log.note(f"docker error: {error}")
             log.warning("docker.run_error", run_id=spec.run_id, error=str(error))
@@ -216,15 +218,18 @@ class DockerBackend:
                 except _DOCKER_ERRORS as error:  # reap() will get it
                     log.warning("docker.remove_failed", run_id=spec.run_id, error=str(error))
 
-    def _supervise(self, container: Container, spec: RunSpec, cancel: CancelToken | None, line_log: LineLog) -> RunResult:
+    def _supervise(self, container: Container, spec: RunSpec, cancel: CancelToken | None, line_log: LineLog,
+                   account: Account | None) -> RunResult:
         stopper = _Stopper(container, line_log)
         container.start()
         started = time.monotonic()
+        if account is not None:
+            account.process_started = started
         exited = threading.Event()
         threading.Thread(target=_wait, args=(container, exited), daemon=True).start()
         pump = threading.Thread(target=_pump_logs, args=(container, line_log), daemon=True)
         pump.start()
-        watchdog = self._watchdog(container, spec, stopper)
+        watchdog = self._watchdog(container, spec, stopper, account)
         peak_memory, next_stats = 0, started
         try:
             while not exited.wait(POLL_S):
@@ -233,6 +238,8 @@ class DockerBackend:
                     stopper.kill(Killer.CANCEL, "cancelled by the runner")
                 elif now - started >= spec.deadline_s:
                     stopper.kill(Killer.DEADLINE, f"deadline of {spec.deadline_s:g} s reached")
+                elif account is not None and (overdue := account.overdue(now)):
+                    stopper.kill(Killer.BUDGET, f"over budget: {overdue}")
                 if stopper.at is not None and now - stopper.at > KILL_GRACE_S:
                     raise docker.errors.DockerException(f"the container did not stop {KILL_GRACE_S:g} s after SIGKILL")
                 if now >= next_stats:
@@ -240,38 +247,42 @@ class DockerBackend:
         finally:
             if watchdog is not None:
                 watchdog.stop()
+        exited_at = time.monotonic()
         pump.join(timeout=10)
         container.reload()
         state = container.attrs["State"]
         status, killer = classify(stopper.killer, state.get("ExitCode"), bool(state.get("OOMKilled")))
+        status, killer = settle_budget(account, exited_at, status, killer, line_log)
         if status is Status.OOM:
             line_log.note(f"killed by the kernel: memory limit of {spec.limits.memory_bytes} bytes")
         return self._result(
             spec, status, state.get("ExitCode"), killer, started, line_log,
             peak_host=peak_memory or None, peak_gpu=watchdog.peak_bytes if watchdog is not None else None,
+            budget=account.report() if account is not None else None,
         )
 
-    def _watchdog(self, container: Container, spec: RunSpec, stopper: _Stopper) -> GpuWatchdog | None:
-        """With a GPU: track its peak memory and kill the run above the cap (if one is set)."""
+    def _watchdog(self, container: Container, spec: RunSpec, stopper: _Stopper,
+                  account: Account | None) -> GpuWatchdog | None:
+        """With a GPU: track its peak memory and busy time, kill the run above the cap (if one is set)."""
         if not spec.gpu_uuid:
             return None
         watchdog = GpuWatchdog(
             spec.gpu_uuid, spec.limits.gpu_memory_bytes, pids=_host_pids(container),
             on_exceed=lambda used: stopper.kill(Killer.WATCHDOG, f"GPU memory {used} bytes above the cap"),
-            reader=self._gpu_reader,
+            reader=self._gpu_reader, on_busy=account.on_gpu_busy if account is not None else None,
         )
         watchdog.start()
         return watchdog
 
     def _result(
         self, spec: RunSpec, status: Status, exit_code: int | None, killer: Killer, started: float,
-        line_log: LineLog, peak_host: int | None = None, peak_gpu: int | None = None,
+        line_log: LineLog, peak_host: int | None = None, peak_gpu: int | None = None, budget: dict | None = None,
     ) -> RunResult:
         line_log.close()
         return RunResult(
             status=status, exit_code=exit_code, killed_by=killer, wall_seconds=time.monotonic() - started,
             log_path=spec.log_path, peak_host_memory_bytes=peak_host, peak_gpu_memory_bytes=peak_gpu,
-            isolation=self.isolation, log_tail="\n".join(line_log.tail),
+            isolation=self.isolation, log_tail="\n".join(line_log.tail), budget=budget,
         )
 
 

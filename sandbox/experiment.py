@@ -1,24 +1,40 @@
 """One experiment = phase 1 (train.py trains and exports) + phase 2 (the harness evaluates).
 
-This module turns an experiment into two `RunSpec`s with the right data, limits
-and deadlines, runs them on a backend and reads the result from the phase-2 log
-only. It never raises because of what train.py did: every end is a status.
+This module turns an experiment into two `RunSpec`s with the right data, limits,
+deadlines and budget rule, runs them on a backend and reads the result. It never
+raises because of what train.py did: every end is a status.
+
+What counts is split by who produced it (DESIGN §3.1):
+- `result`: what phase 2 computed, from the one result line signed with a nonce that
+  only phase 2 was given (contract.parse_result); val_bpb comes from here alone;
+- `host`: what the host measured itself (wall seconds, peak memory, the budget account);
+- `reported`: what train.py's process wrote (its summary and its budget trace), parsed
+  strictly: finite numbers of known keys only, labelled as reported, never decisive.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sandbox.logparse import numeric, parse_summary, tail
+import structlog
+
+import contract
+from sandbox.budget_guard import Allowance, BudgetRule
+from sandbox.logparse import tail
 from sandbox.spec import Backend, CancelToken, Limits, Mount, Phase, RunResult, RunSpec, Status
 
-# Exit codes of `prepare.py evaluate` (see prepare.py evaluate_main)
-_EVAL_EXIT_STATUS = {3: Status.EXPORT_FAILED, 4: Status.PROBE_FAILED}
+log = structlog.get_logger(__name__)
+
 DONE = "done"
+BACKSTOP_S = 30.0  # the hard deadline of phase 1 lies this far beyond everything the budget rule allows
+MAX_REPORT_BYTES = 2**20  # a larger summary.json or trace.json from phase 1 is not read at all
 
 
 @dataclass
@@ -33,16 +49,25 @@ class ExperimentSpec:
     deterministic: bool = True
     replay_trace: Path | None = None  # rerun --exact: replay this phase-1 trace
     seed: int | None = None  # the harness seed (AR_SEED), e.g. for confirmation runs
-    startup_allowance_s: float = 120.0  # compile + export on top of the budget
+    allowance: Allowance | None = None  # what phase 1 may spend beside its budget; None: the profile's defaults
     eval_deadline_s: float = 120.0
+
+    @property
+    def profile(self) -> str:
+        return "gpu" if self.gpu_uuid else "cpu"
+
+    @property
+    def budget_rule(self) -> BudgetRule:
+        return BudgetRule(self.time_budget, self.allowance or Allowance.default(self.profile),
+                          replay=self.replay_trace is not None)
 
 
 @dataclass
 class ExperimentOutcome:
     status: str  # DONE or a failure Status value
     val_bpb: float | None
-    metrics: dict[str, float]
-    summary: dict[str, str]  # the phase-2 block as printed (exact strings, e.g. val_bpb_hex)
+    result: dict  # phase 2's own figures (contract.RESULT_FIELDS plus val_bpb); empty unless done
+    reported: dict[str, float]  # train.py's own figures: untrusted, shown as "reported"
     train: RunResult
     eval: RunResult | None
     phase_seconds: dict[str, float]
@@ -55,13 +80,29 @@ class ExperimentOutcome:
         failed = self.eval if self.eval is not None else self.train
         return failed.log_tail
 
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The trusted numbers: phase 2's result and what the host measured."""
+        numbers = {key: float(value) for key, value in self.result.items() if isinstance(value, (int, float))}
+        if "num_params" in numbers:
+            numbers["num_params_M"] = numbers.pop("num_params") / 1e6
+        runs = [r for r in (self.train, self.eval) if r is not None]
+        numbers["total_seconds"] = sum(r.wall_seconds for r in runs)
+        peaks = [r.peak_gpu_memory_bytes for r in runs if r.peak_gpu_memory_bytes is not None]
+        if peaks:
+            numbers["peak_vram_mb"] = max(peaks) / 2**20
+        for key, value in (self.train.budget or {}).items():
+            if isinstance(value, (int, float)):
+                numbers[f"budget_{key}"] = float(value)
+        return numbers
 
-def _env(spec: ExperimentSpec, phase: Phase) -> dict[str, str]:
+
+def _env(spec: ExperimentSpec, phase: Phase, nonce: str) -> dict[str, str]:
     env = {
         "AR_PHASE": phase.value,
         "AR_DATA_DIR": "/data",
         "AR_OUT_DIR": "/out",
-        "AR_PROFILE": "gpu" if spec.gpu_uuid else "cpu",
+        "AR_PROFILE": spec.profile,
         "AR_TIME_BUDGET": repr(float(spec.time_budget)),
         "PYTHONUNBUFFERED": "1",
     }
@@ -73,10 +114,12 @@ def _env(spec: ExperimentSpec, phase: Phase) -> dict[str, str]:
         env["AR_REPLAY"] = "/out/replay_trace.json"
     if spec.gpu_uuid and spec.limits.gpu_memory_bytes:
         env["AR_GPU_MEMORY_CAP"] = str(spec.limits.gpu_memory_bytes)
+    if phase is Phase.EVAL:  # phase 2 alone knows how to sign its result
+        env[contract.RESULT_NONCE_ENV] = nonce
     return env
 
 
-def _run_spec(spec: ExperimentSpec, phase: Phase, attempt: str) -> RunSpec:
+def _run_spec(spec: ExperimentSpec, phase: Phase, attempt: str, nonce: str) -> RunSpec:
     split = "train" if phase is Phase.TRAIN else "val"
     mounts = (
         Mount(spec.data_dir / split, f"/data/{split}"),
@@ -84,7 +127,11 @@ def _run_spec(spec: ExperimentSpec, phase: Phase, attempt: str) -> RunSpec:
         Mount(spec.data_dir / "manifest.json", "/data/manifest.json"),
     )
     command = ["python3", "train.py"] if phase is Phase.TRAIN else ["python3", "prepare.py", "evaluate"]
-    deadline = spec.time_budget + spec.startup_allowance_s if phase is Phase.TRAIN else spec.eval_deadline_s
+    rule = spec.budget_rule
+    if phase is Phase.TRAIN:
+        deadline = rule.budget_wall_s + rule.allowance.startup_s + rule.allowance.export_s + BACKSTOP_S
+    else:
+        deadline = spec.eval_deadline_s
     return RunSpec(
         run_id=f"{spec.exp_id}-{phase.value}-{attempt}",
         image=spec.image,
@@ -93,12 +140,59 @@ def _run_spec(spec: ExperimentSpec, phase: Phase, attempt: str) -> RunSpec:
         log_path=spec.run_dir / f"{phase.value}.log",
         out_dir=spec.run_dir / "out",
         mounts=mounts,
-        env=_env(spec, phase),
+        env=_env(spec, phase, nonce),
         limits=spec.limits,
         deadline_s=deadline,
         gpu_uuid=spec.gpu_uuid,
         labels={"autoresearch.exp": spec.exp_id, "autoresearch.phase": phase.value},
+        budget=rule if phase is Phase.TRAIN else None,
     )
+
+
+def _phase_status(run: RunResult) -> str:
+    """The experiment status a phase that did not end OK stands for (the harness's exit codes included)."""
+    if run.status is Status.CRASH and run.exit_code in contract.EXIT_STATUS:
+        return contract.EXIT_STATUS[run.exit_code]
+    return run.status.value
+
+
+def _read_json(path: Path) -> object:
+    """A phase-1 JSON file, or None when it is missing, too large or not JSON."""
+    try:
+        if path.stat().st_size > MAX_REPORT_BYTES:
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _finite(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def read_reported(out: Path) -> dict[str, float]:
+    """What train.py's process reported, strictly: its summary's known keys with finite numbers, and the
+    step count and training seconds recomputed from its budget trace (which wins over the summary)."""
+    summary = _read_json(out / contract.REPORT_FILE)
+    reported, dropped = {}, []
+    for key, value in (summary.items() if isinstance(summary, dict) else ()):
+        number = _finite(value) if key in contract.REPORTED_KEYS else None
+        if number is None:
+            dropped.append(str(key)[:40])
+        else:
+            reported[key] = number
+    trace = _read_json(out / contract.TRACE_FILE)
+    if isinstance(trace, dict) and isinstance(trace.get("step_seconds"), list):
+        seconds = [_finite(s) for s in trace["step_seconds"]]
+        warmup = _finite(trace.get("warmup_steps"))
+        if all(s is not None and s >= 0 for s in seconds) and warmup is not None:
+            reported["num_steps"] = float(len(seconds))
+            reported["training_seconds"] = sum(seconds[int(warmup):])
+    if dropped:
+        log.warning("experiment.reported_dropped", keys=dropped[:20], why="not a known key with a finite number")
+    return reported
 
 
 def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken | None = None,
@@ -110,33 +204,29 @@ def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken |
     out.mkdir(parents=True)
     if spec.replay_trace is not None:
         shutil.copyfile(spec.replay_trace, out / "replay_trace.json")
-    attempt = f"{time.time_ns() % 10**8:08d}"
+    attempt, nonce = f"{time.time_ns() % 10**8:08d}", secrets.token_hex(16)
     seconds: dict[str, float] = {}
 
     if on_phase:
         on_phase("training")
-    train = backend.run(_run_spec(spec, Phase.TRAIN, attempt), cancel)
+    train = backend.run(_run_spec(spec, Phase.TRAIN, attempt, nonce), cancel)
     seconds["train"] = train.wall_seconds
+    reported = read_reported(out)
     if train.status is not Status.OK:
-        return ExperimentOutcome(train.status.value, None, {}, {}, train, None, seconds)
-    if not (out / "model.pt2").exists():  # the backend already kept the log's tail
-        return ExperimentOutcome(Status.EXPORT_FAILED.value, None, {}, {}, train, None, seconds)
+        return ExperimentOutcome(_phase_status(train), None, {}, reported, train, None, seconds)
+    if not (out / contract.MODEL_FILE).exists():  # the backend already kept the log's tail
+        return ExperimentOutcome(Status.EXPORT_FAILED.value, None, {}, reported, train, None, seconds)
 
     if on_phase:
         on_phase("evaluating")
-    evaluation = backend.run(_run_spec(spec, Phase.EVAL, attempt), cancel)
+    evaluation = backend.run(_run_spec(spec, Phase.EVAL, attempt, nonce), cancel)
     seconds["eval"] = evaluation.wall_seconds
-    log = evaluation.log_path.read_text(errors="replace") if evaluation.log_path.exists() else ""
-    summary = parse_summary(log) if evaluation.status is Status.OK else {}
-    metrics = numeric(summary)
-    if evaluation.status is Status.CRASH and evaluation.exit_code in _EVAL_EXIT_STATUS:
-        status = _EVAL_EXIT_STATUS[evaluation.exit_code].value
-    elif evaluation.status is not Status.OK:
-        status = evaluation.status.value
-    elif "val_bpb" not in metrics:
-        status = Status.CRASH.value
-        evaluation.log_tail = "the evaluation log has no val_bpb line\n" + tail(log)
-    else:
-        status = DONE
-    val_bpb = metrics.get("val_bpb") if status == DONE else None
-    return ExperimentOutcome(status, val_bpb, metrics, summary, train, evaluation, seconds)
+    if evaluation.status is not Status.OK:
+        return ExperimentOutcome(_phase_status(evaluation), None, {}, reported, train, evaluation, seconds)
+    log_text = evaluation.log_path.read_text(errors="replace") if evaluation.log_path.exists() else ""
+    try:
+        result = contract.parse_result(log_text, nonce)
+    except contract.ResultError as error:
+        evaluation.log_tail = f"no valid result: {error}\n" + tail(log_text)
+        return ExperimentOutcome(Status.CRASH.value, None, {}, reported, train, evaluation, seconds)
+    return ExperimentOutcome(DONE, result["val_bpb"], result, reported, train, evaluation, seconds)

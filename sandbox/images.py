@@ -6,8 +6,9 @@ Each layer is tagged by the hash of its inputs, so a second build finds it and d
       offline: images/build_rootfs.sh (debootstrap; needs no registry), then `docker import`;
       online:  images/Dockerfile, from a pinned official PyTorch image.
       hash of: the runtime requirements (taken from uv.lock) + the builder script or Dockerfile.
-  autoresearch-base:<hash>   runtime + the trusted prepare.py, user, workdir, env (base.Dockerfile).
-      hash of: runtime id + prepare.py + base.Dockerfile + the container uid.
+  autoresearch-base:<hash>   runtime + the trusted harness (sandbox.harness: prepare.py, contract.py),
+      user, workdir, env (base.Dockerfile).
+      hash of: runtime id + the harness files + base.Dockerfile + the container uid.
   autoresearch-exp:<hash>    base + one experiment's train.py (read-only), nothing run to build it.
       hash of: base id + train.py.
 
@@ -37,9 +38,10 @@ import docker.errors
 import structlog
 from docker.models.images import Image
 
+from sandbox.harness import PROJECT_ROOT, harness_files
+
 log = structlog.get_logger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 IMAGES_DIR = PROJECT_ROOT / "images"
 ROOTFS_BUILDER = IMAGES_DIR / "build_rootfs.sh"
 ONLINE_DOCKERFILE = IMAGES_DIR / "Dockerfile"
@@ -210,19 +212,26 @@ def ensure_runtime_image(client: docker.DockerClient, source: str) -> str:
 
 
 def ensure_base_image(client: docker.DockerClient, source: str | None = None) -> str:
-    """The base image id (runtime + prepare.py, user, workdir, env), built once per input."""
+    """The base image id (runtime + the harness, user, workdir, env), built once per input."""
     with _host_lock():
         return _ensure_base_image(client, source or os.environ.get("AR_RUNTIME", "offline"))
 
 
+def base_tag(runtime_id: str, root: Path = PROJECT_ROOT) -> str:
+    """The base image's tag: a hash of everything that goes into it (never of the data builder)."""
+    harness = harness_files(root)
+    parts = [part for name in sorted(harness) for part in (name, harness[name])]
+    return f"{BASE_REPO}:{_digest(runtime_id, *parts, (root / 'images' / 'base.Dockerfile').read_bytes(), str(CONTAINER_UID))}"
+
+
 def _ensure_base_image(client: docker.DockerClient, source: str) -> str:
     runtime_id = ensure_runtime_image(client, source)
-    prepare, dockerfile = (PROJECT_ROOT / "prepare.py").read_bytes(), BASE_DOCKERFILE.read_bytes()
-    tag = f"{BASE_REPO}:{_digest(runtime_id, prepare, dockerfile, str(CONTAINER_UID))}"
+    tag = base_tag(runtime_id)
     if image := _find(client, tag):
         return image.id
-    log.info("image.step", step="building the base image (runtime + prepare.py)", tag=tag)
-    files = {"Dockerfile": (dockerfile, 0o644), "prepare.py": (prepare, 0o444)}
+    log.info("image.step", step="building the base image (runtime + harness)", tag=tag)
+    files = {"Dockerfile": (BASE_DOCKERFILE.read_bytes(), 0o644),
+             **{name: (content, 0o444) for name, content in harness_files().items()}}
     image = _build(client, files, tag, buildargs={"RUNTIME": runtime_id, "UID": str(CONTAINER_UID)})
     log.info("image.built", tag=tag)
     return image.id

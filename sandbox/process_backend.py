@@ -6,7 +6,7 @@ fresh root filesystem on a tmpfs:
 
 - every top-level directory of the host bound read-only (system, Python, CUDA),
   except `/root`, `/home`, `/run` and `/tmp`, which start empty;
-- `/app` = the run's snapshot (prepare.py + train.py), `/data/...` = the data
+- `/app` = the run's snapshot (the harness files + train.py), `/data/...` = the data
   mounts, `/out` (read-only in phase 2), all bound as in the docker backend, so
   commands and paths are the same for both backends;
 - a size-limited tmpfs on `/tmp` and `/dev/shm`, a fresh `/proc` and `/sys` (so
@@ -51,13 +51,16 @@ from pathlib import Path
 
 import structlog
 
-from sandbox.runlog import LineLog, classify
+from contract import cache_dir
+
+from sandbox.runlog import LineLog, budget_account, classify, settle_budget
+from sandbox.budget_guard import Account
 from sandbox.gpu_watchdog import GpuWatchdog
+from sandbox.harness import HARNESS_FILES, PROJECT_ROOT, harness_files
 from sandbox.spec import CancelToken, Killer, Limits, Phase, RunResult, RunSpec, SandboxUnavailable, Status
 
 log = structlog.get_logger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CGROUP_PARENT = "autoresearch-sandbox"  # under the cgroup v2 root; one child group per run
 CGROUP_PREFIX = "ar-"
 UID_BASE = 3_000_000  # runs get uids UID_BASE + hash(run_id) % UID_SPAN: never a real user's
@@ -66,14 +69,13 @@ POLL_S = 0.1
 KILL_GRACE_S = 30.0  # a killed run that has not ended after this is reported and left to reap()
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # the launcher imports this module, so it sees what this process sees (never the child's business)
-_LAUNCHER_PATH = os.pathsep.join(dict.fromkeys([str(REPO_ROOT), *filter(None, sys.path)]))
+_LAUNCHER_PATH = os.pathsep.join(dict.fromkeys([str(PROJECT_ROOT), *filter(None, sys.path)]))
 RUN_RECORD = "run.json"  # per-run state under <snapshots>/.runs/<run_id>/, read by reap()
 
 
 def default_snapshots_root() -> Path:
-    """`$AR_CACHE/snapshots` (the same cache directory rule as prepare.py)."""
-    cache = os.environ.get("AR_CACHE") or Path.home() / ".cache" / "autoresearch-sandbox"
-    return Path(cache) / "snapshots"
+    """`<cache>/snapshots` (contract.cache_dir, the harness's own rule)."""
+    return cache_dir() / "snapshots"
 
 
 # -----------------------------------------------------------------------------
@@ -471,10 +473,11 @@ def _launch(plan_path: str) -> int:
 # Snapshots ("images")
 
 
-def snapshot_id(prepare_py: bytes, train_py: bytes) -> str:
+def snapshot_id(files: dict[str, bytes]) -> str:
     digest = hashlib.sha256()
-    for part in (prepare_py, train_py):  # length-prefixed: no two file pairs hash alike
-        digest.update(len(part).to_bytes(8, "big") + part)
+    for name in sorted(files):  # length-prefixed: no two sets of files hash alike
+        for part in (name.encode(), files[name]):
+            digest.update(len(part).to_bytes(8, "big") + part)
     return digest.hexdigest()[:16]
 
 
@@ -563,14 +566,14 @@ class ProcessBackend:
     def __init__(
         self,
         snapshots_root: Path | None = None,
-        prepare_py: Path | None = None,
+        harness_root: Path | None = None,
         python: str = sys.executable,
         hide: tuple[Path, ...] = (),
         support: HostSupport | None = None,
     ) -> None:
         self.snapshots_root = Path(snapshots_root or default_snapshots_root())
         self.state_root = self.snapshots_root / ".runs"
-        self.prepare_py = Path(prepare_py or REPO_ROOT / "prepare.py")
+        self.harness_root = Path(harness_root or PROJECT_ROOT)  # holds the trusted harness files
         self.python = shutil.which(python) or python
         self._hide = tuple(hide) + (self.snapshots_root.parent,)
         self._support = support
@@ -610,8 +613,9 @@ class ProcessBackend:
     # -- images ---------------------------------------------------------------
 
     def ensure_ready(self) -> None:
-        if not self.prepare_py.is_file():
-            raise SandboxUnavailable(f"the harness {self.prepare_py} does not exist.")
+        missing = [name for name in HARNESS_FILES if not (self.harness_root / name).is_file()]
+        if missing:
+            raise SandboxUnavailable(f"the harness file {self.harness_root / missing[0]} does not exist.")
         self.snapshots_root.mkdir(parents=True, exist_ok=True)
         self.state_root.mkdir(parents=True, exist_ok=True)
         self._self_check()
@@ -631,13 +635,12 @@ class ProcessBackend:
                                      f"{result.log_tail.strip()[-500:]}")
 
     def build_image(self, train_py: str, exp_id: str) -> str:
-        prepare = self.prepare_py.read_bytes()
-        train = train_py.encode()
-        path = self.snapshots_root / snapshot_id(prepare, train)
+        files = {**harness_files(self.harness_root), "train.py": train_py.encode()}
+        path = self.snapshots_root / snapshot_id(files)
         if not self.image_exists(str(path)):
             self.snapshots_root.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.snapshots_root))
-            for name, content in (("prepare.py", prepare), ("train.py", train)):
+            for name, content in files.items():
                 (staging / name).write_bytes(content)
                 (staging / name).chmod(0o444)
             staging.chmod(0o555)
@@ -651,7 +654,7 @@ class ProcessBackend:
 
     def image_exists(self, image: str) -> bool:
         path = Path(image)
-        return path.parent == self.snapshots_root and (path / "prepare.py").is_file() and (path / "train.py").is_file()
+        return path.parent == self.snapshots_root and all((path / name).is_file() for name in (*HARNESS_FILES, "train.py"))
 
     def remove_image(self, image: str) -> None:
         path = Path(image)
@@ -663,10 +666,11 @@ class ProcessBackend:
 
     def run(self, spec: RunSpec, cancel: CancelToken | None = None) -> RunResult:
         started = time.monotonic()
-        line_log = LineLog(spec.log_path)
+        account = budget_account(spec)
+        line_log = LineLog(spec.log_path, on_line=account.on_line if account else None)
         try:
             if self.image_exists(spec.image):
-                ending = self._run(spec, cancel, line_log)
+                ending = self._run(spec, cancel, line_log, account)
             else:
                 line_log.note(f"snapshot {spec.image} does not exist")
                 ending = _Ending(Status.CRASH)
@@ -677,9 +681,10 @@ class ProcessBackend:
             wall_seconds=time.monotonic() - started, log_path=spec.log_path,
             peak_host_memory_bytes=ending.peak_host, peak_gpu_memory_bytes=ending.peak_gpu,
             isolation=self.isolation, log_tail="\n".join(line_log.tail),
+            budget=account.report() if account is not None else None,
         )
 
-    def _run(self, spec: RunSpec, cancel: CancelToken | None, line_log: LineLog) -> _Ending:
+    def _run(self, spec: RunSpec, cancel: CancelToken | None, line_log: LineLog, account: Account | None) -> _Ending:
         state_dir = self.state_root / spec.run_id
         shutil.rmtree(state_dir, ignore_errors=True)
         state_dir.mkdir(parents=True)
@@ -697,6 +702,8 @@ class ProcessBackend:
                 cwd=state_dir, start_new_session=True,
             )
             spawned = time.monotonic()
+            if account is not None:
+                account.process_started = spawned
             root = _read_proc(process.pid)
             handle.root_pid, handle.root_start = process.pid, root.start if root else None
             self._record(handle, state_dir)
@@ -705,9 +712,10 @@ class ProcessBackend:
             stop_pump = threading.Event()
             pump = threading.Thread(target=_pump, args=(process.stdout, line_log, stop_pump), daemon=True)
             pump.start()
-            watchdog = self._watchdog(spec, handle)
+            watchdog = self._watchdog(spec, handle, account)
             try:
-                killer, why = self._wait(spec, waiter, watchdog, cancel, spawned)
+                killer, why = self._wait(spec, waiter, watchdog, cancel, spawned, account)
+                exited_at = time.monotonic()
                 handle.kill()  # also after a clean exit: nothing the run started outlives it
                 waiter.done.wait(KILL_GRACE_S)
             finally:
@@ -719,7 +727,9 @@ class ProcessBackend:
             if why:
                 line_log.note(why)
             returncode, max_rss = waiter.reap()
-            return self._ending(spec, plan, handle, killer, returncode, max_rss, watchdog, line_log)
+            ending = self._ending(spec, plan, handle, killer, returncode, max_rss, watchdog, line_log)
+            ending.status, ending.killer = settle_budget(account, exited_at, ending.status, ending.killer, line_log)
+            return ending
         finally:
             handle.kill()
             handle.clean_up(state_dir)
@@ -728,13 +738,15 @@ class ProcessBackend:
 
     @staticmethod
     def _wait(spec: RunSpec, waiter: _Waiter, watchdog: GpuWatchdog | None, cancel: CancelToken | None,
-              spawned: float) -> tuple[Killer, str]:
+              spawned: float, account: Account | None) -> tuple[Killer, str]:
         """Until the run exits (Killer.NONE) or someone must stop it: who, and why."""
         while not waiter.done.wait(POLL_S):
             if cancel is not None and cancel.cancelled:
                 return Killer.CANCEL, "cancelled by the runner"
             if time.monotonic() - spawned >= spec.deadline_s:
                 return Killer.DEADLINE, f"deadline of {spec.deadline_s:g} s reached"
+            if account is not None and (overdue := account.overdue()):
+                return Killer.BUDGET, f"over budget: {overdue}"
             if watchdog is not None and watchdog.exceeded:
                 return Killer.WATCHDOG, f"GPU memory above the cap of {spec.limits.gpu_memory_bytes} bytes"
         return Killer.NONE, ""
@@ -835,12 +847,12 @@ class ProcessBackend:
         return [unshare, *_unshare_flags(self.support.namespaces), *launcher]
 
     @staticmethod
-    def _watchdog(spec: RunSpec, handle: _RunHandle) -> GpuWatchdog | None:
-        """Tracks the run's GPU memory (the peak is reported); `_wait` kills it above the cap."""
+    def _watchdog(spec: RunSpec, handle: _RunHandle, account: Account | None) -> GpuWatchdog | None:
+        """Tracks the run's GPU memory (the peak is reported) and busy time; `_wait` kills it above the cap."""
         if not spec.gpu_uuid:
             return None
         watchdog = GpuWatchdog(spec.gpu_uuid, spec.limits.gpu_memory_bytes, pids=handle.pids,
-                               on_exceed=lambda used: None)
+                               on_exceed=lambda used: None, on_busy=account.on_gpu_busy if account is not None else None)
         watchdog.start()
         return watchdog
 

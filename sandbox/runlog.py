@@ -7,8 +7,10 @@ import re
 import threading
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
-from sandbox.spec import Killer, Status
+from sandbox.budget_guard import Account
+from sandbox.spec import Killer, RunSpec, Status
 
 LOG_TAIL_LINES = 40
 MAX_LOG_BYTES = 64 * 2**20  # a run that prints more is cut there on disk; its tail is still kept
@@ -22,7 +24,8 @@ class LineLog:
     be tailed live. The file is cut at `max_bytes`; the last lines are always kept.
     """
 
-    def __init__(self, path: Path, max_bytes: int = MAX_LOG_BYTES, tail_lines: int = LOG_TAIL_LINES) -> None:
+    def __init__(self, path: Path, max_bytes: int = MAX_LOG_BYTES, tail_lines: int = LOG_TAIL_LINES,
+                 on_line: Callable[[str], None] | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("w", encoding="utf-8")
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -30,6 +33,7 @@ class LineLog:
         self._written = 0
         self._max_bytes = max_bytes
         self._lock = threading.Lock()  # the stream and the sandbox's notes come from different threads
+        self._on_line = on_line  # sees every line of the run as it arrives (not the sandbox's notes)
         self.tail: deque[str] = deque(maxlen=tail_lines)
 
     def feed(self, chunk: bytes) -> None:
@@ -38,6 +42,8 @@ class LineLog:
         *lines, rest = _NEWLINE.split(text[: len(text) - len(held)])
         self._pending = rest + held
         for line in lines:
+            if self._on_line is not None:
+                self._on_line(line)
             self._write(line)
 
     def close(self) -> None:
@@ -62,7 +68,8 @@ class LineLog:
 
 def classify(killer: Killer, exit_code: int | None, oom_killed: bool) -> tuple[Status, Killer]:
     """How a run ended, from who stopped it, its exit code and the kernel's OOM flag."""
-    by_killer = {Killer.CANCEL: Status.CANCELLED, Killer.DEADLINE: Status.TIMEOUT, Killer.WATCHDOG: Status.GPU_OOM}
+    by_killer = {Killer.CANCEL: Status.CANCELLED, Killer.DEADLINE: Status.TIMEOUT, Killer.WATCHDOG: Status.GPU_OOM,
+                 Killer.BUDGET: Status.OVER_BUDGET}
     if killer in by_killer:
         return by_killer[killer], killer
     if exit_code == 0:
@@ -70,3 +77,20 @@ def classify(killer: Killer, exit_code: int | None, oom_killed: bool) -> tuple[S
     if oom_killed:
         return Status.OOM, Killer.OOM_KILLER
     return Status.CRASH, Killer.NONE
+
+
+def budget_account(spec: RunSpec) -> Account | None:
+    """The host's budget account of a run that has a training budget (phase 1), else None."""
+    return Account(spec.budget) if spec.budget is not None else None
+
+
+def settle_budget(account: Account | None, exited_at: float, status: Status, killer: Killer,
+                  line_log: LineLog) -> tuple[Status, Killer]:
+    """After the process ended: a run that exited by itself but spent compute off its budget is over_budget."""
+    if account is None:
+        return status, killer
+    why = account.finish(exited_at)
+    if why and killer is Killer.NONE and status in (Status.OK, Status.CRASH):
+        line_log.note(f"over budget: {why}")
+        return Status.OVER_BUDGET, Killer.BUDGET
+    return status, killer

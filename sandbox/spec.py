@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from sandbox.budget_guard import BudgetRule
+
 
 class Phase(str, enum.Enum):
     TRAIN = "train"  # phase 1: runs train.py, train split only, /out writable
@@ -28,6 +30,7 @@ class Status(str, enum.Enum):
     GPU_OOM = "gpu_oom"  # the NVML watchdog killed it above the GPU memory cap
     EXPORT_FAILED = "export_failed"  # phase 2: no usable exported model
     PROBE_FAILED = "probe_failed"  # phase 2: the causality probe failed
+    OVER_BUDGET = "over_budget"  # phase 1 trained (or would have) outside its time budget
     CANCELLED = "cancelled"  # the runner was stopped (Ctrl-C) while it ran
 
 
@@ -37,6 +40,7 @@ class Killer(str, enum.Enum):
     NONE = "none"
     DEADLINE = "deadline"
     WATCHDOG = "watchdog"
+    BUDGET = "budget"  # the host's budget clock ran out (sandbox.budget_guard)
     OOM_KILLER = "oom_killer"
     CANCEL = "cancel"
 
@@ -85,6 +89,7 @@ class RunSpec:
     deadline_s: float = 420.0  # wall seconds from start until the host kills it
     gpu_uuid: str | None = None  # one whole GPU, or None for CPU
     labels: dict[str, str] = field(default_factory=dict)
+    budget: BudgetRule | None = None  # phase 1: the training budget the host enforces
 
 
 @dataclass
@@ -98,6 +103,7 @@ class RunResult:
     peak_gpu_memory_bytes: int | None = None
     isolation: str = ""  # backend name and level, e.g. "docker" or "process(cgroup v2)"
     log_tail: str = ""  # last lines of the log, for crash reports and agent feedback
+    budget: dict | None = None  # the host's account of the budget (budget_guard.Account.report)
 
 
 class SandboxUnavailable(Exception):

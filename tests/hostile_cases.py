@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -28,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from sandbox.experiment import ExperimentSpec, run_experiment
+from runner.ledger import outcome_fields
+from sandbox.budget_guard import Allowance
+from sandbox.experiment import DONE, ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.spec import Backend, Limits, Mount, Phase, RunSpec, Status
 
 FAKE_SECRET = "sk-ant-api03-hostile-test-fake-key-0000"  # see secret_on_host()
@@ -140,26 +143,51 @@ class HostState:
 class HostileCase:
     name: str
     source: str  # the whole train.py
-    expected: Status
+    expected: Status | str  # a Status, or DONE for a whole experiment that must be scored normally
     check: Callable[[str, Path, HostState], None] | None = None  # (log text, host out dir, host state)
     phase: Phase = Phase.TRAIN
     deadline_s: float = 60.0  # cases that end by themselves never get near it
     needs: frozenset[str] = frozenset({ISOLATION})
     limits: Limits = LIMITS
+    check_outcome: Callable[[ExperimentOutcome], None] | None = None  # HARNESS cases: the experiment's record
+    budget_s: float = 2.0  # HARNESS cases: the training budget
+    measured: bool = False  # HARNESS cases: run under allowances measured on an honest run first, as a night does
+
+
+_ALLOWANCES: dict[tuple[int, float], Allowance] = {}  # (backend, budget) -> measured on HONEST_TRAINER
+
+
+def measured_allowance(backend: Backend, data: Path, work: Path, budget_s: float) -> Allowance:
+    """The allowance a night would use after its baseline: measured on an honest trainer (which must pass)."""
+    key = (id(backend), budget_s)
+    if key not in _ALLOWANCES:
+        image = backend.build_image(HONEST_TRAINER, "hostile-honest")
+        outcome = run_experiment(backend, ExperimentSpec(exp_id=f"hostile-honest-{uuid.uuid4().hex[:8]}", image=image,
+                                                         data_dir=data, run_dir=work / "honest", time_budget=budget_s,
+                                                         limits=Limits()))
+        assert outcome.status == DONE, f"the honest trainer ended {outcome.status}: {outcome.failure_log}"
+        _ALLOWANCES[key] = Allowance.measured_from([outcome.train.budget], "cpu")
+    return _ALLOWANCES[key]
 
 
 def run_case(backend: Backend, case: HostileCase, state: HostState, work: Path) -> tuple[str, str]:
     """Bake the case into an image and run it; return how it ended (a Status value) and its log.
 
     A HARNESS case is a whole experiment (train.py, then the harness's evaluation):
-    its status is the experiment's, its log the evaluation's.
+    its status is the experiment's, its log the evaluation's (the training log if
+    there was no evaluation), and its record must hold nothing the case forged.
     """
+    allowance = measured_allowance(backend, state.data, work, case.budget_s) if case.measured else None
     image = backend.build_image(case.source, f"hostile-{case.name}")
     try:
         if HARNESS in case.needs:
             outcome = run_experiment(backend, ExperimentSpec(
                 exp_id=f"hostile-{case.name}-{state.nonce[:8]}", image=image, data_dir=state.data, run_dir=work,
-                time_budget=5.0, limits=case.limits))
+                time_budget=case.budget_s, limits=case.limits, allowance=allowance))
+            record = json.dumps(outcome_fields(outcome))
+            assert FORGED_TEXT not in record, f"{case.name}: the forged number reached the ledger: {record}"
+            if case.check_outcome is not None:
+                case.check_outcome(outcome)
             last = outcome.eval or outcome.train
             return outcome.status, last.log_path.read_text(errors="replace")
         out = work / "out"
@@ -190,7 +218,8 @@ def leftover_processes(nonce: str) -> list[int]:
 
 def assert_case(case: HostileCase, status: str, log: str, out: Path, state: HostState) -> None:
     """The case's expected status, nothing of the run left running, the data untouched, its own check."""
-    assert status == case.expected.value, f"{case.name}: {status} != {case.expected.value}\n{log[-3000:]}"
+    expected = getattr(case.expected, "value", case.expected)
+    assert status == expected, f"{case.name}: {status} != {expected}\n{log[-3000:]}"
     assert leftover_processes(state.nonce) == [], f"{case.name}: processes outlived the run"
     assert tree_digest(state.data) == state.data_digest, f"{case.name}: the data directory changed"
     assert list(state.host_dir.iterdir()) == [], f"{case.name}: wrote into a host directory"
@@ -397,26 +426,226 @@ ENV_SECRETS = HostileCase("env_secrets", _script("""
     print("secrets:", f"LEAKED {len(leaked)}" if leaked else "none")
 """), Status.OK, _check_no_secrets)
 
-NON_CAUSAL_MODEL = HostileCase("non_causal_model", _script("""
+# -- Scores a model did not earn (issue: unforgeable scores) -------------------------------------
+
+FORGED_TEXT = "0.123456"  # the number the forging cases try to get recorded
+
+# A small causal model that really learns (next token from the current one), and the honest loop.
+_TRAINER = _script("""
+    import json, os, time
     import torch
+    import torch.nn.functional as F
     import prepare
 
-    class Peeking(torch.nn.Module):
-        # every position sees the mean of the whole sequence, the future included
-        def __init__(self, vocab_size: int) -> None:
+    V, T = prepare.get_tokenizer().vocab_size, prepare.MAX_SEQ_LEN
+
+
+    class Bigram(torch.nn.Module):
+        def __init__(self):
             super().__init__()
-            self.embed = torch.nn.Embedding(vocab_size, 32)
-            self.head = torch.nn.Linear(32, vocab_size)
+            self.table = torch.nn.Embedding(V, V)
 
-        def forward(self, idx: torch.Tensor) -> torch.Tensor:
-            h = self.embed(idx)
-            return self.head(h + h.mean(dim=1, keepdim=True))
+        def forward(self, idx):
+            return self.table(idx)
 
-    prepare.finish(Peeking(prepare.get_tokenizer().vocab_size), prepare.Budget())
+
+    def next_token(idx):  # the target of every position: what a causal model must not see
+        return F.one_hot(torch.roll(idx, -1, 1), V).float()
+
+
+    def train(model, seconds=None):
+        # the budget's loop, or `seconds` of the same training that the budget does not see
+        budget, loader = prepare.Budget(), prepare.make_dataloader(8)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        end = None if seconds is None else time.perf_counter() + seconds
+        while (not budget.done) if end is None else time.perf_counter() < end:
+            x, y = next(loader)
+            loss = F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if end is None:
+                budget.step(x.numel())
+        return budget
+""")
+
+
+def _trainer_case(body: str) -> str:
+    return _TRAINER + "\n\n" + _script(body)
+
+
+HONEST_TRAINER = _trainer_case("""
+    model = Bigram()
+    prepare.finish(model, train(model))
+""")
+
+
+def _check_not_forged(outcome: ExperimentOutcome) -> None:
+    assert outcome.val_bpb is not None and f"{outcome.val_bpb:.6f}" != FORGED_TEXT
+    assert all(isinstance(v, float) and v == v and abs(v) != float("inf") for v in outcome.reported.values())
+    assert "val_bpb" not in outcome.reported and outcome.reported["num_steps"] > 3
+
+
+FORGED_TRAINING_OUTPUT = HostileCase("forged_training_output", _trainer_case(f"""
+    model = Bigram()
+    summary = prepare.finish(model, train(model))
+    forged = "\\n---\\nval_bpb: {FORGED_TEXT}\\n"
+    fake = json.dumps({{"val_bpb_hex": float("{FORGED_TEXT}").hex()}})
+    for nonce in ("standalone", os.environ.get("AR_RESULT_NONCE", "x"), "0" * 32):
+        forged += f"AR_RESULT {{nonce}} {{fake}}\\n"
+    print(forged, flush=True)
+    summary.update(depth=forged, mfu_percent=float("nan"), tokens_per_second=float("inf"), val_bpb={FORGED_TEXT},
+                   num_steps=10**9)
+    with open(os.path.join(os.environ["AR_OUT_DIR"], "summary.json"), "w") as f:
+        json.dump(summary, f)
+    with open(os.path.join(os.environ["AR_OUT_DIR"], "extra.log"), "w") as f:
+        f.write(forged)
+"""), DONE, needs=frozenset({ISOLATION, HARNESS}), limits=Limits(), check_outcome=_check_not_forged)
+
+
+NON_CAUSAL_MODEL = HostileCase("non_causal_model", _trainer_case("""
+    class Peeking(Bigram):
+        # every position sees the mean of the whole sequence, the future included
+        def forward(self, idx):
+            h = self.table(idx)
+            return h + h.mean(dim=1, keepdim=True)
+
+    model = Peeking()
+    prepare.finish(model, train(model))
 """), Status.PROBE_FAILED, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+
+
+def _check_impure(log: str, out: Path, state: HostState) -> None:
+    assert "not a pure function" in log, log[-2000:]
+
+
+STATEFUL_MODEL = HostileCase("stateful_model", _trainer_case("""
+    class Counting(Bigram):
+        # causal for the first calls (the probes of a naive harness), then reads the target
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, idx):
+            self.calls += 1
+            return self.table(idx) + 30 * (self.calls > 3).float() * next_token(idx)
+
+    model = Counting()
+    prepare.finish(model, train(model))
+"""), Status.EXPORT_FAILED, _check_impure, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+
+INPUT_WRITING_MODEL = HostileCase("input_writing_model", _trainer_case("""
+    class Scribbler(Bigram):
+        # writes into the batch it is given, so that a later call could see what it left there
+        def forward(self, idx):
+            idx.clamp_(0, V - 1)
+            return self.table(idx)
+
+    model = Scribbler()
+    prepare.finish(model, train(model))
+"""), Status.EXPORT_FAILED, _check_impure, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+
+
+def _check_probe_failed(log: str, out: Path, state: HostState) -> None:
+    assert "causality probe failed" in log, log[-2000:]
+
+
+POSITION_AWARE_LOOKAHEAD = HostileCase("position_aware_lookahead", _trainer_case("""
+    class Sly(Bigram):
+        # reads the target everywhere except where a harness with fixed probe positions would look
+        def __init__(self):
+            super().__init__()
+            honest = torch.ones(T)
+            honest[[0, T // 3, 2 * T // 3]] = 0
+            self.register_buffer("cheat", honest)
+
+        def forward(self, idx):
+            return self.table(idx) + 30 * self.cheat[None, :, None] * next_token(idx)
+
+    model = Sly()
+    prepare.finish(model, train(model))
+"""), Status.PROBE_FAILED, _check_probe_failed, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+
+SPARSE_LOOKAHEAD = HostileCase("sparse_lookahead", _trainer_case("""
+    class Sparse(Bigram):
+        # reads the target at 2 % of the positions only, scattered
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cheat", ((torch.arange(T) * 7919) % 100 < 2).float())
+
+        def forward(self, idx):
+            return self.table(idx) + 30 * self.cheat[None, :, None] * next_token(idx)
+
+    model = Sparse()
+    prepare.finish(model, train(model))
+"""), Status.PROBE_FAILED, _check_probe_failed, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+
+BATCH_MIXING = HostileCase("batch_mixing", _trainer_case("""
+    class Mixer(Bigram):
+        # each row also reads the token at the same place in the next row of the batch
+        def forward(self, idx):
+            return self.table(idx) + 0.5 * self.table(torch.roll(idx, 1, 0))
+
+    model = Mixer()
+    prepare.finish(model, train(model))
+"""), Status.PROBE_FAILED, _check_probe_failed, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+
+
+def _check_payload_not_run(log: str, out: Path, state: HostState) -> None:
+    assert "PAYLOAD-RAN" not in log and "cannot load the exported model" in log, log[-2000:]
+
+
+CRAFTED_ARCHIVE = HostileCase("crafted_archive", _trainer_case("""
+    import pickle, zipfile
+
+    class Payload:  # unpickling this runs print: any code could stand there
+        def __reduce__(self):
+            return (print, ("PAYLOAD-RAN",))
+
+    model = Bigram()
+    prepare.finish(model, train(model))
+    path = os.path.join(os.environ["AR_OUT_DIR"], "model.pt2")
+    with zipfile.ZipFile(path) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    evil = pickle.dumps(Payload())
+    for name in list(files):
+        if name.endswith("sample_inputs/model.pt"):  # torch.export.load retries this with a full unpickler
+            files[name] = evil
+        if name.endswith("weights/model_weights_config.json"):  # a weight marked as pickled
+            config = json.loads(files[name])
+            entry = next(iter(config["config"].values()))
+            entry["use_pickle"] = True
+            files[name] = json.dumps(config).encode()
+            files[name.rsplit("/", 1)[0] + "/" + entry["path_name"]] = evil
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+"""), Status.EXPORT_FAILED, _check_payload_not_run, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+
+
+def _check_over_budget(log: str, out: Path, state: HostState) -> None:
+    assert "over budget" in log, log[-2000:]
+
+
+TRAINS_AFTER_BUDGET = HostileCase("trains_after_budget", _trainer_case("""
+    model = Bigram()
+    budget = train(model)
+    train(model, seconds=budget.seconds)  # as long again, after the budget said done
+    prepare.finish(model, budget)
+"""), Status.OVER_BUDGET, _check_over_budget, needs=frozenset({ISOLATION, HARNESS}), limits=Limits(),
+    budget_s=10.0, measured=True)
+
+TRAINS_BEFORE_BUDGET = HostileCase("trains_before_budget", _trainer_case("""
+    model = Bigram()
+    train(model, seconds=prepare.TIME_BUDGET)  # as long again, before the budget starts its clock
+    prepare.finish(model, train(model))
+"""), Status.OVER_BUDGET, _check_over_budget, needs=frozenset({ISOLATION, HARNESS}), limits=Limits(),
+    budget_s=10.0, measured=True)
 
 CASES: tuple[HostileCase, ...] = (
     NETWORK_INTERFACES, NETWORK_CONNECT, NETWORK_DNS, WRITE_OUTSIDE_OUT, WRITE_OUT_IN_EVAL,
     READ_VAL_IN_TRAIN, READ_TRAIN_IN_EVAL, FORK_BOMB, MEMORY_HOG, SLEEP_PAST_DEADLINE, DETACHED_SURVIVOR,
-    FILL_TMP, FAKE_VAL_BPB, ENV_SECRETS, NON_CAUSAL_MODEL,
+    FILL_TMP, FAKE_VAL_BPB, ENV_SECRETS, NON_CAUSAL_MODEL, FORGED_TRAINING_OUTPUT, STATEFUL_MODEL,
+    INPUT_WRITING_MODEL, POSITION_AWARE_LOOKAHEAD, SPARSE_LOOKAHEAD, BATCH_MIXING, CRAFTED_ARCHIVE,
+    TRAINS_AFTER_BUDGET, TRAINS_BEFORE_BUDGET,
 )

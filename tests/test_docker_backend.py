@@ -15,6 +15,7 @@ import pytest
 
 from sandbox import docker_backend, images
 from sandbox.docker_backend import OWNER_LABEL, RUN_LABEL, DockerBackend, container_config, process_identity
+from sandbox.gpu_watchdog import GpuSample
 from sandbox.runlog import LineLog, classify
 from sandbox.spec import CancelToken, Killer, Limits, Mount, Phase, RunSpec, Status
 from tests import hostile_cases as hostile
@@ -350,8 +351,8 @@ def test_gpu_watchdog_kill_is_gpu_oom(docker_client, backend, tmp_path, monkeypa
     monkeypatch.setattr(docker_backend, "container_config",
                         lambda spec, owner: {k: v for k, v in config(spec, owner).items() if k != "device_requests"})
 
-    def every_process_holds_a_gib(gpu_uuid: str) -> dict[int, int]:
-        return {int(pid): 2**30 for pid in os.listdir("/proc") if pid.isdigit()}
+    def every_process_holds_a_gib(gpu_uuid: str) -> GpuSample:
+        return GpuSample({int(pid): 2**30 for pid in os.listdir("/proc") if pid.isdigit()})
 
     gpu_backend = DockerBackend(docker_client, gpu_reader=every_process_holds_a_gib)
     spec = _spec(tmp_path, backend.base_id, "import time; time.sleep(120)", gpu_uuid="GPU-fake", deadline_s=30,

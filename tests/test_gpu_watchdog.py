@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
-from sandbox.gpu_watchdog import GpuWatchdog
+from sandbox.gpu_watchdog import GpuSample, GpuWatchdog
 
 GPU = "GPU-00000000-0000-0000-0000-000000000000"
 MiB = 2**20
@@ -14,11 +15,11 @@ MiB = 2**20
 class Readings:
     """A reader that returns the next of a list of samples (the last one repeats)."""
 
-    def __init__(self, *samples: dict[int, int]) -> None:
-        self.samples = list(samples)
+    def __init__(self, *samples: dict[int, int] | GpuSample) -> None:
+        self.samples = [s if isinstance(s, GpuSample) else GpuSample(processes=s) for s in samples]
         self.gpus: list[str] = []
 
-    def __call__(self, gpu_uuid: str) -> dict[int, int]:
+    def __call__(self, gpu_uuid: str) -> GpuSample:
         self.gpus.append(gpu_uuid)
         return self.samples.pop(0) if len(self.samples) > 1 else self.samples[0]
 
@@ -60,7 +61,7 @@ def test_without_a_cap_it_tracks_the_peak_only():
 
 
 def test_a_failing_read_is_skipped():
-    def broken(gpu_uuid: str) -> dict[int, int]:
+    def broken(gpu_uuid: str) -> GpuSample:
         raise RuntimeError("NVML_ERROR_GPU_IS_LOST")
 
     watchdog, exceeded = make(broken)
@@ -84,3 +85,22 @@ def test_without_nvml_it_does_nothing(monkeypatch):
     watchdog.start()
     watchdog.stop()
     assert watchdog.peak_bytes is None and not watchdog.exceeded
+
+
+def test_memory_of_any_allocator_counts_through_the_whole_gpu():
+    """A run whose memory NVML lists under no process of its own still hits the cap."""
+    watchdog, exceeded = make(Readings(GpuSample({}, device_used=500 * MiB),  # the idle GPU at the start
+                                       GpuSample({10: 100 * MiB}, device_used=1900 * MiB)))
+    assert watchdog.sample() == 0
+    assert watchdog.sample() == 1400 * MiB
+    assert exceeded == [1400 * MiB]
+
+
+def test_busy_time_is_reported_per_sample():
+    busy: list[float] = []
+    watchdog = GpuWatchdog(GPU, None, pids=lambda: set(), on_exceed=lambda used: None,
+                           reader=Readings(GpuSample(utilization=1.0)), on_busy=lambda seconds, at: busy.append(seconds))
+    watchdog.sample()
+    time.sleep(0.05)
+    watchdog.sample()
+    assert len(busy) == 1 and 0.04 < busy[0] < 5

@@ -1,0 +1,118 @@
+"""The facts the host and the harness share, in one place, with the standard library only.
+
+The runner, the sandbox and the data builder import this module without torch; every
+image carries it beside prepare.py. It holds the cache rule, the data layout, the
+profiles, the exit codes of the phases and the result protocol of phase 2.
+
+The result protocol is the trust boundary (DESIGN §3.1): phase 2 prints exactly one
+line `AR_RESULT <nonce> <json>`, where the nonce is a fresh secret the runner gives
+to phase 2 alone. Nothing train.py's process wrote can carry the nonce, so no
+forged line, block or file can pass for a result; the runner parses that one line
+strictly and nothing else of the log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# -- where things live ---------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Prepared data, downloads and sandbox snapshots: $AR_CACHE, else ~/.cache/autoresearch-sandbox."""
+    return Path(os.environ.get("AR_CACHE") or Path.home() / ".cache" / "autoresearch-sandbox")
+
+
+BOS = "<|bos|>"  # the only special token: starts every document
+DATA_FILES = ("tokenizer/tokenizer.pkl", "tokenizer/token_bytes.npy", "train/tokens.bin",
+              "train/docs.npy", "val/tokens.bin", "val/docs.npy")  # everything manifest.json vouches for
+MODEL_FILE, TRACE_FILE, REPORT_FILE = "model.pt2", "trace.json", "summary.json"  # what phase 1 leaves in /out
+# The harness prints this line when the timed budget starts; the host starts its own budget clock on it.
+BUDGET_START_MARK = "[harness] training budget started"
+
+
+# -- profiles ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    max_seq_len: int
+    time_budget: float  # training seconds
+    eval_tokens: int
+    eval_batch: int
+
+
+# The CPU profile keeps an experiment to about two minutes on a laptop.
+PROFILES = {
+    "gpu": Profile(max_seq_len=2048, time_budget=300.0, eval_tokens=2**20, eval_batch=32),
+    "cpu": Profile(max_seq_len=256, time_budget=60.0, eval_tokens=2**15, eval_batch=16),
+}
+
+# -- how a phase ends ----------------------------------------------------------------------
+
+EXIT_CRASH, EXIT_EXPORT_FAILED, EXIT_PROBE_FAILED, EXIT_GPU_OOM = 2, 3, 4, 5
+EXIT_STATUS = {EXIT_EXPORT_FAILED: "export_failed", EXIT_PROBE_FAILED: "probe_failed", EXIT_GPU_OOM: "gpu_oom"}
+
+# -- the result of phase 2 ---------------------------------------------------------------------
+
+RESULT_TAG = "AR_RESULT"
+RESULT_NONCE_ENV = "AR_RESULT_NONCE"
+# Every key phase 2 reports and its type; a line with any other key, or without one, is refused.
+RESULT_FIELDS: dict[str, type] = {
+    "val_bpb_hex": str,  # the exact float (float.hex); the decimal form is derived from it
+    "eval_tokens": int,
+    "eval_bytes": int,
+    "num_params": int,  # counted in the exported program
+    "probe_seed": str,  # the fresh entropy the probes were drawn from (hex)
+    "probe_rows": int,  # rows whose logits were compared against a changed batch
+    "probe_max_change": float,  # the largest relative change seen (below the tolerance)
+}
+
+
+class ResultError(Exception):
+    """The phase-2 log holds no valid result line, or more than one."""
+
+
+def result_line(nonce: str, result: dict) -> str:
+    """The one line phase 2 prints: the tag, the nonce and the result as compact JSON."""
+    return f"{RESULT_TAG} {nonce} {json.dumps(result, sort_keys=True, separators=(',', ':'))}"
+
+
+def parse_result(text: str, nonce: str) -> dict:
+    """The result phase 2 printed under `nonce`, checked field by field; raises ResultError."""
+    prefix = f"{RESULT_TAG} {nonce} "
+    lines = [line[len(prefix):] for line in text.replace("\r", "\n").split("\n") if line.startswith(prefix)]
+    if len(lines) != 1:
+        raise ResultError(f"the evaluation printed {len(lines)} result lines with this run's nonce, not one")
+    try:
+        result = json.loads(lines[0])
+    except ValueError as error:
+        raise ResultError(f"the result line is not JSON ({error})") from error
+    if not isinstance(result, dict) or set(result) != set(RESULT_FIELDS):
+        raise ResultError("the result line does not hold exactly the expected fields")
+    for key, kind in RESULT_FIELDS.items():
+        value = result[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = result[key] = float(value)
+        if type(value) is not kind or (kind is float and not math.isfinite(value)):
+            raise ResultError(f"the result field {key} is not a finite {kind.__name__}")
+    try:
+        val_bpb = float.fromhex(result["val_bpb_hex"])
+    except ValueError as error:
+        raise ResultError("val_bpb_hex is not a float in hex") from error
+    if not (math.isfinite(val_bpb) and val_bpb > 0):
+        raise ResultError(f"val_bpb {val_bpb!r} is not a positive finite number")
+    return {**result, "val_bpb": val_bpb}
+
+
+# -- what train.py reports (untrusted) ---------------------------------------------------------
+
+# Training figures written by train.py's process (REPORT_FILE): shown, labelled as reported,
+# never used to decide anything. The runner keeps only these keys, and only finite numbers.
+REPORTED_KEYS = ("training_seconds", "total_seconds", "startup_seconds", "export_seconds", "peak_vram_mb",
+                 "mfu_percent", "tokens_per_second", "total_tokens_M", "num_steps", "num_params_M", "depth",
+                 "data_wait_percent")

@@ -1,0 +1,1 @@
+"""Host-only data building for the harness: corpora, split, tokenizer, manifest (never baked into an image)."""

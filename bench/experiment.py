@@ -1,11 +1,15 @@
 """One complete experiment through the real sandbox, and where its wall time goes.
 
     uv run python bench/experiment.py [--sandbox auto] [--budget 60] [--source offline] [--repeat 1] [--gpu auto]
+                                      [--gpu-memory-cap GIB] [--train-py PATH] [--measure-allowance]
 
-Builds the experiment image from the repository's train.py, runs phase 1
-(training + export) and phase 2 (evaluation) and prints val_bpb, throughput,
-MFU, peak VRAM, steps, startup/export/eval seconds and the total wall time.
-With `--gpu auto` the first GPU found through NVML runs the GPU profile.
+Builds the experiment image from the repository's train.py (or --train-py), runs
+phase 1 (training + export) and phase 2 (evaluation) and prints val_bpb,
+throughput, MFU, peak VRAM, steps, startup/export/eval seconds, the host's budget
+account (GPU-busy seconds before and after the budget) and the total wall time.
+With `--gpu auto` the first GPU found through NVML runs the GPU profile; with
+`--measure-allowance` the runs after the first use allowances measured on it, as a
+night does after its baseline. Figures marked (reported) come from train.py itself.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from contract import cache_dir  # noqa: E402
 from sandbox.backends import get_backend  # noqa: E402
+from sandbox.budget_guard import Allowance  # noqa: E402
 from sandbox.experiment import ExperimentSpec, run_experiment  # noqa: E402
 from sandbox.spec import Limits  # noqa: E402
 
@@ -42,8 +48,14 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=None, help="AR_CACHE (default ~/.cache/autoresearch-sandbox)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--gpu", default=None, help="GPU UUID, or 'auto' for the first GPU (GPU profile)")
+    parser.add_argument("--gpu-memory-cap", type=float, default=None, help="GiB: the host's GPU memory cap")
+    parser.add_argument("--train-py", type=Path, default=ROOT / "train.py")
+    parser.add_argument("--measure-allowance", action="store_true")
+    parser.add_argument("--keep", type=Path, default=None, help="keep each run's directory under this folder")
     args = parser.parse_args()
-    cache = args.cache or Path.home() / ".cache" / "autoresearch-sandbox"
+    cache = args.cache or cache_dir()
+    limits = Limits(gpu_memory_bytes=int(args.gpu_memory_cap * 2**30) if args.gpu_memory_cap else None)
+    allowance = None
     gpu = first_gpu_uuid() if args.gpu == "auto" else args.gpu
     backend = get_backend(args.sandbox)
     t0 = time.monotonic()
@@ -52,21 +64,27 @@ def main() -> int:
     rows = []
     for i in range(args.repeat):
         with tempfile.TemporaryDirectory() as tmp:
+            run_dir = args.keep / f"bench{i}" if args.keep else Path(tmp)
             t0 = time.monotonic()
-            image = backend.build_image((ROOT / "train.py").read_text() + f"\n# bench run {i} {time.time_ns()}\n", f"bench{i}")
+            image = backend.build_image(args.train_py.read_text() + f"\n# bench run {i} {time.time_ns()}\n", f"bench{i}")
             build_s = time.monotonic() - t0
-            spec = ExperimentSpec(exp_id=f"bench{i}", image=image, data_dir=cache / args.source, run_dir=Path(tmp),
-                                  time_budget=args.budget, gpu_uuid=gpu, limits=Limits())
+            spec = ExperimentSpec(exp_id=f"bench{i}", image=image, data_dir=cache / args.source, run_dir=run_dir,
+                                  time_budget=args.budget, gpu_uuid=gpu, limits=limits, allowance=allowance)
             outcome = run_experiment(backend, spec)
             total = time.monotonic() - t0
             backend.remove_image(image)
-        m = outcome.metrics
+        if args.measure_allowance and allowance is None and outcome.train.budget:
+            allowance = Allowance.measured_from([outcome.train.budget], "gpu" if gpu else "cpu")
+            print(f"allowance measured on run {i}: {allowance}")
+        m = {**outcome.reported, **outcome.metrics}
         row = {"status": outcome.status, "val_bpb": outcome.val_bpb, "image_build_s": build_s,
                "phase1_s": outcome.phase_seconds.get("train", 0.0), "training_s": m.get("training_seconds", 0.0),
                "phase2_s": outcome.phase_seconds.get("eval", 0.0), "total_s": total, "num_steps": m.get("num_steps", 0),
                "mfu_percent": m.get("mfu_percent", 0.0), "tokens_per_second": m.get("tokens_per_second", 0.0),
                "peak_vram_mb": m.get("peak_vram_mb", 0.0), "startup_s": m.get("startup_seconds", 0.0),
-               "export_s": m.get("export_seconds", 0.0), "data_wait_percent": m.get("data_wait_percent", 0.0)}
+               "export_s": m.get("export_seconds", 0.0), "data_wait_percent": m.get("data_wait_percent", 0.0),
+               "eval_tokens": m.get("eval_tokens", 0), "probe_rows": m.get("probe_rows", 0),
+               **{k: v for k, v in (outcome.train.budget or {}).items() if k != "allowance"}}
         rows.append(row)
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         if outcome.status != "done":

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import prepare  # noqa: E402
+from dataprep.sources import linux_source_docs, offline_docs  # noqa: E402
 
-SOURCES = {"linux": prepare.linux_source_docs, "offline": prepare.offline_docs}
+SOURCES = {"linux": linux_source_docs, "offline": offline_docs}
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ from runner.decision import Rule
 from runner.ledger import LedgerError
 from runner.loop import NightError
 from runner.morning import register as register_morning
-from runner.settings import SANDBOXES, Settings, SettingsError, Source, default_tag
+from runner.settings import DEFAULT_GPU_MEMORY_CAP, SANDBOXES, Settings, SettingsError, Source, default_tag
 from sandbox.spec import SandboxUnavailable
 
 # Exceptions whose message is a sentence meant for the user.
@@ -60,8 +60,10 @@ def main(ctx: click.Context) -> None:
               help="Tries for the agent to send a valid diff before the proposal is rejected.")
 @click.option("--deterministic/--no-deterministic", default=True, show_default=True,
               help="Deterministic kernels, so `rerun --exact` is bit-identical (about 19% slower on a GPU).")
+@click.option("--gpu-memory-cap", default=DEFAULT_GPU_MEMORY_CAP, show_default=True,
+              help="GPU memory one experiment may hold: a share of the card (0.9), GiB (40GiB) or none.")
 def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, budget, source, baseline_runs,
-              k, min_delta, confirm, max_diff_retries, deterministic) -> None:
+              k, min_delta, confirm, max_diff_retries, deterministic, gpu_memory_cap) -> None:
     """Run the experiment loop for the night (resume with the same --tag)."""
     from runner.overnight import run_overnight
 
@@ -70,7 +72,7 @@ def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, 
             tag=tag or default_tag(), hours=hours, max_experiments=max_experiments, agent=agent,
             agent_command=agent_command, sandbox=sandbox, gpus=gpus, budget=budget, source=Source.parse(source),
             baseline_runs=baseline_runs, rule=Rule(k=k, min_delta=min_delta, confirm=confirm),
-            max_diff_retries=max_diff_retries, deterministic=deterministic,
+            max_diff_retries=max_diff_retries, deterministic=deterministic, gpu_memory_cap=gpu_memory_cap,
         )
         run_overnight(settings)
     except USER_ERRORS as exc:

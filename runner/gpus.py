@@ -22,6 +22,7 @@ class Gpu:
     uuid: str
     name: str
     driver: str
+    memory_bytes: int = 0  # the card's memory (0: unknown)
 
 
 def discover() -> list[Gpu]:
@@ -38,7 +39,8 @@ def discover() -> list[Gpu]:
         gpus = []
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            gpus.append(Gpu(index, _text(pynvml.nvmlDeviceGetUUID(handle)), _text(pynvml.nvmlDeviceGetName(handle)), driver))
+            gpus.append(Gpu(index, _text(pynvml.nvmlDeviceGetUUID(handle)), _text(pynvml.nvmlDeviceGetName(handle)), driver,
+                            int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)))
         return gpus
     finally:
         pynvml.nvmlShutdown()

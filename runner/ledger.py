@@ -145,6 +145,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE experiments ADD COLUMN val_bpb_hex TEXT;
     ALTER TABLE experiments ADD COLUMN reported_json TEXT;
+    ALTER TABLE nights ADD COLUMN allowance_json TEXT;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -267,6 +268,11 @@ def outcome_fields(outcome: ExperimentOutcome) -> dict[str, Any]:
     return fields
 
 
+def budget_account(row: Experiment) -> dict[str, float]:
+    """The host's budget account of a row's phase 1 (sandbox.budget_guard.Account.report), from its metrics."""
+    return {key.removeprefix("budget_"): value for key, value in row.metrics.items() if key.startswith("budget_")}
+
+
 def _peak(values: Iterable[int | None]) -> int | None:
     present = [v for v in values if v is not None]
     return max(present) if present else None
@@ -330,6 +336,11 @@ class Ledger:
                 "UPDATE nights SET baseline_mean=?, sigma=?, baseline_runs=?, threshold=? WHERE id=?",
                 (mean, sigma, runs, threshold, night_id),
             )
+
+    def set_allowance(self, night_id: int, allowance: dict[str, Any]) -> None:
+        """What phase 1 may spend beside its budget, as measured on the night's baselines."""
+        with self._lock:
+            self._db.execute("UPDATE nights SET allowance_json=? WHERE id=?", (json.dumps(allowance), night_id))
 
     def end_night(self, night_id: int, reason: str) -> None:
         with self._lock:

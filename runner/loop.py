@@ -17,6 +17,7 @@ Order of a night:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,13 +33,15 @@ from runner.console import NightView, WorkerView
 from runner.gpus import Gpu
 from runner.judge import Judge
 from runner.ledger import (
-    BASELINE, BUILT, DONE, EXPERIMENT, FAILURES, PROPOSED, UNFINISHED, Experiment, Ledger, outcome_fields,
+    BASELINE, BUILT, DONE, EXPERIMENT, FAILURES, PROPOSED, UNFINISHED, Experiment, Ledger, budget_account,
+    outcome_fields,
 )
 from runner.proposals import Best, Proposer
 from runner.records import Records
 from runner.settings import Settings
+from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
-from sandbox.spec import Backend, CancelToken
+from sandbox.spec import Backend, CancelToken, Limits
 
 log = structlog.get_logger(__name__)
 
@@ -126,6 +129,7 @@ class Night:
         self.proposer = Proposer(agent, self.records, settings.root, settings.max_diff_retries)
         self.judge: Judge | None = None  # once the baseline has measured the noise
         self.noise: decision.Noise | None = None
+        self.allowance: Allowance | None = None  # measured on the baseline; None: the profile's defaults
         self.night_id: int | None = None
         self._pending: collections.deque[Experiment] = collections.deque()
         self._lock = threading.Lock()  # the pending queue, failure bookkeeping, proposal counts
@@ -194,6 +198,8 @@ class Night:
             "profile": self.profile,
             "time_budget": self.settings.time_budget(self.profile),
             "gpus": [s.gpu.uuid for s in self.slots if s.gpu],
+            "gpu_memory_cap_bytes": {s.gpu.uuid: self.settings.gpu_cap_bytes(s.gpu.memory_bytes)
+                                     for s in self.slots if s.gpu},
             "backend": self.backend.name,
             "isolation": self.backend.isolation,
             "agent": self.agent.name,
@@ -266,9 +272,11 @@ class Night:
         kept = self.ledger.best_kept()
         start = kept or runs[0]
         best = Best(start.id, kept.decision_value if kept else self.noise.mean, self.records.train_py(start))
+        self.allowance = Allowance.measured_from([budget_account(r) for r in runs], self.profile)
+        self.ledger.set_allowance(self.night_id, dataclasses.asdict(self.allowance))
         log.info("night.thresholds", baseline_mean=self.noise.mean, sigma=self.noise.sigma, runs=self.noise.runs,
                  k=self.settings.rule.k, min_delta=self.settings.rule.min_delta, threshold=threshold,
-                 best=best.value, best_id=best.exp_id)
+                 best=best.value, best_id=best.exp_id, allowance=dataclasses.asdict(self.allowance))
         return Judge(self.records, self.settings.rule, threshold, best)
 
     # -- workers ---------------------------------------------------------------------------
@@ -433,7 +441,8 @@ class Night:
         spec = ExperimentSpec(
             exp_id=row.id, image=row.image, data_dir=self.data.path, run_dir=self.records.dir(row.id),
             time_budget=self.settings.time_budget(self.profile), gpu_uuid=gpu.uuid if gpu else None, seed=row.seed,
-            deterministic=self.settings.deterministic,
+            deterministic=self.settings.deterministic, allowance=self.allowance,
+            limits=Limits(gpu_memory_bytes=self.settings.gpu_cap_bytes(gpu.memory_bytes) if gpu else None),
         )
         return self._run(self.backend, spec, self._cancel, on_phase=on_phase)
 

@@ -23,7 +23,7 @@ from typing import Any
 from runner.decision import DISCARD, KEEP
 from runner.ledger import BASELINE, CONFIRM, DONE, EXPERIMENT, FAILURES, REJECTED, UNFINISHED, Experiment, Ledger
 from runner.review import baseline_mean, item
-from sandbox.logparse import tail
+from sandbox.runlog import tail
 
 # A night that recorded no end is taken as still running while its last sign of
 # life is younger than one experiment can take: budget + compile/export + evaluation.
@@ -87,6 +87,9 @@ class Figures:
     slots: int
     profile: str | None
     time_budget: float | None
+    gpu_memory_cap: str | None  # as the night was told (a share of the card, GiB or none)
+    peak_gpu_mb: float | None  # the largest GPU memory any run of the night held (host-measured)
+    allowance: dict | None  # what phase 1 may spend beside its budget (measured on the baselines)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,6 +137,9 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
         mfu_percent=statistics.median(mfu) if mfu else None,
         wall_seconds=wall, training_seconds=training, slots=slots,
         profile=settings.get("profile"), time_budget=budget,
+        gpu_memory_cap=settings.get("gpu_memory_cap") if settings.get("gpus") else None,
+        peak_gpu_mb=max((r.peak_gpu_memory_bytes / 2**20 for r in rows if r.peak_gpu_memory_bytes), default=None),
+        allowance=json.loads(record["allowance_json"]) if record.get("allowance_json") else None,
     )
 
 

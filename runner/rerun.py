@@ -25,14 +25,14 @@ import structlog
 
 from runner import gpus as gpu_inventory
 from runner.ledger import BUILT, DONE, RERUN, TRAINING, Experiment, Ledger, LedgerError, outcome_fields
-from runner.settings import data_hash
+from runner.settings import DEFAULT_GPU_MEMORY_CAP, Settings, data_hash
+from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
-from sandbox.logparse import parse_summary
-from sandbox.spec import Backend
+from sandbox.spec import Backend, Limits
 
 log = structlog.get_logger(__name__)
 
-TRACE, MODEL, EVAL_LOG = "out/trace.json", "out/model.pt2", "eval.log"
+TRACE, MODEL = "out/trace.json", "out/model.pt2"
 
 
 class RerunRefused(Exception):
@@ -52,7 +52,7 @@ class Verdict:
     rerun_id: str
     exact: bool
     status: str  # how the rerun ended (done or a failure status)
-    original: str | None  # val_bpb_hex as phase 2 printed it
+    original: str | None  # val_bpb_hex as the ledger recorded it from phase 2
     repeated: str | None
     original_value: float | None
     repeated_value: float | None
@@ -107,6 +107,14 @@ class _Plan:
     gpu: gpu_inventory.Gpu | None
     trace: Path | None
     time_budget: float
+    allowance: Allowance | None  # what the night measured on its baselines
+
+    @property
+    def limits(self) -> Limits:
+        """The night's GPU memory cap, on this host's card."""
+        cap = Settings.gpu_cap_bytes_of(self.settings.get("gpu_memory_cap", DEFAULT_GPU_MEMORY_CAP),
+                                        self.gpu.memory_bytes) if self.gpu else None
+        return Limits(gpu_memory_bytes=cap)
 
 
 def rerun(ledger: Ledger, run_dir: Path, exp_id: str, *, exact: bool, backend: Backend | None = None,
@@ -151,7 +159,9 @@ def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
             ) from None
     if budget is None:
         raise RerunRefused(f"the night of {row.id} recorded no time budget; rerun it with --exact.")
-    return _Plan(row, settings, data_dir, _gpu(row, inventory), trace if exact else None, float(budget))
+    allowance = json.loads(night["allowance_json"]) if night and night.get("allowance_json") else None
+    return _Plan(row, settings, data_dir, _gpu(row, inventory), trace if exact else None, float(budget),
+                 Allowance(**allowance) if allowance else None)
 
 
 def _check_data(row: Experiment, data_dir: Path) -> None:
@@ -194,7 +204,7 @@ def _run(ledger: Ledger, backend: Backend, plan: _Plan, rerun_row: Experiment, d
     spec = ExperimentSpec(
         exp_id=rerun_row.id, image=plan.row.image, data_dir=plan.data_dir, run_dir=directory,
         time_budget=plan.time_budget, gpu_uuid=plan.gpu.uuid if plan.gpu else None,
-        deterministic=True, replay_trace=plan.trace, seed=plan.row.seed,
+        deterministic=True, replay_trace=plan.trace, seed=plan.row.seed, allowance=plan.allowance, limits=plan.limits,
     )
     try:
         outcome = run_experiment(backend, spec, on_phase=lambda phase: ledger.transition(rerun_row.id, phase))
@@ -217,11 +227,10 @@ def _end(ledger: Ledger, exp_id: str, status: str, error: str) -> None:
 def _verdict(ledger: Ledger, run_dir: Path, plan: _Plan, rerun_id: str, outcome: ExperimentOutcome, exact: bool,
              backend: Backend) -> Verdict:
     original_dir, repeated_dir = run_dir / plan.row.id, run_dir / rerun_id
-    original = _summary(original_dir)
     sigmas = [n["sigma"] for n in ledger.nights() if n["id"] == plan.row.night_id]
     verdict = Verdict(
         exp_id=plan.row.id, rerun_id=rerun_id, exact=exact, status=outcome.status,
-        original=original.get("val_bpb_hex"), repeated=outcome.summary.get("val_bpb_hex"),
+        original=plan.row.val_bpb_hex, repeated=outcome.result.get("val_bpb_hex"),
         original_value=plan.row.val_bpb, repeated_value=outcome.val_bpb,
         original_weights=_sha256(original_dir / MODEL), repeated_weights=_sha256(repeated_dir / MODEL),
         sigma=sigmas[0] if sigmas else None,
@@ -232,19 +241,12 @@ def _verdict(ledger: Ledger, run_dir: Path, plan: _Plan, rerun_id: str, outcome:
     return replace(verdict, reasons=reasons)
 
 
-def _summary(directory: Path) -> dict[str, str]:
-    try:
-        return parse_summary((directory / EVAL_LOG).read_text(errors="replace"))
-    except OSError:
-        return {}
-
-
 def _reasons(plan: _Plan, verdict: Verdict, backend: Backend, original_dir: Path, repeated_dir: Path) -> list[str]:
     """What differs between the two runs, as far as the records show."""
     row, gpu = plan.row, plan.gpu
     reasons = []
     if verdict.original is None:
-        reasons.append(f"the original's {EVAL_LOG} has no val_bpb_hex to compare bit for bit")
+        reasons.append("the original's record has no exact val_bpb (val_bpb_hex) to compare bit for bit")
     if plan.settings.get("deterministic") is False:
         reasons.append("the original night did not run deterministically")
     if gpu and (gpu.name, gpu.driver) != (row.gpu_name, row.gpu_driver):

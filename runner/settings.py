@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from contract import PROFILES, cache_dir
 from runner.decision import Rule
 
 SOURCES = ("offline", "linux", "local", "hf")
 SANDBOXES = ("auto", "docker", "process")
-# prepare.py's TIME_BUDGET per profile; the runner passes the budget explicitly so
-# the deadlines it sets and the budget the harness uses always agree.
-PROFILE_BUDGET = {"gpu": 300.0, "cpu": 60.0}
+DEFAULT_GPU_MEMORY_CAP = "0.9"  # of each card: what one experiment may hold on its GPU
 
 
 class SettingsError(Exception):
@@ -32,9 +30,22 @@ def default_tag() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def cache_dir() -> Path:
-    """Where prepare.py keeps prepared data (same rule as the harness: $AR_CACHE)."""
-    return Path(os.environ.get("AR_CACHE") or Path.home() / ".cache" / "autoresearch-sandbox")
+def parse_gpu_memory_cap(text: str) -> tuple[float | None, int | None]:
+    """`0.9` (a share of the card, at most 1), `40GiB` / `40` (GiB) or `none`: (share, bytes), one of them set."""
+    value = text.strip().lower()
+    if value in ("none", "off", "0"):
+        return None, None
+    number = value.removesuffix("gib").removesuffix("g").strip()
+    try:
+        amount = float(number)
+    except ValueError:
+        raise SettingsError(f"--gpu-memory-cap takes a share of the card such as 0.9, GiB such as 40GiB, or none; "
+                            f"not {text!r}.") from None
+    if not (amount > 0 and amount == amount):
+        raise SettingsError("--gpu-memory-cap must be positive (or none).")
+    if amount <= 1 and number == value:
+        return amount, None
+    return None, int(amount * 2**30)
 
 
 def data_hash(data_dir: Path) -> str | None:
@@ -87,6 +98,7 @@ class Settings:
     gpu_failures: int = 3  # infrastructure failures in a row that take a GPU out of rotation
     deterministic: bool = True  # bit-for-bit reruns; costs ~19 % of GPU throughput (docs/benchmarks.md)
     runs_dir: Path | None = None  # None: root / "runs"
+    gpu_memory_cap: str = DEFAULT_GPU_MEMORY_CAP  # see parse_gpu_memory_cap
 
     def __post_init__(self) -> None:
         checks = [
@@ -104,6 +116,7 @@ class Settings:
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message + ".")
+        parse_gpu_memory_cap(self.gpu_memory_cap)
         for name in ("train.py", "prepare.py"):
             if not (self.root / name).is_file():
                 raise SettingsError(f"no {name} in {self.root}; run autoresearch from the project directory.")
@@ -113,7 +126,18 @@ class Settings:
         return (self.runs_dir or self.root / "runs") / self.tag
 
     def time_budget(self, profile: str) -> float:
-        return self.budget if self.budget is not None else PROFILE_BUDGET[profile]
+        return self.budget if self.budget is not None else PROFILES[profile].time_budget
+
+    def gpu_cap_bytes(self, card_bytes: int) -> int | None:
+        """The GPU memory one experiment may hold on a card of `card_bytes` (None: no cap)."""
+        return self.gpu_cap_bytes_of(self.gpu_memory_cap, card_bytes)
+
+    @staticmethod
+    def gpu_cap_bytes_of(cap: str, card_bytes: int) -> int | None:
+        share, absolute = parse_gpu_memory_cap(cap)
+        if share is not None:
+            return int(share * card_bytes) if card_bytes else None
+        return absolute
 
     def record(self) -> dict[str, Any]:
         """The settings as stored with the night."""

@@ -66,6 +66,16 @@ def status_panel(fig: Figures) -> Panel:
             f"keep when val_bpb < best - {fig.threshold:.6f} = max(min_delta {fig.min_delta}, k {fig.k} x sigma)"
             f"{', confirmed by a second seed' if fig.confirm else ''}"
         ))
+    if fig.gpu_memory_cap is not None:
+        peak = "-" if fig.peak_gpu_mb is None else f"{fig.peak_gpu_mb / 1024:.1f} GiB"
+        lines.append(Text(f"GPU memory cap {fig.gpu_memory_cap} per experiment (NVML watchdog), peak so far {peak}"))
+    if fig.allowance:
+        a = fig.allowance
+        lines.append(Text(
+            f"budget {_num(fig.time_budget, 'g')} s, enforced by the host: start-up {a['startup_s']:.0f} s, "
+            f"export {a['export_s']:.0f} s" + (f", GPU busy {a['busy_before_s']:.0f} s before / {a['busy_after_s']:.0f} s after"
+                                                if fig.profile == "gpu" else "")
+            + (" (measured on the baseline)" if a.get("measured") else " (defaults)")))
     return Panel(Group(*lines), title=f"autoresearch {fig.tag}", title_align="left")
 
 
@@ -111,6 +121,7 @@ def show_dict(ledger: Ledger, run_dir: Path, row: Experiment) -> dict[str, Any]:
         **row_dict(it),
         "lineage": [f"{r.id}" for r in lineage(ledger, row)],
         "metrics": row.metrics,
+        "reported_by_train_py": row.reported,
         "phases": _phases(row),
         "image": row.image, "backend": row.backend, "isolation": row.isolation, "data_hash": row.data_hash,
         "seed": row.seed, "gpu": row.gpu_name, "gpu_driver": row.gpu_driver,
@@ -148,6 +159,7 @@ def show_renderables(ledger: Ledger, run_dir: Path, row: Experiment) -> list[Ren
         ("val_bpb", f"{_num(row.val_bpb) or '-'}  vs parent {_num(data['vs_parent'], '+.6f') or '-'}  "
                     f"vs baseline {_num(data['vs_baseline'], '+.6f') or '-'}"),
         ("phase 1 train", _phase_text(data["phases"]["train"])),
+        ("peak GPU memory", "-" if row.peak_gpu_memory_bytes is None else f"{row.peak_gpu_memory_bytes / 2**30:.2f} GiB"),
         ("phase 2 eval", _phase_text(data["phases"]["eval"])),
         ("image", row.image or "-"),
         ("data manifest", row.data_hash or "-"),
@@ -161,13 +173,15 @@ def show_renderables(ledger: Ledger, run_dir: Path, row: Experiment) -> list[Ren
     for key, value in fields:
         head.add_row(key, value)
     parts: list[RenderableType] = [Panel(head, title=f"{row.id} ({row.kind})", title_align="left")]
-    if row.metrics:
-        metrics = Table(title="metrics (phase 2 summary)", title_justify="left")
-        metrics.add_column("key")
-        metrics.add_column("value", justify="right")
-        for key, value in row.metrics.items():
-            metrics.add_row(key, f"{value:g}")
-        parts.append(metrics)
+    for title, figures in (("measured (phase 2 and the host)", row.metrics),
+                           ("reported by train.py (untrusted)", row.reported)):
+        if figures:
+            table = Table(title=title, title_justify="left")
+            table.add_column("key")
+            table.add_column("value", justify="right")
+            for key, value in figures.items():
+                table.add_row(key, f"{value:g}")
+            parts.append(table)
     for name, text in data["logs"].items():
         body = text if text is not None else (row.log_tail if name == "train.log" and row.log_tail else "(no log)")
         parts.append(Panel(Text(body or "(empty)"), title=f"{name} (tail)", title_align="left", style="dim"))

@@ -27,7 +27,7 @@ import structlog
 
 import contract
 from sandbox.budget_guard import Allowance, BudgetRule
-from sandbox.logparse import tail
+from sandbox.runlog import tail
 from sandbox.spec import Backend, CancelToken, Limits, Mount, Phase, RunResult, RunSpec, Status
 
 log = structlog.get_logger(__name__)

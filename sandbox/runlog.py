@@ -94,3 +94,8 @@ def settle_budget(account: Account | None, exited_at: float, status: Status, kil
         line_log.note(f"over budget: {why}")
         return Status.OVER_BUDGET, Killer.BUDGET
     return status, killer
+
+
+def tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of a log text (lines split on `\\n` and `\\r`, as LineLog writes them)."""
+    return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])

@@ -1,4 +1,4 @@
-"""Building the data (prepare.py Part 1): sources, split, tokenizer, token files, manifest."""
+"""Building the data (dataprep, behind `prepare.py --source`): sources, split, tokenizer, token files, manifest."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
-import prepare
+import contract
+from dataprep import build as builder, formats, sources
 from tests.corpus import document, write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,23 +32,24 @@ VOCAB = 400
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
-    """A fresh CACHE_DIR for one test."""
-    monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path / "cache")
+    """A fresh cache directory (AR_CACHE) for one test."""
+    monkeypatch.setenv("AR_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
 def build(*args: str) -> int:
-    return prepare.build_main([*args, "--vocab-size", str(VOCAB)])
+    return builder.main([*args, "--vocab-size", str(VOCAB)])
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, Path]:
     """(corpus dir, data dir) of one local build shared by the read-only tests below."""
     corpus = write_corpus(tmp_path_factory.mktemp("corpus"), n_docs=300)
+    cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prepare, "CACHE_DIR", tmp_path_factory.mktemp("cache"))
+        mp.setenv("AR_CACHE", str(cache))
         assert build("--source", "local", str(corpus)) == 0
-        return corpus, prepare.CACHE_DIR / "local"
+    return corpus, cache / "local"
 
 
 def load_encoding(data_dir: Path) -> tiktoken.Encoding:
@@ -65,25 +67,25 @@ def split_docs(data_dir: Path, split: str) -> list[np.ndarray]:
 
 def test_split_is_by_hash_deterministic_and_near_the_fraction():
     digests = [hashlib.sha256(f"document {i}".encode()).digest() for i in range(20000)]
-    held_out = [prepare.is_val(d) for d in digests]
-    assert held_out == [prepare.is_val(d) for d in digests]
-    assert abs(sum(held_out) / len(held_out) - prepare.VAL_FRACTION) < 0.01
+    held_out = [builder.is_val(d) for d in digests]
+    assert held_out == [builder.is_val(d) for d in digests]
+    assert abs(sum(held_out) / len(held_out) - builder.VAL_FRACTION) < 0.01
     assert 0 < sum(held_out) < len(held_out)
 
 
 def test_long_texts_are_cut_into_documents_of_consecutive_paragraphs():
     paragraphs = [f"Paragraph {i}. " + "word " * (20 + i % 50) for i in range(300)]
-    docs = list(prepare.cut_text("\n\n".join(paragraphs)))
+    docs = list(formats.cut_text("\n\n".join(paragraphs)))
     assert len(docs) > 10
-    assert all(len(d) >= prepare.DOC_CHARS for d in docs[:-1])
-    assert all(len(d) < prepare.DOC_CHARS + 400 for d in docs)
+    assert all(len(d) >= formats.DOC_CHARS for d in docs[:-1])
+    assert all(len(d) < formats.DOC_CHARS + 400 for d in docs)
     assert [p.strip() for d in docs for p in d.split("\n\n")] == [p.strip() for p in paragraphs]
 
 
 def test_gutenberg_header_and_licence_are_stripped():
     text = "The Project Gutenberg EBook\n*** START OF THIS PROJECT GUTENBERG EBOOK ***\nTo be.\n*** END OF IT ***\nLicence"
-    assert prepare.strip_gutenberg(text).strip() == "To be."
-    assert prepare.strip_gutenberg("No markers here.") == "No markers here."
+    assert formats.strip_gutenberg(text).strip() == "To be."
+    assert formats.strip_gutenberg("No markers here.") == "No markers here."
 
 
 # ---- tokenizer and token files -----------------------------------------------------------------
@@ -92,10 +94,10 @@ def test_gutenberg_header_and_licence_are_stripped():
 def test_tokenizer_round_trips_and_has_bos_last(built):
     _, data = built
     enc = load_encoding(data)
-    assert enc.n_vocab == VOCAB and enc.encode_single_token(prepare.BOS) == VOCAB - 1
+    assert enc.n_vocab == VOCAB and enc.encode_single_token(contract.BOS) == VOCAB - 1
     text = "The old sailor builds a red house again. Ünïcödé → 42!\n\n  tabs\tand spaces"
     assert enc.decode(enc.encode_ordinary(text)) == text
-    assert enc.decode([VOCAB - 1, *enc.encode_ordinary(text)]) == prepare.BOS + text
+    assert enc.decode([VOCAB - 1, *enc.encode_ordinary(text)]) == contract.BOS + text
     token_bytes = np.load(data / "tokenizer/token_bytes.npy")
     assert token_bytes.dtype == np.int32 and len(token_bytes) == VOCAB and token_bytes[VOCAB - 1] == 0
     assert all(token_bytes[i] == len(enc.decode_single_token_bytes(i)) for i in range(VOCAB - 1))
@@ -111,8 +113,8 @@ def test_token_files_hold_every_document_once_each_starting_with_bos(built):
         assert np.load(data / split / "docs.npy").dtype == np.int64
     originals = sorted(p.read_text().strip("\n") for p in corpus.glob("*.txt"))  # short files: one document each
     assert sorted(texts["train"] + texts["val"]) == originals
-    assert all(prepare.is_val(hashlib.sha256(t.encode()).digest()) for t in texts["val"])
-    stats = prepare.read_manifest(data)["stats"]
+    assert all(builder.is_val(hashlib.sha256(t.encode()).digest()) for t in texts["val"])
+    stats = builder.read_manifest(data)["stats"]
     assert stats["val"]["docs"] == len(texts["val"]) > 0 and stats["train"]["docs"] == len(texts["train"])
     assert stats["train"]["tokens"] == os.path.getsize(data / "train/tokens.bin") // 2
 
@@ -120,7 +122,7 @@ def test_token_files_hold_every_document_once_each_starting_with_bos(built):
 def test_rebuilding_gives_the_same_hash(built, cache):
     corpus, data = built
     assert build("--source", "local", str(corpus), "--name", "again") == 0
-    assert prepare.verify_manifest(cache / "again") == prepare.read_manifest(data)["hash"]
+    assert builder.verify_manifest(cache / "again") == builder.read_manifest(data)["hash"]
 
 
 # ---- manifest, idempotency, interrupted builds -------------------------------------
@@ -130,24 +132,24 @@ def test_manifest_verifies_and_detects_tampering(cache):
     corpus = write_corpus(cache.parent / "corpus", n_docs=200)
     assert build("--source", "local", str(corpus)) == 0
     data = cache / "local"
-    manifest = prepare.read_manifest(data)
-    assert set(manifest["files"]) == set(prepare.DATA_FILES) and manifest["vocab_size"] == VOCAB
-    assert prepare.verify_manifest(data) == manifest["hash"]
+    manifest = builder.read_manifest(data)
+    assert set(manifest["files"]) == set(contract.DATA_FILES) and manifest["vocab_size"] == VOCAB
+    assert builder.verify_manifest(data) == manifest["hash"]
     tokens = bytearray((data / "val/tokens.bin").read_bytes())
     tokens[5] ^= 1
     (data / "val/tokens.bin").write_bytes(bytes(tokens))
-    with pytest.raises(prepare.PrepareError, match="does not match"):
-        prepare.verify_manifest(data)
+    with pytest.raises(builder.PrepareError, match="does not match"):
+        builder.verify_manifest(data)
     (data / "val/tokens.bin").unlink()
-    with pytest.raises(prepare.PrepareError, match="missing"):
-        prepare.verify_manifest(data)
+    with pytest.raises(builder.PrepareError, match="missing"):
+        builder.verify_manifest(data)
     manifest["files"]["train/docs.npy"] = "0" * 64  # edited without fixing the combined hash
     (data / "manifest.json").write_text(json.dumps(manifest))
-    assert prepare.read_manifest(data) is None
+    assert builder.read_manifest(data) is None
     (data / "manifest.json").write_text("{not json")
-    assert prepare.read_manifest(data) is None
-    with pytest.raises(prepare.PrepareError, match="no complete manifest"):
-        prepare.verify_manifest(data)
+    assert builder.read_manifest(data) is None
+    with pytest.raises(builder.PrepareError, match="no complete manifest"):
+        builder.verify_manifest(data)
 
 
 def test_second_run_does_nothing_and_force_rebuilds(cache, capsys):
@@ -170,21 +172,21 @@ def test_half_finished_build_is_detected_and_redone(cache):
     (data / "manifest.json").unlink()  # killed before the manifest, the last file, was written
     (cache / ".local.partial" / "spool").mkdir(parents=True)  # and a build that was killed midway
     assert build("--source", "local", str(corpus)) == 0
-    assert prepare.read_manifest(data) is not None and not (cache / ".local.partial").exists()
+    assert builder.read_manifest(data) is not None and not (cache / ".local.partial").exists()
 
 
 def test_failed_build_leaves_the_previous_data_alone(cache, monkeypatch):
     corpus = write_corpus(cache.parent / "corpus", n_docs=200)
     assert build("--source", "local", str(corpus)) == 0
-    good = prepare.verify_manifest(cache / "local")
+    good = builder.verify_manifest(cache / "local")
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare, "tokenize_split", interrupted)
+    monkeypatch.setattr(builder, "tokenize_split", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build("--source", "local", str(corpus), "--force")
-    assert prepare.verify_manifest(cache / "local") == good
+    assert builder.verify_manifest(cache / "local") == good
     assert not (cache / ".local.partial").exists()
 
 
@@ -199,7 +201,7 @@ def test_local_source_reads_txt_md_jsonl_and_parquet(cache):
     (corpus / "rows.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(rows[:40])))
     pq.write_table(pa.table({"text": rows[40:], "id": list(range(40))}), corpus / "rows.parquet")
     (corpus / "ignored.csv").write_text("text\nnot read\n")
-    docs = list(prepare.local_docs(corpus))
+    docs = list(sources.local_docs(corpus))
     texts = [text for _, text in docs]
     assert {group for group, _ in docs} == {"local"}
     assert all(row in texts for row in rows)  # one document per jsonl line and per parquet row
@@ -207,7 +209,7 @@ def test_local_source_reads_txt_md_jsonl_and_parquet(cache):
     assert len(md_docs) > 1 and "# Note 399" in md_docs[-1]  # a long .md is cut
     assert not any("not read" in t for t in texts)
     assert build("--source", "local", str(corpus)) == 0
-    assert prepare.read_manifest(cache / "local")["stats"]["train"]["docs"] > 100
+    assert builder.read_manifest(cache / "local")["stats"]["train"]["docs"] > 100
 
 
 @pytest.mark.parametrize(
@@ -287,10 +289,10 @@ def shard_server(tmp_path):
 
 def test_hf_source_downloads_shards_with_retries(cache, shard_server, monkeypatch):
     url, requests = shard_server
-    monkeypatch.setattr(prepare, "RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(sources, "RETRY_SECONDS", 0.01)
     assert build("--source", "hf", "--base-url", url, "--num-shards", "2") == 0
     assert requests == ["/data/shard_00000.parquet"] * 2 + ["/data/shard_00001.parquet"]
-    stats = prepare.read_manifest(cache / "hf")["stats"]
+    stats = builder.read_manifest(cache / "hf")["stats"]
     assert stats["train"]["docs"] + stats["val"]["docs"] == len({
         t for s in range(2) for t in pq.read_table(next(cache.rglob(f"shard_{s:05d}.parquet"))).column("text").to_pylist()})
     assert not list(cache.rglob("*.part"))
@@ -300,7 +302,7 @@ def test_hf_source_downloads_shards_with_retries(cache, shard_server, monkeypatc
 
 def test_hf_source_missing_shard_is_one_sentence(cache, shard_server, capsys, monkeypatch):
     url, _ = shard_server
-    monkeypatch.setattr(prepare, "RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(sources, "RETRY_SECONDS", 0.01)
     assert build("--source", "hf", "--base-url", url, "--num-shards", "3") == 1
     assert "shard_00002.parquet answered HTTP 404" in capsys.readouterr().err
 
@@ -338,9 +340,9 @@ def test_r_reader_decodes_character_vectors_names_and_references():
     inner = r_named([r_int(13, 2, 7, 9), r_int(10, 1, 1)], ["a", "b"], names_symbol)
     data = r_serialize(r_named([r_strings("Émma", None, "x"), inner, r_int(14, 1) + struct.pack(">d", 0.5)],
                                ["text", "inner", "real"], names_ref))
-    assert prepare.r_unserialize(data) == {"text": ["Émma", None, "x"], "inner": {"a": [7, 9], "b": [1]}, "real": [0.5]}
-    with pytest.raises(prepare.PrepareError):
-        prepare.r_unserialize(b"RDX3\n")
+    assert formats.r_unserialize(data) == {"text": ["Émma", None, "x"], "inner": {"a": [7, 9], "b": [1]}, "real": [0.5]}
+    with pytest.raises(builder.PrepareError):
+        formats.r_unserialize(b"RDX3\n")
 
 
 def test_r_lazyload_database(tmp_path):
@@ -357,7 +359,7 @@ def test_r_lazyload_database(tmp_path):
                     r_int((1 << 8) | 255))
     (tmp_path / "Rdata.rdb").write_bytes(blob)
     (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(r_serialize(index)))
-    assert prepare.read_r_lazyload(tmp_path / "Rdata") == {
+    assert formats.read_r_lazyload(tmp_path / "Rdata") == {
         "emma": ["EMMA", "", "Emma Woodhouse, handsome."], "persuasion": ["PERSUASION", "", "Sir Walter Elliot."]}
 
 
@@ -373,14 +375,14 @@ def test_sword_ztext_reader_and_osis_markup(tmp_path):
         blocks += data if book else b""
     (tmp_path / "ot.bzs").write_bytes(index)
     (tmp_path / "ot.bzz").write_bytes(blocks)
-    assert list(prepare.read_sword_ztext(tmp_path / "ot")) == books
-    assert prepare.osis_to_text(books[0]) == "Genesis\n\nIn the beginning God’s word & light.\n\nEvening came."
-    assert prepare.osis_to_text(books[1]) == "Praise the Lord,\nall you nations!"
+    assert list(formats.read_sword_ztext(tmp_path / "ot")) == books
+    assert formats.osis_to_text(books[0]) == "Genesis\n\nIn the beginning God’s word & light.\n\nEvening came."
+    assert formats.osis_to_text(books[1]) == "Praise the Lord,\nall you nations!"
 
 
 def test_missing_package_is_one_sentence(cache):
-    with pytest.raises(prepare.PrepareError, match=r"could not fetch the Debian package no-such-package-here \(E: "):
-        prepare.fetch_deb("no-such-package-here")
+    with pytest.raises(builder.PrepareError, match=r"could not fetch the Debian package no-such-package-here \(E: "):
+        sources.fetch_deb("no-such-package-here")
 
 
 def test_missing_apt_get_is_one_sentence(cache, capsys, monkeypatch):
@@ -395,7 +397,7 @@ def fake_package(monkeypatch, tmp_path, files: dict[str, bytes]) -> None:
     for rel, data in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(data)
-    monkeypatch.setattr(prepare, "fetch_deb", lambda package: tmp_path)
+    monkeypatch.setattr(sources, "fetch_deb", lambda package: tmp_path)
 
 
 def test_fortunes_split_on_percent_lines(tmp_path, monkeypatch):
@@ -403,11 +405,11 @@ def test_fortunes_split_on_percent_lines(tmp_path, monkeypatch):
     fake_package(monkeypatch, tmp_path, {folder + "wisdom": b"Be _\bb_\bo_\bl_\bd.\n%\nTwo\nlines.\n%\n",
                                          folder + "wisdom.dat": b"\0\0\0\x02binary index"})
     (tmp_path / folder / "wisdom.u8").symlink_to("wisdom")
-    assert list(prepare.fortune_docs()) == ["Be bold.", "Two\nlines."]
+    assert list(sources.fortune_docs()) == ["Be bold.", "Two\nlines."]
 
 
 def dictd_digits(n: int) -> str:
-    """dictd's base-64 numbers (the inverse of prepare.dictd_number)."""
+    """dictd's base-64 numbers (the inverse of formats.dictd_number)."""
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
     return (dictd_digits(n // 64) if n >= 64 else "") + alphabet[n % 64]
 
@@ -422,7 +424,7 @@ def test_gcide_entries_are_cleaned(tmp_path, monkeypatch):
         data += entry.encode()
     fake_package(monkeypatch, tmp_path, {"usr/share/dictd/gcide.dict.dz": gzip.compress(data),
                                          "usr/share/dictd/gcide.index": index.encode()})
-    assert list(prepare.gcide_docs()) == ["Equip, v. t. [F. équiper.]\nTo furnish; to fit out.\n\n"
+    assert list(sources.gcide_docs()) == ["Equip, v. t. [F. équiper.]\nTo furnish; to fit out.\n\n"
                                           "Feasible a.\nPracticable. [Obs.]"]
 
 
@@ -432,7 +434,7 @@ def test_wordnet_glosses(tmp_path, monkeypatch):
              "00001740 03 a 02 galore(ip) 0 in_plenty 0 000 | in abundance; \"there were flowers galore\"  \n")
     fake_package(monkeypatch, tmp_path, {f"usr/share/wordnet/data.{pos}": lines.encode() if pos == "verb" else b""
                                          for pos in ("noun", "verb", "adj", "adv")})
-    assert list(prepare.wordnet_docs()) == [
+    assert list(sources.wordnet_docs()) == [
         "browbeat, bully, swagger: discourage with threats\ngalore, in plenty: in abundance; \"there were flowers galore\""]
 
 
@@ -444,8 +446,8 @@ def test_real_offline_build_uses_every_package(tmp_path):
     env = {**os.environ, "AR_CACHE": str(tmp_path)}
     subprocess.run([sys.executable, "prepare.py"], cwd=ROOT, env=env, check=True, timeout=1200)
     data = tmp_path / "offline"
-    manifest = prepare.read_manifest(data)
-    assert prepare.verify_manifest(data) == manifest["hash"]
-    assert set(manifest["stats"]["sources"]) == set(prepare.OFFLINE_CORPORA)
+    manifest = builder.read_manifest(data)
+    assert builder.verify_manifest(data) == manifest["hash"]
+    assert set(manifest["stats"]["sources"]) == set(sources.OFFLINE_CORPORA)
     assert all(nbytes > 1_000_000 for nbytes in manifest["stats"]["sources"].values())
     assert manifest["stats"]["train"]["tokens"] > 10_000_000 and manifest["stats"]["val"]["tokens"] > 500_000

@@ -26,6 +26,7 @@ import structlog
 from click.testing import CliRunner
 from rich.console import Console
 
+import contract
 from runner import loop
 from runner.agents.base import AgentError, Proposal, Usage
 from runner.agents.factory import AgentConfigError
@@ -42,6 +43,13 @@ from sandbox.spec import Killer, Phase, RunResult, Status
 ROOT = Path(__file__).resolve().parent.parent
 BASE_TRAIN_PY = '"""A stand-in train.py: its constants steer the fake sandbox."""\nLR = 0.1\nBEHAVIOUR = "train"\nLUCK = 0.0\n'
 SEED_NOISE = {None: 0.0, "1": 0.001, "2": -0.001}
+
+
+def fake_result_line(nonce: str, val_bpb: float) -> str:
+    """What the harness's phase 2 prints, for a stand-in evaluation."""
+    return contract.result_line(nonce, {"val_bpb_hex": val_bpb.hex(), "eval_tokens": 1024, "eval_bytes": 4096,
+                                        "num_params": 1000, "probe_seed": "0" * 16, "probe_rows": 12,
+                                        "probe_max_change": 0.0})
 
 
 class SimulatedKill(BaseException):
@@ -112,10 +120,11 @@ class FakeBackend:
                 return self._result(spec, Status.CANCELLED, 137, killed_by=Killer.CANCEL)
             spec.log_path.write_text("step 1\n")
             (spec.out_dir / "model.pt2").write_text("model")
+            (spec.out_dir / "summary.json").write_text(json.dumps({"peak_vram_mb": 512.0, "num_steps": 10}))
             return self._result(spec, Status.OK, 0)
         seed = spec.env.get("AR_SEED")
         value = 1.0 - constants["LR"] - (constants["LUCK"] if seed is None else 0.0) + SEED_NOISE[seed]
-        spec.log_path.write_text(f"evaluating\n---\nval_bpb: {value:.6f}\npeak_vram_mb: 512.0\nnum_steps: 10\n")
+        spec.log_path.write_text(f"evaluating\n{fake_result_line(spec.env[contract.RESULT_NONCE_ENV], value)}\n")
         return self._result(spec, Status.OK, 0)
 
     @staticmethod

@@ -102,8 +102,10 @@ def parse_result(text: str, nonce: str) -> dict:
             raise ResultError(f"the result field {key} is not a finite {kind.__name__}")
     try:
         val_bpb = float.fromhex(result["val_bpb_hex"])
-    except ValueError as error:
+    except (ValueError, OverflowError) as error:
         raise ResultError("val_bpb_hex is not a float in hex") from error
+    if val_bpb.hex() != result["val_bpb_hex"]:
+        raise ResultError("val_bpb_hex is not a float in hex (as float.hex writes it)")
     if not (math.isfinite(val_bpb) and val_bpb > 0):
         raise ResultError(f"val_bpb {val_bpb!r} is not a positive finite number")
     return {**result, "val_bpb": val_bpb}

@@ -5,6 +5,7 @@ Packages and shards are fetched once into `<cache>/downloads` (the cache rule is
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import json

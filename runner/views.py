@@ -157,7 +157,8 @@ def show_renderables(ledger: Ledger, run_dir: Path, row: Experiment) -> list[Ren
         ("status", f"{row.status}" + (f", {row.decision}" if row.decision else "")
          + (f", review {row.review_state}" if row.review_state else "")),
         ("val_bpb", f"{_num(row.val_bpb) or '-'}  vs parent {_num(data['vs_parent'], '+.6f') or '-'}  "
-                    f"vs baseline {_num(data['vs_baseline'], '+.6f') or '-'}"),
+                    f"vs baseline {_num(data['vs_baseline'], '+.6f') or '-'}"
+                    + (f"  (val_bpb_hex {row.val_bpb_hex})" if row.val_bpb_hex else "")),
         ("phase 1 train", _phase_text(data["phases"]["train"])),
         ("peak GPU memory", "-" if row.peak_gpu_memory_bytes is None else f"{row.peak_gpu_memory_bytes / 2**30:.2f} GiB"),
         ("phase 2 eval", _phase_text(data["phases"]["eval"])),

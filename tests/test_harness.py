@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import contract
 import prepare
 from tests.conftest import ROOT
 
@@ -130,24 +131,58 @@ def test_bits_per_byte_of_a_uniform_model(harness, tmp_path):
     program = torch.export.export(model, (torch.zeros(harness.EVAL_BATCH, harness.MAX_SEQ_LEN, dtype=torch.long),))
     torch.export.save(program, tmp_path / "model.pt2")
     result = harness.evaluate(tmp_path / "model.pt2")
+    val_bpb = float.fromhex(result["val_bpb_hex"])
 
     rows = harness._packed_rows("val", harness.MAX_SEQ_LEN + 1, seed=0)
     n_rows = max(1, harness.EVAL_TOKENS // (harness.EVAL_BATCH * harness.MAX_SEQ_LEN)) * harness.EVAL_BATCH
     targets = np.stack([next(rows) for _ in range(n_rows)])[:, 1:]
     nbytes = tok.token_bytes[targets]
     expected = math.log2(tok.vocab_size) * np.count_nonzero(nbytes) / nbytes.sum()
-    assert result["val_bpb"] == pytest.approx(expected, rel=1e-5)
-    assert float.fromhex(result["val_bpb_hex"]) == result["val_bpb"]
+    assert val_bpb == pytest.approx(expected, rel=1e-5)
+    assert result["eval_tokens"] == n_rows * harness.MAX_SEQ_LEN and result["eval_bytes"] == nbytes.sum()
+    assert result["num_params"] == tok.vocab_size
 
 
 def test_causality_probe(harness):
     vocab = harness.get_tokenizer().vocab_size
-    x = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    assert harness.causality_probe(Bigram(vocab), x, vocab) == 0.0
+    generator = torch.Generator().manual_seed(0)
+    x, donors = (torch.randint(0, vocab, (8, 48), generator=generator) for _ in range(2))
+    probe, model = harness.Probe(seed=1, vocab_size=vocab), Bigram(vocab)
+    assert torch.equal(probe.scored_logits(model, x, donors), model(x))  # the scored call's logits, unchanged
+    assert probe.max_change == 0.0 and probe.rows > 0
     with pytest.raises(harness.EvaluationError) as leak:
-        harness.causality_probe(PeeksAhead(vocab), x, vocab)
-    assert leak.value.exit_code == harness.EXIT_PROBE_FAILED
+        harness.Probe(seed=1, vocab_size=vocab).scored_logits(PeeksAhead(vocab), x, donors)
+    assert leak.value.exit_code == contract.EXIT_PROBE_FAILED
+
+
+def test_probe_positions_come_from_fresh_entropy(harness):
+    """Two evaluations of the same model draw different probes: nothing about them is fixed in the code."""
+    vocab = harness.get_tokenizer().vocab_size
+    program = torch.export.export(Bigram(vocab), (torch.zeros(harness.EVAL_BATCH, harness.MAX_SEQ_LEN, dtype=torch.long),))
+    path = harness.OUT_DIR / "model.pt2"
+    path.parent.mkdir(parents=True)
+    torch.export.save(program, path)
+    first, second = harness.evaluate(path), harness.evaluate(path)
+    assert first["probe_seed"] != second["probe_seed"]
+    assert first["val_bpb_hex"] == second["val_bpb_hex"]  # the scored tokens are the same every time
+    assert first["probe_rows"] >= harness.PROBES_PER_BATCH * harness.EVAL_BATCH // 2
+
+
+def test_soft_gpu_cap_names_a_device_index(harness, monkeypatch):
+    """set_per_process_memory_fraction rejects torch.device("cuda") (no index): the cap must pass an index."""
+    calls = []
+
+    def set_fraction(fraction, device):
+        torch.cuda._utils._get_device_index(device, optional=False)  # what torch does first; raises without an index
+        calls.append((fraction, device))
+
+    monkeypatch.setattr(harness, "DEVICE", torch.device("cuda"))
+    monkeypatch.setenv("AR_GPU_MEMORY_CAP", str(40 * 2**30))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 80 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    harness._soft_gpu_cap()
+    assert calls == [(0.5, 0)]
 
 
 def test_finish_exports_and_evaluate_reads_it(harness, capsys):
@@ -160,18 +195,21 @@ def test_finish_exports_and_evaluate_reads_it(harness, capsys):
     assert {"model.pt2", "trace.json", "summary.json"} <= {p.name for p in out.iterdir()}
     assert summary["num_steps"] == budget.step_count
     printed = capsys.readouterr().out
-    assert "\n---\nval_bpb: " in printed  # standalone: finish also evaluates
+    assert "\n---\nval_bpb: " in printed  # standalone: finish also evaluates, for the person at the terminal
+    assert contract.BUDGET_START_MARK in printed  # the host's budget clock starts on this line
     assert harness.evaluate_main(["--model", str(out / "model.pt2")]) == 0
+    result = contract.parse_result(capsys.readouterr().out, "standalone")
+    assert result["val_bpb"] > 0 and "depth" not in result  # phase 2 prints its own figures only
 
 
 def test_evaluate_main_statuses(harness, tmp_path):
-    assert harness.evaluate_main(["--model", str(tmp_path / "missing.pt2")]) == harness.EXIT_EXPORT_FAILED
+    assert harness.evaluate_main(["--model", str(tmp_path / "missing.pt2")]) == contract.EXIT_EXPORT_FAILED
     (tmp_path / "junk.pt2").write_bytes(b"not a model")
-    assert harness.evaluate_main(["--model", str(tmp_path / "junk.pt2")]) == harness.EXIT_EXPORT_FAILED
+    assert harness.evaluate_main(["--model", str(tmp_path / "junk.pt2")]) == contract.EXIT_EXPORT_FAILED
     vocab = harness.get_tokenizer().vocab_size
     shape = (harness.EVAL_BATCH, harness.MAX_SEQ_LEN)
     torch.export.save(torch.export.export(PeeksAhead(vocab), (torch.zeros(shape, dtype=torch.long),)), tmp_path / "leak.pt2")
-    assert harness.evaluate_main(["--model", str(tmp_path / "leak.pt2")]) == harness.EXIT_PROBE_FAILED
+    assert harness.evaluate_main(["--model", str(tmp_path / "leak.pt2")]) == contract.EXIT_PROBE_FAILED
 
 
 @pytest.mark.slow

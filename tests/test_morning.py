@@ -19,12 +19,15 @@ import click
 import pytest
 from click.testing import CliRunner
 
+import contract
+
 from runner import report
 from runner.ledger import Ledger
 from runner.loop import NightError
 from runner.morning import COMMANDS, register
 from sandbox.spec import Killer, Phase, Status
-from tests.test_loop import SEED_NOISE, FakeBackend, ScriptedAgent, change, garbage, make_night, project  # noqa: F401
+from tests.test_loop import (SEED_NOISE, FakeBackend, ScriptedAgent, change, fake_result_line, garbage,  # noqa: F401
+                             make_night, project)
 
 TRAINING_SECONDS = 1.0
 
@@ -66,9 +69,11 @@ class RealisticBackend(FakeBackend):
             return self._result(spec, Status.TIMEOUT, 137, killed_by=Killer.DEADLINE, log_tail=lines[-1])
         spec.log_path.write_text("\n".join(lines) + "\nexported model to /out/model.pt2 in 0.1s\n")
         trace = {"time_budget": float(spec.env["AR_TIME_BUDGET"]), "warmup_steps": 3, "num_steps": steps,
-                 "progress": [min(1.0, n / steps) for n in range(steps)], "step_seconds": [0.05] * steps}
+                 "progress": [min(1.0, n / steps) for n in range(steps)],
+                 "step_seconds": [0.0] * 3 + [TRAINING_SECONDS / 16] * 16 + [0.0] * (steps - 19)}  # 16 timed steps
         (out / "trace.json").write_text(json.dumps(trace))
-        (out / "summary.json").write_text(json.dumps({"training_seconds": TRAINING_SECONDS, "num_steps": steps}))
+        (out / "summary.json").write_text(json.dumps({"training_seconds": TRAINING_SECONDS, "num_steps": steps,
+                                                      "mfu_percent": 0.0, "total_tokens_M": 0.04, "depth": 2}))
         if behaviour != "no_export":
             weights = self.images[spec.image] + spec.env.get("AR_SEED", "") + str(steps)
             if behaviour == "noisy":
@@ -85,12 +90,8 @@ class RealisticBackend(FakeBackend):
         value = 1.0 - constants["LR"] - (constants["LUCK"] if seed is None else 0.0) + SEED_NOISE[seed]
         if constants["BEHAVIOUR"] == "noisy":
             value += random.uniform(-0.01, 0.01)
-        steps = json.loads((spec.out_dir / "trace.json").read_text())["num_steps"]
-        summary = {"val_bpb": f"{value:.6f}", "training_seconds": f"{TRAINING_SECONDS:.2f}", "total_seconds": "3.20",
-                   "peak_vram_mb": "0.00", "mfu_percent": "0.00", "total_tokens_M": "0.04", "num_steps": str(steps),
-                   "num_params_M": "1.20", "depth": "2", "data_wait_percent": "0.50", "val_bpb_hex": value.hex()}
-        block = "\n".join(f"{k}: {v}" for k, v in summary.items())
-        spec.log_path.write_text(f"loading the exported model\nevaluating 32768 tokens\n---\n{block}\n")
+        line = fake_result_line(spec.env[contract.RESULT_NONCE_ENV], value)
+        spec.log_path.write_text(f"loading the exported model\nevaluating 32768 tokens\n{line}\n")
         return self._result(spec, Status.OK, 0)
 
 
@@ -167,8 +168,8 @@ def test_status_reports_the_night(night):
                              "pending_review": 2, "baseline_runs": 3}
     assert fig["sigma"] == pytest.approx(0.001) and fig["threshold"] == pytest.approx(0.002)
     assert (fig["k"], fig["min_delta"], fig["confirm"]) == (2.0, 0.001, False)
-    # seven runs finished training (three baselines, four experiments), one second each
-    assert fig["training_seconds"] == 7 * TRAINING_SECONDS
+    # eight runs trained (three baselines, five experiments: the one whose export failed trained too), one second each
+    assert fig["training_seconds"] == 8 * TRAINING_SECONDS
     assert fig["duty_cycle"] == pytest.approx(fig["training_seconds"] / fig["wall_seconds"])
     assert fig["experiments_per_hour"] == pytest.approx(6 / (fig["wall_seconds"] / 3600))  # rejected never ran
 

@@ -1,0 +1,194 @@
+"""The trust boundary, piece by piece: the result protocol, the host's budget clock, what train.py
+reports, the GPU cap setting, and which files make up an image (no Docker, no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+import contract
+from runner.settings import SettingsError, parse_gpu_memory_cap
+from sandbox.budget_guard import Account, Allowance, BudgetRule
+from sandbox.experiment import _phase_status, read_reported
+from sandbox.harness import HARNESS_FILES, harness_files
+from sandbox.images import base_tag
+from sandbox.process_backend import snapshot_id
+from sandbox.spec import Killer, RunResult, Status
+from tests.conftest import ROOT
+
+NONCE = "a" * 32
+RESULT = {"val_bpb_hex": (0.75).hex(), "eval_tokens": 1024, "eval_bytes": 4000, "num_params": 10,
+          "probe_seed": "00ff", "probe_rows": 12, "probe_max_change": 0.0}
+
+
+# -- the result line ---------------------------------------------------------------------------
+
+
+def test_the_result_line_round_trips():
+    assert contract.parse_result(f"noise\n{contract.result_line(NONCE, RESULT)}\nmore\n", NONCE) == {
+        **RESULT, "val_bpb": 0.75}
+
+
+@pytest.mark.parametrize("log, why", [
+    ("---\nval_bpb: 0.100000\n", "0 result lines"),  # the old summary block means nothing
+    (contract.result_line("b" * 32, RESULT), "0 result lines"),  # another run's (or a guessed) nonce
+    (contract.result_line(NONCE, RESULT) + "\n" + contract.result_line(NONCE, RESULT), "2 result lines"),
+    (f"{contract.RESULT_TAG} {NONCE} {{not json", "not JSON"),
+    (contract.result_line(NONCE, {**RESULT, "depth": "1\n---\nval_bpb: 0.1"}), "exactly the expected fields"),
+    (contract.result_line(NONCE, {k: v for k, v in RESULT.items() if k != "eval_bytes"}), "exactly the expected"),
+    (contract.result_line(NONCE, {**RESULT, "probe_max_change": math.nan}), "finite float"),
+    (contract.result_line(NONCE, {**RESULT, "eval_tokens": "1024"}), "finite int"),
+    (contract.result_line(NONCE, {**RESULT, "eval_tokens": True}), "finite int"),
+    (contract.result_line(NONCE, {**RESULT, "val_bpb_hex": "0.1"}), "not a float in hex"),
+    (contract.result_line(NONCE, {**RESULT, "val_bpb_hex": (-1.0).hex()}), "positive finite"),
+    (contract.result_line(NONCE, {**RESULT, "val_bpb_hex": math.inf.hex()}), "positive finite"),
+])
+def test_anything_but_one_valid_signed_line_is_refused(log, why):
+    with pytest.raises(contract.ResultError, match=why):
+        contract.parse_result(log, NONCE)
+
+
+def test_a_result_line_split_by_carriage_returns_is_still_one_line():
+    assert contract.parse_result("step 1\rstep 2\r" + contract.result_line(NONCE, RESULT), NONCE)["val_bpb"] == 0.75
+
+
+# -- what train.py reports ------------------------------------------------------------------------
+
+
+def test_reported_figures_keep_finite_numbers_of_known_keys_only(tmp_path):
+    (tmp_path / contract.REPORT_FILE).write_text(
+        '{"mfu_percent": 31.5, "depth": "1\\n---\\nval_bpb: 0.1", "val_bpb": 0.1, "tokens_per_second": NaN, '
+        '"peak_vram_mb": Infinity, "num_params_M": true, "total_tokens_M": 2}')
+    (tmp_path / contract.TRACE_FILE).write_text(json.dumps({"warmup_steps": 3, "step_seconds": [9, 9, 9, 0.5, 0.5]}))
+    reported = read_reported(tmp_path)
+    assert reported == {"mfu_percent": 31.5, "total_tokens_M": 2.0, "num_steps": 5.0, "training_seconds": 1.0}
+
+
+def test_unreadable_or_huge_reports_are_ignored(tmp_path):
+    (tmp_path / contract.REPORT_FILE).write_text("[1, 2")
+    (tmp_path / contract.TRACE_FILE).write_bytes(b"{" + b" " * (2**20 + 1) + b"}")
+    assert read_reported(tmp_path) == {}
+    (tmp_path / contract.TRACE_FILE).write_text(json.dumps({"warmup_steps": 3, "step_seconds": [1, -5, "x"]}))
+    assert read_reported(tmp_path) == {}
+
+
+def test_the_harness_exit_codes_name_the_status(tmp_path):
+    def run(status, code):
+        return RunResult(status, code, Killer.NONE, 1.0, tmp_path / "log")
+
+    assert _phase_status(run(Status.CRASH, contract.EXIT_GPU_OOM)) == "gpu_oom"
+    assert _phase_status(run(Status.CRASH, contract.EXIT_PROBE_FAILED)) == "probe_failed"
+    assert _phase_status(run(Status.CRASH, 1)) == "crash"
+    assert _phase_status(run(Status.TIMEOUT, None)) == "timeout"
+
+
+# -- the host's budget clock ------------------------------------------------------------------------
+
+
+ALLOW = Allowance(startup_s=30.0, export_s=10.0, busy_before_s=3.0, busy_after_s=2.0)
+
+
+def account(budget: float = 100.0, **rule) -> Account:
+    return Account(BudgetRule(budget, ALLOW, **rule), started=1000.0)
+
+
+def start(acc: Account, at: float) -> None:
+    acc.on_line("step 3 | loss 6.0")
+    acc.on_line("  " + contract.BUDGET_START_MARK + "  ")
+    acc.budget_started = at  # the host's own time of reading the mark (on_line takes the clock)
+    acc.on_line(contract.BUDGET_START_MARK)  # a second announcement moves nothing
+
+
+def test_the_budget_must_start_within_the_startup_allowance():
+    acc = account()
+    assert acc.overdue(now=1029.0) is None
+    assert "did not start within the start-up allowance of 30 s" in acc.overdue(now=1031.0)
+
+
+def test_the_run_is_stopped_once_budget_and_export_allowance_are_over():
+    acc = account()
+    start(acc, 1020.0)
+    assert acc.budget_started == 1020.0
+    assert acc.overdue(now=1129.0) is None  # 100 s budget + 10 s export
+    assert "training past the budget" in acc.overdue(now=1131.0)
+
+
+def test_a_replayed_rerun_gets_a_little_more_wall_time():
+    acc = account(replay=True)
+    start(acc, 1020.0)
+    assert acc.overdue(now=1140.0) is None
+
+
+def test_gpu_work_outside_the_budget_is_over_budget():
+    acc = account()
+    acc.on_gpu_busy(2.0, at=1010.0)  # compilation and warm-up: within 3 s
+    start(acc, 1020.0)
+    acc.on_gpu_busy(99.0, at=1100.0)
+    acc.on_gpu_busy(1.5, at=1125.0)  # export: within 2 s
+    assert acc.finish(exited=1126.0) is None
+    assert acc.report()["busy_before_s"] == 2.0 and acc.report()["exited_after_s"] == 6.0
+
+    early = account()
+    early.on_gpu_busy(20.0, at=1015.0)  # training before the budget started
+    start(early, 1020.0)
+    assert "busy 20.0 s before the budget" in early.finish(exited=1100.0)
+
+    late = account()
+    start(late, 1020.0)
+    late.on_gpu_busy(5.0, at=1124.0)  # training after it ended
+    assert "busy 5.0 s after the budget" in late.finish(exited=1126.0)
+
+
+def test_a_run_that_never_starts_the_budget_is_over_budget():
+    assert "never started" in account().finish(exited=1010.0)
+
+
+def test_allowances_are_measured_from_honest_runs_with_a_margin():
+    reports = [{"started_after_s": 20.0, "exited_after_s": 2.0, "busy_before_s": 1.0, "busy_after_s": None},
+               {"started_after_s": 30.0, "exited_after_s": 6.0, "busy_before_s": 4.0, "busy_after_s": None}]
+    measured = Allowance.measured_from(reports, "gpu")
+    assert (measured.startup_s, measured.export_s, measured.busy_before_s, measured.busy_after_s) == (45.0, 9.0, 6.0, 3.0)
+    assert measured.measured
+    assert Allowance.measured_from([{"started_after_s": None}], "cpu") == Allowance.default("cpu")
+
+
+# -- settings ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, parsed", [("0.9", (0.9, None)), ("1", (1.0, None)), ("40GiB", (None, 40 * 2**30)),
+                                          ("40", (None, 40 * 2**30)), ("none", (None, None))])
+def test_gpu_memory_cap_is_a_share_or_gib(text, parsed):
+    assert parse_gpu_memory_cap(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "nan"])
+def test_a_bad_gpu_memory_cap_is_one_sentence(text):
+    with pytest.raises(SettingsError, match="gpu-memory-cap"):
+        parse_gpu_memory_cap(text)
+
+
+# -- what goes into an image ------------------------------------------------------------------------
+
+
+def test_the_data_builder_never_changes_an_image(tmp_path):
+    """Only the harness files (and the base recipe) make an image: a corpus reader can change freely."""
+    copy = tmp_path / "project"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", ".carry", ".whl", "__pycache__"))
+    before = (base_tag("runtime-id", copy), snapshot_id(harness_files(copy)))
+    with open(copy / "dataprep" / "sources.py", "a") as f:
+        f.write("\n# a change to a corpus reader\n")
+    assert (base_tag("runtime-id", copy), snapshot_id(harness_files(copy))) == before
+    with open(copy / "prepare.py", "a") as f:
+        f.write("\n# a change to the harness\n")
+    assert base_tag("runtime-id", copy) != before[0] and snapshot_id(harness_files(copy)) != before[1]
+    assert set(HARNESS_FILES) == {"prepare.py", "contract.py"}
+
+
+def test_the_harness_reads_no_data_building_code():
+    source = (ROOT / "prepare.py").read_text()
+    assert "import dataprep" not in source.replace("from dataprep.build import main as build_main", "")
+    assert all(word not in source for word in ("urllib", "subprocess", "tarfile", "rustbpe"))

@@ -49,11 +49,13 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--gpu", default=None, help="GPU UUID, or 'auto' for the first GPU (GPU profile)")
     parser.add_argument("--gpu-memory-cap", type=float, default=None, help="GiB: the host's GPU memory cap")
-    parser.add_argument("--train-py", type=Path, default=ROOT / "train.py")
+    parser.add_argument("--train-py", type=Path, action="append",
+                        help="the train.py to run (default: the repository's); given several times, run i uses the i-th")
     parser.add_argument("--measure-allowance", action="store_true")
     parser.add_argument("--keep", type=Path, default=None, help="keep each run's directory under this folder")
     args = parser.parse_args()
     cache = args.cache or cache_dir()
+    train_pys = args.train_py or [ROOT / "train.py"]
     limits = Limits(gpu_memory_bytes=int(args.gpu_memory_cap * 2**30) if args.gpu_memory_cap else None)
     allowance = None
     gpu = first_gpu_uuid() if args.gpu == "auto" else args.gpu
@@ -66,7 +68,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = args.keep / f"bench{i}" if args.keep else Path(tmp)
             t0 = time.monotonic()
-            image = backend.build_image(args.train_py.read_text() + f"\n# bench run {i} {time.time_ns()}\n", f"bench{i}")
+            source = train_pys[i % len(train_pys)].read_text()
+            image = backend.build_image(source + f"\n# bench run {i} {time.time_ns()}\n", f"bench{i}")
             build_s = time.monotonic() - t0
             spec = ExperimentSpec(exp_id=f"bench{i}", image=image, data_dir=cache / args.source, run_dir=run_dir,
                                   time_budget=args.budget, gpu_uuid=gpu, limits=limits, allowance=allowance)
@@ -86,9 +89,10 @@ def main() -> int:
                "eval_tokens": m.get("eval_tokens", 0), "probe_rows": m.get("probe_rows", 0),
                **{k: v for k, v in (outcome.train.budget or {}).items() if k != "allowance"}}
         rows.append(row)
-        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        print(f"{train_pys[i % len(train_pys)].name}:",
+              " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         if outcome.status != "done":
-            print(outcome.failure_log)
+            print(outcome.failure_log[-2000:])
     if len(rows) > 1:
         for key in ("total_s", "phase1_s", "phase2_s", "image_build_s"):
             print(f"median {key}: {statistics.median(r[key] for r in rows):.2f}")

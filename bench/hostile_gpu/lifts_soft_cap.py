@@ -1,6 +1,6 @@
 """A train.py that lifts the harness's soft GPU cap and allocates past the host's cap through torch.
 
-    uv run python bench/experiment.py --gpu auto --budget 30 --gpu-memory-cap 40 --train-py bench/gpu_cap/lifts_soft_cap.py
+    uv run python bench/experiment.py --gpu auto --budget 30 --gpu-memory-cap 40 --train-py bench/hostile_gpu/lifts_soft_cap.py
 
 Expected: status gpu_oom (the host's NVML watchdog kills it), whatever the process did to its own limits.
 """

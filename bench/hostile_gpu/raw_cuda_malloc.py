@@ -1,6 +1,6 @@
 """A train.py that allocates past the host's GPU cap through the CUDA driver itself, bypassing torch's allocator.
 
-    uv run python bench/experiment.py --gpu auto --budget 30 --gpu-memory-cap 40 --train-py bench/gpu_cap/raw_cuda_malloc.py
+    uv run python bench/experiment.py --gpu auto --budget 30 --gpu-memory-cap 40 --train-py bench/hostile_gpu/raw_cuda_malloc.py
 
 Expected: status gpu_oom: the watchdog counts the GPU's whole used memory, not only what torch knows of.
 """

@@ -29,6 +29,8 @@ import sys
 import threading
 import time
 import warnings
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -381,13 +383,44 @@ def _check_pure(program) -> None:
                 refuse(f"{target} writes its input {written[0]}")
 
 
+def _json_keys(value) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _json_keys(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _json_keys(item)
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse archives that would make torch.export.load or .module() run code from them.
+
+    The loader hands symbolic shape expressions to sympy, which evaluates them as Python,
+    and turns `guards_code` into Python it executes. A model exported at the fixed
+    evaluation shape has neither, so any archive that carries one is refused unread.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            documents = {name: json.loads(archive.read(name)) for name in archive.namelist() if name.endswith(".json")}
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError) as e:
+        raise EvaluationError(f"cannot load the exported model {path}: {type(e).__name__}: {e}", contract.EXIT_EXPORT_FAILED)
+    for name, document in documents.items():
+        code = isinstance(document, dict) and (document.get("guards_code") or document.get("range_constraints"))
+        if code or "expr_str" in set(_json_keys(document)):
+            raise EvaluationError(f"the exported model carries symbolic shapes or guard code ({name}): export it at "
+                                  "the fixed evaluation shape", contract.EXIT_EXPORT_FAILED)
+
+
 def _load_exported(path: Path):
-    """The exported program as a module, loaded without unpickling anything but tensors.
+    """The exported program as a module, loaded without running anything from the archive.
 
     torch.export.load falls back to a full pickle load for some payloads, which would run
     code from the archive; TORCH_FORCE_WEIGHTS_ONLY_LOAD makes every torch.load inside it
-    refuse anything but tensors and plain containers.
+    refuse anything but tensors and plain containers, and _check_archive refuses the
+    parts it would hand to sympy or exec.
     """
+    _check_archive(path)
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
         with warnings.catch_warnings():  # loading warns that its read-only buffers are shared

@@ -9,25 +9,30 @@ so the host keeps its own account of phase 1:
 - **budget**: from that moment the process has the budget plus the export allowance to exit;
   then the host kills it. Announcing late only moves time into start-up (bounded above);
   announcing early only shortens the run.
-- **GPU work outside the budget**: where NVML reports the GPU's utilisation, the busy
-  seconds before the announcement (compilation, warm-up steps) and after the budget
-  (export) must stay within what honest runs needed, so training hidden in start-up or
-  after the budget is caught on the GPU even inside the wall allowances.
+- **compute outside the budget**: the busy seconds of the run's GPU (NVML utilisation)
+  or, on the CPU profile, the CPU seconds of the run's processes (the kernel's
+  accounting, which other load on the machine does not inflate) before the
+  announcement (imports, compilation, warm-up) and after the budget (export) must stay
+  within what honest runs needed. Training hidden in start-up or after the budget is
+  caught this way even inside the wall allowances, which are only liveness bounds and
+  can be generous: a slow or loaded machine stretches wall time, not compute.
 
-Allowances come from measurement: `Allowance.measured` takes the start-up, export and
-busy figures of honest runs (the night's baselines) with a margin; before any run is
-measured, generous defaults apply. A run that breaks the account ends `over_budget`.
+Allowances come from measurement: `Allowance.measured_from` takes the figures of
+honest runs (the night's baselines) with a margin; before any run is measured,
+defaults apply. A run that breaks the account ends `over_budget`.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass
 
 from contract import BUDGET_START_MARK
 
-MARGIN, MIN_WALL_S, MIN_BUSY_S = 1.5, 5.0, 3.0  # measured figure x MARGIN, but never less than these
+WALL_MARGIN, MIN_WALL_S = 2.0, 15.0  # wall allowances: liveness bounds, never less than MIN_WALL_S
+COMPUTE_MARGIN, MIN_COMPUTE_S = 1.5, 3.0  # compute allowances: the measured figure x margin, at least the floor
 REPLAY_STRETCH = 1.25  # a replayed rerun stops at the recorded step count, which may take a little longer
 
 
@@ -39,14 +44,17 @@ class Allowance:
     export_s: float  # wall seconds after the budget until the process has exited
     busy_before_s: float  # GPU-busy seconds before the budget started
     busy_after_s: float  # GPU-busy seconds after the budget ended
+    cpu_before_s: float = 30.0  # CPU profile: CPU seconds of the run before the budget started
+    cpu_after_s: float = 15.0  # CPU profile: CPU seconds of the run after the budget ended
     measured: bool = False
 
     @classmethod
     def default(cls, profile: str) -> Allowance:
         """Before anything is measured: a cold torch.compile on the GPU, a slow laptop on the CPU."""
         if profile == "gpu":
-            return cls(startup_s=180.0, export_s=60.0, busy_before_s=60.0, busy_after_s=30.0)
-        return cls(startup_s=60.0, export_s=30.0, busy_before_s=0.0, busy_after_s=0.0)
+            return cls(startup_s=180.0, export_s=60.0, busy_before_s=30.0, busy_after_s=10.0)
+        return cls(startup_s=60.0, export_s=30.0, busy_before_s=0.0, busy_after_s=0.0, cpu_before_s=30.0,
+                   cpu_after_s=15.0)
 
     @classmethod
     def measured_from(cls, accounts: list[dict], profile: str) -> Allowance:
@@ -55,12 +63,14 @@ class Allowance:
         if not usable:
             return cls.default(profile)
 
-        def worst(key: str, floor: float) -> float:
+        def worst(key: str, margin: float, floor: float) -> float:
             values = [a[key] for a in usable if a.get(key) is not None]
-            return max(floor, MARGIN * max(values)) if values else floor
+            return max(floor, margin * max(values)) if values else floor
 
-        return cls(startup_s=worst("started_after_s", MIN_WALL_S), export_s=worst("exited_after_s", MIN_WALL_S),
-                   busy_before_s=worst("busy_before_s", MIN_BUSY_S), busy_after_s=worst("busy_after_s", MIN_BUSY_S),
+        wall, compute = (WALL_MARGIN, MIN_WALL_S), (COMPUTE_MARGIN, MIN_COMPUTE_S)
+        return cls(startup_s=worst("started_after_s", *wall), export_s=worst("exited_after_s", *wall),
+                   busy_before_s=worst("busy_before_s", *compute), busy_after_s=worst("busy_after_s", *compute),
+                   cpu_before_s=worst("cpu_before_s", *compute), cpu_after_s=worst("cpu_after_s", *compute),
                    measured=True)
 
 
@@ -85,24 +95,47 @@ class Account:
         self.process_started = time.monotonic() if started is None else started
         self.budget_started: float | None = None
         self.exited: float | None = None
-        self.busy = {"before": 0.0, "during": 0.0, "after": 0.0}
+        self.busy = {"before": 0.0, "during": 0.0, "after": 0.0}  # GPU-busy seconds
+        self.cpu = {"before": 0.0, "during": 0.0, "after": 0.0}  # CPU seconds of the run's processes
         self._gpu_metered = False
+        self._cpu_total: float | None = None  # the largest cumulative CPU figure seen
+        self._cpu_at = self.process_started  # when it was read
         self._lock = threading.Lock()
 
     def on_line(self, line: str) -> None:
         if self.budget_started is None and line.strip() == BUDGET_START_MARK:
             self.budget_started = time.monotonic()
 
-    def _period(self, at: float) -> str:
-        if self.budget_started is None or at < self.budget_started:
-            return "before"
-        return "during" if at < self.budget_started + self.rule.budget_wall_s else "after"
+    def _spread(self, amount: float, start: float, end: float, into: dict[str, float]) -> None:
+        """Share `amount`, spent evenly over [start, end], among the periods before, during and after the budget."""
+        if self.budget_started is None:
+            into["before"] += amount
+            return
+        edges = (self.budget_started, self.budget_started + self.rule.budget_wall_s)
+        windows = {"before": (-math.inf, edges[0]), "during": edges, "after": (edges[1], math.inf)}
+        length = end - start
+        for period, (low, high) in windows.items():
+            if length <= 0:  # an instant: all of it where it fell
+                if low <= end < high:
+                    into[period] += amount
+            else:
+                into[period] += amount * max(0.0, min(end, high) - max(start, low)) / length
 
-    def on_gpu_busy(self, seconds: float, at: float | None = None) -> None:
-        """`seconds` of the GPU's time spent running kernels, in the sample that ended at `at`."""
+    def on_gpu_busy(self, seconds: float, start: float, end: float) -> None:
+        """The GPU ran kernels for `seconds` of the sampling period [start, end] (monotonic clock)."""
         with self._lock:
             self._gpu_metered = True
-            self.busy[self._period(time.monotonic() if at is None else at)] += seconds
+            self._spread(seconds, start, end, self.busy)
+
+    def on_cpu_total(self, cpu_seconds: float, at: float | None = None) -> None:
+        """The run's processes have used `cpu_seconds` of CPU time in all, as sampled at `at`."""
+        at = time.monotonic() if at is None else at
+        with self._lock:
+            if self._cpu_total is not None and cpu_seconds > self._cpu_total:
+                self._spread(cpu_seconds - self._cpu_total, self._cpu_at, at, self.cpu)
+            if self._cpu_total is None or cpu_seconds > self._cpu_total:
+                self._cpu_total = cpu_seconds
+            self._cpu_at = at
 
     def overdue(self, now: float | None = None) -> str | None:
         """Why the run must be stopped now (it has had all the time the budget allows), or None."""
@@ -125,13 +158,16 @@ class Account:
         if self.budget_started is None:
             return "the training budget never started (train.py must step prepare.Budget)"
         with self._lock:
-            before, after = self.busy["before"], self.busy["after"]
-        if self._gpu_metered and before > allowance.busy_before_s:
-            return (f"the GPU was busy {before:.1f} s before the budget started (allowed {allowance.busy_before_s:.1f} s): "
-                    "training outside the budget")
-        if self._gpu_metered and after > allowance.busy_after_s:
-            return (f"the GPU was busy {after:.1f} s after the budget ended (allowed {allowance.busy_after_s:.1f} s): "
-                    "training outside the budget")
+            if self._gpu_metered:  # on a GPU the GPU's time is the compute; the CPU compiles meanwhile
+                spent, allowed, what = self.busy, (allowance.busy_before_s, allowance.busy_after_s), "the GPU was busy"
+            elif self._cpu_total is not None:
+                spent, allowed, what = self.cpu, (allowance.cpu_before_s, allowance.cpu_after_s), "the run used the CPU"
+            else:
+                return None
+        for period, limit, when in (("before", allowed[0], "before the budget started"),
+                                    ("after", allowed[1], "after the budget ended")):
+            if spent[period] > limit:
+                return f"{what} {spent[period]:.1f} s {when} (allowed {limit:.1f} s): training outside the budget"
         return None
 
     def report(self) -> dict:
@@ -145,5 +181,8 @@ class Account:
             "busy_before_s": self.busy["before"] if self._gpu_metered else None,
             "busy_during_s": self.busy["during"] if self._gpu_metered else None,
             "busy_after_s": self.busy["after"] if self._gpu_metered else None,
+            "cpu_before_s": self.cpu["before"] if self._cpu_total is not None else None,
+            "cpu_during_s": self.cpu["during"] if self._cpu_total is not None else None,
+            "cpu_after_s": self.cpu["after"] if self._cpu_total is not None else None,
             "allowance": asdict(self.rule.allowance),
         }

@@ -37,7 +37,7 @@ OWNER_LABEL = "autoresearch.owner"  # the runner process that supervises the con
 BACKSTOP_S = 15  # the in-container `timeout` fires this long after the host deadline
 KILL_GRACE_S = 30.0  # how long a killed container may take to stop before the run is given up
 POLL_S = 0.2
-STATS_EVERY_S = 1.0
+STATS_EVERY_S = 0.5  # memory peak and CPU time (the budget guard's meter on the CPU profile)
 _DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
 
 
@@ -243,7 +243,10 @@ class DockerBackend:
                 if stopper.at is not None and now - stopper.at > KILL_GRACE_S:
                     raise docker.errors.DockerException(f"the container did not stop {KILL_GRACE_S:g} s after SIGKILL")
                 if now >= next_stats:
-                    peak_memory, next_stats = max(peak_memory, _memory_peak(container)), now + STATS_EVERY_S
+                    memory, cpu_seconds = _stats(container)
+                    peak_memory, next_stats = max(peak_memory, memory), now + STATS_EVERY_S
+                    if account is not None and cpu_seconds is not None:
+                        account.on_cpu_total(cpu_seconds, now)
         finally:
             if watchdog is not None:
                 watchdog.stop()
@@ -302,10 +305,12 @@ def _pump_logs(container: Container, line_log: LineLog) -> None:
         pass
 
 
-def _memory_peak(container: Container) -> int:
-    """The container's peak memory so far (cgroup v1 `max_usage`; current usage on v2)."""
+def _stats(container: Container) -> tuple[int, float | None]:
+    """The container's peak memory so far (cgroup v1 `max_usage`; current usage on v2) and its CPU seconds."""
     try:
-        memory = container.stats(stream=False, one_shot=True).get("memory_stats", {})
+        stats = container.stats(stream=False, one_shot=True)
     except _DOCKER_ERRORS:
-        return 0
-    return int(memory.get("max_usage") or memory.get("usage") or 0)
+        return 0, None
+    memory = stats.get("memory_stats") or {}
+    cpu = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
+    return int(memory.get("max_usage") or memory.get("usage") or 0), cpu / 1e9 if cpu else None

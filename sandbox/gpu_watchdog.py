@@ -64,7 +64,7 @@ class GpuWatchdog:
 
     `pids` maps the run to its host PIDs at each poll (processes come and go);
     processes of other runs on the same GPU are ignored. `cap_bytes=None` tracks the
-    peak only. `on_busy(seconds, at)` receives the GPU's busy time per sample. Without
+    peak only. `on_busy(seconds, start, end)` receives the GPU's busy time per sample. Without
     NVML the watchdog does nothing and `peak_bytes` stays None.
     """
 
@@ -76,7 +76,7 @@ class GpuWatchdog:
         on_exceed: Callable[[int], None],
         reader: Reader | None = None,
         interval_s: float = 0.5,
-        on_busy: Callable[[float, float], None] | None = None,
+        on_busy: Callable[[float, float, float], None] | None = None,
     ) -> None:
         self.gpu_uuid = gpu_uuid
         self.cap_bytes = cap_bytes
@@ -118,7 +118,7 @@ class GpuWatchdog:
             return None
         now = time.monotonic()
         if sample.utilization is not None and self._on_busy is not None and self._last_sample_at is not None:
-            self._on_busy(sample.utilization * (now - self._last_sample_at), now)
+            self._on_busy(sample.utilization * (now - self._last_sample_at), self._last_sample_at, now)
         self._last_sample_at = now
         mine = self._pids()
         used = sum(size for pid, size in sample.processes.items() if pid in mine)

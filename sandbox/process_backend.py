@@ -66,6 +66,8 @@ CGROUP_PREFIX = "ar-"
 UID_BASE = 3_000_000  # runs get uids UID_BASE + hash(run_id) % UID_SPAN: never a real user's
 UID_SPAN = 2**24
 POLL_S = 0.1
+CPU_SAMPLE_S = 0.5  # how often the run's CPU time is read for the budget guard
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 KILL_GRACE_S = 30.0  # a killed run that has not ended after this is reported and left to reap()
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # the launcher imports this module, so it sees what this process sees (never the child's business)
@@ -210,6 +212,10 @@ class Cgroup:
     def oom_killed(self) -> bool:
         return bool(re.search(r"^oom_kill [1-9]", self._read("memory.events"), re.M))
 
+    def cpu_seconds(self) -> float | None:
+        match = re.search(r"^usage_usec (\d+)", self._read("cpu.stat"), re.M)
+        return int(match[1]) / 1e6 if match else None
+
     def peak_bytes(self) -> int | None:
         peak = self._read("memory.peak").strip()  # kernel >= 5.19
         return int(peak) if peak.isdigit() else None
@@ -262,6 +268,16 @@ def _read_proc(pid: int) -> _Proc | None:
     return _Proc(pid, int(fields[1]), int(fields[3]), int(uid[1]) if uid else -1, int(fields[19]), fields[0] == "Z")
 
 
+def _cpu_seconds_of(pid: int) -> float:
+    """utime + stime + cutime + cstime of a process, in seconds (0 when it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return sum(int(tick) for tick in fields[11:15]) / _CLOCK_TICKS
+
+
 def _processes() -> list[_Proc]:
     found = (_read_proc(int(name)) for name in os.listdir("/proc") if name.isdigit())
     return [proc for proc in found if proc is not None]
@@ -307,6 +323,13 @@ class _RunHandle:
             pids.update(group.pids())
         zombies = {proc.pid for proc in procs if proc.zombie}
         return pids - zombies - {os.getpid()}
+
+    def cpu_seconds(self) -> float:
+        """CPU time the run has used: its cgroup's account, else its live processes' (children they waited for
+        included; a process that is gone and was not waited for is missed)."""
+        group = self.group()
+        usage = group.cpu_seconds() if group is not None else None
+        return usage if usage is not None else sum(_cpu_seconds_of(pid) for pid in self.pids())
 
     def kill(self) -> bool:
         """SIGKILL every process of the run until none is left; False if some survived."""
@@ -714,8 +737,10 @@ class ProcessBackend:
             pump.start()
             watchdog = self._watchdog(spec, handle, account)
             try:
-                killer, why = self._wait(spec, waiter, watchdog, cancel, spawned, account)
+                killer, why = self._wait(spec, waiter, watchdog, cancel, spawned, account, handle)
                 exited_at = time.monotonic()
+                if account is not None and handle.group() is not None:  # the cgroup still holds the final figure
+                    account.on_cpu_total(handle.cpu_seconds(), exited_at)
                 handle.kill()  # also after a clean exit: nothing the run started outlives it
                 waiter.done.wait(KILL_GRACE_S)
             finally:
@@ -738,9 +763,13 @@ class ProcessBackend:
 
     @staticmethod
     def _wait(spec: RunSpec, waiter: _Waiter, watchdog: GpuWatchdog | None, cancel: CancelToken | None,
-              spawned: float, account: Account | None) -> tuple[Killer, str]:
+              spawned: float, account: Account | None, handle: _RunHandle) -> tuple[Killer, str]:
         """Until the run exits (Killer.NONE) or someone must stop it: who, and why."""
+        next_sample = spawned
         while not waiter.done.wait(POLL_S):
+            if account is not None and time.monotonic() >= next_sample:
+                account.on_cpu_total(handle.cpu_seconds())
+                next_sample = time.monotonic() + CPU_SAMPLE_S
             if cancel is not None and cancel.cancelled:
                 return Killer.CANCEL, "cancelled by the runner"
             if time.monotonic() - spawned >= spec.deadline_s:

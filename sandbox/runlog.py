@@ -90,7 +90,7 @@ def settle_budget(account: Account | None, exited_at: float, status: Status, kil
     if account is None:
         return status, killer
     why = account.finish(exited_at)
-    if why and killer is Killer.NONE and status in (Status.OK, Status.CRASH):
+    if why and killer is Killer.NONE and status is Status.OK:  # a crash scores nothing anyway: it stays a crash
         line_log.note(f"over budget: {why}")
         return Status.OVER_BUDGET, Killer.BUDGET
     return status, killer

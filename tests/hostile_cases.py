@@ -623,6 +623,33 @@ CRAFTED_ARCHIVE = HostileCase("crafted_archive", _trainer_case("""
 """), Status.EXPORT_FAILED, _check_payload_not_run, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
 
 
+def _check_archive_code_not_run(log: str, out: Path, state: HostState) -> None:
+    assert "PAYLOAD-RAN" not in log and "symbolic shapes or guard code" in log, log[-2000:]
+
+
+ARCHIVE_WITH_CODE = HostileCase("archive_with_code", _trainer_case("""
+    import zipfile
+
+    model = Bigram()
+    prepare.finish(model, train(model))
+    path = os.path.join(os.environ["AR_OUT_DIR"], "model.pt2")
+    with zipfile.ZipFile(path) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    name = next(name for name in files if name.endswith("models/model.json"))
+    program = json.loads(files[name])
+    # torch.export.load hands symbolic sizes to sympy, which evaluates them as Python,
+    # and .module() executes guards_code
+    payload = "__import__('builtins').print('PAYLOAD-RAN') or 1"
+    values = program["graph_module"]["graph"]["tensor_values"]
+    values[next(iter(values))]["sizes"][0] = {"as_expr": {"expr_str": payload, "hint": {"as_int": 1}}}
+    program["guards_code"] = [payload]
+    files[name] = json.dumps(program).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+"""), Status.EXPORT_FAILED, _check_archive_code_not_run, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+
+
 def _check_over_budget(log: str, out: Path, state: HostState) -> None:
     assert "over budget" in log, log[-2000:]
 
@@ -646,6 +673,6 @@ CASES: tuple[HostileCase, ...] = (
     NETWORK_INTERFACES, NETWORK_CONNECT, NETWORK_DNS, WRITE_OUTSIDE_OUT, WRITE_OUT_IN_EVAL,
     READ_VAL_IN_TRAIN, READ_TRAIN_IN_EVAL, FORK_BOMB, MEMORY_HOG, SLEEP_PAST_DEADLINE, DETACHED_SURVIVOR,
     FILL_TMP, FAKE_VAL_BPB, ENV_SECRETS, NON_CAUSAL_MODEL, FORGED_TRAINING_OUTPUT, STATEFUL_MODEL,
-    INPUT_WRITING_MODEL, POSITION_AWARE_LOOKAHEAD, SPARSE_LOOKAHEAD, BATCH_MIXING, CRAFTED_ARCHIVE,
+    INPUT_WRITING_MODEL, POSITION_AWARE_LOOKAHEAD, SPARSE_LOOKAHEAD, BATCH_MIXING, CRAFTED_ARCHIVE, ARCHIVE_WITH_CODE,
     TRAINS_AFTER_BUDGET, TRAINS_BEFORE_BUDGET,
 )

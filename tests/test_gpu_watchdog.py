@@ -99,7 +99,7 @@ def test_memory_of_any_allocator_counts_through_the_whole_gpu():
 def test_busy_time_is_reported_per_sample():
     busy: list[float] = []
     watchdog = GpuWatchdog(GPU, None, pids=lambda: set(), on_exceed=lambda used: None,
-                           reader=Readings(GpuSample(utilization=1.0)), on_busy=lambda seconds, at: busy.append(seconds))
+                           reader=Readings(GpuSample(utilization=1.0)), on_busy=lambda seconds, start, end: busy.append(seconds))
     watchdog.sample()
     time.sleep(0.05)
     watchdog.sample()

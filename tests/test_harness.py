@@ -229,3 +229,29 @@ def test_train_py_learns_below_the_unigram_baseline(tiny_data, tmp_path):
     scored = val[token_bytes[val] > 0]
     unigram_bpb = -np.log2(counts[scored] / counts.sum()).sum() / token_bytes[scored].sum()
     assert val_bpb < unigram_bpb, (val_bpb, unigram_bpb)
+
+
+def test_an_archive_with_code_in_it_is_refused_unrun(harness, tmp_path, capsys):
+    """torch.export.load evaluates symbolic sizes with sympy (Python eval) and .module() executes guards_code:
+    an archive carrying either is refused before torch reads it."""
+    import zipfile
+
+    vocab = harness.get_tokenizer().vocab_size
+    shape = (harness.EVAL_BATCH, harness.MAX_SEQ_LEN)
+    torch.export.save(torch.export.export(Bigram(vocab), (torch.zeros(shape, dtype=torch.long),)), tmp_path / "m.pt2")
+    with zipfile.ZipFile(tmp_path / "m.pt2") as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    name = next(n for n in files if n.endswith("models/model.json"))
+    payload = "__import__('builtins').print('PAYLOAD-RAN') or 1"
+    for key, edit in (("sympy", lambda p: p["graph_module"]["graph"]["tensor_values"][next(iter(
+                          p["graph_module"]["graph"]["tensor_values"]))]["sizes"].__setitem__(
+                          0, {"as_expr": {"expr_str": payload, "hint": {"as_int": 1}}})),
+                      ("guards", lambda p: p.__setitem__("guards_code", [payload]))):
+        program = json.loads(files[name])
+        edit(program)
+        with zipfile.ZipFile(tmp_path / f"{key}.pt2", "w") as archive:
+            for member, data in {**files, name: json.dumps(program).encode()}.items():
+                archive.writestr(member, data)
+        assert harness.evaluate_main(["--model", str(tmp_path / f"{key}.pt2")]) == contract.EXIT_EXPORT_FAILED
+        printed = capsys.readouterr()
+        assert "PAYLOAD-RAN" not in printed.out + printed.err and "guard code" in printed.err

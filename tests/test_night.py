@@ -119,7 +119,7 @@ def test_a_night_in_miniature(project, docker_client, tmp_path):
     baseline = ledger.experiments(kinds=[BASELINE])
     assert [(r.status, r.seed) for r in baseline] == [("done", None), ("done", 1)]
     for row in baseline:
-        assert row.val_bpb_text and float(row.val_bpb_text) == row.val_bpb
+        assert row.val_bpb_text == f"{row.val_bpb:.6f}" and float.fromhex(row.val_bpb_hex) == row.val_bpb
         assert row.image and row.isolation and row.data_hash == night.data.manifest_hash
         assert (settings.run_dir / row.id / "eval.log").exists() and (settings.run_dir / row.id / "out").is_dir()
     crashed, rejected, good, searched = ledger.experiments(kinds=[EXPERIMENT])

@@ -89,7 +89,8 @@ def test_the_harness_exit_codes_name_the_status(tmp_path):
 # -- the host's budget clock ------------------------------------------------------------------------
 
 
-ALLOW = Allowance(startup_s=30.0, export_s=10.0, busy_before_s=3.0, busy_after_s=2.0)
+ALLOW = Allowance(startup_s=30.0, export_s=10.0, busy_before_s=3.0, busy_after_s=2.0, cpu_before_s=30.0,
+                  cpu_after_s=15.0)
 
 
 def account(budget: float = 100.0, **rule) -> Account:
@@ -125,22 +126,59 @@ def test_a_replayed_rerun_gets_a_little_more_wall_time():
 
 def test_gpu_work_outside_the_budget_is_over_budget():
     acc = account()
-    acc.on_gpu_busy(2.0, at=1010.0)  # compilation and warm-up: within 3 s
+    acc.on_gpu_busy(2.0, 1009.5, 1010.0)  # compilation and warm-up: within 3 s
     start(acc, 1020.0)
-    acc.on_gpu_busy(99.0, at=1100.0)
-    acc.on_gpu_busy(1.5, at=1125.0)  # export: within 2 s
+    acc.on_gpu_busy(99.5, 1020.0, 1120.0)
+    acc.on_gpu_busy(1.0, 1120.0, 1121.0)
+    acc.on_gpu_busy(0.5, 1124.5, 1125.0)  # export: within 2 s
     assert acc.finish(exited=1126.0) is None
     assert acc.report()["busy_before_s"] == 2.0 and acc.report()["exited_after_s"] == 6.0
 
     early = account()
-    early.on_gpu_busy(20.0, at=1015.0)  # training before the budget started
+    early.on_gpu_busy(20.0, 995.0, 1015.0)  # training before the budget started
     start(early, 1020.0)
     assert "busy 20.0 s before the budget" in early.finish(exited=1100.0)
 
     late = account()
     start(late, 1020.0)
-    late.on_gpu_busy(5.0, at=1124.0)  # training after it ended
-    assert "busy 5.0 s after the budget" in late.finish(exited=1126.0)
+    late.on_gpu_busy(8.0, 1116.0, 1124.0)  # a sample across the budget's end: half of it after
+    assert late.busy["after"] == 4.0
+    assert "busy 4.0 s after the budget" in late.finish(exited=1126.0)
+
+
+def test_cpu_time_outside_the_budget_is_over_budget_on_the_cpu_profile():
+    acc = account()
+    acc.on_cpu_total(0.0, at=1000.5)
+    acc.on_cpu_total(2.5, at=1010.0)  # imports
+    acc.on_cpu_total(2.5, at=1020.0)  # samples come every half second; here, the one at the budget's start
+    start(acc, 1020.0)
+    acc.on_cpu_total(200.0, at=1120.0)  # two threads training
+    acc.on_cpu_total(201.0, at=1125.0)  # export
+    acc.on_cpu_total(200.5, at=1125.5)  # a process gone before it was counted: never negative
+    assert acc.finish(exited=1126.0) is None
+    assert (acc.report()["cpu_before_s"], acc.report()["cpu_after_s"]) == (2.5, 1.0)
+
+    late = account()
+    late.on_cpu_total(0.0, at=1020.0)
+    start(late, 1020.0)
+    late.on_cpu_total(200.0, at=1120.0)
+    late.on_cpu_total(216.0, at=1128.0)  # training on for 8 s after the budget, inside the wall allowance
+    assert late.overdue(now=1128.0) is None
+    assert "the run used the CPU 16.0 s after the budget ended (allowed 15.0 s)" in late.finish(exited=1128.5)
+    spread = account()
+    spread.on_cpu_total(0.0, at=1000.0)
+    start(spread, 1010.0)
+    spread.on_cpu_total(20.0, at=1020.0)  # one sample across the budget's start: shared by time
+    assert (spread.cpu["before"], spread.cpu["during"]) == (10.0, 10.0)
+
+
+def test_on_a_gpu_the_gpu_time_decides_and_compilation_on_the_cpu_is_free():
+    acc = account()
+    acc.on_cpu_total(0.0, at=1000.5)
+    acc.on_cpu_total(400.0, at=1015.0)  # torch.compile's workers
+    acc.on_gpu_busy(1.0, 1014.0, 1015.0)
+    start(acc, 1020.0)
+    assert acc.finish(exited=1110.0) is None
 
 
 def test_a_run_that_never_starts_the_budget_is_over_budget():
@@ -151,7 +189,9 @@ def test_allowances_are_measured_from_honest_runs_with_a_margin():
     reports = [{"started_after_s": 20.0, "exited_after_s": 2.0, "busy_before_s": 1.0, "busy_after_s": None},
                {"started_after_s": 30.0, "exited_after_s": 6.0, "busy_before_s": 4.0, "busy_after_s": None}]
     measured = Allowance.measured_from(reports, "gpu")
-    assert (measured.startup_s, measured.export_s, measured.busy_before_s, measured.busy_after_s) == (45.0, 9.0, 6.0, 3.0)
+    # wall: 2x the worst, at least 15 s (liveness only); compute: 1.5x the worst, at least 3 s
+    assert (measured.startup_s, measured.export_s) == (60.0, 15.0)
+    assert (measured.busy_before_s, measured.busy_after_s, measured.cpu_before_s) == (6.0, 3.0, 3.0)
     assert measured.measured
     assert Allowance.measured_from([{"started_after_s": None}], "cpu") == Allowance.default("cpu")
 

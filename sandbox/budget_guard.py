@@ -33,6 +33,10 @@ from contract import BUDGET_START_MARK
 
 WALL_MARGIN, MIN_WALL_S = 2.0, 15.0  # wall allowances: liveness bounds, never less than MIN_WALL_S
 COMPUTE_MARGIN, MIN_COMPUTE_S = 1.5, 3.0  # compute allowances: the measured figure x margin, at least the floor
+# On top of them, a share of what the run itself spent during its budget: the untimed warm-up steps
+# and the export grow with the model, so a child with a larger model than the baseline's is not
+# taken for a cheat. It is also the slack a cheat has: 5 % of the budget's compute.
+SCALE_SHARE = 0.05
 REPLAY_STRETCH = 1.25  # a replayed rerun stops at the recorded step count, which may take a little longer
 
 
@@ -164,8 +168,9 @@ class Account:
                 spent, allowed, what = self.cpu, (allowance.cpu_before_s, allowance.cpu_after_s), "the run used the CPU"
             else:
                 return None
-        for period, limit, when in (("before", allowed[0], "before the budget started"),
-                                    ("after", allowed[1], "after the budget ended")):
+        share = SCALE_SHARE * spent["during"]  # a larger model's warm-up steps and export cost more
+        for period, limit, when in (("before", allowed[0] + share, "before the budget started"),
+                                    ("after", allowed[1] + share, "after the budget ended")):
             if spent[period] > limit:
                 return f"{what} {spent[period]:.1f} s {when} (allowed {limit:.1f} s): training outside the budget"
         return None

@@ -255,3 +255,13 @@ def test_an_archive_with_code_in_it_is_refused_unrun(harness, tmp_path, capsys):
         assert harness.evaluate_main(["--model", str(tmp_path / f"{key}.pt2")]) == contract.EXIT_EXPORT_FAILED
         printed = capsys.readouterr()
         assert "PAYLOAD-RAN" not in printed.out + printed.err and "guard code" in printed.err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_soft_gpu_cap_is_set_on_a_real_gpu(tiny_data):
+    """Importing the harness with a cap set used to crash every capped run before training."""
+    env = {**os.environ, "AR_DATA_DIR": str(tiny_data), "AR_PROFILE": "gpu", "AR_GPU_MEMORY_CAP": str(2**30)}
+    probe = "import prepare, torch; torch.empty(2 * 2**30, dtype=torch.uint8, device='cuda')"
+    run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == contract.EXIT_GPU_OOM, run.stderr[-2000:]  # refused by the soft cap, not a crash
+    assert "OutOfMemoryError" in run.stderr

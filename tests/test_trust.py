@@ -141,9 +141,9 @@ def test_gpu_work_outside_the_budget_is_over_budget():
 
     late = account()
     start(late, 1020.0)
-    late.on_gpu_busy(8.0, 1116.0, 1124.0)  # a sample across the budget's end: half of it after
-    assert late.busy["after"] == 4.0
-    assert "busy 4.0 s after the budget" in late.finish(exited=1126.0)
+    late.on_gpu_busy(20.0, 1110.0, 1130.0)  # a sample across the budget's end: half of it after
+    assert late.busy["after"] == 10.0
+    assert "busy 10.0 s after the budget ended (allowed 2.5 s)" in late.finish(exited=1131.0)  # 2 s + 5 % of 10 s
 
 
 def test_cpu_time_outside_the_budget_is_over_budget_on_the_cpu_profile():
@@ -162,14 +162,24 @@ def test_cpu_time_outside_the_budget_is_over_budget_on_the_cpu_profile():
     late.on_cpu_total(0.0, at=1020.0)
     start(late, 1020.0)
     late.on_cpu_total(200.0, at=1120.0)
-    late.on_cpu_total(216.0, at=1128.0)  # training on for 8 s after the budget, inside the wall allowance
+    late.on_cpu_total(240.0, at=1128.0)  # training on for 8 s after the budget (5 threads), inside the wall allowance
     assert late.overdue(now=1128.0) is None
-    assert "the run used the CPU 16.0 s after the budget ended (allowed 15.0 s)" in late.finish(exited=1128.5)
+    # allowed: 15 s plus 5 % of the 200 s it spent during the budget
+    assert "the run used the CPU 40.0 s after the budget ended (allowed 25.0 s)" in late.finish(exited=1128.5)
     spread = account()
     spread.on_cpu_total(0.0, at=1000.0)
     start(spread, 1010.0)
     spread.on_cpu_total(20.0, at=1020.0)  # one sample across the budget's start: shared by time
     assert (spread.cpu["before"], spread.cpu["during"]) == (10.0, 10.0)
+
+
+def test_a_larger_model_gets_room_for_its_warm_up_steps():
+    """Three untimed warm-up steps of a model 4x the baseline's cost more than the baseline's start-up did."""
+    acc = account()
+    acc.on_gpu_busy(4.5, 1005.0, 1015.0)  # 3 steps of 1.5 s: more than the 3 s measured on the baseline
+    start(acc, 1020.0)
+    acc.on_gpu_busy(99.0, 1020.0, 1120.0)
+    assert acc.finish(exited=1122.0) is None  # 3 s + 5 % of 99 s
 
 
 def test_on_a_gpu_the_gpu_time_decides_and_compilation_on_the_cpu_is_free():

@@ -350,6 +350,9 @@ class EvaluationError(Exception):
 # Higher-order operators a plain model exports with; any other one (effects, side-effectful
 # wrappers, control flow holding its own state) is refused.
 _PURE_HIGHER_ORDER_OPS = {"wrap_with_autocast", "wrap_with_set_grad_enabled"}
+# Operators of ATen that reach outside the tensors: reading a file (the val split is mounted
+# in phase 2, so a lookup would score perfectly and still be causal) and printing.
+_OUTSIDE_OPS = {"aten::from_file", "aten::_print"}
 
 
 def _check_pure(program) -> None:
@@ -357,7 +360,8 @@ def _check_pure(program) -> None:
 
     A program that writes its buffers, its constants or its inputs, threads effect
     tokens, or holds non-tensor objects could count its calls and change behaviour
-    after the probes, so only pure functions of (weights, tokens) are scored.
+    after the probes; one that reads files could look the answers up in the val
+    split. Only pure functions of (weights, tokens) made of ATen operators are scored.
     """
     def refuse(why: str):
         raise EvaluationError(f"the exported model is not a pure function of its input: {why}", contract.EXIT_EXPORT_FAILED)
@@ -369,12 +373,16 @@ def _check_pure(program) -> None:
         refuse("it has side effects (effect tokens)")
     if any(not isinstance(value, torch.Tensor) for value in program.constants.values()):
         refuse("it holds non-tensor constants (custom objects)")
-    for node in program.graph.nodes:
+    graphs = [m.graph for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
+    for node in (node for graph in graphs for node in graph.nodes):  # subgraphs of higher-order ops too
         target = node.target
         if node.op != "call_function":
             continue
         if isinstance(target, torch._ops.HigherOrderOperator) and target.name() not in _PURE_HIGHER_ORDER_OPS:
             refuse(f"it calls the higher-order operator {target.name()}")
+        if isinstance(target, torch._ops.OpOverload) and (target.namespace not in ("aten", "prims")
+                                                          or target._schema.name in _OUTSIDE_OPS):
+            refuse(f"it calls {target}, which reaches outside its input and weights")
         if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
             written = [arg.name for arg, schema in zip(node.args, target._schema.arguments)
                        if schema.alias_info is not None and schema.alias_info.is_write

@@ -265,3 +265,21 @@ def test_the_soft_gpu_cap_is_set_on_a_real_gpu(tiny_data):
     run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == contract.EXIT_GPU_OOM, run.stderr[-2000:]  # refused by the soft cap, not a crash
     assert "OutOfMemoryError" in run.stderr
+
+
+def test_programs_that_reach_outside_their_tensors_are_refused(harness, tmp_path):
+    """A graph that reads a file (the val split is mounted in phase 2) or calls a non-ATen operator is refused,
+    however it got into the archive (torch.export cannot trace from_file; a hand-made archive can hold it)."""
+    vocab = harness.get_tokenizer().vocab_size
+    shape = (harness.EVAL_BATCH, harness.MAX_SEQ_LEN)
+    for target, args in ((torch.ops.aten.from_file.default, ("/data/val/tokens.bin", False, 16)),
+                         (torch.ops.aten._print.default, ("hello",)),
+                         (torch.ops.profiler._record_function_enter.default, ("x", None))):
+        program = torch.export.export(Bigram(vocab), (torch.zeros(shape, dtype=torch.long),))
+        output = next(node for node in program.graph.nodes if node.op == "output")
+        with program.graph.inserting_before(output):
+            program.graph.call_function(target, args)
+        with pytest.raises(harness.EvaluationError, match="reaches outside") as refused:
+            harness._check_pure(program)
+        assert refused.value.exit_code == contract.EXIT_EXPORT_FAILED
+    harness._check_pure(torch.export.export(Bigram(vocab), (torch.zeros(shape, dtype=torch.long),)))

@@ -57,7 +57,7 @@ SEED = int(os.environ.get("AR_SEED", "42"))  # owned by the harness, so a seed c
 DETERMINISTIC = os.environ.get("AR_DETERMINISTIC") == "1"
 DEVICE = torch.device("cuda" if PROFILE == "gpu" else "cpu")
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # bf16 dense
-PROBE_TOLERANCE = 1e-4  # largest change of a probed logit allowed, relative to the logits' scale
+PROBE_TOLERANCE = 1e-4  # largest change (nats) of a probed log-probability allowed
 PROBES_PER_BATCH = 4  # probe batches checked against every scored batch
 _START = time.time()  # the harness is imported first: total_seconds counts from here
 _STATS = {"data_wait": 0.0}
@@ -489,31 +489,34 @@ class Probe:
         self.rows += int((~replaced).sum())
         return torch.where(change, donor_rows, x), (~replaced[:, None] & ~after).to(x.device)
 
-    def _compare(self, logits: torch.Tensor, probed: torch.Tensor, compare: torch.Tensor) -> None:
-        moved = ((probed - logits).abs().amax(dim=-1) * compare).amax() / logits.abs().amax().clamp_min(1.0)
+    def _compare(self, scored: torch.Tensor, probed: torch.Tensor, compare: torch.Tensor) -> None:
+        """Compare log-probabilities, not logits: they are what is scored, and a constant added to every
+        logit of a position (which changes nothing) cannot inflate the scale a change is judged against."""
+        moved = ((torch.log_softmax(probed, dim=-1) - scored).abs().amax(dim=-1) * compare).amax()
         self.max_change = max(self.max_change, float(moved))
         if self.max_change > PROBE_TOLERANCE:
-            raise EvaluationError(f"causality probe failed: changing later tokens or other rows moved logits by "
-                                  f"{self.max_change:.2e} (relative); a model may only read its own row's past",
+            raise EvaluationError(f"causality probe failed: changing later tokens or other rows moved log-probabilities "
+                                  f"by {self.max_change:.2e} nats; a model may only read its own row's past",
                                   contract.EXIT_PROBE_FAILED)
 
     def scored_logits(self, model, x: torch.Tensor, donors: torch.Tensor) -> torch.Tensor:
         """The logits of batch x, checked against probe batches built from x and the real rows `donors`."""
         scored_at = int(torch.randint(0, self.per_batch + 1, (1,), generator=self._generator))
-        early, logits = [], None
+        early, logits, scored = [], None, None
         for call in range(self.per_batch + 1):
             if call == scored_at:
                 logits = _logits(model, x, self.vocab_size)
+                scored = torch.log_softmax(logits, dim=-1)
                 for probed, compare in early:
-                    self._compare(logits, probed, compare)
+                    self._compare(scored, probed, compare)
                 early.clear()
                 continue
             probe_x, compare = self._variant(x, donors)
             probed = _logits(model, probe_x, self.vocab_size)
-            if logits is None:
+            if scored is None:
                 early.append((probed, compare))
             else:
-                self._compare(logits, probed, compare)
+                self._compare(scored, probed, compare)
         return logits
 
 

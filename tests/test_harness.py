@@ -155,6 +155,21 @@ def test_causality_probe(harness):
     assert leak.value.exit_code == contract.EXIT_PROBE_FAILED
 
 
+def test_a_huge_constant_logit_cannot_hide_a_look_ahead(harness):
+    """Adding the same large number to every logit changes no probability; it must not widen the tolerance."""
+    vocab = harness.get_tokenizer().vocab_size
+
+    class Offset(Bigram):
+        def forward(self, idx):
+            ahead = torch.nn.functional.one_hot(torch.roll(idx, -1, 1), vocab).float()
+            return self.table(idx) + 30 * ahead + 1e6
+
+    generator = torch.Generator().manual_seed(0)
+    x, donors = (torch.randint(0, vocab, (8, 48), generator=generator) for _ in range(2))
+    with pytest.raises(harness.EvaluationError, match="causality probe failed"):
+        harness.Probe(seed=3, vocab_size=vocab).scored_logits(Offset(vocab), x, donors)
+
+
 def test_probe_positions_come_from_fresh_entropy(harness):
     """Two evaluations of the same model draw different probes: nothing about them is fixed in the code."""
     vocab = harness.get_tokenizer().vocab_size

@@ -7,7 +7,8 @@ The agent never edits this file; it is baked read-only into every experiment ima
      split of the current phase, the time `Budget`, and `finish()`, which exports the
      model with torch.export;
   3. phase 2, `python prepare.py evaluate`: load the exported program without running
-     any code from the archive, refuse programs that keep state, score val_bpb from
+     any code from the archive, refuse programs that keep state or reach outside
+     their tensors, score val_bpb from
      the model's own logits, and probe every scored batch at positions and rows drawn
      from fresh entropy (a model that knows this file cannot know where it is probed).
      It prints one result line that only it can sign (contract.py).

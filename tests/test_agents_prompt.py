@@ -219,6 +219,7 @@ def test_harness_api_text_of_the_real_prepare_py() -> None:
     source = (Path(__file__).resolve().parents[1] / "prepare.py").read_text()
     text = harness_api_text(source)
     assert "TIME_BUDGET" in text and "PROFILE" in text
+    assert "gpu: max_seq_len=2048, time_budget=300.0" in text  # the values, from contract.py
 
 
 def test_harness_api_text_follows_dunder_all() -> None:

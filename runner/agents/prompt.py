@@ -15,8 +15,10 @@ prose, missing or several fences and CRLF, and strict only about there being a d
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 
+from contract import PROFILES
 from runner.agents.base import AgentError, Context, HistoryRow, Proposal, Usage
 
 HISTORY_ROWS = 60  # newest rows shown in the table; older ones are summarised in one line
@@ -164,6 +166,10 @@ def harness_api_text(prepare_py_source: str) -> str:
             parts.append(_signature(node))
         elif isinstance(node, ast.ClassDef) and shown([node.name]):
             parts.append(_class_outline(node))
+    if "contract.PROFILES" in prepare_py_source:  # the profile values live in contract.py: show them too
+        constants.append("# contract.PROFILES, the values behind the constants above:\n" + "\n".join(
+            f"#   {name}: " + ", ".join(f"{key}={value}" for key, value in dataclasses.asdict(profile).items())
+            for name, profile in PROFILES.items()))
     if constants:
         parts.insert(1 if module_doc else 0, "\n".join(constants))
     return "\n\n".join(parts) + "\n"

@@ -8,10 +8,10 @@ The agent never edits this file; it is baked read-only into every experiment ima
      model with torch.export;
   3. phase 2, `python prepare.py evaluate`: load the exported program without running
      any code from the archive, refuse programs that keep state or reach outside
-     their tensors, score val_bpb from
-     the model's own logits, and probe every scored batch at positions and rows drawn
-     from fresh entropy (a model that knows this file cannot know where it is probed).
-     It prints one result line that only it can sign (contract.py).
+     their tensors, score val_bpb from the model's own logits, and probe every
+     scored batch at positions and rows drawn from fresh entropy (a model that
+     knows this file cannot know where it is probed). It prints one result line
+     that only it can sign (contract.py).
 Building the data is not the harness's job: `python prepare.py --source ...` hands over
 to the host-only package `dataprep`, which never enters an image.
 """

@@ -246,6 +246,7 @@ def metric_columns(metrics: dict[str, float]) -> dict[str, float]:
 def outcome_fields(outcome: ExperimentOutcome) -> dict[str, Any]:
     """The columns an experiment's outcome fills; one mapping for nights and reruns."""
     runs = [r for r in (outcome.train, outcome.eval) if r is not None]
+    metrics = outcome.metrics
     fields = {
         "train_seconds": outcome.phase_seconds.get("train"),
         "eval_seconds": outcome.phase_seconds.get("eval"),
@@ -256,12 +257,12 @@ def outcome_fields(outcome: ExperimentOutcome) -> dict[str, Any]:
         "peak_host_memory_bytes": _peak(r.peak_host_memory_bytes for r in runs),
         "peak_gpu_memory_bytes": _peak(r.peak_gpu_memory_bytes for r in runs),
         "log_tail": outcome.failure_log or None,
-        "metrics_json": json.dumps(outcome.metrics),
+        "metrics_json": json.dumps(metrics),
         "reported_json": json.dumps(outcome.reported),
         "val_bpb_hex": outcome.result.get("val_bpb_hex"),
         "val_bpb_text": f"{outcome.val_bpb:.6f}" if outcome.val_bpb is not None else None,
         **metric_columns(outcome.reported),
-        **metric_columns(outcome.metrics),  # measured figures win where both have one
+        **metric_columns(metrics),  # measured figures win where both have one
     }
     if outcome.train.isolation:  # the level the backend actually reached for this run
         fields["isolation"] = outcome.train.isolation

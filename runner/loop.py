@@ -38,7 +38,7 @@ from runner.ledger import (
 )
 from runner.proposals import Best, Proposer
 from runner.records import Records
-from runner.settings import Settings
+from runner.settings import Settings, gpu_cap_bytes
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.spec import Backend, CancelToken, Limits
@@ -198,8 +198,6 @@ class Night:
             "profile": self.profile,
             "time_budget": self.settings.time_budget(self.profile),
             "gpus": [s.gpu.uuid for s in self.slots if s.gpu],
-            "gpu_memory_cap_bytes": {s.gpu.uuid: self.settings.gpu_cap_bytes(s.gpu.memory_bytes)
-                                     for s in self.slots if s.gpu},
             "backend": self.backend.name,
             "isolation": self.backend.isolation,
             "agent": self.agent.name,
@@ -442,7 +440,8 @@ class Night:
             exp_id=row.id, image=row.image, data_dir=self.data.path, run_dir=self.records.dir(row.id),
             time_budget=self.settings.time_budget(self.profile), gpu_uuid=gpu.uuid if gpu else None, seed=row.seed,
             deterministic=self.settings.deterministic, allowance=self.allowance,
-            limits=Limits(gpu_memory_bytes=self.settings.gpu_cap_bytes(gpu.memory_bytes) if gpu else None),
+            limits=Limits(gpu_memory_bytes=gpu_cap_bytes(self.settings.gpu_memory_cap, gpu.memory_bytes)
+                          if gpu else None),
         )
         return self._run(self.backend, spec, self._cancel, on_phase=on_phase)
 

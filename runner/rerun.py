@@ -25,7 +25,7 @@ import structlog
 
 from runner import gpus as gpu_inventory
 from runner.ledger import BUILT, DONE, RERUN, TRAINING, Experiment, Ledger, LedgerError, outcome_fields
-from runner.settings import DEFAULT_GPU_MEMORY_CAP, Settings, data_hash
+from runner.settings import DEFAULT_GPU_MEMORY_CAP, data_hash, gpu_cap_bytes
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.spec import Backend, Limits
@@ -112,8 +112,8 @@ class _Plan:
     @property
     def limits(self) -> Limits:
         """The night's GPU memory cap, on this host's card."""
-        cap = Settings.gpu_cap_bytes_of(self.settings.get("gpu_memory_cap", DEFAULT_GPU_MEMORY_CAP),
-                                        self.gpu.memory_bytes) if self.gpu else None
+        cap = gpu_cap_bytes(self.settings.get("gpu_memory_cap", DEFAULT_GPU_MEMORY_CAP),
+                            self.gpu.memory_bytes) if self.gpu else None
         return Limits(gpu_memory_bytes=cap)
 
 

@@ -30,6 +30,14 @@ def default_tag() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def gpu_cap_bytes(cap: str, card_bytes: int) -> int | None:
+    """The GPU memory one experiment may hold on a card of `card_bytes` under `--gpu-memory-cap cap` (None: no cap)."""
+    share, absolute = parse_gpu_memory_cap(cap)
+    if share is not None:
+        return int(share * card_bytes) if card_bytes else None
+    return absolute
+
+
 def parse_gpu_memory_cap(text: str) -> tuple[float | None, int | None]:
     """`0.9` (a share of the card, at most 1), `40GiB` / `40` (GiB) or `none`: (share, bytes), one of them set."""
     value = text.strip().lower()
@@ -128,16 +136,6 @@ class Settings:
     def time_budget(self, profile: str) -> float:
         return self.budget if self.budget is not None else PROFILES[profile].time_budget
 
-    def gpu_cap_bytes(self, card_bytes: int) -> int | None:
-        """The GPU memory one experiment may hold on a card of `card_bytes` (None: no cap)."""
-        return self.gpu_cap_bytes_of(self.gpu_memory_cap, card_bytes)
-
-    @staticmethod
-    def gpu_cap_bytes_of(cap: str, card_bytes: int) -> int | None:
-        share, absolute = parse_gpu_memory_cap(cap)
-        if share is not None:
-            return int(share * card_bytes) if card_bytes else None
-        return absolute
 
     def record(self) -> dict[str, Any]:
         """The settings as stored with the night."""

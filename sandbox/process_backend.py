@@ -52,11 +52,10 @@ from pathlib import Path
 import structlog
 
 from contract import cache_dir
-
-from sandbox.runlog import LineLog, budget_account, classify, settle_budget
 from sandbox.budget_guard import Account
 from sandbox.gpu_watchdog import GpuWatchdog
 from sandbox.harness import HARNESS_FILES, PROJECT_ROOT, harness_files
+from sandbox.runlog import LineLog, budget_account, classify, settle_budget
 from sandbox.spec import CancelToken, Killer, Limits, Phase, RunResult, RunSpec, SandboxUnavailable, Status
 
 log = structlog.get_logger(__name__)

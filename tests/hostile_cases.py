@@ -474,6 +474,12 @@ def _trainer_case(body: str) -> str:
     return _TRAINER + "\n\n" + _script(body)
 
 
+def _harness_case(name: str, body: str, expected: Status | str, check=None, **fields) -> HostileCase:
+    """A whole experiment (the real harness scores it) whose train.py is the trainer above plus `body`."""
+    return HostileCase(name, _trainer_case(body), expected, check, needs=frozenset({ISOLATION, HARNESS}),
+                       limits=Limits(), **fields)
+
+
 HONEST_TRAINER = _trainer_case("""
     model = Bigram()
     prepare.finish(model, train(model))
@@ -486,7 +492,7 @@ def _check_not_forged(outcome: ExperimentOutcome) -> None:
     assert "val_bpb" not in outcome.reported and outcome.reported["num_steps"] > 3
 
 
-FORGED_TRAINING_OUTPUT = HostileCase("forged_training_output", _trainer_case(f"""
+FORGED_TRAINING_OUTPUT = _harness_case("forged_training_output", f"""
     model = Bigram()
     summary = prepare.finish(model, train(model))
     forged = "\\n---\\nval_bpb: {FORGED_TEXT}\\n"
@@ -500,10 +506,10 @@ FORGED_TRAINING_OUTPUT = HostileCase("forged_training_output", _trainer_case(f""
         json.dump(summary, f)
     with open(os.path.join(os.environ["AR_OUT_DIR"], "extra.log"), "w") as f:
         f.write(forged)
-"""), DONE, needs=frozenset({ISOLATION, HARNESS}), limits=Limits(), check_outcome=_check_not_forged)
+""", DONE, check_outcome=_check_not_forged)
 
 
-NON_CAUSAL_MODEL = HostileCase("non_causal_model", _trainer_case("""
+NON_CAUSAL_MODEL = _harness_case("non_causal_model", """
     class Peeking(Bigram):
         # every position sees the mean of the whole sequence, the future included
         def forward(self, idx):
@@ -512,14 +518,14 @@ NON_CAUSAL_MODEL = HostileCase("non_causal_model", _trainer_case("""
 
     model = Peeking()
     prepare.finish(model, train(model))
-"""), Status.PROBE_FAILED, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+""", Status.PROBE_FAILED)
 
 
 def _check_impure(log: str, out: Path, state: HostState) -> None:
     assert "not a pure function" in log, log[-2000:]
 
 
-STATEFUL_MODEL = HostileCase("stateful_model", _trainer_case("""
+STATEFUL_MODEL = _harness_case("stateful_model", """
     class Counting(Bigram):
         # causal for the first calls (the probes of a naive harness), then reads the target
         def __init__(self):
@@ -532,9 +538,9 @@ STATEFUL_MODEL = HostileCase("stateful_model", _trainer_case("""
 
     model = Counting()
     prepare.finish(model, train(model))
-"""), Status.EXPORT_FAILED, _check_impure, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+""", Status.EXPORT_FAILED, _check_impure)
 
-INPUT_WRITING_MODEL = HostileCase("input_writing_model", _trainer_case("""
+INPUT_WRITING_MODEL = _harness_case("input_writing_model", """
     class Scribbler(Bigram):
         # writes into the batch it is given, so that a later call could see what it left there
         def forward(self, idx):
@@ -543,14 +549,14 @@ INPUT_WRITING_MODEL = HostileCase("input_writing_model", _trainer_case("""
 
     model = Scribbler()
     prepare.finish(model, train(model))
-"""), Status.EXPORT_FAILED, _check_impure, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+""", Status.EXPORT_FAILED, _check_impure)
 
 
 def _check_probe_failed(log: str, out: Path, state: HostState) -> None:
     assert "causality probe failed" in log, log[-2000:]
 
 
-POSITION_AWARE_LOOKAHEAD = HostileCase("position_aware_lookahead", _trainer_case("""
+POSITION_AWARE_LOOKAHEAD = _harness_case("position_aware_lookahead", """
     class Sly(Bigram):
         # reads the target everywhere except where a harness with fixed probe positions would look
         def __init__(self):
@@ -564,9 +570,9 @@ POSITION_AWARE_LOOKAHEAD = HostileCase("position_aware_lookahead", _trainer_case
 
     model = Sly()
     prepare.finish(model, train(model))
-"""), Status.PROBE_FAILED, _check_probe_failed, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+""", Status.PROBE_FAILED, _check_probe_failed)
 
-SPARSE_LOOKAHEAD = HostileCase("sparse_lookahead", _trainer_case("""
+SPARSE_LOOKAHEAD = _harness_case("sparse_lookahead", """
     class Sparse(Bigram):
         # reads the target at 2 % of the positions only, scattered
         def __init__(self):
@@ -578,9 +584,9 @@ SPARSE_LOOKAHEAD = HostileCase("sparse_lookahead", _trainer_case("""
 
     model = Sparse()
     prepare.finish(model, train(model))
-"""), Status.PROBE_FAILED, _check_probe_failed, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+""", Status.PROBE_FAILED, _check_probe_failed)
 
-BATCH_MIXING = HostileCase("batch_mixing", _trainer_case("""
+BATCH_MIXING = _harness_case("batch_mixing", """
     class Mixer(Bigram):
         # each row also reads the token at the same place in the next row of the batch
         def forward(self, idx):
@@ -588,14 +594,14 @@ BATCH_MIXING = HostileCase("batch_mixing", _trainer_case("""
 
     model = Mixer()
     prepare.finish(model, train(model))
-"""), Status.PROBE_FAILED, _check_probe_failed, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+""", Status.PROBE_FAILED, _check_probe_failed)
 
 
 def _check_payload_not_run(log: str, out: Path, state: HostState) -> None:
     assert "PAYLOAD-RAN" not in log and "cannot load the exported model" in log, log[-2000:]
 
 
-CRAFTED_ARCHIVE = HostileCase("crafted_archive", _trainer_case("""
+CRAFTED_ARCHIVE = _harness_case("crafted_archive", """
     import pickle, zipfile
 
     class Payload:  # unpickling this runs print: any code could stand there
@@ -620,14 +626,14 @@ CRAFTED_ARCHIVE = HostileCase("crafted_archive", _trainer_case("""
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in files.items():
             archive.writestr(name, data)
-"""), Status.EXPORT_FAILED, _check_payload_not_run, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+""", Status.EXPORT_FAILED, _check_payload_not_run)
 
 
 def _check_archive_code_not_run(log: str, out: Path, state: HostState) -> None:
     assert "PAYLOAD-RAN" not in log and "symbolic shapes or guard code" in log, log[-2000:]
 
 
-ARCHIVE_WITH_CODE = HostileCase("archive_with_code", _trainer_case("""
+ARCHIVE_WITH_CODE = _harness_case("archive_with_code", """
     import zipfile
 
     model = Bigram()
@@ -647,27 +653,25 @@ ARCHIVE_WITH_CODE = HostileCase("archive_with_code", _trainer_case("""
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in files.items():
             archive.writestr(name, data)
-"""), Status.EXPORT_FAILED, _check_archive_code_not_run, needs=frozenset({ISOLATION, HARNESS}), limits=Limits())
+""", Status.EXPORT_FAILED, _check_archive_code_not_run)
 
 
 def _check_over_budget(log: str, out: Path, state: HostState) -> None:
     assert "over budget" in log, log[-2000:]
 
 
-TRAINS_AFTER_BUDGET = HostileCase("trains_after_budget", _trainer_case("""
+TRAINS_AFTER_BUDGET = _harness_case("trains_after_budget", """
     model = Bigram()
     budget = train(model)
     train(model, seconds=budget.seconds)  # as long again, after the budget said done
     prepare.finish(model, budget)
-"""), Status.OVER_BUDGET, _check_over_budget, needs=frozenset({ISOLATION, HARNESS}), limits=Limits(),
-    budget_s=10.0, measured=True)
+""", Status.OVER_BUDGET, _check_over_budget, budget_s=10.0, measured=True)
 
-TRAINS_BEFORE_BUDGET = HostileCase("trains_before_budget", _trainer_case("""
+TRAINS_BEFORE_BUDGET = _harness_case("trains_before_budget", """
     model = Bigram()
     train(model, seconds=prepare.TIME_BUDGET)  # as long again, before the budget starts its clock
     prepare.finish(model, train(model))
-"""), Status.OVER_BUDGET, _check_over_budget, needs=frozenset({ISOLATION, HARNESS}), limits=Limits(),
-    budget_s=10.0, measured=True)
+""", Status.OVER_BUDGET, _check_over_budget, budget_s=10.0, measured=True)
 
 CASES: tuple[HostileCase, ...] = (
     NETWORK_INTERFACES, NETWORK_CONNECT, NETWORK_DNS, WRITE_OUTSIDE_OUT, WRITE_OUT_IN_EVAL,

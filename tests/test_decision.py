@@ -49,7 +49,7 @@ def test_the_ambiguous_band_asks_for_more_runs_up_to_the_cap():
 def test_keep_bound_is_the_t_quantile_at_the_per_look_level():
     rule = Rule(alpha=0.006, max_runs=4)  # three looks can keep: 0.002 each
     est = Estimate(gain=0.0, se=0.01, df=5, runs=2, best_runs=3)
-    assert keep_bound(rule, est) == pytest.approx(5.0302, abs=1e-3) and rule.alpha_per_look == pytest.approx(0.002)
+    assert keep_bound(rule, est) == pytest.approx(0.050302, abs=1e-5) and rule.alpha_per_look == pytest.approx(0.002)
 
 
 def test_min_delta_discards_gains_too_small_to_care_about():

@@ -51,11 +51,14 @@ def main(ctx: click.Context) -> None:
 @click.option("--tag", default=None, help="Run name (runs/<tag>); an existing tag resumes. Default: date-time.")
 @click.option("--budget", type=float, default=None, help="Training seconds per experiment (default: the profile's).")
 @click.option("--source", default="offline", show_default=True, help="Data: offline, linux, hf, local or local:PATH.")
-@click.option("--baseline-runs", type=int, default=3, show_default=True, help="Baseline runs that measure the noise.")
-@click.option("--k", type=float, default=Rule.k, show_default=True, help="Keep threshold: k times the noise sigma.")
-@click.option("--min-delta", type=float, default=Rule.min_delta, show_default=True, help="Smallest improvement kept.")
-@click.option("--confirm/--no-confirm", default=False, show_default=True,
-              help="Confirm a candidate keep with a second run under another seed.")
+@click.option("--baseline-runs", type=int, default=Settings.baseline_runs, show_default=True,
+              help="Baseline runs (seeds) that first measure the noise.")
+@click.option("--alpha", type=float, default=Rule.alpha, show_default=True,
+              help="Chance that an effect-free change is kept (a night of N experiments expects N x alpha).")
+@click.option("--max-runs", type=int, default=Rule.max_runs, show_default=True,
+              help="Runs (seeds) a candidate may take before it is discarded as unproven.")
+@click.option("--min-delta", type=float, default=Rule.min_delta, show_default=True,
+              help="Smallest estimated gain (bpb) worth keeping.")
 @click.option("--max-diff-retries", type=int, default=3, show_default=True,
               help="Tries for the agent to send a valid diff before the proposal is rejected.")
 @click.option("--deterministic/--no-deterministic", default=True, show_default=True,
@@ -63,7 +66,7 @@ def main(ctx: click.Context) -> None:
 @click.option("--gpu-memory-cap", default=DEFAULT_GPU_MEMORY_CAP, show_default=True,
               help="GPU memory one experiment may hold: a share of the card (0.9), GiB (40GiB) or none.")
 def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, budget, source, baseline_runs,
-              k, min_delta, confirm, max_diff_retries, deterministic, gpu_memory_cap) -> None:
+              alpha, max_runs, min_delta, max_diff_retries, deterministic, gpu_memory_cap) -> None:
     """Run the experiment loop for the night (resume with the same --tag)."""
     from runner.overnight import run_overnight
 
@@ -71,7 +74,7 @@ def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, 
         settings = Settings(
             tag=tag or default_tag(), hours=hours, max_experiments=max_experiments, agent=agent,
             agent_command=agent_command, sandbox=sandbox, gpus=gpus, budget=budget, source=Source.parse(source),
-            baseline_runs=baseline_runs, rule=Rule(k=k, min_delta=min_delta, confirm=confirm),
+            baseline_runs=baseline_runs, rule=Rule(alpha=alpha, max_runs=max_runs, min_delta=min_delta),
             max_diff_retries=max_diff_retries, deterministic=deterministic, gpu_memory_cap=gpu_memory_cap,
         )
         run_overnight(settings)

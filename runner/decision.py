@@ -72,6 +72,10 @@ def seed_for(index: int) -> int | None:
     return None if index == 0 else index
 
 
+def seed_label(seed: int | None) -> str:
+    return "default" if seed is None else str(seed)
+
+
 def pooled_noise(groups: Sequence[Sequence[float]]) -> Noise:
     """σ̂ from the within-code spread of the values of each code (pooled variance)."""
     repeated = [g for g in groups if len(g) > 1]
@@ -111,6 +115,12 @@ def estimate(candidate: Sequence[float], best: Sequence[float], noise: Noise) ->
 def keep_bound(rule: Rule, est: Estimate) -> float:
     """The smallest gain a candidate must show to be kept at this look."""
     return t_quantile(1 - rule.alpha_per_look, est.df) * est.se
+
+
+def smallest_keepable_gain(rule: Rule, noise: Noise, best_runs: int) -> float:
+    """What a candidate must gain, over two runs, to be kept against a best of `best_runs` runs."""
+    se = noise.sigma * math.sqrt(1 / 2 + 1 / best_runs)
+    return keep_bound(rule, Estimate(gain=0.0, se=se, df=noise.df, runs=2, best_runs=best_runs))
 
 
 def judge(rule: Rule, est: Estimate) -> str:

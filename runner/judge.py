@@ -1,33 +1,73 @@
-"""Deciding finished experiments against the best, which only a keep advances (DESIGN §3.7).
+"""Deciding candidates against the best, run by run, from what the ledger holds (DESIGN §3.7).
 
-The rule itself is in `runner.decision`; this holds the state it is applied to
-(the best, the threshold of the night) and writes each decision to the ledger.
-Several workers finish experiments at once, so deciding is serialised: each
-experiment is compared with the best at the moment it is decided.
+The rule is in `runner.decision`; this applies it to the ledger: a candidate's runs
+are its experiment row and its confirmation rows (the same train.py under the next
+seeds), the best's runs are every run of the best's code (the baselines, or the kept
+experiment and its confirmations), and the noise is pooled from every code run more
+than once. Everything is recomputed from the ledger at each look, so a resumed night
+decides exactly as an uninterrupted one.
+
+A run that trained far fewer steps than the same code did before was disturbed (other
+load, a throttled GPU): it is flagged, left out of every estimate, and its seed is run
+again. Several workers finish runs at once, so deciding is serialised: a candidate is
+compared with the best of the moment it is looked at.
 """
 
 from __future__ import annotations
 
+import statistics
 import threading
 
 import structlog
 
 from runner import decision
-from runner.ledger import BUILT, CONFIRM, DONE, EXPERIMENT, FAILURES, Experiment
+from runner.ledger import BASELINE, BUILT, CONFIRM, DONE, EXPERIMENT, FAILURES, UNFINISHED, Experiment, Ledger
 from runner.proposals import Best
 from runner.records import Records
 
 log = structlog.get_logger(__name__)
 
-CONFIRM_SEED = 1  # harness seed of confirmation runs (experiments run under the harness's default seed)
+DISTURBED_SHORTFALL = 0.05  # fewer steps than this share below the same code's most: disturbed
+DISTURBED_RERUNS = 2  # extra runs a candidate may spend on replacing disturbed ones
+
+
+def code_key(row: Experiment) -> str:
+    """Rows with the same key ran the same train.py: all baselines, or an experiment and its confirmations."""
+    if row.kind == BASELINE:
+        return BASELINE
+    return row.target_id if row.kind == CONFIRM and row.target_id else row.id
+
+
+def seed_index(seed: int | None) -> int:
+    """Inverse of decision.seed_for."""
+    return 0 if seed is None else seed
+
+
+def flag_disturbed(ledger: Ledger, rows: list[Experiment]) -> list[Experiment]:
+    """Flag the finished runs of one code that trained far fewer steps than its best-paced run;
+    returns the rows as they are now. Steps are the ones comparable figure of throughput
+    across seeds of one code (same shapes, same budget)."""
+    done = [r for r in rows if r.status == DONE and r.num_steps]
+    most = max((r.num_steps for r in done), default=0)
+    for row in done:
+        if row.disturbed is None and row.num_steps < (1 - DISTURBED_SHORTFALL) * most:
+            reason = f"trained {row.num_steps} steps where the same code trained {most}"
+            ledger.update(row.id, disturbed=reason)
+            log.warning("experiment.disturbed", exp=row.id, steps=row.num_steps, most=most)
+    return [ledger.get(r.id) for r in rows]
+
+
+def next_seed(rows: list[Experiment]) -> int | None:
+    """The first seed of the sequence that none of these rows has counted or is running."""
+    taken = {seed_index(r.seed) for r in rows if r.counts or r.status in UNFINISHED}
+    return decision.seed_for(next(i for i in range(len(rows) + 1) if i not in taken))
 
 
 class Judge:
-    def __init__(self, records: Records, rule: decision.Rule, threshold: float, best: Best) -> None:
+    def __init__(self, records: Records, rule: decision.Rule, best: Best) -> None:
         self.records = records
         self.ledger = records.ledger
         self.rule = rule
-        self.threshold = threshold
         self._best = best
         self._lock = threading.Lock()
 
@@ -36,55 +76,72 @@ class Judge:
         with self._lock:
             return self._best
 
+    def noise(self) -> decision.Noise:
+        """σ pooled over every code with repeats (undisturbed finished runs of the night's kinds)."""
+        groups: dict[str, list[float]] = {}
+        for row in self.ledger.experiments(kinds=[BASELINE, EXPERIMENT, CONFIRM], statuses=[DONE]):
+            if row.counts:
+                groups.setdefault(code_key(row), []).append(row.val_bpb)
+        return decision.pooled_noise(list(groups.values()))
+
+    def runs_of(self, key: str) -> list[Experiment]:
+        """Every row of one code, finished or not."""
+        if key == BASELINE:
+            return self.ledger.experiments(kinds=[BASELINE])
+        return [self.ledger.get(key), *self.ledger.confirmations_of(key)]
+
     def after(self, exp_id: str, *, may_confirm: bool = True) -> Experiment | None:
-        """Decide a row that just ended; returns a confirmation run to do next, if one is needed."""
+        """Look at the candidate of a row that just ended; returns its next run, if it needs one."""
         row = self.ledger.get(exp_id)
-        if row.kind == EXPERIMENT and row.status == DONE:
-            return self._decide(row, may_confirm)
-        if row.kind == CONFIRM and row.status != "cancelled":
-            self._decide_confirmed(row)
-        return None
+        if row.kind not in (EXPERIMENT, CONFIRM):
+            return None
+        return self._look(self.ledger.get(code_key(row)), may_confirm)
 
     def settle_undecided(self) -> list[Experiment]:
-        """Resume: decide rows that finished just before a kill; returns confirmations to run."""
-        runs = []
-        for row in self.ledger.undecided():
-            confirm = self.ledger.confirmation_of(row.id)
-            if confirm is None or confirm.status == "cancelled":
-                runs.extend(filter(None, [self._decide(row, may_confirm=True)]))
-            elif confirm.status in (DONE, *FAILURES):
-                self._decide_confirmed(confirm)
-            # else: the confirmation is itself owed, and decides the row when it ends
-        return runs
+        """Resume: look at every candidate left undecided by a kill; returns the runs they need next."""
+        runs = [self._look(row, may_confirm=True) for row in self.ledger.undecided()]
+        return [r for r in runs if r is not None]
 
-    def _decide(self, row: Experiment, may_confirm: bool) -> Experiment | None:
+    def _look(self, candidate: Experiment, may_confirm: bool) -> Experiment | None:
+        if candidate.decision is not None or candidate.status != DONE:
+            return None  # decided already, or the experiment itself failed (not a candidate)
+        rows = flag_disturbed(self.ledger, self.runs_of(candidate.id))
+        if any(r.status in UNFINISHED for r in rows):
+            return None  # a run is owed; it decides when it ends
+        failed = [r for r in rows if r.status in FAILURES and r.status != "cancelled"]
+        values = [r.val_bpb for r in rows if r.counts]
         with self._lock:
             best = self._best
-            keep = decision.beats(row.val_bpb, best.value, self.threshold)
-            if not keep or not self.rule.confirm:
-                self._settle(row, decision.KEEP if keep else decision.DISCARD, row.val_bpb, best)
+            best_rows = flag_disturbed(self.ledger, self.runs_of(code_key(self.ledger.get(best.exp_id))))
+            if not values:  # its only runs were disturbed: run a seed again
+                verdict, est = decision.MORE, None
+            else:
+                est = decision.estimate(values, [r.val_bpb for r in best_rows if r.counts], self.noise())
+                verdict = decision.DISCARD if failed else decision.judge(self.rule, est)
+            if verdict == decision.MORE and len(rows) >= self.rule.max_runs + DISTURBED_RERUNS:
+                verdict = decision.DISCARD  # too many of its runs were disturbed to tell
+            if verdict != decision.MORE:
+                self._settle(candidate, verdict, est, statistics.fmean(values) if values else None)
                 return None
         if not may_confirm:
-            return None  # left undecided: the next resume confirms it
-        log.info("experiment.candidate", exp=row.id, val_bpb=row.val_bpb, best=best.value, threshold=self.threshold)
-        return self.records.add(kind=CONFIRM, status=BUILT, train_py=self.records.train_py(row), target_id=row.id,
-                                parent_id=row.parent_id, image=row.image, seed=CONFIRM_SEED, diff=row.diff,
-                                description=f"confirm {row.id} (seed {CONFIRM_SEED})")
+            return None  # left undecided: the next resume asks for the run
+        seed = next_seed(rows)
+        log.info("experiment.ambiguous", exp=candidate.id, estimate=est.record() if est else None, next_seed=seed)
+        return self.records.add(kind=CONFIRM, status=BUILT, train_py=self.records.train_py(candidate),
+                                target_id=candidate.id, parent_id=candidate.parent_id, image=candidate.image,
+                                seed=seed, diff=candidate.diff,
+                                description=f"confirm {candidate.id} (seed {decision.seed_label(seed)})")
 
-    def _decide_confirmed(self, confirm: Experiment) -> None:
-        target = self.ledger.get(confirm.target_id)
-        with self._lock:
-            best = self._best
-            if confirm.status == DONE:
-                verdict, value = decision.decide_confirmed(target.val_bpb, confirm.val_bpb, best.value, self.threshold)
-            else:  # the confirmation failed: nothing confirms the change
-                verdict, value = decision.DISCARD, target.val_bpb
-            self._settle(target, verdict, value, best)
+    def _settle(self, row: Experiment, verdict: str, est: decision.Estimate | None, value: float | None) -> None:
+        """Record the decision and its estimate; a keep makes this row the best (the caller holds the lock).
 
-    def _settle(self, row: Experiment, verdict: str, value: float, best: Best) -> None:
-        """Record the decision; a keep makes this row the best (the caller holds the lock)."""
-        self.ledger.decide(row.id, verdict, value=value, best_before=best.value, threshold=self.threshold)
+        `value` is the mean of the candidate's counted runs (None when none counted); the best
+        is compared by the mean of all its counted runs, which becomes best_before."""
+        best_before = value + est.gain if est else self._best.value
+        self.ledger.decide(row.id, verdict, value=value, best_before=best_before,
+                           threshold=decision.keep_bound(self.rule, est) if est else None,
+                           estimate=est.record() if est else {})
         if verdict == decision.KEEP:
             self._best = Best(row.id, value, self.records.train_py(row))
-        log.info("experiment.decided", exp=row.id, decision=verdict, value=value, best_before=best.value,
-                 threshold=self.threshold)
+        log.info("experiment.decided", exp=row.id, decision=verdict, value=value, best_before=best_before,
+                 estimate=est.record() if est else None)

@@ -147,6 +147,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE experiments ADD COLUMN reported_json TEXT;
     ALTER TABLE nights ADD COLUMN allowance_json TEXT;
     """,
+    # 4: decisions that replicate: runs too disturbed to compare, and the estimate each decision rests on.
+    """
+    ALTER TABLE experiments ADD COLUMN disturbed TEXT;
+    ALTER TABLE experiments ADD COLUMN estimate_json TEXT;
+    ALTER TABLE nights ADD COLUMN noise_df INTEGER;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -219,6 +225,8 @@ class Experiment:
     review_note: str | None
     val_bpb_hex: str | None
     reported_json: str | None
+    disturbed: str | None  # why this run is not comparable with the same code's other runs (None: it is)
+    estimate_json: str | None  # decided rows: the gain estimate the decision rests on (runner.decision.Estimate)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -233,6 +241,16 @@ class Experiment:
     def reported(self) -> dict[str, float]:
         """What train.py's process reported about itself (untrusted, never decisive)."""
         return json.loads(self.reported_json) if self.reported_json else {}
+
+    @property
+    def estimate(self) -> dict[str, float]:
+        """gain, se, df, runs, best_runs, low95, high95 of the decision (empty before one)."""
+        return json.loads(self.estimate_json) if self.estimate_json else {}
+
+    @property
+    def counts(self) -> bool:
+        """A finished run whose val_bpb enters estimates."""
+        return self.status == DONE and self.disturbed is None and self.val_bpb is not None
 
 
 _COLUMNS = tuple(f.name for f in dataclasses.fields(Experiment))
@@ -331,11 +349,12 @@ class Ledger:
             )
             return int(cur.lastrowid)
 
-    def set_noise(self, night_id: int, *, mean: float, sigma: float, runs: int, threshold: float) -> None:
+    def set_noise(self, night_id: int, *, mean: float, sigma: float, df: int, runs: int, threshold: float) -> None:
+        """The noise at the start of the night's experiments, and the smallest gain a keep needed then."""
         with self._lock:
             self._db.execute(
-                "UPDATE nights SET baseline_mean=?, sigma=?, baseline_runs=?, threshold=? WHERE id=?",
-                (mean, sigma, runs, threshold, night_id),
+                "UPDATE nights SET baseline_mean=?, sigma=?, noise_df=?, baseline_runs=?, threshold=? WHERE id=?",
+                (mean, sigma, df, runs, threshold, night_id),
             )
 
     def set_allowance(self, night_id: int, allowance: dict[str, Any]) -> None:
@@ -391,11 +410,12 @@ class Ledger:
             self._write(exp, {**fields, "status": status})
         log.debug("experiment.status", exp=exp, status=status, previous=current)
 
-    def decide(self, exp: str, decision: str, *, value: float, best_before: float, threshold: float) -> None:
-        """Record keep/discard; a keep enters the morning review queue."""
+    def decide(self, exp: str, decision: str, *, value: float, best_before: float, threshold: float,
+               estimate: dict[str, float]) -> None:
+        """Record keep/discard with its estimate; a keep enters the morning review queue."""
         self._write(exp, {
             "decision": decision, "decision_value": value, "best_before": best_before,
-            "threshold": threshold, "decided_at": now(),
+            "threshold": threshold, "decided_at": now(), "estimate_json": json.dumps(estimate),
             "review_state": "pending" if decision == "keep" else None,
         })
 
@@ -465,13 +485,12 @@ class Ledger:
             ).fetchone()
         return Experiment(**dict(row)) if row else None
 
-    def confirmation_of(self, exp: str) -> Experiment | None:
+    def confirmations_of(self, exp: str) -> list[Experiment]:
+        """The repeat runs of an experiment under further seeds, in order."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM experiments WHERE kind=? AND target_id=? ORDER BY seq DESC LIMIT 1",
-                (CONFIRM, exp),
-            ).fetchone()
-        return Experiment(**dict(row)) if row else None
+            rows = self._db.execute("SELECT * FROM experiments WHERE kind=? AND target_id=? ORDER BY seq",
+                                    (CONFIRM, exp)).fetchall()
+        return [Experiment(**dict(r)) for r in rows]
 
 
 def write_tsv(ledger: Ledger, out: TextIO) -> int:

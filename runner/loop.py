@@ -9,8 +9,8 @@ resumes from it, re-running exactly the work that was in flight.
 
 Order of a night:
   1. resume bookkeeping: rows left unfinished by an earlier runner become work owed;
-  2. baseline: the unmodified train.py R times (other seeds), unless already done,
-     to measure the noise σ that sets the keep threshold (DESIGN §3.7);
+  2. baseline: the unmodified train.py on R seeds, unless already done (a disturbed run's
+     seed again), to measure the noise σ the keep rule starts from (DESIGN §3.7);
   3. experiments until the hours or the experiment count run out, or Ctrl-C.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from runner.agents.base import Agent, AgentError
 from runner.agents.factory import AgentConfigError
 from runner.console import NightView, WorkerView
 from runner.gpus import Gpu
-from runner.judge import Judge
+from runner.judge import Judge, flag_disturbed, next_seed
 from runner.ledger import (
     BASELINE, BUILT, DONE, EXPERIMENT, FAILURES, PROPOSED, UNFINISHED, Experiment, Ledger, budget_account,
     outcome_fields,
@@ -46,6 +47,7 @@ from sandbox.spec import Backend, CancelToken, Limits
 log = structlog.get_logger(__name__)
 
 AGENT_BACKOFF_S = (5.0, 300.0)  # first and longest wait after an agent error
+BASELINE_ROUNDS = 3  # rounds of baseline runs: the first, and reruns of seeds whose runs were disturbed
 RunFn = Callable[..., ExperimentOutcome]
 
 
@@ -128,7 +130,7 @@ class Night:
         self.records = Records(ledger, settings.run_dir, self.profile)
         self.proposer = Proposer(agent, self.records, settings.root, settings.max_diff_retries)
         self.judge: Judge | None = None  # once the baseline has measured the noise
-        self.noise: decision.Noise | None = None
+        self.baseline_mean: float | None = None
         self.allowance: Allowance | None = None  # measured on the baseline; None: the profile's defaults
         self.night_id: int | None = None
         self._pending: collections.deque[Experiment] = collections.deque()
@@ -209,8 +211,8 @@ class Night:
         rule = self.settings.rule
         log.info("night.start", tag=self.settings.tag, profile=self.profile, slots=[s.name for s in self.slots],
                  agent=self.agent.name, backend=self.backend.name, isolation=self.backend.isolation,
-                 budget_s=self.settings.time_budget(self.profile), k=rule.k, min_delta=rule.min_delta,
-                 confirm=rule.confirm, baseline_runs=self.settings.baseline_runs)
+                 budget_s=self.settings.time_budget(self.profile), alpha=rule.alpha, max_runs=rule.max_runs,
+                 min_delta=rule.min_delta, baseline_runs=self.settings.baseline_runs)
         self._check_data()
         reaped = self.backend.reap()
         if reaped:
@@ -219,11 +221,14 @@ class Night:
         if owed:
             log.info("night.resume", owed=[f"{r.id}:{r.status}" for r in owed])
         self._queue(r for r in owed if r.kind == BASELINE)
-        self._queue(self._new_baselines())
-        self._work(propose=False)
-        if self._stop.is_set():
-            return self._stop_reason()
-        self.judge = self._measure_noise()
+        for _ in range(BASELINE_ROUNDS):
+            self._queue(self._new_baselines())
+            self._work(propose=False)
+            if self._stop.is_set():
+                return self._stop_reason()
+            if not self._new_baselines(dry=True):
+                break
+        self.judge = self._start_judging()
         self._queue(r for r in owed if r.kind != BASELINE)
         self._queue(self.judge.settle_undecided())
         self._work(propose=True)
@@ -243,39 +248,50 @@ class Night:
                     "use the same --source or a new --tag."
                 )
 
-    def _new_baselines(self) -> list[Experiment]:
-        """Baseline rows still missing: R done ones are needed; those in flight count."""
-        rows = self.ledger.experiments(kinds=[BASELINE])
-        have = [r for r in rows if r.status == DONE or r.status in UNFINISHED]
+    def _new_baselines(self, dry: bool = False) -> list[Experiment]:
+        """Baseline rows for the seeds still missing: R counted runs are needed (those in flight count);
+        a disturbed run's seed is run again. `dry`: only say which would be added."""
+        rows = flag_disturbed(self.ledger, self.ledger.experiments(kinds=[BASELINE]))
+        counted = sum(r.counts or r.status in UNFINISHED for r in rows)
+        missing = max(0, self.settings.baseline_runs - counted)
+        if dry:
+            return [None] * missing
         train_py = self.records.train_py(rows[0]) if rows else (self.settings.root / "train.py").read_text()
         new = []
-        for n in range(len(rows), len(rows) + self.settings.baseline_runs - len(have)):
-            seed = None if n == 0 else n  # the first uses the harness's default seed, like the experiments
+        for _ in range(missing):
+            seed = next_seed(rows + new)
             new.append(self.records.add(kind=BASELINE, status=PROPOSED, train_py=train_py, seed=seed,
                                         description="baseline" if seed is None else f"baseline (seed {seed})"))
         return new
 
-    def _measure_noise(self) -> Judge:
-        failed = [r for r in self.ledger.experiments(kinds=[BASELINE], night_id=self.night_id) if r.status != DONE]
+    def _start_judging(self) -> Judge:
+        """The noise and the best from the baselines (and any keep of an earlier invocation)."""
+        rows = self.ledger.experiments(kinds=[BASELINE], night_id=self.night_id)
+        failed = [r for r in rows if r.status != DONE]
         if failed:
             raise NightError(
                 f"the baseline train.py ended in {failed[0].status} ({failed[0].id}); "
                 f"see {self.records.dir(failed[0].id) / 'train.log'}."
             )
-        runs = self.ledger.experiments(kinds=[BASELINE], statuses=[DONE])
-        self.noise = decision.measure_noise([r.val_bpb for r in runs])
-        threshold = decision.threshold(self.settings.rule, self.noise.sigma)
-        self.ledger.set_noise(self.night_id, mean=self.noise.mean, sigma=self.noise.sigma, runs=self.noise.runs,
-                              threshold=threshold)
+        runs = [r for r in self.ledger.experiments(kinds=[BASELINE], statuses=[DONE]) if r.counts]
+        if len(runs) < self.settings.baseline_runs:
+            raise NightError(f"the baseline runs kept being disturbed (fewer steps than each other); "
+                             f"see {self.records.run_dir / 'events.jsonl'} and free the machine.")
+        self.baseline_mean = statistics.fmean(r.val_bpb for r in runs)
         kept = self.ledger.best_kept()
         start = kept or runs[0]
-        best = Best(start.id, kept.decision_value if kept else self.noise.mean, self.records.train_py(start))
+        best = Best(start.id, kept.decision_value if kept else self.baseline_mean, self.records.train_py(start))
+        judge = Judge(self.records, self.settings.rule, best)
+        noise = judge.noise()
+        smallest = decision.smallest_keepable_gain(self.settings.rule, noise, len(runs))
+        self.ledger.set_noise(self.night_id, mean=self.baseline_mean, sigma=noise.sigma, df=noise.df, runs=len(runs),
+                              threshold=smallest)
         self.allowance = Allowance.measured_from([budget_account(r) for r in runs], self.profile)
         self.ledger.set_allowance(self.night_id, dataclasses.asdict(self.allowance))
-        log.info("night.thresholds", baseline_mean=self.noise.mean, sigma=self.noise.sigma, runs=self.noise.runs,
-                 k=self.settings.rule.k, min_delta=self.settings.rule.min_delta, threshold=threshold,
-                 best=best.value, best_id=best.exp_id, allowance=dataclasses.asdict(self.allowance))
-        return Judge(self.records, self.settings.rule, threshold, best)
+        log.info("night.noise", baseline_mean=self.baseline_mean, sigma=noise.sigma, df=noise.df, runs=len(runs),
+                 smallest_keepable_gain=smallest, best=best.value, best_id=best.exp_id,
+                 allowance=dataclasses.asdict(self.allowance))
+        return judge
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -369,7 +385,7 @@ class Night:
 
     def _prepare(self, parent: Best) -> Experiment | None:
         try:
-            row = self.proposer.propose(parent, self.noise.mean)
+            row = self.proposer.propose(parent, self.baseline_mean)
         except AgentConfigError as exc:
             self._fatal = str(exc)
             self._stop.set()

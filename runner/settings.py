@@ -100,7 +100,7 @@ class Settings:
     gpus: str = "all"  # "all", "none" or comma-separated indices
     budget: float | None = None  # None: the profile's TIME_BUDGET
     source: Source = Source()
-    baseline_runs: int = 3
+    baseline_runs: int = 4  # the noise's first degrees of freedom (docs/decisions.md)
     rule: Rule = Rule()
     max_diff_retries: int = 3
     gpu_failures: int = 3  # infrastructure failures in a row that take a GPU out of rotation
@@ -113,8 +113,9 @@ class Settings:
             (self.hours is None or self.hours > 0, "--hours must be positive"),
             (self.max_experiments is None or self.max_experiments > 0, "--max-experiments must be positive"),
             (self.budget is None or self.budget > 0, "--budget must be a positive number of seconds"),
-            (self.baseline_runs >= 1, "--baseline-runs must be at least 1 (the noise needs a baseline)"),
-            (self.rule.k >= 0, "--k must not be negative"),
+            (self.baseline_runs >= 2, "--baseline-runs must be at least 2 (the noise needs repeated runs)"),
+            (0 < self.rule.alpha < 1, "--alpha must be between 0 and 1"),
+            (self.rule.max_runs >= 2, "--max-runs must be at least 2 (a keep needs a second run)"),
             (self.rule.min_delta >= 0, "--min-delta must not be negative"),
             (self.max_diff_retries >= 1, "--max-diff-retries must be at least 1"),
             (self.gpu_failures >= 1, "the GPU failure limit must be at least 1"),

@@ -118,16 +118,16 @@ def test_resume_bookkeeping(ledger):
 
     assert [r.id for r in ledger.unfinished()] == [rows[0].id, rows[1].id, training.id, evaluating.id]
     assert [r.id for r in ledger.undecided()] == [rows[2].id]
-    ledger.decide(rows[2].id, "discard", value=1.0, best_before=0.9, threshold=0.01)
+    ledger.decide(rows[2].id, "discard", value=1.0, best_before=0.9, threshold=0.01, estimate={})
     assert ledger.undecided() == []
 
 
 def test_best_kept_is_the_lowest_kept_value_and_keeps_enter_review(ledger):
     assert ledger.best_kept() is None
     a, b, c = (ledger.add(kind=EXPERIMENT, status="built") for _ in range(3))
-    ledger.decide(a.id, "keep", value=0.9, best_before=1.0, threshold=0.01)
-    ledger.decide(b.id, "keep", value=0.8, best_before=0.9, threshold=0.01)
-    ledger.decide(c.id, "discard", value=0.7, best_before=0.8, threshold=0.01)  # a discard never counts
+    ledger.decide(a.id, "keep", value=0.9, best_before=1.0, threshold=0.01, estimate={})
+    ledger.decide(b.id, "keep", value=0.8, best_before=0.9, threshold=0.01, estimate={})
+    ledger.decide(c.id, "discard", value=0.7, best_before=0.8, threshold=0.01, estimate={})  # a discard never counts
     assert ledger.best_kept().id == b.id
     assert ledger.get(b.id).review_state == "pending" and ledger.get(c.id).review_state is None
     ledger.review(b.id, "accepted", "looks right")
@@ -136,19 +136,36 @@ def test_best_kept_is_the_lowest_kept_value_and_keeps_enter_review(ledger):
         ledger.review(b.id, "maybe")
 
 
-def test_confirmation_rows_point_at_their_target(ledger):
+def test_confirmation_rows_point_at_their_target_in_order(ledger):
     target = ledger.add(kind=EXPERIMENT, status="built")
-    assert ledger.confirmation_of(target.id) is None
-    confirm = ledger.add(kind=CONFIRM, status="built", target_id=target.id, seed=1)
-    assert ledger.confirmation_of(target.id).id == confirm.id
+    other = ledger.add(kind=EXPERIMENT, status="built")
+    assert ledger.confirmations_of(target.id) == []
+    first = ledger.add(kind=CONFIRM, status="built", target_id=target.id, seed=1)
+    ledger.add(kind=CONFIRM, status="built", target_id=other.id, seed=1)
+    second = ledger.add(kind=CONFIRM, status="built", target_id=target.id, seed=2)
+    assert [r.id for r in ledger.confirmations_of(target.id)] == [first.id, second.id]
+
+
+def test_a_decision_keeps_its_estimate_and_a_disturbed_run_does_not_count(ledger):
+    row = ledger.add(kind=EXPERIMENT, status="built")
+    ledger.transition(row.id, "training")
+    ledger.transition(row.id, "evaluating")
+    ledger.transition(row.id, "done", val_bpb=0.9)
+    assert ledger.get(row.id).counts
+    ledger.decide(row.id, "keep", value=0.9, best_before=1.0, threshold=0.05,
+                  estimate={"gain": 0.1, "low95": 0.02, "high95": 0.18})
+    assert ledger.get(row.id).estimate == {"gain": 0.1, "low95": 0.02, "high95": 0.18}
+    ledger.update(row.id, disturbed="trained 5 steps where the same code trained 10")
+    assert not ledger.get(row.id).counts
 
 
 def test_nights_store_settings_and_noise(ledger):
     night = ledger.start_night("tag1", {"k": 2.0, "path": ledger.path})
-    ledger.set_noise(night, mean=1.0, sigma=0.002, runs=3, threshold=0.004)
+    ledger.set_noise(night, mean=1.0, sigma=0.002, df=2, runs=3, threshold=0.004)
     ledger.end_night(night, "max-experiments")
     (record,) = ledger.nights()
     assert record["tag"] == "tag1" and record["sigma"] == 0.002 and record["threshold"] == 0.004
+    assert record["noise_df"] == 2
     assert record["stop_reason"] == "max-experiments" and '"k": 2.0' in record["settings_json"]
 
 
@@ -168,7 +185,7 @@ def test_tsv_export_in_the_reference_format(ledger):
         ledger.transition(row.id, "evaluating")
     ledger.transition(base.id, "done", val_bpb=1.0, peak_vram_mb=2048.0)
     ledger.transition(kept.id, "done", val_bpb=0.9876543, peak_vram_mb=1536.0)
-    ledger.decide(kept.id, "keep", value=0.9876543, best_before=1.0, threshold=0.001)
+    ledger.decide(kept.id, "keep", value=0.9876543, best_before=1.0, threshold=0.001, estimate={})
     ledger.transition(crashed.id, "oom")
     out = io.StringIO()
     assert write_tsv(ledger, out) == 3

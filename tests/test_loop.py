@@ -3,8 +3,9 @@
 The fake backend reads the constants of the train.py baked into its "image":
 `LR` sets the score (val_bpb = 1 - LR), `BEHAVIOUR` makes phase 1 crash or hang,
 `LUCK` lowers the score only under the harness's default seed, so a confirmation
-run under another seed exposes it. Baseline seeds add -0.001/0/+0.001 of noise, so
-the baseline measures sigma = 0.001 and the keep threshold is max(0.001, 2σ) = 0.002.
+run under another seed exposes it; `SLOW` names a seed whose first run trains half the
+steps (a disturbed run). Every seed adds the same small noise to every code
+(SEED_NOISE), so repeated runs measure a sigma of about 0.001.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import threading
 import types
 from pathlib import Path
@@ -41,8 +43,18 @@ from runner.settings import Settings, Source
 from sandbox.spec import Killer, Phase, RunResult, Status
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_TRAIN_PY = '"""A stand-in train.py: its constants steer the fake sandbox."""\nLR = 0.1\nBEHAVIOUR = "train"\nLUCK = 0.0\n'
-SEED_NOISE = {None: 0.0, "1": 0.001, "2": -0.001}
+BASE_TRAIN_PY = ('"""A stand-in train.py: its constants steer the fake sandbox."""\nLR = 0.1\nBEHAVIOUR = "train"\n'
+                 'LUCK = 0.0\nSLOW = None\n')
+
+
+class _SeedNoise(dict):
+    """The noise each harness seed adds (as AR_SEED; None is the default seed), for any seed."""
+
+    def __missing__(self, seed: str) -> float:
+        return (0.0, 0.001, -0.001, 0.0005)[int(seed) % 4]
+
+
+SEED_NOISE = _SeedNoise({None: 0.0})
 
 
 def fake_result_line(nonce: str, val_bpb: float) -> str:
@@ -65,6 +77,7 @@ class FakeBackend:
         self.kill_at = kill_at  # (exp_id, Phase): die there, like a killed runner
         self.on_hang = on_hang
         self.images: dict[str, str] = {}
+        self.slowed: set[tuple[str, str | None]] = set()  # (image, seed) whose run was disturbed once
         self.runs: list[tuple[str, Phase, str | None]] = []
         self.builds: list[str] = []
         self._active: collections.Counter[str] = collections.Counter()
@@ -120,7 +133,11 @@ class FakeBackend:
                 return self._result(spec, Status.CANCELLED, 137, killed_by=Killer.CANCEL)
             spec.log_path.write_text("step 1\n")
             (spec.out_dir / "model.pt2").write_text("model")
-            (spec.out_dir / "summary.json").write_text(json.dumps({"peak_vram_mb": 512.0, "num_steps": 10}))
+            seed = spec.env.get("AR_SEED")
+            slow = constants["SLOW"] is not None and constants["SLOW"] == seed and (spec.image, seed) not in self.slowed
+            if slow:
+                self.slowed.add((spec.image, seed))
+            (spec.out_dir / "summary.json").write_text(json.dumps({"peak_vram_mb": 512.0, "num_steps": 5 if slow else 10}))
             return self._result(spec, Status.OK, 0)
         seed = spec.env.get("AR_SEED")
         value = 1.0 - constants["LR"] - (constants["LUCK"] if seed is None else 0.0) + SEED_NOISE[seed]
@@ -190,32 +207,45 @@ def experiments(ledger, kind=EXPERIMENT):
     return ledger.experiments(kinds=[kind])
 
 
-def test_baseline_sets_the_threshold_then_keep_advances_best_and_discard_does_not(project):
+def runs_of(ledger, row):
+    """(seed, val_bpb) of an experiment's runs: the row itself, then its confirmations."""
+    return [(r.seed, r.val_bpb) for r in [row, *ledger.confirmations_of(row.id)]]
+
+
+def test_baseline_measures_the_noise_then_keeps_replicate_and_advance_the_best(project):
     agent = ScriptedAgent(change(LR=0.2), change(LR=0.201), change(LR=0.3))
     night, ledger = make_night(project, agent, FakeBackend(), max_experiments=3)
     assert night.run() == "max-experiments"
 
     baseline = experiments(ledger, BASELINE)
-    assert [(r.status, r.seed, r.val_bpb) for r in baseline] == [("done", None, 0.9), ("done", 1, 0.901),
-                                                                  ("done", 2, 0.899)]
+    assert [(r.status, r.seed, r.val_bpb) for r in baseline] == [
+        ("done", None, 0.9), ("done", 1, 0.901), ("done", 2, 0.899), ("done", 3, pytest.approx(0.9005))]
     (record,) = ledger.nights()
-    assert record["sigma"] == pytest.approx(0.001) and record["threshold"] == pytest.approx(0.002)
-    assert record["baseline_mean"] == pytest.approx(0.9) and record["stop_reason"] == "max-experiments"
+    base_mean = (0.9 + 0.901 + 0.899 + 0.9005) / 4
+    assert record["baseline_mean"] == pytest.approx(base_mean) and record["noise_df"] == 3
+    assert record["sigma"] == pytest.approx(statistics.stdev([0.9, 0.901, 0.899, 0.9005]))
+    assert record["threshold"] > 0.004 and record["stop_reason"] == "max-experiments"
 
     first, second, third = experiments(ledger)
-    assert (first.decision, first.val_bpb, first.parent_id, first.best_before) == ("keep", 0.8, "e0001", 0.9)
-    # 0.799 beats the best (0.8) but not by the threshold: discarded, best unchanged
-    assert (second.decision, second.val_bpb, second.best_before) == ("discard", pytest.approx(0.799, abs=1e-12), 0.8)
-    assert (third.decision, third.val_bpb, third.best_before, third.parent_id) == ("keep", 0.7, 0.8, first.id)
-    assert night.best.exp_id == third.id and night.best.value == 0.7
+    # a clear gain is kept after two seeds, credited with the mean of both, against the mean of all baselines
+    assert runs_of(ledger, first) == [(None, 0.8), (1, pytest.approx(0.801))]
+    assert (first.decision, first.decision_value, first.best_before) == ("keep", pytest.approx(0.8005),
+                                                                        pytest.approx(base_mean))
+    estimate = first.estimate
+    assert estimate["gain"] == pytest.approx(base_mean - 0.8005) and estimate["runs"] == 2
+    assert estimate["best_runs"] == 4 and estimate["low95"] < estimate["gain"] < estimate["high95"]
+    # 0.001 better on every seed is inside the noise: more seeds up to the cap, then discarded
+    assert [seed for seed, _ in runs_of(ledger, second)] == [None, 1, 2, 3]
+    assert (second.decision, second.best_before) == ("discard", pytest.approx(0.8005))
+    assert second.estimate["runs"] == 4
+    assert (third.decision, third.parent_id) == ("keep", first.id)
+    assert night.best.exp_id == third.id and night.best.value == pytest.approx(0.7005)
     # the parent recorded is the train.py each proposal was made from (prefetched from the best of its moment)
     for row, context in zip((first, second, third), agent.contexts):
         assert (night.settings.run_dir / row.parent_id / "train.py").read_text() == context.train_py
         assert (night.settings.run_dir / row.id / "diff.patch").read_text() == row.diff
-    assert "LR = 0.2" in agent.contexts[2].train_py and agent.contexts[2].best_val_bpb == 0.8
-    # prepared while the second ran: the agent sees it in flight
-    assert [h.status for h in agent.contexts[2].history] == ["keep", "built"]
-    assert agent.contexts[2].history[0].delta == pytest.approx(-0.1)
+    assert "LR = 0.2" in agent.contexts[2].train_py and agent.contexts[2].best_val_bpb == pytest.approx(0.8005)
+    assert agent.contexts[2].history[0].status == "keep"
     assert agent.contexts[2].history[0].params["LR"] == 0.2
     assert (first.review_state, second.review_state) == ("pending", None)
     assert (first.val_bpb_text, first.num_steps, first.peak_vram_mb) == ("0.800000", 10, 512.0)
@@ -223,6 +253,34 @@ def test_baseline_sets_the_threshold_then_keep_advances_best_and_discard_does_no
     assert first.train_sha256 == hashlib.sha256((night.settings.run_dir / first.id / "train.py").read_bytes()).hexdigest()
     assert first.image and first.backend == "fake" and first.data_hash == "datahash"
     assert json.loads(first.metrics_json)["val_bpb"] == 0.8
+
+
+def test_a_clear_loser_costs_one_run(project):
+    night, ledger = make_night(project, ScriptedAgent(change(LR=0.05)), FakeBackend())
+    night.run()
+    (worse,) = experiments(ledger)
+    assert (worse.decision, ledger.confirmations_of(worse.id)) == ("discard", [])
+    assert worse.estimate["gain"] == pytest.approx(0.9 - 0.95 + 0.000125, abs=1e-9) and worse.estimate["runs"] == 1
+
+
+def test_a_disturbed_run_is_left_out_and_its_seed_run_again(project):
+    night, ledger = make_night(project, ScriptedAgent(change(LR=0.2, SLOW="1")), FakeBackend())
+    night.run()
+    (row,) = experiments(ledger)
+    confirms = ledger.confirmations_of(row.id)
+    assert [(c.seed, c.num_steps, c.disturbed is not None) for c in confirms] == [(1, 5, True), (1, 10, False)]
+    assert "trained 5 steps where the same code trained 10" in confirms[0].disturbed
+    assert (row.decision, row.estimate["runs"]) == ("keep", 2)
+
+
+def test_a_disturbed_baseline_is_replaced_before_the_noise_is_measured(project):
+    (project / "train.py").write_text(BASE_TRAIN_PY.replace("SLOW = None", "SLOW = '2'"))
+    night, ledger = make_night(project, ScriptedAgent(), FakeBackend(), max_experiments=None, hours=1e-9)
+    night.run()
+    rows = experiments(ledger, BASELINE)
+    assert [(r.seed, r.disturbed is not None) for r in rows] == [(None, False), (1, False), (2, True), (3, False),
+                                                                 (2, False)]
+    assert ledger.nights()[0]["baseline_runs"] == 4
 
 
 def test_invalid_diff_is_fed_back_then_recorded_rejected(project):
@@ -262,7 +320,7 @@ def test_ctrl_c_cancels_the_running_experiment_and_records_it(project):
 
 
 def test_resume_after_a_kill_reruns_the_experiment_in_flight_exactly_once(project, monkeypatch):
-    # night 1 dies in phase 2 of its second experiment
+    # night 1 dies in phase 2 of its first experiment, with the next one already prepared
     agent = ScriptedAgent(change(LR=0.2), change(LR=0.3))
     killer = FakeBackend(kill_at=("e0005", Phase.EVAL))
     night, ledger = make_night(project, agent, killer, max_experiments=2)
@@ -271,9 +329,9 @@ def test_resume_after_a_kill_reruns_the_experiment_in_flight_exactly_once(projec
     night.run()
     assert died == [SimulatedKill]
     ledger.close()
-    assert Ledger(night.settings.run_dir / "ledger.sqlite").get("e0005").status == "evaluating"
-    # ... and a proposal was recorded but not yet built when it died
     ledger = Ledger(night.settings.run_dir / "ledger.sqlite")
+    assert (ledger.get("e0005").status, ledger.get("e0006").status) == ("evaluating", "built")
+    # ... and a proposal was recorded but not yet built when it died
     built = change(LR=0.15)(agent.contexts[0])
     orphan = ledger.add(kind=EXPERIMENT, status="proposed", parent_id="e0001", diff=built.diff, description="orphan")
     (night.settings.run_dir / orphan.id / "train.py").parent.mkdir()
@@ -286,35 +344,36 @@ def test_resume_after_a_kill_reruns_the_experiment_in_flight_exactly_once(projec
     night2.run()
     trained = collections.Counter(exp for exp, phase, _ in backend.runs if phase is Phase.TRAIN)
     assert not any(r.id in trained for r in experiments(ledger, BASELINE))  # baseline not repeated
-    assert trained == {"e0005": 1, orphan.id: 1, "e0007": 1}
-    assert set(backend.builds) == {"e0005", orphan.id, "e0007"}
-    assert ledger.unfinished() == []
+    assert set(trained.values()) == {1}  # every owed run once, none twice
     rows = {r.id: r for r in experiments(ledger)}
-    assert (rows["e0005"].status, rows["e0005"].decision) == ("done", "keep")
-    assert (rows[orphan.id].status, rows[orphan.id].decision) == ("done", "discard")  # 0.85 vs best 0.8
-    assert rows["e0007"].parent_id == "e0005"  # the resumed keep became the parent
+    assert set(rows) == {"e0005", "e0006", orphan.id, max(rows)} and len(rows) == 4
+    assert {"e0005", "e0006", orphan.id, max(rows)} <= set(trained)
+    assert ledger.unfinished() == [] and ledger.undecided() == []
+    assert (rows["e0005"].decision, rows["e0006"].decision) == ("keep", "keep")  # 0.8 then 0.7
+    assert (rows[orphan.id].decision, rows[orphan.id].estimate["runs"]) == ("discard", 1)  # 0.85: one run
+    assert rows[max(rows)].parent_id == "e0006"  # the resumed keep became the parent
     assert len(ledger.nights()) == 2
 
 
 def test_a_confirmation_killed_in_flight_is_run_again_and_then_decides(project, monkeypatch):
-    rule = Rule(k=2, min_delta=0.001, confirm=True)
     died = []
     monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_type))
-    night, ledger = make_night(project, ScriptedAgent(change(LR=0.2)), FakeBackend(kill_at=("e0005", Phase.TRAIN)),
-                               rule=rule)
+    agent = ScriptedAgent(change(LR=0.2))
+    night, ledger = make_night(project, agent, FakeBackend(kill_at=("e0006", Phase.TRAIN)))
     night.run()
     assert died == [SimulatedKill]
-    assert (ledger.get("e0004").decision, ledger.get("e0005").kind, ledger.get("e0005").status) == \
+    assert (ledger.get("e0005").decision, ledger.get("e0006").kind, ledger.get("e0006").status) == \
         (None, "confirm", "training")
     ledger.close()
 
     backend = FakeBackend()
-    night2, ledger = make_night(project, ScriptedAgent(change(LR=0.3)), backend, rule=rule)
+    night2, ledger = make_night(project, ScriptedAgent(change(LR=0.3)), backend)
     night2.run()
-    assert [(exp, phase) for exp, phase, _ in backend.runs[:2]] == [("e0005", Phase.TRAIN), ("e0005", Phase.EVAL)]
-    assert sum(exp == "e0005" for exp, _, _ in backend.runs) == 2  # once per phase, once only
-    candidate = ledger.get("e0004")
+    assert [(exp, phase) for exp, phase, _ in backend.runs[:2]] == [("e0006", Phase.TRAIN), ("e0006", Phase.EVAL)]
+    assert sum(exp == "e0006" for exp, _, _ in backend.runs) == 2  # once per phase, once only
+    candidate = ledger.get("e0005")
     assert (candidate.decision, candidate.decision_value) == ("keep", pytest.approx(0.8005))
+    assert [c.id for c in ledger.confirmations_of("e0005")] == ["e0006"]  # no second confirmation for seed 1
     assert ledger.unfinished() == [] and ledger.undecided() == []
 
 
@@ -322,7 +381,7 @@ def test_after_the_deadline_the_baseline_still_completes_but_no_experiment_start
     agent = ScriptedAgent(change(LR=0.2))
     night, ledger = make_night(project, agent, FakeBackend(), max_experiments=None, hours=1e-9)
     assert night.run() == "hours"
-    assert [r.status for r in experiments(ledger, BASELINE)] == ["done"] * 3
+    assert [r.status for r in experiments(ledger, BASELINE)] == ["done"] * 4
     assert experiments(ledger) == [] and agent.contexts == []
 
 
@@ -337,7 +396,7 @@ def test_workers_never_share_a_gpu_and_a_failing_gpu_leaves_rotation(project):
     assert {s.name: s.retired for s in night.slots} == {"gpu0": False, "gpu1": True, "gpu2": False}
     assert sum(gpu == "GPU-bad" for _, _, gpu in backend.runs) == 2  # two strikes, then out
     rows = ledger.experiments()
-    assert [r.status for r in rows] == ["done"] * 11  # nothing lost: requeued runs finished elsewhere
+    assert len(experiments(ledger)) == 8 and {r.status for r in rows} == {"done"}  # nothing lost: requeued runs finished elsewhere
     assert {r.gpu_uuid for r in rows} <= {"GPU-a", "GPU-c"}
     assert {r.gpu_name for r in rows} == {"Fake H100"}
 
@@ -349,19 +408,14 @@ def test_all_gpus_failing_ends_the_night_with_one_sentence(project):
         night.run()
 
 
-def test_a_confirmed_keep_is_credited_with_the_mean_and_luck_is_exposed(project):
-    agent = ScriptedAgent(change(LR=0.2), change(LUCK=0.15))
-    night, ledger = make_night(project, agent, FakeBackend(), max_experiments=2,
-                               rule=Rule(k=2, min_delta=0.001, confirm=True))
+def test_luck_under_one_seed_is_exposed_by_the_next(project):
+    agent = ScriptedAgent(change(LUCK=0.15))
+    night, ledger = make_night(project, agent, FakeBackend())
     night.run()
-    real, lucky = experiments(ledger)
-    confirms = {r.target_id: r for r in experiments(ledger, CONFIRM)}
-    assert (real.decision, real.decision_value) == ("keep", pytest.approx(0.8005))  # mean of 0.8 and 0.801
-    assert (confirms[real.id].seed, confirms[real.id].val_bpb, confirms[real.id].decision) == (1, 0.801, None)
-    # 0.75 under the default seed, 0.9 under another: the confirmation does not beat the best
-    assert (lucky.val_bpb, lucky.decision) == (0.75, "discard")
-    assert confirms[lucky.id].val_bpb == 0.901
-    assert night.best.exp_id == real.id
+    (lucky,) = experiments(ledger)
+    # 0.75 under the default seed, 0.901 under the next: the mean's gain is inside the noise
+    assert runs_of(ledger, lucky)[:2] == [(None, 0.75), (1, pytest.approx(0.901))]
+    assert lucky.decision == "discard" and night.best.exp_id == "e0001"
 
 
 def test_an_agent_error_is_waited_out_and_the_night_goes_on(project, monkeypatch):
@@ -427,7 +481,9 @@ def test_check_diff_reports_ok_or_the_reason(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--baseline-runs", "0"], "--baseline-runs must be at least 1"),
+    (["--baseline-runs", "1"], "--baseline-runs must be at least 2"),
+    (["--alpha", "0"], "--alpha must be between 0 and 1"),
+    (["--max-runs", "1"], "--max-runs must be at least 2"),
     (["--gpus", "7"], "--gpus asks for GPU 7"),
     (["--source", "nowhere"], "unknown data source 'nowhere'"),
     (["--tag", "a/b"], "--tag must be a plain name"),
@@ -450,8 +506,8 @@ def test_events_go_to_the_json_lines_file_and_concisely_to_the_console(project):
     names = [e["event"] for e in events]
     assert names[0] == "night.start" and names[-1] == "night.end"
     decided = next(e for e in events if e["event"] == "experiment.decided")
-    assert (decided["exp"], decided["decision"], decided["level"]) == ("e0004", "keep", "info") and decided["timestamp"]
-    assert "experiment.decided exp=e0004 decision=keep" in screen.getvalue()
+    assert (decided["exp"], decided["decision"], decided["level"]) == ("e0005", "keep", "info") and decided["timestamp"]
+    assert "experiment.decided exp=e0005 decision=keep" in screen.getvalue()
     assert structlog.get_config()["processors"] != []  # back to the defaults after the block
 
 

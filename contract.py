@@ -52,6 +52,12 @@ PROFILES = {
     "cpu": Profile(max_seq_len=256, time_budget=60.0, eval_tokens=2**15, eval_batch=16),
 }
 
+# On the CPU profile the training budget is CPU time: the harness counts its process's CPU
+# seconds divided by the threads it runs (this variable; the host sets it, default: the
+# machine's cores), and the host meters the run's processes against the same figure. Other
+# load on the machine then stretches a run in wall time instead of cutting its training short.
+CPU_THREADS_ENV = "AR_CPU_THREADS"
+
 # -- how a phase ends ----------------------------------------------------------------------
 
 EXIT_CRASH, EXIT_EXPORT_FAILED, EXIT_PROBE_FAILED, EXIT_GPU_OOM = 2, 3, 4, 5

@@ -57,6 +57,7 @@ PHASE = os.environ.get("AR_PHASE", "")  # "train" or "eval" inside the sandbox; 
 SEED = int(os.environ.get("AR_SEED", "42"))  # owned by the harness, so a seed change is never "research"
 DETERMINISTIC = os.environ.get("AR_DETERMINISTIC") == "1"
 DEVICE = torch.device("cuda" if PROFILE == "gpu" else "cpu")
+CPU_THREADS = int(os.environ.get(contract.CPU_THREADS_ENV) or os.cpu_count() or 1)  # CPU profile (contract.py)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # bf16 dense
 PROBE_TOLERANCE = 1e-4  # largest change (nats) of a probed log-probability allowed
 PROBES_PER_BATCH = 4  # probe batches checked against every scored batch
@@ -89,6 +90,8 @@ def _configure_runtime() -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(CPU_THREADS)
     _soft_gpu_cap()
     sys.excepthook = _exit_on_gpu_oom
 
@@ -228,6 +231,14 @@ def make_dataloader(batch_size: int, seq_len: int = MAX_SEQ_LEN, split: str = "t
     return DataLoader(batch_size, seq_len, split)
 
 
+def _budget_clock() -> float:
+    """Seconds as the budget counts them: wall time on a GPU; on the CPU, this process's CPU time
+    per thread it runs (contract.CPU_THREADS_ENV), which other load on the machine does not eat."""
+    if DEVICE.type == "cuda":
+        return time.perf_counter()
+    return time.process_time() / CPU_THREADS
+
+
 class Budget:
     """The training time budget: `progress` drives the schedule, `done` ends the loop.
 
@@ -249,7 +260,7 @@ class Budget:
         self.progress_log: list[float] = []
         replay = os.environ.get("AR_REPLAY")
         self.replay = json.loads(Path(replay).read_text()) if replay else None
-        self._last = time.perf_counter()
+        self._last = _budget_clock()
         self.first_step_at: float | None = None  # time.time() when the first timed step began
 
     @property
@@ -270,7 +281,7 @@ class Budget:
         self.progress_log.append(self.progress)
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
-        now = time.perf_counter()
+        now = _budget_clock()
         dt, self._last = now - self._last, now
         self.step_count += 1
         self.step_seconds.append(dt)

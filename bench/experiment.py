@@ -1,7 +1,7 @@
 """One complete experiment through the real sandbox, and where its wall time goes.
 
     uv run python bench/experiment.py [--sandbox auto] [--budget 60] [--source offline] [--repeat 1] [--gpu auto]
-                                      [--gpu-memory-cap GIB] [--train-py PATH] [--measure-allowance]
+                                      [--gpu-memory-cap GIB] [--train-py PATH] [--measure-allowance] [--load N]
 
 Builds the experiment image from the repository's train.py (or --train-py), runs
 phase 1 (training + export) and phase 2 (evaluation) and prints val_bpb,
@@ -10,12 +10,15 @@ account (GPU-busy seconds before and after the budget) and the total wall time.
 With `--gpu auto` the first GPU found through NVML runs the GPU profile; with
 `--measure-allowance` the runs after the first use allowances measured on it, as a
 night does after its baseline. Figures marked (reported) come from train.py itself.
+With `--load N` every second run has N busy processes beside it, to show how much other
+load on the machine moves the step count of identical code (the CPU budget's clock).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +55,7 @@ def main() -> int:
     parser.add_argument("--train-py", type=Path, action="append",
                         help="the train.py to run (default: the repository's); given several times, run i uses the i-th")
     parser.add_argument("--measure-allowance", action="store_true")
+    parser.add_argument("--load", type=int, default=0, help="busy processes beside every second run")
     parser.add_argument("--keep", type=Path, default=None, help="keep each run's directory under this folder")
     args = parser.parse_args()
     cache = args.cache or cache_dir()
@@ -73,14 +77,20 @@ def main() -> int:
             build_s = time.monotonic() - t0
             spec = ExperimentSpec(exp_id=f"bench{i}", image=image, data_dir=cache / args.source, run_dir=run_dir,
                                   time_budget=args.budget, gpu_uuid=gpu, limits=limits, allowance=allowance)
-            outcome = run_experiment(backend, spec)
+            loaded = bool(args.load) and i % 2 == 1
+            load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load if loaded else 0)]
+            try:
+                outcome = run_experiment(backend, spec)
+            finally:
+                for process in load:
+                    process.kill()
             total = time.monotonic() - t0
             backend.remove_image(image)
         if args.measure_allowance and allowance is None and outcome.train.budget:
             allowance = Allowance.measured_from([outcome.train.budget], "gpu" if gpu else "cpu")
             print(f"allowance measured on run {i}: {allowance}")
         m = {**outcome.reported, **outcome.metrics}
-        row = {"status": outcome.status, "val_bpb": outcome.val_bpb, "image_build_s": build_s,
+        row = {"load": args.load if loaded else 0, "status": outcome.status, "val_bpb": outcome.val_bpb, "image_build_s": build_s,
                "phase1_s": outcome.phase_seconds.get("train", 0.0), "training_s": m.get("training_seconds", 0.0),
                "phase2_s": outcome.phase_seconds.get("eval", 0.0), "total_s": total, "num_steps": m.get("num_steps", 0),
                "mfu_percent": m.get("mfu_percent", 0.0), "tokens_per_second": m.get("tokens_per_second", 0.0),
@@ -96,6 +106,11 @@ def main() -> int:
     if len(rows) > 1:
         for key in ("total_s", "phase1_s", "phase2_s", "image_build_s"):
             print(f"median {key}: {statistics.median(r[key] for r in rows):.2f}")
+    if args.load and len(rows) > 1:
+        steps = {loaded: [r["num_steps"] for r in rows if bool(r["load"]) == loaded] for loaded in (False, True)}
+        idle, busy = statistics.median(steps[False]), statistics.median(steps[True])
+        print(f"steps without load {steps[False]}, with {args.load} busy processes {steps[True]}: "
+              f"medians differ by {100 * (busy - idle) / idle:+.1f} %")
     overhead = [r["total_s"] - r["training_s"] for r in rows]
     print(f"seconds per experiment: {statistics.median(r['total_s'] for r in rows):.1f} "
           f"(of which outside training: {statistics.median(overhead):.1f})")

@@ -8,7 +8,10 @@ so the host keeps its own account of phase 1:
   start within the start-up allowance.
 - **budget**: from that moment the process has the budget plus the export allowance to exit;
   then the host kills it. Announcing late only moves time into start-up (bounded above);
-  announcing early only shortens the run.
+  announcing early only shortens the run. On the CPU profile the budget is CPU time
+  (`cpu_threads` × the budget's seconds of the run's processes, as the harness counts its
+  own), so other load on the machine stretches the run instead of shortening its
+  training; the wall clock then only bounds liveness (CPU_WALL_STRETCH).
 - **compute outside the budget**: the busy seconds of the run's GPU (NVML utilisation)
   or, on the CPU profile, the CPU seconds of the run's processes (the kernel's
   accounting, which other load on the machine does not inflate) before the
@@ -38,6 +41,7 @@ COMPUTE_MARGIN, MIN_COMPUTE_S = 1.5, 3.0  # compute allowances: the measured fig
 # taken for a cheat. It is also the slack a cheat has: 5 % of the budget's compute.
 SCALE_SHARE = 0.05
 REPLAY_STRETCH = 1.25  # a replayed rerun stops at the recorded step count, which may take a little longer
+CPU_WALL_STRETCH = 4.0  # CPU profile: the wall time a budget of CPU time may take on a loaded machine
 
 
 @dataclass(frozen=True)
@@ -86,10 +90,20 @@ class BudgetRule:
     budget_s: float
     allowance: Allowance
     replay: bool = False  # rerun --exact: the budget ends at a recorded step, not at a time
+    cpu_threads: int | None = None  # CPU profile: the budget is CPU time of this many threads
 
     @property
     def budget_wall_s(self) -> float:
-        return self.budget_s * (REPLAY_STRETCH if self.replay else 1.0)
+        """How long the budget may last by the wall clock (on the CPU profile only a liveness bound)."""
+        stretch = (REPLAY_STRETCH if self.replay else 1.0) * (CPU_WALL_STRETCH if self.cpu_threads else 1.0)
+        return self.budget_s * stretch
+
+    @property
+    def budget_cpu_s(self) -> float | None:
+        """CPU profile: the CPU seconds of the budget."""
+        if not self.cpu_threads:
+            return None
+        return self.budget_s * self.cpu_threads * (REPLAY_STRETCH if self.replay else 1.0)
 
 
 class Account:
@@ -99,6 +113,7 @@ class Account:
         self.rule = rule
         self.process_started = time.monotonic() if started is None else started
         self.budget_started: float | None = None
+        self.budget_ended: float | None = None  # CPU profile: when the budget's CPU time was used up
         self.exited: float | None = None
         self.busy = {"before": 0.0, "during": 0.0, "after": 0.0}  # GPU-busy seconds
         self.cpu = {"before": 0.0, "during": 0.0, "after": 0.0}  # CPU seconds of the run's processes
@@ -111,12 +126,20 @@ class Account:
         if self.budget_started is None and line.strip() == BUDGET_START_MARK:
             self.budget_started = time.monotonic()
 
+    def _budget_end(self) -> float | None:
+        """When the budget ends (or ended) on the host's clock; None before it started."""
+        if self.budget_started is None:
+            return None
+        if self.budget_ended is not None:
+            return self.budget_ended
+        return self.budget_started + self.rule.budget_wall_s
+
     def _spread(self, amount: float, start: float, end: float, into: dict[str, float]) -> None:
         """Share `amount`, spent evenly over [start, end], among the periods before, during and after the budget."""
         if self.budget_started is None:
             into["before"] += amount
             return
-        edges = (self.budget_started, self.budget_started + self.rule.budget_wall_s)
+        edges = (self.budget_started, self._budget_end())
         windows = {"before": (-math.inf, edges[0]), "during": edges, "after": (edges[1], math.inf)}
         length = end - start
         for period, (low, high) in windows.items():
@@ -138,9 +161,19 @@ class Account:
         with self._lock:
             if self._cpu_total is not None and cpu_seconds > self._cpu_total:
                 self._spread(cpu_seconds - self._cpu_total, self._cpu_at, at, self.cpu)
+                self._end_cpu_budget(at)
             if self._cpu_total is None or cpu_seconds > self._cpu_total:
                 self._cpu_total = cpu_seconds
             self._cpu_at = at
+
+    def _end_cpu_budget(self, at: float) -> None:
+        """CPU profile: CPU time beyond the budget's counts as after it, and the budget has ended."""
+        budget = self.rule.budget_cpu_s
+        if budget is None or self.budget_ended is not None or self.cpu["during"] < budget:
+            return
+        self.cpu["after"] += self.cpu["during"] - budget
+        self.cpu["during"] = budget
+        self.budget_ended = at
 
     def overdue(self, now: float | None = None) -> str | None:
         """Why the run must be stopped now (it has had all the time the budget allows), or None."""
@@ -150,9 +183,10 @@ class Account:
             if now - self.process_started > allowance.startup_s:
                 return f"the training budget did not start within the start-up allowance of {allowance.startup_s:.0f} s"
             return None
-        end = self.budget_started + self.rule.budget_wall_s + allowance.export_s
-        if now > end:
-            return (f"still running {allowance.export_s:.0f} s after its {self.rule.budget_wall_s:g} s budget "
+        with self._lock:
+            end = self._budget_end()
+        if now > end + allowance.export_s:
+            return (f"still running {allowance.export_s:.0f} s after its {self.rule.budget_s:g} s budget ended "
                     "(training past the budget)")
         return None
 
@@ -179,7 +213,7 @@ class Account:
     def report(self) -> dict:
         """The figures an allowance is measured from (seconds; None where not seen)."""
         start, end = self.budget_started, self.exited
-        budget_end = None if start is None else start + self.rule.budget_wall_s
+        budget_end = self._budget_end()
         return {
             "budget_s": self.rule.budget_s,
             "started_after_s": None if start is None else start - self.process_started,

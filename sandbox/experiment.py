@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import shutil
 import time
@@ -57,9 +58,16 @@ class ExperimentSpec:
         return "gpu" if self.gpu_uuid else "cpu"
 
     @property
+    def cpu_threads(self) -> int | None:
+        """CPU profile: the threads the budget's CPU time is counted for (the CPU quota, else every core)."""
+        if self.profile == "gpu":
+            return None
+        return max(1, int(self.limits.cpus)) if self.limits.cpus else os.cpu_count() or 1
+
+    @property
     def budget_rule(self) -> BudgetRule:
         return BudgetRule(self.time_budget, self.allowance or Allowance.default(self.profile),
-                          replay=self.replay_trace is not None)
+                          replay=self.replay_trace is not None, cpu_threads=self.cpu_threads)
 
 
 @dataclass
@@ -110,6 +118,8 @@ def _env(spec: ExperimentSpec, phase: Phase, nonce: str) -> dict[str, str]:
         env.update(AR_DETERMINISTIC="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
     if spec.seed is not None:
         env["AR_SEED"] = str(spec.seed)
+    if spec.cpu_threads:  # threads that wait sleep, so waiting for a descheduled one costs no budget
+        env.update({contract.CPU_THREADS_ENV: str(spec.cpu_threads), "OMP_WAIT_POLICY": "PASSIVE"})
     if spec.replay_trace is not None and phase is Phase.TRAIN:
         env["AR_REPLAY"] = "/out/replay_trace.json"
     if spec.gpu_uuid and spec.limits.gpu_memory_bytes:

@@ -106,11 +106,18 @@ def test_dataloader_shapes(harness):
     assert torch.equal(x[:, 1:], y[:, :-1])
 
 
+def spin(seconds: float) -> None:
+    """Work on the CPU for `seconds` of this thread's CPU time (the CPU budget's clock)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
 def test_budget_record_and_replay(harness, tmp_path, monkeypatch):
     budget, seen = harness.Budget(seconds=0.3), []
     while not budget.done:
         seen.append(budget.progress)
-        time.sleep(0.01 * (1 + len(seen) % 3))
+        spin(0.01 * (1 + len(seen) % 3))
         budget.step(tokens=10)
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps(budget.trace()))
@@ -122,6 +129,19 @@ def test_budget_record_and_replay(harness, tmp_path, monkeypatch):
         replayed.append(replay.progress)
         replay.step(tokens=10)  # no sleeping: replay ignores the clock
     assert replayed == seen and replay.step_count == budget.step_count
+
+
+def test_on_the_cpu_the_budget_counts_cpu_time_per_thread_and_not_waiting(harness, monkeypatch):
+    monkeypatch.setattr(harness, "CPU_THREADS", 2)
+    budget = harness.Budget(seconds=0.2)  # 0.4 CPU seconds of two threads
+    for _ in range(harness.WARMUP_STEPS):
+        budget.step(tokens=1)
+    time.sleep(0.5)  # waiting (for a CPU another process holds) costs no budget
+    budget.step(tokens=1)
+    assert budget.training_seconds < 0.1 and not budget.done
+    spin(0.45)
+    budget.step(tokens=1)
+    assert budget.done and 0.2 <= budget.training_seconds < 0.3
 
 
 def test_bits_per_byte_of_a_uniform_model(harness, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 import contract
 from runner.settings import SettingsError, parse_gpu_memory_cap
-from sandbox.budget_guard import Account, Allowance, BudgetRule
+from sandbox.budget_guard import CPU_WALL_STRETCH, Account, Allowance, BudgetRule
 from sandbox.experiment import _phase_status, read_reported
 from sandbox.harness import HARNESS_FILES, harness_files
 from sandbox.images import base_tag
@@ -171,6 +171,30 @@ def test_cpu_time_outside_the_budget_is_over_budget_on_the_cpu_profile():
     start(spread, 1010.0)
     spread.on_cpu_total(20.0, at=1020.0)  # one sample across the budget's start: shared by time
     assert (spread.cpu["before"], spread.cpu["during"]) == (10.0, 10.0)
+
+
+def test_on_the_cpu_profile_the_budget_is_cpu_time_so_other_load_stretches_it():
+    acc = account(cpu_threads=2)  # a 100 s budget of two threads: 200 CPU seconds
+    start(acc, 1020.0)
+    acc.on_cpu_total(0.0, at=1020.0)
+    acc.on_cpu_total(100.0, at=1120.0)  # a loaded machine: half the CPU time in 100 wall seconds
+    assert acc.budget_ended is None and acc.overdue(now=1200.0) is None
+    acc.on_cpu_total(210.0, at=1230.0)  # its 200 CPU seconds are used up, 10 more after them
+    assert (acc.budget_ended, acc.cpu["during"], acc.cpu["after"]) == (1230.0, 200.0, 10.0)
+    acc.on_cpu_total(212.0, at=1235.0)  # export
+    assert acc.cpu["after"] == 12.0
+    assert acc.overdue(now=1239.0) is None  # the export allowance counts from the budget's end
+    assert "training past the budget" in acc.overdue(now=1241.0)
+    assert acc.finish(exited=1236.0) is None and acc.report()["exited_after_s"] == 6.0
+
+
+def test_a_cpu_budget_that_is_never_used_up_ends_at_the_wall_stretch():
+    acc = account(cpu_threads=2)
+    start(acc, 1020.0)
+    acc.on_cpu_total(0.0, at=1020.0)
+    acc.on_cpu_total(1.0, at=1400.0)  # asleep, or starved
+    assert acc.overdue(now=1020.0 + 100 * CPU_WALL_STRETCH + 9) is None
+    assert "training past the budget" in acc.overdue(now=1020.0 + 100 * CPU_WALL_STRETCH + 11)
 
 
 def test_a_larger_model_gets_room_for_its_warm_up_steps():

@@ -21,12 +21,14 @@ import pickle
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from contract import BOS, DATA_FILES, cache_dir
+from dataprep import near_duplicates
 from dataprep.errors import PrepareError
 from dataprep.sources import HF_BASE_URL, hf_docs, linux_source_docs, local_docs, offline_docs
 
@@ -61,39 +63,74 @@ def is_val(digest: bytes) -> bool:
 
 
 def spool_documents(docs: Iterable[tuple[str, str]], folder: Path) -> dict:
-    """Writes each distinct document once to folder/<split>.txt and returns their sizes, the
-    tokenizer sample (train documents with the smallest hash keys, up to TOKENIZER_SAMPLE_BYTES)
-    and the bytes per source group. Spooling keeps memory flat for corpora of gigabytes."""
+    """Writes each distinct document once to folder/<split>.txt and returns their sizes, the tokenizer
+    sample (train documents with the smallest hash keys, up to TOKENIZER_SAMPLE_BYTES), the bytes per
+    source and the near-duplicate figures. A group of near-duplicates goes to one split, picked by
+    one member's hash, so that no copy in train makes a val document easy. Pass 1 spools the
+    documents to disk while grouping them, which keeps memory flat for corpora of gigabytes."""
     seen: set[bytes] = set()
-    total = 0
-    sizes: dict[str, list[int]] = {"train": [], "val": []}
-    keys: list[tuple[bytes, int]] = []  # (sample key, index) of each train document
-    groups: dict[str, int] = {}
-    report = progress("reading")
-    with open(folder / "train.txt", "wb") as train, open(folder / "val.txt", "wb") as val:
-        for group, text in docs:
-            data = text.encode("utf-8")
-            digest = hashlib.sha256(data).digest()
-            if digest in seen or not text.strip():
-                continue
-            seen.add(digest)
-            split = "val" if is_val(digest) else "train"
-            if split == "train":
-                keys.append((digest[8:], len(sizes["train"])))
-            (val if split == "val" else train).write(data)
-            sizes[split].append(len(data))
-            groups[group] = groups.get(group, 0) + len(data)
-            total += len(data)
-            report(total, len(seen), "documents")
-    if not sizes["train"] or not sizes["val"]:
+    digests: list[bytes] = []
+    sizes: list[int] = []
+    sources: dict[str, int] = {}
+
+    def distinct() -> Iterator[str]:
+        report, total = progress("reading"), 0
+        with open(folder / "all.txt", "wb") as spool:
+            for source, text in docs:
+                data = text.encode("utf-8")
+                digest = hashlib.sha256(data).digest()
+                if digest in seen or not text.strip():
+                    continue
+                seen.add(digest)
+                spool.write(data)
+                digests.append(digest)
+                sizes.append(len(data))
+                sources[source] = sources.get(source, 0) + len(data)
+                total += len(data)
+                report(total, len(seen), "documents")
+                yield text
+
+    labels = near_duplicates.groups(distinct())
+    # A group's split is picked by its digest with the smallest tail: is_val reads the head, and the
+    # smallest head would be held out the more often the larger its group.
+    chosen: dict[int, bytes] = {}
+    for label, digest in zip(labels, digests):
+        chosen[label] = min(chosen.get(label, digest), digest, key=lambda d: d[8:])
+    held_out = [is_val(chosen[label]) for label in labels]
+    split_sizes = write_splits(folder, digests, sizes, held_out)
+    if not split_sizes["train"] or not split_sizes["val"]:
         raise PrepareError(f"the source gave {len(seen)} distinct documents, too few to hold some out for validation")
+    train = sorted(digest for digest, val in zip(digests, held_out) if not val)  # as write_splits wrote them
     sample, sample_bytes = set(), 0
-    for _, index in sorted(keys):
+    for _, index in sorted((digest[8:], index) for index, digest in enumerate(train)):
         if sample_bytes >= TOKENIZER_SAMPLE_BYTES:
             break
         sample.add(index)
-        sample_bytes += sizes["train"][index]
-    return {"sizes": sizes, "sample": sample, "groups": groups}
+        sample_bytes += split_sizes["train"][index]
+    grouped = [count for count in Counter(labels).values() if count > 1]
+    near = {"groups": len(grouped), "documents_in_groups": sum(grouped), "largest": max(grouped, default=1),
+            "moved": sum(val != is_val(digest) for val, digest in zip(held_out, digests)),
+            "threshold": near_duplicates.THRESHOLD, "num_perm": near_duplicates.NUM_PERM}
+    return {"sizes": split_sizes, "sample": sample, "sources": sources, "near_duplicates": near}
+
+
+def write_splits(folder: Path, digests: list[bytes], sizes: list[int], held_out: list[bool]) -> dict[str, list[int]]:
+    """Pass 2: moves the documents from folder/all.txt to folder/<split>.txt in order of hash, so that
+    the token files do not depend on the order of the input, and returns the sizes per split."""
+    offsets = np.cumsum([0, *sizes]).tolist()
+    split_sizes: dict[str, list[int]] = {"train": [], "val": []}
+    report, written = progress("splitting", offsets[-1]), 0
+    with (open(folder / "all.txt", "rb") as spool, open(folder / "train.txt", "wb") as train,
+          open(folder / "val.txt", "wb") as val):
+        for done, index in enumerate(sorted(range(len(digests)), key=digests.__getitem__), 1):
+            split = "val" if held_out[index] else "train"
+            spool.seek(offsets[index])
+            (val if split == "val" else train).write(spool.read(sizes[index]))
+            split_sizes[split].append(sizes[index])
+            written += sizes[index]
+            report(written, done, "documents")
+    (folder / "all.txt").unlink()
+    return split_sizes
 
 
 def spooled(folder: Path, split: str, sizes: list[int], keep: set[int] | None = None) -> Iterator[str]:
@@ -226,8 +263,12 @@ def build(docs: Iterable[tuple[str, str]], data_dir: Path, source: str, vocab_si
     spool.mkdir(parents=True)
     try:
         corpus = spool_documents(docs, spool)
-        for group, nbytes in corpus["groups"].items():
-            print(f"  {group}: {nbytes / 1e6:.1f} MB", flush=True)
+        for source, nbytes in corpus["sources"].items():
+            print(f"  {source}: {nbytes / 1e6:.1f} MB", flush=True)
+        near = corpus["near_duplicates"]
+        print(f"  near-duplicates: {near['groups']:,} groups of 2 or more hold {near['documents_in_groups']:,} "
+              f"documents (largest {near['largest']:,}); {near['moved']:,} changed split as a group "
+              f"(Jaccard >= {near['threshold']} over {near['num_perm']} MinHash values)", flush=True)
         tokenizer_start = time.time()
         sample = spooled(spool, "train", corpus["sizes"]["train"], corpus["sample"])
         enc = train_tokenizer(sample, vocab_size, work / "tokenizer")
@@ -235,7 +276,7 @@ def build(docs: Iterable[tuple[str, str]], data_dir: Path, source: str, vocab_si
         stats = {split: tokenize_split(enc, spool, split, sizes, work / split)
                  for split, sizes in corpus["sizes"].items()}
         shutil.rmtree(spool)
-        stats |= {"sources": corpus["groups"], "seconds": round(time.time() - start, 1)}
+        stats |= {"sources": corpus["sources"], "near_duplicates": near, "seconds": round(time.time() - start, 1)}
         manifest = write_manifest(work, source, vocab_size, stats)
         old = data_dir.with_name(f".{data_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -9,11 +9,14 @@ import json
 import os
 import pickle
 import random
+import re
+import string
 import struct
 import subprocess
 import sys
 import threading
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ import pytest
 import tiktoken
 
 import contract
-from dataprep import build as builder, formats, sources
+from dataprep import build as builder, formats, near_duplicates, sources
 from tests.corpus import document, write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +91,102 @@ def test_gutenberg_header_and_licence_are_stripped():
     assert formats.strip_gutenberg("No markers here.") == "No markers here."
 
 
+# ---- near-duplicates: one split per group ----------------------------------------------------------
+
+WORDS = ["".join(random.Random(i).choices(string.ascii_lowercase, k=3 + i % 7)) for i in range(3000)]
+
+
+def prose(rng: random.Random, n_words: int = 350) -> str:
+    """About 2 KB of random words in lines of twelve."""
+    words = [rng.choice(WORDS) for _ in range(n_words)]
+    return "\n".join(" ".join(words[i : i + 12]) + "." for i in range(0, n_words, 12))
+
+
+def edited(rng: random.Random, text: str) -> str:
+    """The text with a few of its words replaced."""
+    words = text.split(" ")
+    for i in rng.sample(range(len(words)), rng.randint(2, 5)):
+        words[i] = rng.choice(WORDS)
+    return " ".join(words)
+
+
+def driver(rng: random.Random) -> str:
+    """A C file of register accessors for one chip, as the kernel's drivers hold many."""
+    chip = rng.choice(WORDS)
+    return "\n\n".join(f"static int {chip}_{name}(struct {chip}_device *dev, u32 value)\n{{\n"
+                        f"\treturn {chip}_write(dev, 0x{rng.randrange(4096):03x}, value << {rng.randrange(32)});\n}}"
+                        for name in rng.sample(WORDS, 30))
+
+
+def renamed(rng: random.Random, code: str) -> str:
+    """The code with the identifiers of three lines renamed, as in a copy for another chip."""
+    lines = code.split("\n")
+    for i in rng.sample([i for i, line in enumerate(lines) if "_" in line], 3):
+        lines[i] = re.sub(r"\w+_\w+", lambda _: f"{rng.choice(WORDS)}_{rng.choice(WORDS)}", lines[i])
+    return "\n".join(lines)
+
+
+def near_copy_corpus(seed: int) -> tuple[list[tuple[str, str]], list[list[str]]]:
+    """(documents, families): 300 unrelated texts and 100 unrelated drivers, plus 30 texts and
+    10 drivers with two near-copies each, shuffled."""
+    rng = random.Random(seed)
+    families = [[text, edited(rng, text), edited(rng, text)] for text in (prose(rng) for _ in range(30))]
+    families += [[code, renamed(rng, code), renamed(rng, code)] for code in (driver(rng) for _ in range(10))]
+    texts = [prose(rng) for _ in range(300)] + [driver(rng) for _ in range(100)] + [t for f in families for t in f]
+    rng.shuffle(texts)
+    return [("local", text) for text in texts], families
+
+
+def digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+def test_near_copies_land_in_one_split(tmp_path):
+    split_by_their_own_hashes = held_out = 0
+    for seed in range(5):
+        docs, families = near_copy_corpus(seed)
+        folder = tmp_path / str(seed)
+        folder.mkdir()
+        corpus = builder.spool_documents(docs, folder)
+        split_of = {text: split for split, sizes in corpus["sizes"].items()
+                    for text in builder.spooled(folder, split, sizes)}
+        assert set(split_of) == {text for _, text in docs} and len(split_of) == len(docs)
+        moved = 0
+        for family in families:
+            assert len({split_of[text] for text in family}) == 1
+            held_out += split_of[family[0]] == "val"
+            split_by_their_own_hashes += len({builder.is_val(digest(text)) for text in family}) > 1
+            moved += sum(builder.is_val(digest(text)) != (split_of[text] == "val") for text in family)
+        assert corpus["near_duplicates"] == {
+            "groups": len(families), "documents_in_groups": 3 * len(families), "largest": 3, "moved": moved,
+            "threshold": near_duplicates.THRESHOLD, "num_perm": near_duplicates.NUM_PERM}
+    assert split_by_their_own_hashes >= 10  # the old per-document rule would have split these families
+    assert held_out < 2 * builder.VAL_FRACTION * 5 * len(families)  # not 1 - 0.95³ as by the smallest hash
+
+
+def test_unrelated_documents_stay_apart():
+    rng = random.Random(0)
+    texts = ([document(rng, i) for i in range(1500)] + [prose(rng, rng.randint(5, 400)) for _ in range(1000)]
+             + [driver(rng) for _ in range(500)])
+    labels = near_duplicates.groups(texts)
+    assert len(labels) == len(texts)
+    assert sum(count for count in Counter(labels).values() if count > 1) < 0.01 * len(texts)
+
+
+def test_shingles_ignore_case_and_layout():
+    assert near_duplicates.shingles("Hello,  world") == near_duplicates.shingles("hello world") == [b"hello world"]
+    assert sorted(near_duplicates.shingles("a b c d e f")) == [b"a b c d e", b"b c d e f"]
+    assert near_duplicates.shingles("def f(x):\n    return x") == near_duplicates.shingles("def f(x): return x")
+
+
+def test_shuffled_input_gives_the_same_split_and_hash(cache):
+    docs, _ = near_copy_corpus(0)
+    shuffled = random.Random(1).sample(docs, len(docs))
+    first, second = (builder.build(d, cache / name, "local", VOCAB) for d, name in ((docs, "a"), (shuffled, "b")))
+    assert first["hash"] == second["hash"] and first["stats"]["val"] == second["stats"]["val"]
+    assert first["stats"]["near_duplicates"] == second["stats"]["near_duplicates"]
+
+
 # ---- tokenizer and token files -----------------------------------------------------------------
 
 
@@ -113,8 +212,9 @@ def test_token_files_hold_every_document_once_each_starting_with_bos(built):
         assert np.load(data / split / "docs.npy").dtype == np.int64
     originals = sorted(p.read_text().strip("\n") for p in corpus.glob("*.txt"))  # short files: one document each
     assert sorted(texts["train"] + texts["val"]) == originals
-    assert all(builder.is_val(hashlib.sha256(t.encode()).digest()) for t in texts["val"])
     stats = builder.read_manifest(data)["stats"]
+    assert stats["near_duplicates"]["groups"] == 0  # so each document's own hash decides its split
+    assert all(builder.is_val(hashlib.sha256(t.encode()).digest()) for t in texts["val"])
     assert stats["val"]["docs"] == len(texts["val"]) > 0 and stats["train"]["docs"] == len(texts["train"])
     assert stats["train"]["tokens"] == os.path.getsize(data / "train/tokens.bin") // 2
 

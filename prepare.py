@@ -8,10 +8,10 @@ The agent never edits this file; it is baked read-only into every experiment ima
      model with torch.export;
   3. phase 2, `python prepare.py evaluate`: load the exported program without running
      any code from the archive, refuse programs that keep state or reach outside
-     their tensors, score val_bpb from the model's own logits, and probe every
-     scored batch at positions and rows drawn from fresh entropy (a model that
-     knows this file cannot know where it is probed). It prints one result line
-     that only it can sign (contract.py).
+     their tensors, score val_bpb from the model's own logits, and probe scored
+     batches, positions and rows drawn from fresh entropy (a model that knows this
+     file cannot know where it is probed). It prints one result line that only it
+     can sign (contract.py).
 Building the data is not the harness's job: `python prepare.py --source ...` hands over
 to the host-only package `dataprep`, which never enters an image.
 """
@@ -60,7 +60,8 @@ DEVICE = torch.device("cuda" if PROFILE == "gpu" else "cpu")
 CPU_THREADS = int(os.environ.get(contract.CPU_THREADS_ENV) or os.cpu_count() or 1)  # CPU profile (contract.py)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # bf16 dense
 PROBE_TOLERANCE = 1e-4  # largest change (nats) of a probed log-probability allowed
-PROBES_PER_BATCH = 4  # probe batches checked against every scored batch
+PROBES_PER_BATCH = 4  # probe batches checked against every probed scored batch
+PROBED_BATCHES = 16  # scored batches that are probed, drawn from fresh entropy (all of them when fewer)
 _START = time.time()  # the harness is imported first: total_seconds counts from here
 _STATS = {"data_wait": 0.0}
 
@@ -470,16 +471,18 @@ def _logits(model, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class Probe:
-    """Checks, on every scored batch, that a row's logits depend on nothing but its own past.
+    """Checks, on PROBED_BATCHES scored batches, that a row's logits depend on nothing but its own past.
 
-    Around the scored call, PROBES_PER_BATCH probe batches are built from it with draws
+    Which batches are probed is drawn from fresh entropy; a model cannot keep state
+    between calls (phase 2 refuses programs that could), so it cannot tell a probed
+    batch from another. Around the scored call, PROBES_PER_BATCH probe batches are built from it with draws
     from fresh entropy: each row is either *causal* (it keeps its tokens up to a random
     cut and gets another real text after it: its logits up to the cut must not move) or
     *replaced* (swapped for another real row). Every compared logit must stay where the
     scored call put it, which catches looking ahead at the cut and reading other rows.
     The scored call's place among the calls is drawn too, so call order tells a model
     nothing. A model that looks ahead at a share f of positions escapes one probed row
-    with probability 1 - f, and every scored batch probes about 3/4 of its rows PROBES_PER_BATCH times.
+    with probability 1 - f, and every probed batch probes about 3/4 of its rows PROBES_PER_BATCH times.
     """
 
     def __init__(self, seed: int, vocab_size: int):
@@ -487,6 +490,10 @@ class Probe:
         self.rows = 0
         self.max_change = 0.0
         self._generator = torch.Generator().manual_seed(seed)
+
+    def choose(self, n_batches: int) -> set[int]:
+        """The scored batches to probe."""
+        return set(torch.randperm(n_batches, generator=self._generator)[:PROBED_BATCHES].tolist())
 
     def _variant(self, x: torch.Tensor, donors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A probe batch built from x and real rows, and the mask of logits that must not move."""
@@ -553,12 +560,14 @@ def evaluate(model_path: Path) -> dict:
     rows = _packed_rows("val", MAX_SEQ_LEN + 1, seed=0)  # fixed order: every experiment sees the same tokens
     n_batches = max(1, EVAL_TOKENS // (EVAL_BATCH * MAX_SEQ_LEN))
     batches = [torch.from_numpy(np.stack([next(rows) for _ in range(EVAL_BATCH)])) for _ in range(n_batches)]
-    donors = [torch.from_numpy(np.stack([next(rows) for _ in range(EVAL_BATCH)]))[:, :-1] for _ in range(n_batches)]
     probe = Probe(secrets.randbits(63), tokenizer.vocab_size)
+    probed = probe.choose(n_batches)
+    donors = {i: torch.from_numpy(np.stack([next(rows) for _ in range(EVAL_BATCH)]))[:, :-1] for i in sorted(probed)}
     nats, nbytes, first_losses = 0.0, 0, None
-    for batch, donor in zip(batches, donors):
+    for i, batch in enumerate(batches):
         x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
-        losses = _token_losses(probe.scored_logits(model, x, donor), y)
+        logits = probe.scored_logits(model, x, donors[i]) if i in probed else _logits(model, x, tokenizer.vocab_size)
+        losses = _token_losses(logits, y)
         weights = token_bytes[y.reshape(-1)]
         nats += float((losses * (weights > 0)).sum())
         nbytes += int(weights.sum())

@@ -190,6 +190,12 @@ def test_a_huge_constant_logit_cannot_hide_a_look_ahead(harness):
         harness.Probe(seed=3, vocab_size=vocab).scored_logits(Offset(vocab), x, donors)
 
 
+def test_the_probed_batches_are_drawn_afresh_and_all_when_few(harness):
+    a, b = harness.Probe(1, 10).choose(100), harness.Probe(2, 10).choose(100)
+    assert len(a) == len(b) == harness.PROBED_BATCHES and a != b and max(a | b) < 100
+    assert harness.Probe(3, 10).choose(5) == set(range(5))
+
+
 def test_probe_positions_come_from_fresh_entropy(harness):
     """Two evaluations of the same model draw different probes: nothing about them is fixed in the code."""
     vocab = harness.get_tokenizer().vocab_size

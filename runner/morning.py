@@ -1,4 +1,4 @@
-"""The morning commands: status, list, show, review, rerun, plot, export, report.
+"""The morning commands: status, list, show, review, rerun, verify, plot, export, report.
 
 Each command finds the night (`--runs-dir`, `--tag`; the latest night by default),
 opens its ledger and hands over to the module that does the work. A problem the
@@ -27,6 +27,7 @@ from rich.console import Console
 from runner import report as reports
 from runner import rerun as reruns
 from runner import review as reviews
+from runner import verify as verifies
 from runner import views
 from runner.ledger import Ledger, LedgerError, write_tsv
 from sandbox.spec import SandboxUnavailable
@@ -41,7 +42,7 @@ class NightNotFound(Exception):
 
 
 USER_ERRORS = (NightNotFound, LedgerError, reviews.ReviewError, reruns.RerunRefused, reports.NothingToPlot,
-               SandboxUnavailable, sqlite3.Error, OSError)
+               verifies.VerifyFailed, SandboxUnavailable, sqlite3.Error, OSError)
 
 
 @dataclass
@@ -331,6 +332,33 @@ def rerun(exp_id: str, exact: bool, runs_dir: Path | None, tag: str | None, as_j
         click.echo(verdict.line())
 
 
+@click.command()
+@click.option("--runs", type=click.IntRange(min=2), default=3, show_default=True,
+              help="Fresh seeds to run the best and the baseline on (each).")
+@night_options
+@json_option
+@user_errors
+def verify(runs: int, runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
+    """Measure the night's total gain afresh, free of the selection that kept it.
+
+    Reruns the night's best (its last kept change) and the baseline on RUNS seeds
+    the night never used, the same seeds for both, and prints mean(baseline) -
+    mean(best) with a 95 % Student-t interval from the spread of these runs.
+    """
+    with open_night(runs_dir, tag) as night:
+        result = verifies.verify(night.ledger, night.run_dir, runs=runs,
+                                 on_start=lambda line: click.echo(line, err=True))
+    if result is None:
+        if as_json:
+            echo_json(None)
+        else:
+            click.echo(f"nothing was kept in night {night.tag}: there is no gain to verify.")
+    elif as_json:
+        echo_json(result.as_dict())
+    else:
+        click.echo("\n".join(views.verify_lines(result)))
+
+
 # -- plot, export, report --------------------------------------------------------------------------
 
 
@@ -355,7 +383,9 @@ def plot(out: Path | None, runs_dir: Path | None, tag: str | None) -> None:
 @click.command()
 @click.option("--tsv", "fmt", flag_value="tsv", default=True,
               help="results.tsv of the reference: commit val_bpb memory_gb status description (default).")
-@click.option("--json", "fmt", flag_value="json", help="Every ledger column of every experiment, and the nights.")
+@click.option("--json", "fmt", flag_value="json",
+              help="Every ledger column of every experiment, the nights, and the kept changes with their "
+                   "gain, 95 % interval and runs.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The file to write (default: standard output).")
 @night_options
@@ -394,7 +424,7 @@ def report(out: Path | None, runs_dir: Path | None, tag: str | None) -> None:
     click.echo(f"wrote {out}")
 
 
-COMMANDS = (status, list_, show, review, rerun, plot, export, report)
+COMMANDS = (status, list_, show, review, rerun, verify, plot, export, report)
 
 
 def register(group: click.Group) -> None:

@@ -1,10 +1,12 @@
 """What a night measured, and the files that show it: the progress chart, exports, the HTML report.
 
 The figures are read from the ledger alone (plus the time of the last event), so
-they can be computed while the night runs or long after. The chart follows the
-teaser of Karpathy's *autoresearch*: every experiment's val_bpb in order, the
-discarded ones faint, the kept ones highlighted and labelled, the running best
-as a step line.
+they can be computed while the night runs or long after. A kept change is shown
+with the estimate its decision rested on (gain, 95 % interval, runs), and once per
+view with `SELECTION_NOTE`: the selection biases that estimate upwards. The chart
+follows the teaser of Karpathy's *autoresearch*: every experiment's val_bpb in
+order, the discarded ones faint, the kept ones highlighted and labelled, the
+running best as a step line.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.decision import DISCARD, KEEP
+from runner.judge import code_key
 from runner.ledger import BASELINE, CONFIRM, DONE, EXPERIMENT, FAILURES, REJECTED, UNFINISHED, Experiment, Ledger
 from runner.review import baseline_mean, item
 from sandbox.runlog import tail
@@ -29,6 +32,9 @@ from sandbox.runlog import tail
 # life is younger than one experiment can take: budget + compile/export + evaluation.
 STARTUP_ALLOWANCE_S, EVAL_DEADLINE_S, SLACK_S = 120.0, 120.0, 60.0
 NIGHT_KINDS = (BASELINE, EXPERIMENT, CONFIRM)  # reruns are morning work, not the night's
+SELECTION_NOTE = ("Gains are estimates at the time of each decision; a change was kept because its estimate "
+                  "cleared the bar, so kept gains tend to be overstated: `autoresearch verify` measures the "
+                  "night's gain afresh on new seeds.")
 
 
 def parse_time(text: str | None) -> datetime | None:
@@ -71,13 +77,15 @@ class Figures:
     best_id: str | None
     best_value: float | None
     best_description: str
+    best_estimate: dict  # the best's gain over the best before it, at its decision ({} for the baseline)
     baseline_mean: float | None
-    sigma: float | None
+    sigma: float | None  # seed noise pooled at the start of the experiments (the baselines)
+    noise_df: int | None  # its degrees of freedom
     baseline_runs: int | None
-    threshold: float | None
-    k: float | None
+    threshold: float | None  # the smallest gain a 2-run candidate needed against the baseline then
+    alpha: float | None
+    max_runs: int | None
     min_delta: float | None
-    confirm: bool | None
     counts: dict[str, int]
     experiments_per_hour: float | None
     duty_cycle: float | None  # training seconds / (wall seconds x slots)
@@ -119,10 +127,10 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
         in_flight=tuple((r.id, r.kind, r.status) for r in rows if r.status in UNFINISHED),
         best_id=best.id if best else _first_baseline(rows),
         best_value=best.decision_value if best else base,
-        best_description=best.description if best else "baseline",
-        baseline_mean=base, sigma=record.get("sigma"), baseline_runs=record.get("baseline_runs"),
-        threshold=record.get("threshold"), k=rule.get("k"), min_delta=rule.get("min_delta"),
-        confirm=rule.get("confirm"),
+        best_description=best.description if best else "baseline", best_estimate=best.estimate if best else {},
+        baseline_mean=base, sigma=record.get("sigma"), noise_df=record.get("noise_df"),
+        baseline_runs=record.get("baseline_runs"), threshold=record.get("threshold"),
+        alpha=rule.get("alpha"), max_runs=rule.get("max_runs"), min_delta=rule.get("min_delta"),
         counts={
             "kept": sum(r.decision == KEEP for r in experiments),
             "discarded": sum(r.decision == DISCARD for r in experiments),
@@ -131,6 +139,8 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
             "rejected": sum(r.status == REJECTED for r in experiments),
             "pending_review": sum(r.review_state == "pending" for r in experiments),
             "baseline_runs": sum(r.kind == BASELINE and r.status == DONE for r in rows),
+            "confirm_runs": sum(r.kind == CONFIRM and r.status not in UNFINISHED for r in rows),
+            "disturbed": sum(r.disturbed is not None for r in rows),
         },
         experiments_per_hour=len(finished) / (wall / 3600) if wall > 0 else None,
         duty_cycle=training / (wall * slots) if wall > 0 else None,
@@ -173,6 +183,56 @@ def _wall_seconds(nights: list[dict], open_end: datetime | None) -> float:
         end = parse_time(night["ended_at"]) or following or start
         total += max((end - start).total_seconds(), 0.0)
     return total
+
+
+# -- estimates --------------------------------------------------------------------------------
+
+
+def code_runs(ledger: Ledger, row: Experiment) -> list[Experiment]:
+    """Every run of `row`'s train.py in the night: all baselines, or an experiment and its confirmations."""
+    key = code_key(row)
+    if key == BASELINE:
+        return ledger.experiments(kinds=[BASELINE])
+    return [ledger.get(key), *ledger.confirmations_of(key)]
+
+
+def runs_spent(ledger: Ledger, row: Experiment) -> int:
+    """The runs a code has taken so far, failed and disturbed ones too."""
+    return sum(run.status not in UNFINISHED for run in code_runs(ledger, row))
+
+
+def gain_text(estimate: dict) -> str:
+    """'+0.099625 bpb (95 % interval [+0.097654, +0.101596])', or '-' before a decision."""
+    if not estimate:
+        return "-"
+    return (f"{estimate['gain']:+.6f} bpb (95 % interval [{estimate['low95']:+.6f}, "
+            f"{estimate['high95']:+.6f}])")
+
+
+def runs_text(estimate: dict, spent: int | None = None) -> str:
+    """How many runs the estimate counts on each side, and what the candidate spent when that differs."""
+    extra = f" ({spent} spent)" if spent is not None and spent != estimate["runs"] else ""
+    return f"{estimate['runs']} runs{extra} against {estimate['best_runs']} of the best"
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A kept change, the estimate its decision rested on, and the runs it took (disturbed ones too)."""
+
+    row: Experiment
+    spent: int
+
+    def as_dict(self) -> dict[str, Any]:
+        est = self.row.estimate
+        return {"id": self.row.id, "description": self.row.description, "val_bpb": self.row.decision_value,
+                "best_before": self.row.best_before, **{k: est.get(k) for k in ("gain", "low95", "high95")},
+                "runs": est.get("runs"), "best_runs": est.get("best_runs"), "runs_spent": self.spent,
+                "review": self.row.review_state}
+
+
+def kept_changes(ledger: Ledger) -> list[Kept]:
+    rows = [r for r in ledger.experiments(kinds=[EXPERIMENT]) if r.decision == KEEP]
+    return [Kept(r, runs_spent(ledger, r)) for r in rows]
 
 
 # -- chart ------------------------------------------------------------------------------------
@@ -254,10 +314,12 @@ def _clip(text: str, width: int) -> str:
 
 
 def export_json(ledger: Ledger, tag: str) -> dict[str, Any]:
-    """The whole ledger of a night as plain JSON (settings parsed, every column kept)."""
+    """The whole ledger of a night as plain JSON (settings parsed, every column kept), and the kept
+    changes with their gain, 95 % interval and runs (results.tsv, the reference's format, has no room)."""
     nights = [{**{k: v for k, v in n.items() if k != "settings_json"}, "settings": json.loads(n["settings_json"])}
               for n in ledger.nights()]
-    return {"tag": tag, "nights": nights, "experiments": [dataclasses.asdict(r) for r in ledger.experiments()]}
+    return {"tag": tag, "nights": nights, "kept": [k.as_dict() for k in kept_changes(ledger)],
+            "kept_note": SELECTION_NOTE, "experiments": [dataclasses.asdict(r) for r in ledger.experiments()]}
 
 
 def log_tail(run_dir: Path, row: Experiment, name: str, lines: int = 20) -> str | None:
@@ -308,9 +370,10 @@ def _figures_table(fig: Figures) -> str:
     rows = [
         ("best val_bpb", f"{_num(fig.best_value, '.6f')} ({fig.best_id or '-'}: {fig.best_description})"),
         ("baseline mean", f"{_num(fig.baseline_mean, '.6f')} over {fig.baseline_runs or 0} runs"),
-        ("noise σ", _num(fig.sigma, ".6f")),
-        ("keep threshold", f"{_num(fig.threshold, '.6f')} = max(min_delta {_num(fig.min_delta, 'g')}, "
-                           f"k {_num(fig.k, 'g')} · σ){' with confirmation runs' if fig.confirm else ''}"),
+        ("noise σ", f"{_num(fig.sigma, '.6f')} (df {fig.noise_df or '-'}, pooled over codes run more than once)"),
+        ("keep rule", keep_rule_text(fig)),
+        ("smallest keepable gain", f"{_num(fig.threshold, '.6f')} bpb (2 runs against the "
+                                   f"{fig.baseline_runs or 0} baseline runs, at the start)"),
         ("experiments", counts),
         ("experiments / hour", _num(fig.experiments_per_hour, ".2f")),
         ("duty cycle", f"{_num(fig.duty_cycle and 100 * fig.duty_cycle, '.1f')} % (training "
@@ -320,6 +383,15 @@ def _figures_table(fig: Figures) -> str:
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<h2>Figures</h2><table>{body}</table>"
+
+
+def keep_rule_text(fig: Figures) -> str:
+    """The rule in one sentence (status and the report)."""
+    if fig.alpha is None:
+        return "-"
+    return (f"alpha {fig.alpha:g} (the chance that an effect-free change is kept), at most {fig.max_runs} runs "
+            f"per candidate, min_delta {fig.min_delta:g}: kept once, from its 2nd run on, the gain's one-sided "
+            f"Student-t bound at alpha/{fig.max_runs - 1} is above 0")
 
 
 def diff_html(diff: str) -> str:
@@ -334,22 +406,25 @@ def diff_html(diff: str) -> str:
 
 
 def _kept_section(ledger: Ledger) -> str:
-    kept = [r for r in ledger.experiments(kinds=[EXPERIMENT]) if r.decision == KEEP]
+    kept = kept_changes(ledger)
     if not kept:
         return "<h2>Kept changes</h2><p>none</p>"
     base = baseline_mean(ledger)
-    parts = ["<h2>Kept changes</h2><table><tr><th>id</th><th>val_bpb</th><th>vs parent</th><th>vs baseline</th>"
-             "<th>review</th><th>description</th></tr>"]
+    parts = ["<h2>Kept changes</h2><table><tr><th>id</th><th>val_bpb</th><th>gain over the best before</th>"
+             "<th>95 % interval</th><th>runs</th><th>vs baseline</th><th>review</th><th>description</th></tr>"]
     details = []
-    for r in kept:
+    for k in kept:
+        r, est = k.row, k.row.estimate
         it = item(ledger, r, base)
+        interval = f"[{est['low95']:+.6f}, {est['high95']:+.6f}]" if est else "-"
         parts.append(
-            f"<tr><td>{r.id}</td><td class=n>{_num(it.value, '.6f')}</td><td class=n>{_num(it.vs_parent, '+.6f')}</td>"
+            f"<tr><td>{r.id}</td><td class=n>{_num(it.value, '.6f')}</td><td class=n>{_num(est.get('gain'), '+.6f')}"
+            f"</td><td class=n>{interval}</td><td>{html.escape(runs_text(est, k.spent) if est else '-')}</td>"
             f"<td class=n>{_num(it.vs_baseline, '+.6f')}</td><td>{html.escape(r.review_state or '')}</td>"
             f"<td>{html.escape(r.description)}</td></tr>"
         )
         details.append(f"<h3>{r.id}: {html.escape(r.description)}</h3>{diff_html(r.diff)}")
-    parts.append("</table>")
+    parts.append(f"</table><p>{html.escape(SELECTION_NOTE)}</p>")
     return "".join(parts) + "".join(details)
 
 

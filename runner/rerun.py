@@ -4,7 +4,8 @@
 deterministic, and replays the phase-1 budget trace, so the schedule and the step
 count are those of the original whatever the speed of the machine. The rerun is
 bit-identical when phase 2 printed the same `val_bpb_hex` and the exported models
-have the same sha256. A timed rerun (no replay) measures run-to-run noise instead.
+have the same sha256. A timed rerun (no replay) measures run-to-run noise instead;
+given another seed, it is a fresh sample of the code (what `autoresearch verify` runs).
 
 A rerun that differs is a finding about the experiment, not a failure of the
 tool: the verdict says so and lists what it can see that differs. What would make
@@ -107,6 +108,7 @@ class _Plan:
     gpu: gpu_inventory.Gpu | None
     trace: Path | None
     time_budget: float
+    seed: int | None  # the harness seed the rerun runs under
     allowance: Allowance | None  # what the night measured on its baselines
 
     @property
@@ -117,20 +119,23 @@ class _Plan:
         return Limits(gpu_memory_bytes=cap)
 
 
-def rerun(ledger: Ledger, run_dir: Path, exp_id: str, *, exact: bool, backend: Backend | None = None,
-          inventory: Callable[[], list[gpu_inventory.Gpu]] = gpu_inventory.discover,
+def rerun(ledger: Ledger, run_dir: Path, exp_id: str, *, exact: bool, seed: int | None = None,
+          backend: Backend | None = None, inventory: Callable[[], list[gpu_inventory.Gpu]] = gpu_inventory.discover,
           on_start: Callable[[str], None] = lambda message: None) -> Verdict:
     """Rerun `exp_id` from its image, record the rerun in the ledger, return the verdict.
 
-    `on_start` hears one line once every check has passed and the run begins.
+    `seed` runs a timed rerun under another harness seed than the recorded one. `on_start`
+    hears one line once every check has passed and the run begins.
     """
-    plan = _plan(ledger, run_dir, ledger.get(exp_id), exact, inventory)
+    if exact and seed is not None:
+        raise RerunRefused("an exact rerun replays the recorded seed; another seed needs a timed rerun.")
+    plan = _plan(ledger, run_dir, ledger.get(exp_id), exact, inventory, seed)
     backend = backend or open_backend(plan.row.backend or "auto")
-    if not plan.row.image or not backend.image_exists(plan.row.image):
-        raise RerunRefused(f"the image of {exp_id} ({plan.row.image or 'none recorded'}) no longer exists; "
-                           "a rerun needs the exact image the experiment ran from.")
+    _check_image(plan.row, backend)
     rerun_row = _add_row(ledger, run_dir, plan, exact, backend)
     how = "replaying its recorded schedule" if exact else "as a fresh timed run"
+    if seed is not None:
+        how += f" on seed {seed}"
     on_start(f"rerunning {exp_id} as {rerun_row.id} from {plan.row.image}, {how} ({backend.name} sandbox) ...")
     outcome = _run(ledger, backend, plan, rerun_row, run_dir / rerun_row.id)
     verdict = _verdict(ledger, run_dir, plan, rerun_row.id, outcome, exact, backend)
@@ -139,8 +144,22 @@ def rerun(ledger: Ledger, run_dir: Path, exp_id: str, *, exact: bool, backend: B
     return verdict
 
 
+def check(ledger: Ledger, run_dir: Path, exp_id: str, backend: Backend,
+          inventory: Callable[[], list[gpu_inventory.Gpu]] = gpu_inventory.discover) -> None:
+    """Refuse a timed rerun of `exp_id` for what `rerun` would refuse it, before anything runs
+    (a caller about to rerun several rows checks them all first)."""
+    plan = _plan(ledger, run_dir, ledger.get(exp_id), False, inventory, None)
+    _check_image(plan.row, backend)
+
+
+def _check_image(row: Experiment, backend: Backend) -> None:
+    if not row.image or not backend.image_exists(row.image):
+        raise RerunRefused(f"the image of {row.id} ({row.image or 'none recorded'}) no longer exists; "
+                           "a rerun needs the exact image the experiment ran from.")
+
+
 def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
-          inventory: Callable[[], list[gpu_inventory.Gpu]]) -> _Plan:
+          inventory: Callable[[], list[gpu_inventory.Gpu]], seed: int | None) -> _Plan:
     """Check what needs no sandbox: a finished run, the same data, the recorded trace, a GPU."""
     if row.status != DONE:
         raise RerunRefused(f"{row.id} ended in {row.status}, so there is no val_bpb to reproduce.")
@@ -161,7 +180,7 @@ def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
         raise RerunRefused(f"the night of {row.id} recorded no time budget; rerun it with --exact.")
     allowance = json.loads(night["allowance_json"]) if night and night.get("allowance_json") else None
     return _Plan(row, settings, data_dir, _gpu(row, inventory), trace if exact else None, float(budget),
-                 Allowance(**allowance) if allowance else None)
+                 row.seed if seed is None else seed, Allowance(**allowance) if allowance else None)
 
 
 def _check_data(row: Experiment, data_dir: Path) -> None:
@@ -186,10 +205,11 @@ def _gpu(row: Experiment, inventory: Callable[[], list[gpu_inventory.Gpu]]) -> g
 
 def _add_row(ledger: Ledger, run_dir: Path, plan: _Plan, exact: bool, backend: Backend) -> Experiment:
     row, gpu = plan.row, plan.gpu
+    on_seed = f" on seed {plan.seed}" if plan.seed != row.seed else ""
     new = ledger.add(
         kind=RERUN, status=BUILT, night_id=row.night_id, target_id=row.id, parent_id=row.parent_id,
-        description=f"rerun {'--exact ' if exact else ''}of {row.id}", diff=row.diff,
-        train_sha256=row.train_sha256, params_json=row.params_json, image=row.image, seed=row.seed,
+        description=f"rerun {'--exact ' if exact else ''}of {row.id}{on_seed}", diff=row.diff,
+        train_sha256=row.train_sha256, params_json=row.params_json, image=row.image, seed=plan.seed,
         backend=backend.name, isolation=backend.isolation, data_hash=row.data_hash,
         gpu_uuid=gpu.uuid if gpu else None, gpu_name=gpu.name if gpu else None, gpu_driver=gpu.driver if gpu else None,
     )
@@ -204,7 +224,7 @@ def _run(ledger: Ledger, backend: Backend, plan: _Plan, rerun_row: Experiment, d
     spec = ExperimentSpec(
         exp_id=rerun_row.id, image=plan.row.image, data_dir=plan.data_dir, run_dir=directory,
         time_budget=plan.time_budget, gpu_uuid=plan.gpu.uuid if plan.gpu else None,
-        deterministic=True, replay_trace=plan.trace, seed=plan.row.seed, allowance=plan.allowance, limits=plan.limits,
+        deterministic=True, replay_trace=plan.trace, seed=plan.seed, allowance=plan.allowance, limits=plan.limits,
     )
     try:
         outcome = run_experiment(backend, spec, on_phase=lambda phase: ledger.transition(rerun_row.id, phase))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,10 @@ from rich.table import Table
 from rich.text import Text
 
 from runner.ledger import DONE, UNFINISHED, Experiment, Ledger
-from runner.report import Figures, log_tail
+from runner.report import (SELECTION_NOTE, Figures, code_runs, gain_text, keep_rule_text, log_tail, runs_spent,
+                           runs_text)
 from runner.review import Item, item, lineage
+from runner.verify import Verification
 
 _DECISION_STYLE = {"keep": "bold green", "discard": "dim"}
 
@@ -46,11 +49,15 @@ def status_panel(fig: Figures) -> Panel:
         lines.append(Text(f"{verb}: " + ", ".join(f"{i} {kind} {status}" for i, kind, status in fig.in_flight)))
     best = f"{_num(fig.best_value)} ({fig.best_id}: {fig.best_description})" if fig.best_value is not None else "-"
     lines.append(Text.assemble(("best ", "bold"), best))
+    if fig.best_estimate:
+        lines.append(Text(f"  gain {gain_text(fig.best_estimate)} over the best before it"))
+        lines.append(Text(f"  {SELECTION_NOTE}", style="dim"))
     counts = fig.counts
     lines.append(Text(
         f"kept {counts['kept']}  discarded {counts['discarded']}  failed {counts['failed']}  "
         f"rejected {counts['rejected']}  cancelled {counts['cancelled']}  "
-        f"(pending review {counts['pending_review']}, baseline runs {counts['baseline_runs']})"
+        f"(pending review {counts['pending_review']}, baseline runs {counts['baseline_runs']}, "
+        f"confirmation runs {counts['confirm_runs']}, disturbed {counts['disturbed']})"
     ))
     rate = "-" if fig.experiments_per_hour is None else f"{fig.experiments_per_hour:.2f}"
     duty = "-" if fig.duty_cycle is None else f"{100 * fig.duty_cycle:.1f} %"
@@ -62,10 +69,11 @@ def status_panel(fig: Figures) -> Panel:
         lines.append(Text("noise: not measured yet (baseline runs first)", style="dim"))
     else:
         lines.append(Text(
-            f"noise sigma {fig.sigma:.6f} over {fig.baseline_runs} baseline runs (mean {_num(fig.baseline_mean)}); "
-            f"keep when val_bpb < best - {fig.threshold:.6f} = max(min_delta {fig.min_delta}, k {fig.k} x sigma)"
-            f"{', confirmed by a second seed' if fig.confirm else ''}"
+            f"noise sigma {fig.sigma:.6f} (df {fig.noise_df}) from {fig.baseline_runs} baseline runs "
+            f"(mean {_num(fig.baseline_mean)}); smallest keepable gain {_num(fig.threshold)} "
+            f"(2 runs against the baseline)"
         ))
+        lines.append(Text(f"keep rule: {keep_rule_text(fig)}"))
     if fig.gpu_memory_cap is not None:
         peak = "-" if fig.peak_gpu_mb is None else f"{fig.peak_gpu_mb / 1024:.1f} GiB"
         lines.append(Text(f"GPU memory cap {fig.gpu_memory_cap} per experiment (NVML watchdog), peak so far {peak}"))
@@ -88,12 +96,14 @@ def row_dict(it: Item) -> dict[str, Any]:
     return {
         "id": r.id, "kind": r.kind, "parent": r.parent_id, "status": r.status, "decision": r.decision,
         "review": r.review_state, "val_bpb": r.val_bpb, "value": it.value, "vs_parent": it.vs_parent,
-        "vs_baseline": it.vs_baseline, "training_seconds": r.training_seconds, "description": r.description,
+        "vs_baseline": it.vs_baseline, "estimate": r.estimate or None, "seed": r.seed, "disturbed": r.disturbed,
+        "training_seconds": r.training_seconds, "description": r.description,
     }
 
 
 def _outcome(row: Experiment) -> str:
-    return row.decision or row.status if row.status == DONE else row.status
+    outcome = row.decision or row.status if row.status == DONE else row.status
+    return f"{outcome} (disturbed)" if row.disturbed else outcome
 
 
 def experiments_table(items: list[Item], title: str) -> Table:
@@ -125,10 +135,37 @@ def show_dict(ledger: Ledger, run_dir: Path, row: Experiment) -> dict[str, Any]:
         "phases": _phases(row),
         "image": row.image, "backend": row.backend, "isolation": row.isolation, "data_hash": row.data_hash,
         "seed": row.seed, "gpu": row.gpu_name, "gpu_driver": row.gpu_driver,
+        "runs": [_run_dict(r) for r in code_runs(ledger, row)] if row.kind != "rerun" else [],
         "reject_reason": row.reject_reason, "error": row.error, "review_note": row.review_note,
         "logs": {name: log_tail(run_dir, row, name) for name in ("train.log", "eval.log")},
         "diff": row.diff,
     }
+
+
+def _run_dict(row: Experiment) -> dict[str, Any]:
+    return {"id": row.id, "kind": row.kind, "seed": row.seed, "status": row.status, "val_bpb": row.val_bpb,
+            "steps": row.num_steps, "counted": row.counts, "disturbed": row.disturbed}
+
+
+def _runs_table(runs: list[dict[str, Any]], shown: str) -> Table:
+    """The runs of one train.py under its seeds, and which of them the estimates count."""
+    table = Table(title="runs of this train.py (seeds)", title_justify="left", box=box.SIMPLE_HEAD)
+    for name in ("id", "kind", "seed", "status", "val_bpb", "steps", "counted"):
+        table.add_column(name, justify="right" if name in ("val_bpb", "steps") else "left", no_wrap=True)
+    table.add_column("disturbed", overflow="fold")
+    for r in runs:
+        table.add_row(r["id"], r["kind"], "default" if r["seed"] is None else str(r["seed"]), r["status"],
+                      _num(r["val_bpb"]), "" if r["steps"] is None else str(r["steps"]),
+                      "yes" if r["counted"] else "no", r["disturbed"] or "", style="bold" if r["id"] == shown else "")
+    return table
+
+
+def _estimate_text(ledger: Ledger, row: Experiment) -> str:
+    spent = runs_spent(ledger, row)
+    text = f"gain {gain_text(row.estimate)} from {runs_text(row.estimate, spent)}, se {row.estimate['se']:.6f}"
+    if row.threshold is not None:
+        text += f"; a keep needed a gain above {row.threshold:.6f} at this look"
+    return text
 
 
 def _phases(row: Experiment) -> dict[str, dict[str, Any]]:
@@ -168,12 +205,20 @@ def show_renderables(ledger: Ledger, run_dir: Path, row: Experiment) -> list[Ren
         ("hardware", f"{row.gpu_name or 'cpu'}" + (f", driver {row.gpu_driver}" if row.gpu_driver else "")),
         ("seed", "harness default" if row.seed is None else str(row.seed)),
     ]
+    if row.estimate:
+        fields.insert(4, ("estimate", _estimate_text(ledger, row)))
+        if row.decision == "keep":
+            fields.insert(5, ("", SELECTION_NOTE))
+    if row.disturbed:
+        fields.append(("disturbed", f"{row.disturbed}: left out of every estimate"))
     for key, value in (("rejected because", row.reject_reason), ("error", row.error), ("review note", row.review_note)):
         if value:
             fields.append((key, value))
     for key, value in fields:
         head.add_row(key, value)
     parts: list[RenderableType] = [Panel(head, title=f"{row.id} ({row.kind})", title_align="left")]
+    if len(data["runs"]) > 1:
+        parts.append(_runs_table(data["runs"], row.id))
     for title, figures in (("measured (phase 2 and the host)", row.metrics),
                            ("reported by train.py (untrusted)", row.reported)):
         if figures:
@@ -191,6 +236,25 @@ def show_renderables(ledger: Ledger, run_dir: Path, row: Experiment) -> list[Ren
     return parts
 
 
+# -- verify ------------------------------------------------------------------------------------
+
+
+def verify_lines(v: Verification) -> list[str]:
+    """The fresh runs side by side, seed by seed, the means the gain is taken from, and the verdict."""
+    def cell(run) -> str:
+        return _num(run.val_bpb) if run.left_out is None else f"({run.left_out})"
+
+    lines = [f"verify {v.best_id} ({v.best_description}) against the baseline {v.baseline_id} on fresh seeds:",
+             f"  {'seed':>6}  {'baseline':>10}  {'best':>10}"]
+    lines += [f"  {base.seed:>6}  {cell(base):>10}  {cell(best):>10}" for base, best in zip(v.runs[::2], v.runs[1::2])]
+    means = [_num(statistics.fmean(v.values(i))) for i in (v.baseline_id, v.best_id)]
+    lines.append(f"  {'mean':>6}  {means[0]:>10}  {means[1]:>10}")
+    lines.append(v.line())
+    claimed = "" if v.claimed is None else f"; the night's own decisions claimed {v.claimed:.6f}"
+    lines.append(f"(se {v.se:.6f}, df {v.df}, from these fresh runs alone{claimed})")
+    return lines
+
+
 # -- review ------------------------------------------------------------------------------------
 
 
@@ -201,7 +265,12 @@ def review_card(it: Item, position: int, total: int) -> list[RenderableType]:
         f"   vs parent {it.parent.id if it.parent else '-'} ", (_num(it.vs_parent, "+.6f") or "-", "green"),
         "   vs baseline ", (_num(it.vs_baseline, "+.6f") or "-", "green"),
     )
-    head = Group(Text(r.description, style="bold"), numbers)
+    lines = [Text(r.description, style="bold"), numbers]
+    if r.estimate:
+        lines.append(Text.assemble(("gain ", "bold"), f"{gain_text(r.estimate)} over the best before it, "
+                                   f"{runs_text(r.estimate)}"))
+        lines.append(Text(SELECTION_NOTE, style="dim"))
+    head = Group(*lines)
     return [
         Panel(head, title=f"[{position}/{total}] {r.id}", title_align="left"),
         _diff(r.diff),

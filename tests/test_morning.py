@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import types
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -21,10 +22,11 @@ from click.testing import CliRunner
 
 import contract
 
-from runner import report
-from runner.ledger import Ledger
+from runner import decision, report
+from runner.ledger import EXPERIMENT, Ledger
 from runner.loop import NightError
 from runner.morning import COMMANDS, register
+from runner.settings import Settings
 from sandbox.spec import Killer, Phase, Status
 from tests.test_loop import (SEED_NOISE, FakeBackend, ScriptedAgent, change, fake_result_line, garbage,  # noqa: F401
                              make_night, project)
@@ -34,7 +36,8 @@ TRAINING_SECONDS = 1.0
 
 class RealisticBackend(FakeBackend):
     """BEHAVIOUR: "train" (deterministic), "noisy" (another model and val_bpb every run), "crash",
-    "timeout", "no_export" (phase 1 writes no model), "probe" (phase 2 finds the model looks ahead)."""
+    "timeout", "no_export" (phase 1 writes no model), "probe" (phase 2 finds the model looks ahead).
+    SLOW, as in the loop's fake: the first run under that seed trains half the steps (disturbed)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -49,15 +52,19 @@ class RealisticBackend(FakeBackend):
             return super()._behave(spec, cancel)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         if spec.phase is Phase.TRAIN:
-            return self._train(spec, behaviour)
+            return self._train(spec, behaviour, constants["SLOW"])
         return self._evaluate(spec, constants)
 
-    def _train(self, spec, behaviour):
+    def _train(self, spec, behaviour, slow_seed):
         out = spec.out_dir
         replay = out / "replay_trace.json"
         steps = json.loads(replay.read_text())["num_steps"] if replay.exists() else 20
         if behaviour == "noisy" and not replay.exists():
             steps += random.randint(0, 3)
+        seed = spec.env.get("AR_SEED")
+        if slow_seed is not None and seed == slow_seed and (spec.image, seed) not in self.slowed:
+            self.slowed.add((spec.image, seed))
+            steps //= 2
         lines = [f"step {n:05d} | loss {6.0 - n * 0.1:.4f} | lr 0.04" for n in range(1, steps + 1)]
         if behaviour == "crash":
             text = "\n".join(lines[:3] + ["Traceback (most recent call last):", '  File "/app/train.py", line 80',
@@ -68,9 +75,10 @@ class RealisticBackend(FakeBackend):
             spec.log_path.write_text("\n".join(lines) + "\n[runner] deadline reached, killed\n")
             return self._result(spec, Status.TIMEOUT, 137, killed_by=Killer.DEADLINE, log_tail=lines[-1])
         spec.log_path.write_text("\n".join(lines) + "\nexported model to /out/model.pt2 in 0.1s\n")
+        timed = min(16, steps - 3)  # 16 timed steps, fewer for a disturbed run
         trace = {"time_budget": float(spec.env["AR_TIME_BUDGET"]), "warmup_steps": 3, "num_steps": steps,
                  "progress": [min(1.0, n / steps) for n in range(steps)],
-                 "step_seconds": [0.0] * 3 + [TRAINING_SECONDS / 16] * 16 + [0.0] * (steps - 19)}  # 16 timed steps
+                 "step_seconds": [0.0] * 3 + [TRAINING_SECONDS / timed] * timed + [0.0] * (steps - 3 - timed)}
         (out / "trace.json").write_text(json.dumps(trace))
         (out / "summary.json").write_text(json.dumps({"training_seconds": TRAINING_SECONDS, "num_steps": steps,
                                                       "mfu_percent": 0.0, "total_tokens_M": 0.04, "depth": 2}))
@@ -95,17 +103,21 @@ class RealisticBackend(FakeBackend):
         return self._result(spec, Status.OK, 0)
 
 
-# The night every morning test reads: two keeps (the second builds on the first), a
-# discard, a crash, a rejected proposal, an export failure and a nondeterministic discard.
+# The night every morning test reads (after four baseline runs, seeds default, 1, 2, 3): two
+# keeps (the second builds on the first), an unproven discard, a crash, a rejected proposal,
+# an export failure and a nondeterministic discard. `night.ids` names the experiment rows.
 NIGHT_SCRIPT = (
-    change(LR=0.2),  # e0004 keep, 0.8
-    change(LR=0.201),  # e0005 discard: better, but not by the threshold
-    change(BEHAVIOUR="crash"),  # e0006 crash
-    garbage,  # e0007 rejected
-    change(LR=0.3),  # e0008 keep, 0.7, child of e0004
-    change(BEHAVIOUR="no_export"),  # e0009 export_failed
-    change(LR=0.25, BEHAVIOUR="noisy"),  # e0010 discard, never the same twice
+    change(LR=0.2),  # first: kept after 2 runs, 0.8 and 0.801
+    change(LR=0.201),  # unproven: 0.001 better than the first, within the noise: discarded after 4 runs
+    change(BEHAVIOUR="crash"),  # crash
+    garbage,  # rejected
+    change(LR=0.3),  # best: kept after 2 runs, 0.7 and 0.701, child of the first
+    change(BEHAVIOUR="no_export"),  # no_export: export_failed
+    change(LR=0.25, BEHAVIOUR="noisy"),  # noisy: discarded after 1 run (worse), never the same twice
 )
+NAMES = ("first", "unproven", "crash", "rejected", "best", "no_export", "noisy")
+BASELINES = [0.9 + SEED_NOISE[seed] for seed in (None, "1", "2", "3")]
+NOISE = decision.pooled_noise([BASELINES])  # at the start of the experiments: σ 0.000854, df 3
 
 
 def cli() -> click.Group:
@@ -127,14 +139,21 @@ def record_night(root, script=NIGHT_SCRIPT, backend=None, **settings):
                                **{"max_experiments": len(script), "max_diff_retries": 1, **settings})
     try:
         night.run()
+        experiments = [r.id for r in ledger.experiments(kinds=[EXPERIMENT])]  # in the script's order
     finally:
         ledger.close()
     runs = root.parent / "runs"
-    return types.SimpleNamespace(project=root, runs=runs, run_dir=runs / "t", data=data, backend=backend)
+    return types.SimpleNamespace(project=root, runs=runs, run_dir=runs / "t", data=data, backend=backend,
+                                 experiments=experiments)
 
 
 def invoke(runs: Path, *args: str, input: str | None = None):
     return CliRunner().invoke(cli(), [*args, "--runs-dir", str(runs)], input=input)
+
+
+def flat(output: str) -> str:
+    """Rich output as one line of words: panel borders gone, wrapped lines joined."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
 
 
 def one_line_error(result) -> str:
@@ -147,7 +166,17 @@ def one_line_error(result) -> str:
 
 @pytest.fixture
 def night(project):  # noqa: F811 (the loop tests' project fixture)
-    return record_night(project)
+    recorded = record_night(project)
+    recorded.ids = dict(zip(NAMES, recorded.experiments))
+    return recorded
+
+
+def rows_of(recorded):
+    ledger = Ledger(recorded.run_dir / "ledger.sqlite")
+    try:
+        return ledger.experiments()
+    finally:
+        ledger.close()
 
 
 def test_every_command_has_help():
@@ -159,22 +188,46 @@ def test_every_command_has_help():
             assert result.exit_code == 0 and "--runs-dir" in result.output, name
 
 
+def test_the_night_keeps_what_replicates(night):
+    """The layout every other test reads: each candidate ran seed after seed until it was decided."""
+    ids, rows = night.ids, {r.id: r for r in rows_of(night)}
+    runs = {name: [r.seed for r in rows.values() if r.id == i or r.target_id == i] for name, i in ids.items()}
+    assert runs == {"first": [None, 1], "unproven": [None, 1, 2, 3], "crash": [None], "rejected": [None],
+                    "best": [None, 1], "no_export": [None], "noisy": [None]}
+    decided = {name: (rows[i].decision, rows[i].estimate.get("runs")) for name, i in ids.items()}
+    assert decided == {"first": ("keep", 2), "unproven": ("discard", 4), "crash": (None, None),
+                       "rejected": (None, None), "best": ("keep", 2), "no_export": (None, None),
+                       "noisy": ("discard", 1)}
+    unproven = rows[ids["unproven"]].estimate
+    assert unproven["gain"] == pytest.approx(0.001375) and unproven["low95"] < 0 < unproven["high95"]
+    best = rows[ids["best"]]
+    assert (best.decision_value, best.best_before) == (pytest.approx(0.7005), pytest.approx(0.8005))
+    assert best.estimate["gain"] == pytest.approx(0.1) and best.threshold < best.estimate["low95"]
+
+
 def test_status_reports_the_night(night):
     result = invoke(night.runs, "status", "--json")
     assert result.exit_code == 0, result.output
     fig = json.loads(result.output)
-    assert (fig["tag"], fig["state"], fig["best_id"], fig["best_value"]) == ("t", "ended", "e0008", 0.7)
+    assert (fig["tag"], fig["state"], fig["best_id"]) == ("t", "ended", night.ids["best"])
+    assert fig["best_value"] == pytest.approx(0.7005) and fig["best_estimate"]["gain"] == pytest.approx(0.1)
     assert fig["counts"] == {"kept": 2, "discarded": 2, "failed": 2, "cancelled": 0, "rejected": 1,
-                             "pending_review": 2, "baseline_runs": 3}
-    assert fig["sigma"] == pytest.approx(0.001) and fig["threshold"] == pytest.approx(0.002)
-    assert (fig["k"], fig["min_delta"], fig["confirm"]) == (2.0, 0.001, False)
-    # eight runs trained (three baselines, five experiments: the one whose export failed trained too), one second each
-    assert fig["training_seconds"] == 8 * TRAINING_SECONDS
+                             "pending_review": 2, "baseline_runs": 4, "confirm_runs": 5, "disturbed": 0}
+    assert (fig["sigma"], fig["noise_df"], fig["baseline_runs"]) == (pytest.approx(NOISE.sigma), 3, 4)
+    assert fig["threshold"] == pytest.approx(decision.smallest_keepable_gain(decision.Rule(), NOISE, 4))
+    assert (fig["alpha"], fig["max_runs"], fig["min_delta"]) == (0.005, 4, 0.0)
+    assert "k" not in fig and "confirm" not in fig
+    # 14 runs trained (4 baselines, 5 confirmations, 5 experiments: the one whose export failed trained too)
+    assert fig["training_seconds"] == 14 * TRAINING_SECONDS
     assert fig["duty_cycle"] == pytest.approx(fig["training_seconds"] / fig["wall_seconds"])
     assert fig["experiments_per_hour"] == pytest.approx(6 / (fig["wall_seconds"] / 3600))  # rejected never ran
 
-    table = invoke(night.runs, "status").output
-    assert "ended" in table and "e0008" in table and "kept 2" in table and "sigma 0.001000" in table
+    table = flat(invoke(night.runs, "status").output)
+    assert "ended" in table and night.ids["best"] in table and "kept 2" in table
+    assert f"noise sigma {NOISE.sigma:.6f} (df 3) from 4 baseline runs" in table
+    assert f"smallest keepable gain {fig['threshold']:.6f}" in table
+    assert "alpha 0.005" in table and "at most 4 runs per candidate" in table
+    assert "gain +0.100000 bpb (95 % interval [+0.098" in table and "autoresearch verify" in table
 
 
 def test_status_while_the_night_runs_and_after_a_kill(project):  # noqa: F811
@@ -194,36 +247,66 @@ def test_status_while_the_night_runs_and_after_a_kill(project):  # noqa: F811
     holder.night.run()
     ledger.close()
     assert seen["status"]["state"] == "running"
-    assert seen["status"]["in_flight"] == [["e0004", "experiment", "training"]]
+    first_experiment = f"e{Settings.baseline_runs + 1:04d}"
+    assert seen["status"]["in_flight"] == [[first_experiment, "experiment", "training"]]
     assert seen["silent"].state == "stopped" and "probably killed" in seen["silent"].state_note
 
 
 def test_list_shows_every_row_in_order(night):
+    ids = night.ids
     rows = json.loads(invoke(night.runs, "list", "--json").output)
-    assert [r["id"] for r in rows] == [f"e{n:04d}" for n in range(1, 11)]
+    assert [r["id"] for r in rows] == [f"e{n:04d}" for n in range(1, 17)]
     by_id = {r["id"]: r for r in rows}
-    assert (by_id["e0008"]["parent"], by_id["e0008"]["vs_parent"]) == ("e0004", pytest.approx(-0.1))
-    assert by_id["e0004"]["vs_baseline"] == pytest.approx(-0.1)
-    assert [by_id[i]["status"] for i in ("e0006", "e0007", "e0009")] == ["crash", "rejected", "export_failed"]
+    assert (by_id[ids["best"]]["parent"], by_id[ids["best"]]["vs_parent"]) == (ids["first"], pytest.approx(-0.1))
+    assert by_id[ids["first"]]["vs_baseline"] == pytest.approx(0.8005 - 0.900125)
+    assert by_id[ids["first"]]["estimate"]["runs"] == 2 and by_id[ids["crash"]]["estimate"] is None
+    assert [by_id[ids[n]]["status"] for n in ("crash", "rejected", "no_export")] == ["crash", "rejected",
+                                                                                     "export_failed"]
     table = invoke(night.runs, "list").output
-    assert "export_failed" in table and "set {'LR': 0.3}" in table
+    assert "export_failed" in table and "set {'LR': 0.3}" in table and "confirm" in table
 
 
 def test_show_tells_the_whole_story_of_one_experiment(night):
-    result = invoke(night.runs, "show", "e0008")
+    ids = night.ids
+    result = invoke(night.runs, "show", ids["best"])
     assert result.exit_code == 0, result.output
-    out = result.output
-    assert "e0008 <- e0004 <- e0001 (baseline)" in out
-    assert "vs parent -0.100000" in out and "vs baseline -0.200000" in out
+    out = flat(result.output)
+    assert f"{ids['best']} <- {ids['first']} <- e0001 (baseline)" in out
+    assert "vs parent -0.100000" in out and "vs baseline -0.199625" in out
+    assert "gain +0.100000 bpb (95 % interval [+0.098110, +0.101890]) from 2 runs against 2 of the best" in out
+    assert "a keep needed a gain above 0.00" in out and "autoresearch verify" in out  # kept: the selection note
+    assert "runs of this train.py (seeds)" in out  # the experiment and its confirmation
     assert "datahash" in out and "img-" in out and "exit 0" in out
     assert "num_params_M" in out and "val_bpb_hex" in out  # metrics table and the eval.log tail
     assert "step 00020" in out  # train.log tail
     assert "+LR = 0.3" in out and "-LR = 0.2" in out  # the diff
 
-    data = json.loads(invoke(night.runs, "show", "e0006", "--json").output)
-    assert data["lineage"][-1] == "e0001" and data["status"] == "crash"
+    data = json.loads(invoke(night.runs, "show", ids["unproven"], "--json").output)
+    assert [(r["seed"], r["counted"], r["disturbed"]) for r in data["runs"]] == [
+        (None, True, None), (1, True, None), (2, True, None), (3, True, None)]
+    assert data["estimate"]["runs"] == 4 and data["estimate"]["low95"] < 0
+    discarded = flat(invoke(night.runs, "show", ids["unproven"]).output)
+    assert "from 4 runs against 2 of the best" in discarded and "autoresearch verify" not in discarded
+
+    data = json.loads(invoke(night.runs, "show", ids["crash"], "--json").output)
+    assert data["lineage"][-1] == "e0001" and data["status"] == "crash" and data["estimate"] is None
     assert "RuntimeError: shape mismatch" in data["logs"]["train.log"] and data["logs"]["eval.log"] is None
     assert data["phases"]["train"]["exit_code"] == 1 and data["phases"]["eval"]["exit_code"] is None
+
+
+def test_a_disturbed_run_is_shown_and_left_out(project):  # noqa: F811
+    recorded = record_night(project, script=(change(LR=0.2, SLOW="1"),))
+    (exp,) = recorded.experiments
+    data = json.loads(invoke(recorded.runs, "show", exp, "--json").output)
+    assert [(r["seed"], r["counted"]) for r in data["runs"]] == [(None, True), (1, False), (1, True)]
+    assert data["runs"][1]["disturbed"] == "trained 10 steps where the same code trained 20"
+    assert (data["decision"], data["estimate"]["runs"]) == ("keep", 2)
+    out = flat(invoke(recorded.runs, "show", exp).output)
+    assert "from 2 runs (3 spent) against 4 of the best" in out and "trained 10 steps where" in out
+    assert json.loads(invoke(recorded.runs, "status", "--json").output)["counts"]["disturbed"] == 1
+    disturbed = data["runs"][1]["id"]
+    assert "done (disturbed)" in invoke(recorded.runs, "list").output
+    assert "left out of every estimate" in flat(invoke(recorded.runs, "show", disturbed).output)
 
 
 def test_unknown_experiment_and_missing_night_are_one_line(night, tmp_path):
@@ -239,7 +322,7 @@ def test_the_latest_night_is_the_default_and_env_names_the_runs_dir(night, tmp_p
     latest = CliRunner().invoke(cli(), ["status", "--json"], env={"AR_RUNS_DIR": str(night.runs)})
     assert json.loads(latest.output)["tag"] == "u"
     older = json.loads(invoke(night.runs, "status", "--json", "--tag", "t").output)
-    assert older["best_id"] == "e0008"
+    assert older["best_id"] == night.ids["best"]
 
 
 def _copy_project(source: Path, where: Path) -> Path:
@@ -271,14 +354,15 @@ def test_a_night_of_only_failures(project):  # noqa: F811
     with pytest.raises(NightError, match="the baseline train.py ended in crash"):
         record_night(project, script=(change(LR=0.2),))
     runs = project.parent / "runs"
+    crashed = len(rows_of(types.SimpleNamespace(run_dir=runs / "t")))  # every baseline run
     fig = json.loads(invoke(runs, "status", "--json").output)
-    assert (fig["state"], fig["best_id"], fig["counts"]["failed"], fig["sigma"]) == ("ended", None, 3, None)
+    assert (fig["state"], fig["best_id"], fig["counts"]["failed"], fig["sigma"]) == ("ended", None, crashed, None)
     assert "noise: not measured yet" in invoke(runs, "status").output
     assert "nothing to plot yet" in one_line_error(invoke(runs, "plot"))
     assert invoke(runs, "review").output.startswith("nothing to review")
     assert invoke(runs, "report").exit_code == 0
     page = (runs / "t" / "report.html").read_text()
-    assert "crash (3)" in page and "RuntimeError: shape mismatch" in page
+    assert f"crash ({crashed})" in page and "RuntimeError: shape mismatch" in page
 
 
 def test_a_damaged_ledger_is_one_line(tmp_path):
@@ -290,19 +374,19 @@ def test_a_damaged_ledger_is_one_line(tmp_path):
 
 
 def test_half_written_experiment_directories(night):
-    run_dir = night.run_dir
-    (run_dir / "e0004" / "eval.log").write_bytes(b"\x00\xff garbage \x89PNG")
-    (run_dir / "e0008" / "out" / "trace.json").write_text('{"time_budget": 1.0, "num_st')
-    for path in sorted((run_dir / "e0005").rglob("*"), reverse=True):
+    run_dir, ids = night.run_dir, night.ids
+    (run_dir / ids["first"] / "eval.log").write_bytes(b"\x00\xff garbage \x89PNG")
+    (run_dir / ids["best"] / "out" / "trace.json").write_text('{"time_budget": 1.0, "num_st')
+    for path in sorted((run_dir / ids["unproven"]).rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
-    (run_dir / "e0005").rmdir()
+    (run_dir / ids["unproven"]).rmdir()
     with open(run_dir / "events.jsonl", "a") as f:
         f.write('{"timestamp": "2026-')  # the runner died mid-line
 
-    assert invoke(night.runs, "show", "e0004").exit_code == 0
-    shown = invoke(night.runs, "show", "e0005")
+    assert invoke(night.runs, "show", ids["first"]).exit_code == 0
+    shown = invoke(night.runs, "show", ids["unproven"])
     assert shown.exit_code == 0 and "(no log)" in shown.output
     assert invoke(night.runs, "status").exit_code == 0
     assert invoke(night.runs, "report").exit_code == 0
-    refused = one_line_error(invoke(night.runs, "rerun", "e0008", "--exact"))
+    refused = one_line_error(invoke(night.runs, "rerun", ids["best"], "--exact"))
     assert "--exact needs the recorded budget trace" in refused and "missing or unreadable" in refused

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import html
 import json
 import re
 
@@ -13,7 +14,8 @@ from runner import report
 from runner.gpus import Gpu
 from runner.ledger import Ledger
 from tests.test_loop import change
-from tests.test_morning import NIGHT_SCRIPT, invoke, night, project, record_night  # noqa: F401 (fixtures)
+from tests.test_morning import (BASELINES, NIGHT_SCRIPT, NOISE, invoke, night, project, record_night,  # noqa: F401
+                                rows_of)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -26,10 +28,12 @@ def test_the_chart_shows_kept_discarded_and_the_running_best(night):  # noqa: F8
     ledger = open_ledger(night)
     series = report.progress_series(ledger)
     ledger.close()
-    assert series.baseline == [(1, 0.9), (2, 0.901), (3, 0.899)]
-    assert series.kept == [(4, 0.8, "set {'LR': 0.2}"), (8, 0.7, "set {'LR': 0.3}")]
-    assert [seq for seq, _ in series.discarded] == [5, 10]  # failures have no val_bpb to draw
-    assert series.best == [(1, pytest.approx(0.9)), (4, 0.8), (8, 0.7), (10, 0.7)]
+    seq = {name: int(i[1:]) for name, i in night.ids.items()}
+    assert series.baseline == [(1, 0.9), (2, 0.901), (3, 0.899), (4, pytest.approx(0.9005))]
+    assert series.kept == [(seq["first"], 0.8, "set {'LR': 0.2}"), (seq["best"], 0.7, "set {'LR': 0.3}")]
+    assert [s for s, _ in series.discarded] == [seq["unproven"], seq["noisy"]]  # failures have no val_bpb to draw
+    assert series.best == [(1, pytest.approx(0.900125)), (seq["first"], pytest.approx(0.8005)),
+                           (seq["best"], pytest.approx(0.7005)), (seq["noisy"], pytest.approx(0.7005))]
 
     result = invoke(night.runs, "plot")
     assert result.exit_code == 0 and result.output == f"wrote {night.run_dir / 'progress.png'}\n"
@@ -39,29 +43,41 @@ def test_the_chart_shows_kept_discarded_and_the_running_best(night):  # noqa: F8
 
 
 def test_tsv_export_is_the_reference_format(night):  # noqa: F811
+    ids = night.ids
     lines = invoke(night.runs, "export", "--tsv").stdout.splitlines()
     assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
-    assert lines[4:] == [
-        "e0004\t0.800000\t0.0\tkeep\tset {'LR': 0.2}",
-        "e0005\t0.799000\t0.0\tdiscard\tset {'LR': 0.201}",
-        "e0006\t0.000000\t0.0\tcrash\tset {'BEHAVIOUR': 'crash'}",
-        "e0008\t0.700000\t0.0\tkeep\tset {'LR': 0.3}",
-        "e0009\t0.000000\t0.0\tcrash\tset {'BEHAVIOUR': 'no_export'}",
-        lines[9],
+    assert lines[5:] == [  # confirmation runs are not experiments of their own: left out
+        f"{ids['first']}\t0.800000\t0.0\tkeep\tset {{'LR': 0.2}}",
+        f"{ids['unproven']}\t0.799000\t0.0\tdiscard\tset {{'LR': 0.201}}",
+        f"{ids['crash']}\t0.000000\t0.0\tcrash\tset {{'BEHAVIOUR': 'crash'}}",
+        f"{ids['best']}\t0.700000\t0.0\tkeep\tset {{'LR': 0.3}}",
+        f"{ids['no_export']}\t0.000000\t0.0\tcrash\tset {{'BEHAVIOUR': 'no_export'}}",
+        lines[10],
     ]
-    assert re.fullmatch(r"e0010\t0\.7[0-9]{5}\t0\.0\tdiscard\tset \{'LR': 0\.25, 'BEHAVIOUR': 'noisy'\}", lines[9])
+    assert re.fullmatch(rf"{ids['noisy']}\t0\.7[0-9]{{5}}\t0\.0\tdiscard\tset \{{'LR': 0\.25, 'BEHAVIOUR': 'noisy'\}}",
+                        lines[10])
 
 
 def test_json_export_holds_every_column_and_the_settings(night):  # noqa: F811
     out = night.runs.parent / "night.json"
     assert invoke(night.runs, "export", "--json", "--out", str(out)).output == f"wrote {out}\n"
     data = json.loads(out.read_text())
-    assert data["tag"] == "t" and data["nights"][0]["settings"]["rule"] == {"k": 2.0, "min_delta": 0.001,
-                                                                           "confirm": False}
-    assert data["nights"][0]["sigma"] == pytest.approx(0.001)
+    ids = night.ids
+    assert data["tag"] == "t" and data["nights"][0]["settings"]["rule"] == {"alpha": 0.005, "max_runs": 4,
+                                                                           "min_delta": 0.0}
+    assert (data["nights"][0]["sigma"], data["nights"][0]["noise_df"]) == (pytest.approx(NOISE.sigma), 3)
     rows = {r["id"]: r for r in data["experiments"]}
-    assert len(rows) == 10 and rows["e0008"]["parent_id"] == "e0004" and "+LR = 0.3" in rows["e0008"]["diff"]
-    assert rows["e0007"]["reject_reason"] and "RuntimeError: shape mismatch" in rows["e0006"]["log_tail"]
+    assert len(rows) == 16 and rows[ids["best"]]["parent_id"] == ids["first"]
+    assert "+LR = 0.3" in rows[ids["best"]]["diff"]
+    assert rows[ids["rejected"]]["reject_reason"] and "RuntimeError: shape mismatch" in rows[ids["crash"]]["log_tail"]
+    # the kept changes: the estimate each keep rested on, and what it cost
+    first, best = data["kept"]
+    assert (first["id"], first["runs"], first["best_runs"], first["runs_spent"]) == (ids["first"], 2, 4, 2)
+    assert first["gain"] == pytest.approx(0.099625) and first["low95"] < first["gain"] < first["high95"]
+    assert (best["id"], best["val_bpb"], best["best_before"]) == (ids["best"], pytest.approx(0.7005),
+                                                                  pytest.approx(0.8005))
+    assert (best["low95"], best["high95"]) == (pytest.approx(0.098110, abs=1e-6), pytest.approx(0.101890, abs=1e-6))
+    assert "autoresearch verify" in data["kept_note"]
 
 
 def test_the_html_report_is_self_contained_and_complete(night):  # noqa: F811
@@ -70,12 +86,16 @@ def test_the_html_report_is_self_contained_and_complete(night):  # noqa: F811
     chart = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert chart and base64.b64decode(chart[1]).startswith(PNG)
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from elsewhere
-    # figures: noise, thresholds, throughput
-    for text in ("noise σ", "0.001000", "keep threshold", "0.002000", "experiments / hour", "duty cycle", "MFU"):
+    # figures: noise, the keep rule, throughput
+    for text in ("noise σ", f"{NOISE.sigma:.6f} (df 3", "keep rule", "alpha 0.005", "at most 4 runs",
+                 "smallest keepable gain", "experiments / hour", "duty cycle", "MFU"):
         assert text in page, text
-    # kept changes with their coloured diffs
+    # kept changes with their gain, interval and runs, the selection note once, and their coloured diffs
     assert '<span class="add">+LR = 0.3</span>' in page and '<span class="del">-LR = 0.2</span>' in page
-    assert "<td>e0008</td><td class=n>0.700000</td><td class=n>-0.100000</td><td class=n>-0.200000</td>" in page
+    assert (f"<td>{night.ids['best']}</td><td class=n>0.700500</td><td class=n>+0.100000</td>"
+            "<td class=n>[+0.098110, +0.101890]</td><td>2 runs against 2 of the best</td>"
+            "<td class=n>-0.199625</td>") in page
+    assert page.count(html.escape(report.SELECTION_NOTE)) == 1
     # failures grouped by status, with their log tails
     assert "<h3>crash (1)</h3>" in page and "<h3>export_failed (1)</h3>" in page
     assert "RuntimeError: shape mismatch in attention" in page
@@ -97,5 +117,13 @@ def test_duty_cycle_counts_every_gpu_of_the_night(project):  # noqa: F811
     ledger = open_ledger(recorded)
     fig = report.figures(ledger, recorded.run_dir)
     ledger.close()
-    assert (fig.slots, fig.training_seconds) == (2, 5.0)  # three baselines and two experiments
-    assert fig.duty_cycle == pytest.approx(5.0 / (fig.wall_seconds * 2))
+    trained = sum(r.training_seconds or 0 for r in rows_of(recorded))  # how many ran depends on the order they ended
+    assert (fig.slots, fig.training_seconds) == (2, trained) and trained >= len(BASELINES) + 2
+    assert fig.duty_cycle == pytest.approx(trained / (fig.wall_seconds * 2))
+
+
+def test_a_kept_change_shows_the_runs_it_spent(project):  # noqa: F811
+    recorded = record_night(project, script=(change(LR=0.2, SLOW="1"),))  # its first seed-1 run is disturbed
+    assert invoke(recorded.runs, "report").exit_code == 0
+    page = (recorded.run_dir / "report.html").read_text()
+    assert "<td>2 runs (3 spent) against 4 of the best</td>" in page

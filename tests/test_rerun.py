@@ -19,7 +19,8 @@ from runner.ledger import RERUN, Ledger
 from runner.loop import Dataset, Night
 from runner.settings import Settings
 from tests.test_loop import change
-from tests.test_morning import cli, invoke, night, one_line_error, project, record_night  # noqa: F401 (fixtures)
+from tests.test_morning import (NOISE, cli, invoke, night, one_line_error, project, record_night,  # noqa: F401
+                                rows_of)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,32 +32,30 @@ def sandbox(night, monkeypatch):  # noqa: F811
     return night.backend
 
 
-def ledger_rows(night):  # noqa: F811
-    ledger = Ledger(night.run_dir / "ledger.sqlite")
-    try:
-        return ledger.experiments()
-    finally:
-        ledger.close()
+def next_id(night) -> str:  # noqa: F811
+    return f"e{len(rows_of(night)) + 1:04d}"
 
 
 def test_exact_rerun_of_a_deterministic_experiment_is_bit_identical(night, sandbox):  # noqa: F811
-    result = invoke(night.runs, "rerun", "e0008", "--exact", "--json")
+    best, rerun_id = night.ids["best"], next_id(night)
+    result = invoke(night.runs, "rerun", best, "--exact", "--json")
     assert result.exit_code == 0, result.output
     verdict = json.loads(result.stdout)
-    assert verdict["identical"] is True and verdict["rerun_id"] == "e0011"
+    assert verdict["identical"] is True and verdict["rerun_id"] == rerun_id
     assert verdict["original"] == verdict["repeated"] == (0.7).hex()
     assert verdict["original_weights"] == verdict["repeated_weights"] is not None
     assert "BIT-IDENTICAL" in verdict["line"]
 
     spec = sandbox.specs[-2]  # phase 1 of the rerun
-    original = json.loads((night.run_dir / "e0008" / "out" / "trace.json").read_text())
+    original = json.loads((night.run_dir / best / "out" / "trace.json").read_text())
     assert spec.env["AR_DETERMINISTIC"] == "1" and spec.env["AR_REPLAY"] == "/out/replay_trace.json"
-    assert json.loads((night.run_dir / "e0011" / "out" / "replay_trace.json").read_text()) == original
+    assert json.loads((night.run_dir / rerun_id / "out" / "replay_trace.json").read_text()) == original
     assert spec.env["AR_TIME_BUDGET"] == repr(original["time_budget"]) and "AR_SEED" not in spec.env
-    row = ledger_rows(night)[-1]
-    assert (row.id, row.kind, row.target_id, row.status, row.val_bpb) == ("e0011", RERUN, "e0008", "done", 0.7)
-    assert row.description == "rerun --exact of e0008: bit-identical"
-    assert row.image == ledger_rows(night)[7].image and row.data_hash == "datahash"
+    rows = {r.id: r for r in rows_of(night)}
+    row = rows[rerun_id]
+    assert (row.kind, row.target_id, row.status, row.val_bpb, row.seed) == (RERUN, best, "done", 0.7, None)
+    assert row.description == f"rerun --exact of {best}: bit-identical"
+    assert row.image == rows[best].image and row.data_hash == "datahash"
     # a rerun is morning work: the night's figures do not count it
     assert json.loads(invoke(night.runs, "status", "--json").output)["counts"]["kept"] == 2
 
@@ -67,47 +66,68 @@ def test_the_recorded_seed_is_used(night, sandbox):  # noqa: F811
 
 
 def test_a_nondeterministic_experiment_is_reported_not_reproducible(night, sandbox):  # noqa: F811
-    result = invoke(night.runs, "rerun", "e0010", "--exact")
+    noisy, rerun_id = night.ids["noisy"], next_id(night)
+    result = invoke(night.runs, "rerun", noisy, "--exact")
     assert result.exit_code == 0, result.output  # a finding about the experiment, not a failure of the tool
     line = result.stdout.strip()
-    assert line.startswith("e0010 (rerun e0011): NOT REPRODUCIBLE: val_bpb ")
+    assert line.startswith(f"{noisy} (rerun {rerun_id}): NOT REPRODUCIBLE: val_bpb ")
     assert "train.py itself is not deterministic" in line
-    assert ledger_rows(night)[-1].description == "rerun --exact of e0010: not reproducible"
+    assert rows_of(night)[-1].description == f"rerun --exact of {noisy}: not reproducible"
 
 
 def test_a_timed_rerun_measures_noise_without_replay(night, sandbox):  # noqa: F811
-    verdict = json.loads(invoke(night.runs, "rerun", "e0008", "--json").stdout)
+    best, rerun_id = night.ids["best"], next_id(night)
+    verdict = json.loads(invoke(night.runs, "rerun", best, "--json").stdout)
     assert "AR_REPLAY" not in sandbox.specs[-2].env
-    assert (verdict["exact"], verdict["difference"], verdict["sigma"]) == (False, 0.0, pytest.approx(0.001))
-    assert verdict["line"] == "e0008 (rerun e0011): timed rerun, val_bpb 0.700000 -> 0.700000 (+0, 0.00 sigma)."
+    assert (verdict["exact"], verdict["difference"], verdict["sigma"]) == (False, 0.0, pytest.approx(NOISE.sigma))
+    assert verdict["line"] == f"{best} (rerun {rerun_id}): timed rerun, val_bpb 0.700000 -> 0.700000 (+0, 0.00 sigma)."
+
+
+def test_a_timed_rerun_on_another_seed_is_recorded_with_it(night, sandbox):  # noqa: F811
+    ledger = Ledger(night.run_dir / "ledger.sqlite")
+    try:
+        verdict = reruns.rerun(ledger, night.run_dir, night.ids["best"], exact=False, seed=1001, backend=sandbox)
+        row = ledger.get(verdict.rerun_id)
+        with pytest.raises(reruns.RerunRefused, match="an exact rerun replays the recorded seed"):
+            reruns.rerun(ledger, night.run_dir, night.ids["best"], exact=True, seed=1001, backend=sandbox)
+    finally:
+        ledger.close()
+    assert sandbox.specs[-1].env["AR_SEED"] == "1001" and row.seed == 1001
+    assert row.description.startswith(f"rerun of {night.ids['best']} on seed 1001: timed")
+    assert verdict.repeated_value == pytest.approx(0.701)  # the seed's own noise
+
+
+def remove_image(night, backend, name):  # noqa: F811
+    backend.remove_image(next(r.image for r in rows_of(night) if r.id == night.ids[name]))
 
 
 @pytest.mark.parametrize("damage, exp, message", [
-    (lambda n, b: b.remove_image(next(r.image for r in ledger_rows(n) if r.id == "e0008")), "e0008",
-     "the image of e0008 (img-"),
-    (lambda n, b: (n.data / "manifest.json").write_text('{"hash": "otherhash"}'), "e0008",
-     "changed since e0008 ran (manifest otherhash, recorded datahash)"),
-    (lambda n, b: (n.data / "manifest.json").unlink(), "e0008", "the data of e0008 is gone"),
-    (lambda n, b: (n.run_dir / "e0008" / "out" / "trace.json").unlink(), "e0008", "--exact needs the recorded"),
-    (lambda n, b: None, "e0006", "e0006 ended in crash, so there is no val_bpb to reproduce"),
+    (lambda n, b: remove_image(n, b, "best"), "best", "the image of {best} (img-"),
+    (lambda n, b: (n.data / "manifest.json").write_text('{"hash": "otherhash"}'), "best",
+     "changed since {best} ran (manifest otherhash, recorded datahash)"),
+    (lambda n, b: (n.data / "manifest.json").unlink(), "best", "the data of {best} is gone"),
+    (lambda n, b: (n.run_dir / n.ids["best"] / "out" / "trace.json").unlink(), "best", "--exact needs the recorded"),
+    (lambda n, b: None, "crash", "{crash} ended in crash, so there is no val_bpb to reproduce"),
     (lambda n, b: None, "e0099", "no experiment e0099"),
 ])
 def test_refusals_are_one_line_and_run_nothing(night, sandbox, damage, exp, message):  # noqa: F811
     damage(night, sandbox)
-    runs_before, rows_before = len(sandbox.runs), len(ledger_rows(night))
-    assert message in one_line_error(invoke(night.runs, "rerun", exp, "--exact"))
-    assert (len(sandbox.runs), len(ledger_rows(night))) == (runs_before, rows_before)
+    runs_before, rows_before = len(sandbox.runs), len(rows_of(night))
+    error = one_line_error(invoke(night.runs, "rerun", night.ids.get(exp, exp), "--exact"))
+    assert message.format(**night.ids) in error
+    assert (len(sandbox.runs), len(rows_of(night))) == (runs_before, rows_before)
 
 
 def test_gpu_reruns_name_the_hardware(project):  # noqa: F811
     recorded = record_night(project, script=(change(LR=0.2, BEHAVIOUR="noisy"),),
                             gpus=[Gpu(0, "GPU-a", "Fake H100", "580.1")])
+    (exp,) = recorded.experiments
     ledger = Ledger(recorded.run_dir / "ledger.sqlite")
     try:
         with pytest.raises(reruns.RerunRefused, match=r"ran on a GPU \(Fake H100\) and this host has none"):
-            reruns.rerun(ledger, recorded.run_dir, "e0004", exact=True, backend=recorded.backend, inventory=list)
+            reruns.rerun(ledger, recorded.run_dir, exp, exact=True, backend=recorded.backend, inventory=list)
         other = [Gpu(0, "GPU-b", "Fake H200", "590.2")]
-        verdict = reruns.rerun(ledger, recorded.run_dir, "e0004", exact=True, backend=recorded.backend,
+        verdict = reruns.rerun(ledger, recorded.run_dir, exp, exact=True, backend=recorded.backend,
                                inventory=lambda: other)
     finally:
         ledger.close()
@@ -152,14 +172,17 @@ def test_bit_for_bit_rerun_of_a_real_cpu_experiment(sandbox_name, tiny_data, tmp
         shutil.copyfile(ROOT / name, root / name)
     unseeded = OneProposal("learning rate from os.urandom",
                            lambda text: re.sub(r"^MATRIX_LR = .*$", UNSEEDED_LR, text, count=1, flags=re.MULTILINE))
-    settings = Settings(root=root, runs_dir=tmp_path / "runs", tag="real", budget=BUDGET_S, baseline_runs=1,
+    settings = Settings(root=root, runs_dir=tmp_path / "runs", tag="real", budget=BUDGET_S, baseline_runs=2,
                         max_experiments=1, max_diff_retries=1)
     ledger = Ledger(settings.run_dir / "ledger.sqlite")
     manifest = json.loads((tiny_data / "manifest.json").read_text())["hash"]
     Night(settings, ledger=ledger, backend=backend, agent=unseeded, gpus=[], data=Dataset(tiny_data, manifest)).run()
     rows = ledger.experiments()
     ledger.close()
-    assert [(r.id, r.kind, r.status) for r in rows] == [("e0001", "baseline", "done"), ("e0002", "experiment", "done")]
+    # baselines first (a disturbed one is run again), then the experiment and any confirmations of it
+    exp = next(r for r in rows if r.kind == "experiment")
+    assert (rows[0].id, rows[0].kind, rows[0].status, exp.status) == ("e0001", "baseline", "done", "done")
+    after = f"e{len(rows) + 2:04d}"  # the second rerun's id
 
     monkeypatch.setattr(reruns, "open_backend", lambda name: backend)  # the instance that is ready
     runner = CliRunner()
@@ -170,7 +193,7 @@ def test_bit_for_bit_rerun_of_a_real_cpu_experiment(sandbox_name, tiny_data, tmp
     assert verdict["original"] == verdict["repeated"] and verdict["original"].startswith("0x1.")
     assert verdict["original_weights"] == verdict["repeated_weights"] is not None
 
-    other = runner.invoke(cli(), ["rerun", "e0002", "--exact", "--runs-dir", str(tmp_path / "runs")])
+    other = runner.invoke(cli(), ["rerun", exp.id, "--exact", "--runs-dir", str(tmp_path / "runs")])
     assert other.exit_code == 0, other.output
-    assert "e0002 (rerun e0004): NOT REPRODUCIBLE" in other.stdout
+    assert f"{exp.id} (rerun {after}): NOT REPRODUCIBLE" in other.stdout
     assert "train.py itself is not deterministic" in other.stdout

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from runner.ledger import Ledger
 from runner.review import queue
-from tests.test_morning import cli, invoke, night, one_line_error, project  # noqa: F401 (fixtures)
+from tests.test_morning import cli, flat, invoke, night, one_line_error, project  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -51,55 +51,62 @@ def review(night, *args, input=None):  # noqa: F811
 
 
 def test_the_queue_holds_pending_keeps_best_first(night):  # noqa: F811
+    first, best = night.ids["first"], night.ids["best"]
     ledger = Ledger(night.run_dir / "ledger.sqlite")
     items = queue(ledger)
     ledger.close()
-    assert [(i.row.id, i.value, i.parent.id) for i in items] == [("e0008", 0.7, "e0004"), ("e0004", 0.8, "e0001")]
-    assert [round(i.vs_baseline, 6) for i in items] == [-0.2, -0.1]
+    assert [(i.row.id, i.value, i.parent.id) for i in items] == [(best, pytest.approx(0.7005), first),
+                                                                 (first, pytest.approx(0.8005), "e0001")]
+    assert [round(i.vs_baseline, 6) for i in items] == [-0.199625, -0.099625]
 
 
 def test_accepting_the_best_brings_its_kept_parent_and_commits_only_train_py(night, repo):  # noqa: F811
+    first, best = night.ids["first"], night.ids["best"]
     result = review(night, input="a\n")
     assert result.exit_code == 0, result.output
     assert "set {'LR': 0.3}" in result.output and "+LR = 0.3" in result.output  # the card and its diff
-    assert "accepted e0008 (with e0004)" in result.output and "committed" in result.output
-    assert result.output.rstrip().endswith("end of the review queue.")  # e0004 went in with e0008
-    assert (repo / "train.py").read_text() == (night.run_dir / "e0008" / "train.py").read_text()
+    card = flat(result.output)
+    assert "gain +0.100000 bpb (95 % interval [+0.098110, +0.101890]) over the best before it" in card
+    assert "2 runs against 2 of the best" in card and "autoresearch verify" in card
+    assert f"accepted {best} (with {first})" in result.output and "committed" in result.output
+    assert result.output.rstrip().endswith("end of the review queue.")  # the first went in with the best
+    assert (repo / "train.py").read_text() == (night.run_dir / best / "train.py").read_text()
 
     assert git(repo, "show", "--name-only", "--format=", "HEAD").split() == ["train.py"]
     message = git(repo, "log", "-1", "--format=%B")
-    assert message.startswith("set {'LR': 0.3} (e0008)\n")
-    assert "val_bpb 0.700000, -0.100000 vs parent e0004, -0.200000 vs baseline 0.900000" in message
-    assert "e0004: set {'LR': 0.2}" in message and "Accepted from autoresearch night t." in message
+    assert message.startswith(f"set {{'LR': 0.3}} ({best})\n")
+    assert f"val_bpb 0.700500, -0.100000 vs parent {first}, -0.199625 vs baseline 0.900125" in message
+    assert f"{first}: set {{'LR': 0.2}}" in message and "Accepted from autoresearch night t." in message
     staged = git(repo, "status", "--porcelain", "--untracked-files=no").splitlines()
     assert staged == ["M  program.md"]  # still staged, not committed
     commit = git(repo, "rev-parse", "HEAD").strip()
-    assert states(night, "e0008", "e0004") == [("accepted", f"commit {commit}"),
-                                               ("accepted", f"commit {commit}; with e0008")]
+    assert states(night, best, first) == [("accepted", f"commit {commit}"), ("accepted", f"commit {commit}; with {best}")]
 
 
 def test_reject_skip_and_quit(night, repo):  # noqa: F811
+    first, best = night.ids["first"], night.ids["best"]
     result = review(night, input="x\nr\nworse on my data\ns\n")
     assert result.exit_code == 0, result.output
-    assert "rejected e0008" in result.output and "end of the review queue." in result.output
-    assert states(night, "e0008", "e0004") == [("rejected", "worse on my data"), ("pending", None)]
+    assert f"rejected {best}" in result.output and "end of the review queue." in result.output
+    assert states(night, best, first) == [("rejected", "worse on my data"), ("pending", None)]
 
     quit_early = review(night, input="q\n")
-    assert "e0004" in quit_early.output and "end of the review queue" not in quit_early.output
-    assert states(night, "e0004") == [("pending", None)]
+    assert first in quit_early.output and "end of the review queue" not in quit_early.output
+    assert states(night, first) == [("pending", None)]
     assert git(repo, "rev-list", "--count", "HEAD").strip() == "1"
 
 
 def test_accept_one_by_one_from_a_script(night, repo):  # noqa: F811
-    first = CliRunner().invoke(cli(), ["review", "--runs-dir", str(night.runs), "--train-py", str(repo / "train.py"),
-                                       "accept", "e0004"])
-    assert first.exit_code == 0 and first.output.startswith("accepted e0004: "), first.output
-    second = review(night, "accept", "e0008")
-    assert second.output.startswith("accepted e0008: ") and "(with" not in second.output
-    assert git(repo, "log", "--format=%s").splitlines() == ["set {'LR': 0.3} (e0008)", "set {'LR': 0.2} (e0004)",
-                                                            "start"]
-    again = review(night, "accept", "e0008")
-    assert again.output.startswith("accepted e0008: ") and "already holds this change" in again.output
+    first, best = night.ids["first"], night.ids["best"]
+    one = CliRunner().invoke(cli(), ["review", "--runs-dir", str(night.runs), "--train-py", str(repo / "train.py"),
+                                     "accept", first])
+    assert one.exit_code == 0 and one.output.startswith(f"accepted {first}: "), one.output
+    two = review(night, "accept", best)
+    assert two.output.startswith(f"accepted {best}: ") and "(with" not in two.output
+    assert git(repo, "log", "--format=%s").splitlines() == [f"set {{'LR': 0.3}} ({best})",
+                                                            f"set {{'LR': 0.2}} ({first})", "start"]
+    again = review(night, "accept", best)
+    assert again.output.startswith(f"accepted {best}: ") and "already holds this change" in again.output
     assert json_queue(night) == []
 
 
@@ -108,45 +115,51 @@ def json_queue(night):  # noqa: F811
 
 
 def test_a_change_that_no_longer_applies_is_a_conflict(night, repo):  # noqa: F811
+    first, best = night.ids["first"], night.ids["best"]
     edited = (repo / "train.py").read_text().replace("LR = 0.1", "LR = 0.15")
     (repo / "train.py").write_text(edited)
-    error = one_line_error(review(night, "accept", "e0004"))
-    assert "e0004 does not apply to" in error and "`autoresearch show e0004`" in error
+    error = one_line_error(review(night, "accept", first))
+    assert f"{first} does not apply to" in error and f"`autoresearch show {first}`" in error
     assert (repo / "train.py").read_text() == edited
-    assert states(night, "e0004") == [("pending", None)]
+    assert states(night, first) == [("pending", None)]
     interactive = review(night, input="a\nq\n")
-    assert "conflict: e0008 does not apply" in interactive.output  # the best one first, then quit
+    assert f"conflict: {best} does not apply" in interactive.output  # the best one first, then quit
 
 
 def test_a_change_on_top_of_a_rejected_one_cannot_go_in_alone(night, repo):  # noqa: F811
-    assert invoke(night.runs, "review", "reject", "e0004", "--why", "too aggressive").output == "rejected e0004\n"
-    error = one_line_error(review(night, "accept", "e0008"))
-    assert "e0008 builds on e0004" in error and "you rejected it" in error
-    assert states(night, "e0004", "e0008") == [("rejected", "too aggressive"), ("pending", None)]
+    first, best = night.ids["first"], night.ids["best"]
+    assert invoke(night.runs, "review", "reject", first, "--why", "too aggressive").output == f"rejected {first}\n"
+    error = one_line_error(review(night, "accept", best))
+    assert f"{best} builds on {first}" in error and "you rejected it" in error
+    assert states(night, first, best) == [("rejected", "too aggressive"), ("pending", None)]
 
 
 def test_only_kept_changes_are_reviewed(night):  # noqa: F811
-    assert "only kept changes are reviewed" in one_line_error(invoke(night.runs, "review", "reject", "e0005"))
-    assert "only kept changes are reviewed" in one_line_error(review(night, "accept", "e0006"))
+    unproven, crash = night.ids["unproven"], night.ids["crash"]
+    assert "only kept changes are reviewed" in one_line_error(invoke(night.runs, "review", "reject", unproven))
+    assert "only kept changes are reviewed" in one_line_error(review(night, "accept", crash))
 
 
 def test_outside_git_train_py_is_updated_without_a_commit(night):  # noqa: F811
-    result = review(night, "accept", "e0004")
+    first = night.ids["first"]
+    result = review(night, "accept", first)
     assert result.exit_code == 0 and "not a git work tree, nothing committed" in result.output
     assert "LR = 0.2" in (night.project / "train.py").read_text()
-    assert states(night, "e0004") == [("accepted", "")]
+    assert states(night, first) == [("accepted", "")]
 
 
 def test_a_failing_commit_is_one_line_and_train_py_keeps_the_change(night, repo):  # noqa: F811
+    first = night.ids["first"]
     hook = repo / ".git" / "hooks" / "pre-commit"
     hook.write_text("#!/bin/sh\necho 'refused by policy' >&2\nexit 1\n")
     hook.chmod(0o755)
-    error = one_line_error(review(night, "accept", "e0004"))
-    assert "e0004 was applied to" in error and "git commit failed: refused by policy" in error
+    error = one_line_error(review(night, "accept", first))
+    assert f"{first} was applied to" in error and "git commit failed: refused by policy" in error
     assert "LR = 0.2" in (repo / "train.py").read_text()
-    assert states(night, "e0004") == [("accepted", "applied; git commit failed")]
+    assert states(night, first) == [("accepted", "applied; git commit failed")]
 
 
 def test_a_missing_train_py_is_one_line(night, tmp_path):  # noqa: F811
-    result = invoke(night.runs, "review", "accept", "e0004", "--train-py", str(tmp_path / "none.py"))
+    first = night.ids["first"]
+    result = invoke(night.runs, "review", "accept", first, "--train-py", str(tmp_path / "none.py"))
     assert "there is no train.py at" in one_line_error(result)

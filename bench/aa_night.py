@@ -3,7 +3,7 @@
     uv run python bench/aa_night.py --mode aa    [--budget 300] [--max-experiments 40] [--sandbox docker] [-- overnight options]
     uv run python bench/aa_night.py --mode power [--budget 300] [--max-experiments 10] [--sandbox docker] [-- overnight options]
 
-Both run `uv run autoresearch overnight --agent command` with bench/agents/nudge.py,
+Both run `autoresearch overnight --agent command` (this checkout's runner, this interpreter) with bench/agents/nudge.py,
 which proposes only effect-free changes (a float constant moved by one part in a
 million), so each keep of such a change is a false keep. The figures come from the
 night's ledger afterwards.
@@ -111,13 +111,15 @@ def main() -> int:
     if args.mode == "power":
         project = work
         agent += ["--repair", f"{DEGRADED}={degraded_project(work)}"]
-    command = ["uv", "run", "--project", str(ROOT), "autoresearch", "overnight", "--agent", "command",
+    command = [sys.executable, "-c", "from runner.cli import main; main()", "overnight", "--agent", "command",
                "--agent-command", shlex.join(agent), "--sandbox", args.sandbox, "--budget", str(args.budget),
                "--max-experiments", str(args.max_experiments), "--baseline-runs", str(args.baseline_runs),
                "--source", args.source, "--gpus", args.gpus, "--tag", tag, *args.extra]
     print(f"$ cd {shlex.quote(str(project))} && AR_BENCH_STATE={work / 'state.json'} {shlex.join(command)}", flush=True)
     started = time.monotonic()
-    done = subprocess.run(command, cwd=project, env={**os.environ, "AR_BENCH_STATE": str(work / "state.json")})
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the runner of this checkout
+    done = subprocess.run(command, cwd=project,
+                          env={**os.environ, "AR_BENCH_STATE": str(work / "state.json"), "PYTHONPATH": path})
     print(f"\nexit {done.returncode} after {time.monotonic() - started:.0f} s; work dir {work}")
     ledger_path = project / "runs" / tag / "ledger.sqlite"  # the CLI has no runs-dir option: runs/ under its root
     if not ledger_path.exists():

@@ -27,7 +27,8 @@ from runner.records import Records
 
 log = structlog.get_logger(__name__)
 
-DISTURBED_SHORTFALL = 0.05  # fewer steps than this share below the same code's most: disturbed
+DISTURBED_SHORTFALL = 0.1  # fewer steps than this share below the same code's most: disturbed ...
+DISTURBED_MIN_STEPS = 3  # ... and at least this many fewer (a short CPU run's steps jitter by one or two)
 DISTURBED_RERUNS = 2  # extra runs a candidate may spend on replacing disturbed ones
 
 
@@ -36,6 +37,13 @@ def code_key(row: Experiment) -> str:
     if row.kind == BASELINE:
         return BASELINE
     return row.target_id if row.kind == CONFIRM and row.target_id else row.id
+
+
+def runs_of(ledger: Ledger, key: str) -> list[Experiment]:
+    """Every row of one code (a `code_key`), finished or not."""
+    if key == BASELINE:
+        return ledger.experiments(kinds=[BASELINE])
+    return [ledger.get(key), *ledger.confirmations_of(key)]
 
 
 def seed_index(seed: int | None) -> int:
@@ -50,7 +58,8 @@ def flag_disturbed(ledger: Ledger, rows: list[Experiment]) -> list[Experiment]:
     done = [r for r in rows if r.status == DONE and r.num_steps]
     most = max((r.num_steps for r in done), default=0)
     for row in done:
-        if row.disturbed is None and row.num_steps < (1 - DISTURBED_SHORTFALL) * most:
+        short = most - row.num_steps
+        if row.disturbed is None and short > DISTURBED_SHORTFALL * most and short >= DISTURBED_MIN_STEPS:
             reason = f"trained {row.num_steps} steps where the same code trained {most}"
             ledger.update(row.id, disturbed=reason)
             log.warning("experiment.disturbed", exp=row.id, steps=row.num_steps, most=most)
@@ -84,12 +93,6 @@ class Judge:
                 groups.setdefault(code_key(row), []).append(row.val_bpb)
         return decision.pooled_noise(list(groups.values()))
 
-    def runs_of(self, key: str) -> list[Experiment]:
-        """Every row of one code, finished or not."""
-        if key == BASELINE:
-            return self.ledger.experiments(kinds=[BASELINE])
-        return [self.ledger.get(key), *self.ledger.confirmations_of(key)]
-
     def after(self, exp_id: str, *, may_confirm: bool = True) -> Experiment | None:
         """Look at the candidate of a row that just ended; returns its next run, if it needs one."""
         row = self.ledger.get(exp_id)
@@ -105,14 +108,14 @@ class Judge:
     def _look(self, candidate: Experiment, may_confirm: bool) -> Experiment | None:
         if candidate.decision is not None or candidate.status != DONE:
             return None  # decided already, or the experiment itself failed (not a candidate)
-        rows = flag_disturbed(self.ledger, self.runs_of(candidate.id))
+        rows = flag_disturbed(self.ledger, runs_of(self.ledger, candidate.id))
         if any(r.status in UNFINISHED for r in rows):
             return None  # a run is owed; it decides when it ends
         failed = [r for r in rows if r.status in FAILURES and r.status != "cancelled"]
         values = [r.val_bpb for r in rows if r.counts]
         with self._lock:
             best = self._best
-            best_rows = flag_disturbed(self.ledger, self.runs_of(code_key(self.ledger.get(best.exp_id))))
+            best_rows = flag_disturbed(self.ledger, runs_of(self.ledger, code_key(self.ledger.get(best.exp_id))))
             if not values:  # its only runs were disturbed: run a seed again
                 verdict, est = decision.MORE, None
             else:

@@ -226,8 +226,9 @@ class Night:
             self._work(propose=False)
             if self._stop.is_set():
                 return self._stop_reason()
-            if not self._new_baselines(dry=True):
-                break
+            rows = self.ledger.experiments(kinds=[BASELINE], night_id=self.night_id)
+            if any(r.status in FAILURES for r in rows) or not self._new_baselines(dry=True):
+                break  # a failed baseline ends the night below; only disturbed ones are run again
         self.judge = self._start_judging()
         self._queue(r for r in owed if r.kind != BASELINE)
         self._queue(self.judge.settle_undecided())

@@ -64,7 +64,7 @@ def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, con
                 reason = night.run(on_tick=line.show)
         finally:
             signal.signal(signal.SIGTERM, previous)
-        baseline = night.noise.mean if night.noise else None
+        baseline = night.baseline_mean
         console.print(summary_table(ledger.experiments(night_id=night.night_id), baseline))
         console.print(f"stopped: {reason}; ledger {ledger.path}; resume with --tag {settings.tag}")
         ledger.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.decision import DISCARD, KEEP
-from runner.judge import code_key
+from runner.judge import code_key, runs_of
 from runner.ledger import BASELINE, CONFIRM, DONE, EXPERIMENT, FAILURES, REJECTED, UNFINISHED, Experiment, Ledger
 from runner.review import baseline_mean, item
 from sandbox.runlog import tail
@@ -190,10 +190,7 @@ def _wall_seconds(nights: list[dict], open_end: datetime | None) -> float:
 
 def code_runs(ledger: Ledger, row: Experiment) -> list[Experiment]:
     """Every run of `row`'s train.py in the night: all baselines, or an experiment and its confirmations."""
-    key = code_key(row)
-    if key == BASELINE:
-        return ledger.experiments(kinds=[BASELINE])
-    return [ledger.get(key), *ledger.confirmations_of(key)]
+    return runs_of(ledger, code_key(row))
 
 
 def runs_spent(ledger: Ledger, row: Experiment) -> int:

@@ -27,7 +27,7 @@ from typing import Callable
 import structlog
 
 import contract
-from sandbox.budget_guard import Allowance, BudgetRule
+from sandbox.budget_guard import CPU_WALL_STRETCH, Allowance, BudgetRule
 from sandbox.runlog import tail
 from sandbox.spec import Backend, CancelToken, Limits, Mount, Phase, RunResult, RunSpec, Status
 
@@ -35,6 +35,9 @@ log = structlog.get_logger(__name__)
 
 DONE = "done"
 BACKSTOP_S = 30.0  # the hard deadline of phase 1 lies this far beyond everything the budget rule allows
+# Phase 2 is the harness's own fixed work; its deadline is a liveness bound. A CPU shared with
+# other load stretches it (the CPU profile's budget is CPU time for the same reason).
+EVAL_DEADLINE_S = {"gpu": 120.0, "cpu": 120.0 * CPU_WALL_STRETCH}
 MAX_REPORT_BYTES = 2**20  # a larger summary.json or trace.json from phase 1 is not read at all
 
 
@@ -51,7 +54,7 @@ class ExperimentSpec:
     replay_trace: Path | None = None  # rerun --exact: replay this phase-1 trace
     seed: int | None = None  # the harness seed (AR_SEED), e.g. for confirmation runs
     allowance: Allowance | None = None  # what phase 1 may spend beside its budget; None: the profile's defaults
-    eval_deadline_s: float = 120.0
+    eval_deadline_s: float | None = None  # None: EVAL_DEADLINE_S of the profile
 
     @property
     def profile(self) -> str:
@@ -141,7 +144,7 @@ def _run_spec(spec: ExperimentSpec, phase: Phase, attempt: str, nonce: str) -> R
     if phase is Phase.TRAIN:
         deadline = rule.budget_wall_s + rule.allowance.startup_s + rule.allowance.export_s + BACKSTOP_S
     else:
-        deadline = spec.eval_deadline_s
+        deadline = spec.eval_deadline_s or EVAL_DEADLINE_S[spec.profile]
     return RunSpec(
         run_id=f"{spec.exp_id}-{phase.value}-{attempt}",
         image=spec.image,

@@ -22,6 +22,7 @@ from runner.ledger import Ledger
 from runner.logging import night_log
 from runner.loop import Dataset, Night, NightError
 from runner.settings import Settings, cache_dir, data_hash
+from runner.verify import hint as verify_hint
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +68,8 @@ def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, con
         baseline = night.baseline_mean
         console.print(summary_table(ledger.experiments(night_id=night.night_id), baseline))
         console.print(f"stopped: {reason}; ledger {ledger.path}; resume with --tag {settings.tag}")
+        if ledger.best_kept() is not None:
+            console.print(verify_hint(settings.tag))
         ledger.close()
         return reason
 

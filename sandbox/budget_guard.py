@@ -93,10 +93,22 @@ class BudgetRule:
     cpu_threads: int | None = None  # CPU profile: the budget is CPU time of this many threads
 
     @property
+    def wall_stretch(self) -> float:
+        """CPU profile: every wall bound stretches, since other load slows the run; compute decides there."""
+        return CPU_WALL_STRETCH if self.cpu_threads else 1.0
+
+    @property
     def budget_wall_s(self) -> float:
         """How long the budget may last by the wall clock (on the CPU profile only a liveness bound)."""
-        stretch = (REPLAY_STRETCH if self.replay else 1.0) * (CPU_WALL_STRETCH if self.cpu_threads else 1.0)
-        return self.budget_s * stretch
+        return self.budget_s * (REPLAY_STRETCH if self.replay else 1.0) * self.wall_stretch
+
+    @property
+    def startup_wall_s(self) -> float:
+        return self.allowance.startup_s * self.wall_stretch
+
+    @property
+    def export_wall_s(self) -> float:
+        return self.allowance.export_s * self.wall_stretch
 
     @property
     def budget_cpu_s(self) -> float | None:
@@ -180,13 +192,13 @@ class Account:
         now = time.monotonic() if now is None else now
         allowance = self.rule.allowance
         if self.budget_started is None:
-            if now - self.process_started > allowance.startup_s:
-                return f"the training budget did not start within the start-up allowance of {allowance.startup_s:.0f} s"
+            if now - self.process_started > self.rule.startup_wall_s:
+                return f"the training budget did not start within the start-up allowance of {self.rule.startup_wall_s:.0f} s"
             return None
         with self._lock:
             end = self._budget_end()
-        if now > end + allowance.export_s:
-            return (f"still running {allowance.export_s:.0f} s after its {self.rule.budget_s:g} s budget ended "
+        if now > end + self.rule.export_wall_s:
+            return (f"still running {self.rule.export_wall_s:.0f} s after its {self.rule.budget_s:g} s budget ended "
                     "(training past the budget)")
         return None
 

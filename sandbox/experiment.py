@@ -142,7 +142,7 @@ def _run_spec(spec: ExperimentSpec, phase: Phase, attempt: str, nonce: str) -> R
     command = ["python3", "train.py"] if phase is Phase.TRAIN else ["python3", "prepare.py", "evaluate"]
     rule = spec.budget_rule
     if phase is Phase.TRAIN:
-        deadline = rule.budget_wall_s + rule.allowance.startup_s + rule.allowance.export_s + BACKSTOP_S
+        deadline = rule.budget_wall_s + rule.startup_wall_s + rule.export_wall_s + BACKSTOP_S
     else:
         deadline = spec.eval_deadline_s or EVAL_DEADLINE_S[spec.profile]
     return RunSpec(

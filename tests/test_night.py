@@ -128,7 +128,7 @@ def test_a_night_in_miniature(project, docker_client, tmp_path):
     assert (rejected.status, rejected.attempts, rejected.image) == ("rejected", 2, None)
     assert "train.py" in rejected.reject_reason
     assert (good.status, good.decision, good.review_state) == ("done", "keep", "pending")
-    assert good.val_bpb < baseline[0].val_bpb and good.best_before == pytest.approx(night.noise.mean)
+    assert good.val_bpb < baseline[0].val_bpb and good.best_before == pytest.approx(night.baseline_mean)
     assert good.num_steps and good.training_seconds and good.total_seconds and good.metrics["val_bpb"] == good.val_bpb
     assert searched.parent_id in (baseline[0].id, good.id) and searched.agent == "scripted+search"
     assert searched.status in ("done", "crash", "timeout", "oom", "export_failed") and searched.diff

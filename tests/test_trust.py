@@ -183,8 +183,9 @@ def test_on_the_cpu_profile_the_budget_is_cpu_time_so_other_load_stretches_it():
     assert (acc.budget_ended, acc.cpu["during"], acc.cpu["after"]) == (1230.0, 200.0, 10.0)
     acc.on_cpu_total(212.0, at=1235.0)  # export
     assert acc.cpu["after"] == 12.0
-    assert acc.overdue(now=1239.0) is None  # the export allowance counts from the budget's end
-    assert "training past the budget" in acc.overdue(now=1241.0)
+    # the export allowance (10 s, stretched like every wall bound on the CPU) counts from the budget's end
+    assert acc.overdue(now=1230.0 + 10 * CPU_WALL_STRETCH - 1) is None
+    assert "training past the budget" in acc.overdue(now=1230.0 + 10 * CPU_WALL_STRETCH + 1)
     assert acc.finish(exited=1236.0) is None and acc.report()["exited_after_s"] == 6.0
 
 
@@ -193,8 +194,15 @@ def test_a_cpu_budget_that_is_never_used_up_ends_at_the_wall_stretch():
     start(acc, 1020.0)
     acc.on_cpu_total(0.0, at=1020.0)
     acc.on_cpu_total(1.0, at=1400.0)  # asleep, or starved
-    assert acc.overdue(now=1020.0 + 100 * CPU_WALL_STRETCH + 9) is None
-    assert "training past the budget" in acc.overdue(now=1020.0 + 100 * CPU_WALL_STRETCH + 11)
+    end = 1020.0 + (100 + 10) * CPU_WALL_STRETCH  # budget and export allowance, both stretched
+    assert acc.overdue(now=end - 1) is None
+    assert "training past the budget" in acc.overdue(now=end + 1)
+
+
+def test_on_the_cpu_profile_start_up_may_take_longer_on_a_loaded_machine():
+    acc = account(cpu_threads=2)
+    assert acc.overdue(now=1000.0 + 30 * CPU_WALL_STRETCH - 1) is None  # start-up allowance 30 s, stretched
+    assert "did not start within" in acc.overdue(now=1000.0 + 30 * CPU_WALL_STRETCH + 1)
 
 
 def test_a_larger_model_gets_room_for_its_warm_up_steps():

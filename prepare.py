@@ -50,7 +50,9 @@ PROFILE = os.environ.get("AR_PROFILE") or ("gpu" if torch.cuda.is_available() el
 _profile = contract.PROFILES[PROFILE]
 MAX_SEQ_LEN, EVAL_TOKENS, EVAL_BATCH = _profile.max_seq_len, _profile.eval_tokens, _profile.eval_batch
 TIME_BUDGET = float(os.environ.get("AR_TIME_BUDGET", _profile.time_budget))
-WARMUP_STEPS = 3  # untimed first steps (compilation); the budget starts after them
+# Untimed first steps, for torch.compile on the GPU; nothing compiles on the CPU profile, so its
+# budget starts at once (a larger model's warm-up would otherwise look like training off the budget).
+WARMUP_STEPS = 3 if PROFILE == "gpu" else 0
 DATA_DIR = Path(os.environ.get("AR_DATA_DIR") or contract.cache_dir() / "offline")
 OUT_DIR = Path(os.environ.get("AR_OUT_DIR") or "runs/standalone")
 PHASE = os.environ.get("AR_PHASE", "")  # "train" or "eval" inside the sandbox; "" standalone
@@ -244,7 +246,8 @@ class Budget:
     """The training time budget: `progress` drives the schedule, `done` ends the loop.
 
     Call `step(tokens)` once after every optimizer step. The first WARMUP_STEPS
-    (compilation) are not timed; when they are done the budget announces its start,
+    (compilation) are not timed; when they are done (on the CPU profile: when the
+    budget is created) the budget announces its start,
     and from then on the host keeps its own clock: a run still going once the budget
     and the export allowance are over is stopped (sandbox/budget_guard.py). Each
     step's progress and seconds are recorded and written to OUT_DIR/trace.json by
@@ -263,6 +266,8 @@ class Budget:
         self.replay = json.loads(Path(replay).read_text()) if replay else None
         self._last = _budget_clock()
         self.first_step_at: float | None = None  # time.time() when the first timed step began
+        if WARMUP_STEPS == 0:
+            self._start()
 
     @property
     def progress(self) -> float:
@@ -290,8 +295,11 @@ class Budget:
             self.training_seconds += dt
             self.tokens += tokens
         elif self.step_count == WARMUP_STEPS:
-            self.first_step_at = time.time()
-            print(f"\n{contract.BUDGET_START_MARK}", flush=True)  # the host starts its own budget clock here
+            self._start()
+
+    def _start(self) -> None:
+        self.first_step_at = time.time()
+        print(f"\n{contract.BUDGET_START_MARK}", flush=True)  # the host starts its own budget clock here
 
     def trace(self) -> dict:
         return {"time_budget": self.seconds, "warmup_steps": WARMUP_STEPS, "num_steps": self.step_count,
@@ -512,7 +520,7 @@ class Probe:
         """Compare log-probabilities, not logits: they are what is scored, and a constant added to every
         logit of a position (which changes nothing) cannot inflate the scale a change is judged against."""
         moved = ((torch.log_softmax(probed, dim=-1) - scored).abs().amax(dim=-1) * compare).amax()
-        self.max_change = max(self.max_change, float(moved))
+        self.max_change = max(self.max_change, float(moved.detach()))
         if self.max_change > PROBE_TOLERANCE:
             raise EvaluationError(f"causality probe failed: changing later tokens or other rows moved log-probabilities "
                                   f"by {self.max_change:.2e} nats; a model may only read its own row's past",

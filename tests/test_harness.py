@@ -144,6 +144,16 @@ def test_on_the_cpu_the_budget_counts_cpu_time_per_thread_and_not_waiting(harnes
     assert budget.done and 0.2 <= budget.training_seconds < 0.3
 
 
+def test_on_the_cpu_the_budget_starts_before_the_first_step(harness, monkeypatch, capsys):
+    """Nothing compiles on the CPU, so no step is untimed: a larger model's first steps are training, not start-up."""
+    monkeypatch.setattr(harness, "CPU_THREADS", 1)
+    budget = harness.Budget(seconds=0.05)
+    assert capsys.readouterr().out.strip() == contract.BUDGET_START_MARK
+    spin(0.06)
+    budget.step(tokens=1)
+    assert budget.done and budget.step_count == 1 and budget.tokens == 1 and budget.training_seconds >= 0.05
+
+
 def test_bits_per_byte_of_a_uniform_model(harness, tmp_path):
     """A uniform model costs log2(V) bits per scored token: val_bpb = log2(V) * tokens / bytes."""
     tok = harness.get_tokenizer()

@@ -33,6 +33,7 @@ from sandbox.experiment import ExperimentSpec, run_experiment  # noqa: E402
 from sandbox.spec import Limits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"  # a busy process that ends with the bench
 
 
 def first_gpu_uuid() -> str:
@@ -78,7 +79,7 @@ def main() -> int:
             spec = ExperimentSpec(exp_id=f"bench{i}", image=image, data_dir=cache / args.source, run_dir=run_dir,
                                   time_budget=args.budget, gpu_uuid=gpu, limits=limits, allowance=allowance)
             loaded = bool(args.load) and i % 2 == 1
-            load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load if loaded else 0)]
+            load = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(args.load if loaded else 0)]
             try:
                 outcome = run_experiment(backend, spec)
             finally:

@@ -173,6 +173,7 @@ def test_run_streams_the_log_and_writes_out(backend, docker_client, tmp_path):
     assert _log_lines(spec) == ["first", "a", "b", "c"]
     assert (spec.out_dir / "result.txt").read_text() == "written"
     assert result.isolation == backend.isolation and result.wall_seconds > 0
+    assert result.runtime == docker_client.images.get(backend.base_id).labels[images.RUNTIME_LABEL] != ""
     assert _gone(docker_client, spec)
 
 

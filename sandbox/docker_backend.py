@@ -3,9 +3,9 @@
 The container has no network, a read-only root filesystem with a tmpfs /tmp, /out bound
 from the run directory (read-only in phase 2), data mounts read-only, a non-root user
 without capabilities, and memory (no swap), pids, CPU and shm limits. Its environment
-is the spec's alone, so no secret of the host can reach it. The host enforces the
-deadline and the cancel token; a `timeout` inside the container is the backstop for a
-runner that died. Whatever the container does ends in a `RunResult`, never an exception.
+is the spec's alone (plus the GPU it may see), so no secret of the host can reach it.
+The host enforces the deadline and the cancel token; a `timeout` inside the container is
+the backstop for a runner that died. Whatever the container does ends in a `RunResult`, never an exception.
 """
 
 from __future__ import annotations
@@ -108,7 +108,10 @@ def container_config(spec: RunSpec, owner: str = "") -> dict[str, Any]:
     )
     if limits.cpus:
         config["nano_cpus"] = int(limits.cpus * 1e9)
-    if spec.gpu_uuid:
+    # CUDA images say NVIDIA_VISIBLE_DEVICES=all, which an engine whose default runtime is
+    # nvidia's honours: the run names its one GPU (or none) itself.
+    config["environment"]["NVIDIA_VISIBLE_DEVICES"] = spec.gpu_uuid or "void"
+    if spec.gpu_uuid:  # that GPU alone, by UUID (a count would take any)
         config["device_requests"] = [DeviceRequest(device_ids=[spec.gpu_uuid], capabilities=[["gpu"]])]
     return config
 

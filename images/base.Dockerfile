@@ -3,6 +3,9 @@
 ARG RUNTIME
 FROM ${RUNTIME}
 ARG UID
+# What the runtime was built from (the upstream image at its digest, or the offline runtime's
+# tag): a label every experiment image inherits, so each run records it.
+ARG RUNTIME_ORIGIN
 # The harness (prepare.py, contract.py) comes from the build context root-owned with mode 0444:
 # nobody can change it.
 COPY prepare.py contract.py /app/
@@ -10,4 +13,4 @@ COPY prepare.py contract.py /app/
 ENV PYTHONPATH=/opt/deps HOME=/tmp PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER ${UID}:${UID}
 WORKDIR /app
-LABEL autoresearch.kind=base
+LABEL autoresearch.kind=base autoresearch.runtime=${RUNTIME_ORIGIN}

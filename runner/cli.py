@@ -65,8 +65,11 @@ def main(ctx: click.Context) -> None:
               help="Deterministic kernels, so `rerun --exact` is bit-identical (about 19% slower on a GPU).")
 @click.option("--gpu-memory-cap", default=DEFAULT_GPU_MEMORY_CAP, show_default=True,
               help="GPU memory one experiment may hold: a share of the card (0.9), GiB (40GiB) or none.")
+@click.option("--base-image", envvar="AR_BASE_IMAGE", default=None,
+              help="Upstream image of the docker sandbox's online runtime (env AR_BASE_IMAGE; default: the pinned "
+                   "pytorch/pytorch tag); its digest is pinned in images/base.lock.")
 def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, budget, source, baseline_runs,
-              alpha, max_runs, min_delta, max_diff_retries, deterministic, gpu_memory_cap) -> None:
+              alpha, max_runs, min_delta, max_diff_retries, deterministic, gpu_memory_cap, base_image) -> None:
     """Run the experiment loop for the night (resume with the same --tag)."""
     from runner.overnight import run_overnight
 
@@ -76,6 +79,7 @@ def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, 
             agent_command=agent_command, sandbox=sandbox, gpus=gpus, budget=budget, source=Source.parse(source),
             baseline_runs=baseline_runs, rule=Rule(alpha=alpha, max_runs=max_runs, min_delta=min_delta),
             max_diff_retries=max_diff_retries, deterministic=deterministic, gpu_memory_cap=gpu_memory_cap,
+            base_image=base_image,
         )
         run_overnight(settings)
     except USER_ERRORS as exc:

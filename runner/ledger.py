@@ -153,6 +153,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE experiments ADD COLUMN estimate_json TEXT;
     ALTER TABLE nights ADD COLUMN noise_df INTEGER;
     """,
+    # 5: what each run's image was built from (the upstream image at its digest, or the offline runtime).
+    """
+    ALTER TABLE experiments ADD COLUMN runtime TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -227,6 +231,7 @@ class Experiment:
     reported_json: str | None
     disturbed: str | None  # why this run is not comparable with the same code's other runs (None: it is)
     estimate_json: str | None  # decided rows: the gain estimate the decision rests on (runner.decision.Estimate)
+    runtime: str | None  # what the image's runtime was built from: upstream image@digest, or the offline runtime's tag
 
     @property
     def params(self) -> dict[str, Any]:
@@ -284,6 +289,8 @@ def outcome_fields(outcome: ExperimentOutcome) -> dict[str, Any]:
     }
     if outcome.train.isolation:  # the level the backend actually reached for this run
         fields["isolation"] = outcome.train.isolation
+    if outcome.train.runtime:  # read from the image that ran
+        fields["runtime"] = outcome.train.runtime
     return fields
 
 

@@ -54,7 +54,8 @@ def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, con
         agent = make_agent(settings.agent, command=settings.agent_command, profile=profile)
         from sandbox.backends import get_backend  # imports docker: only a night needs it
 
-        backend = get_backend(settings.sandbox, hide=(settings.run_dir.parent,))  # other nights and the ledger
+        # hide: other nights and the ledger; base_image: the docker runtime's upstream
+        backend = get_backend(settings.sandbox, hide=(settings.run_dir.parent,), base_image=settings.base_image)
         data = ensure_data(settings)
         backend.ensure_ready()
         ledger = Ledger(run_dir / "ledger.sqlite")

@@ -107,6 +107,7 @@ class Settings:
     deterministic: bool = True  # bit-for-bit reruns; costs ~19 % of GPU throughput (docs/benchmarks.md)
     runs_dir: Path | None = None  # None: root / "runs"
     gpu_memory_cap: str = DEFAULT_GPU_MEMORY_CAP  # see parse_gpu_memory_cap
+    base_image: str | None = None  # the docker runtime's upstream (name:tag); None: the pinned default
 
     def __post_init__(self) -> None:
         checks = [
@@ -121,6 +122,10 @@ class Settings:
             (self.gpu_failures >= 1, "the GPU failure limit must be at least 1"),
             (self.sandbox in SANDBOXES, f"--sandbox must be one of {', '.join(SANDBOXES)}"),
             (not any(c in self.tag for c in "/\\") and self.tag not in ("", ".", ".."), "--tag must be a plain name"),
+            (self.base_image is None or (self.base_image and not any(c.isspace() for c in self.base_image)),
+             "--base-image must be an image reference such as pytorch/pytorch:TAG"),
+            (self.base_image is None or self.sandbox != "process",
+             "--base-image is for the docker sandbox, not process"),
         ]
         for ok, message in checks:
             if not ok:

@@ -3,9 +3,9 @@
 The container has no network, a read-only root filesystem with a tmpfs /tmp, /out bound
 from the run directory (read-only in phase 2), data mounts read-only, a non-root user
 without capabilities, and memory (no swap), pids, CPU and shm limits. Its environment
-is the spec's alone, so no secret of the host can reach it. The host enforces the
-deadline and the cancel token; a `timeout` inside the container is the backstop for a
-runner that died. Whatever the container does ends in a `RunResult`, never an exception.
+is the spec's alone (plus the GPU it may see), so no secret of the host can reach it.
+The host enforces the deadline and the cancel token; a `timeout` inside the container is
+the backstop for a runner that died. Whatever the container does ends in a `RunResult`, never an exception.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -107,7 +108,10 @@ def container_config(spec: RunSpec, owner: str = "") -> dict[str, Any]:
     )
     if limits.cpus:
         config["nano_cpus"] = int(limits.cpus * 1e9)
-    if spec.gpu_uuid:
+    # CUDA images say NVIDIA_VISIBLE_DEVICES=all, which an engine whose default runtime is
+    # nvidia's honours: the run names its one GPU (or none) itself.
+    config["environment"]["NVIDIA_VISIBLE_DEVICES"] = spec.gpu_uuid or "void"
+    if spec.gpu_uuid:  # that GPU alone, by UUID (a count would take any)
         config["device_requests"] = [DeviceRequest(device_ids=[spec.gpu_uuid], capabilities=[["gpu"]])]
     return config
 
@@ -142,10 +146,12 @@ class DockerBackend:
     isolation = "docker (no network, read-only rootfs, non-root, no capabilities)"
 
     def __init__(
-        self, client: docker.DockerClient | None = None, runtime_source: str | None = None, gpu_reader: Reader | None = None
+        self, client: docker.DockerClient | None = None, runtime_source: str | None = None,
+        gpu_reader: Reader | None = None, base_image: str | None = None,
     ) -> None:
         self._client = client
         self._runtime_source = runtime_source  # "offline" or "online"; None: $AR_RUNTIME, else offline
+        self._base_image = base_image  # the online runtime's upstream; None: $AR_BASE_IMAGE, else the pinned tag
         self._gpu_reader = gpu_reader  # None: NVML
         self.base_id: str | None = None
 
@@ -162,7 +168,7 @@ class DockerBackend:
 
     def ensure_ready(self) -> None:
         try:
-            self.base_id = images.ensure_base_image(self.client, self._runtime_source)
+            self.base_id = images.ensure_base_image(self.client, self._runtime_source, self._base_image)
         except images.ImageBuildError as error:
             raise SandboxUnavailable(str(error)) from error
 
@@ -172,11 +178,14 @@ class DockerBackend:
         return images.build_experiment_image(self.client, self.base_id, train_py, exp_id)
 
     def image_exists(self, image: str) -> bool:
+        return self._runtime_of(image) is not None
+
+    def _runtime_of(self, image: str) -> str | None:
+        """What `image`'s runtime was built from ("" for images older than the label); None: no such image."""
         try:
-            self.client.images.get(image)
-            return True
+            return self.client.images.get(image).labels.get(images.RUNTIME_LABEL, "")
         except docker.errors.ImageNotFound:
-            return False
+            return None
 
     def remove_image(self, image: str) -> None:
         try:
@@ -199,18 +208,21 @@ class DockerBackend:
         line_log = LineLog(spec.log_path, on_line=account.on_line if account else None)
         started = time.monotonic()
         container: Container | None = None
+        runtime: str | None = None
         try:
-            if not self.image_exists(spec.image):  # never pull: images are built here
+            runtime = self._runtime_of(spec.image)
+            if runtime is None:  # never pull: images are built here
                 line_log.note(f"image {spec.image} does not exist on this engine")
                 return self._result(spec, Status.CRASH, None, Killer.NONE, started, line_log)
             if spec.phase is Phase.TRAIN:
                 _make_writable(spec.out_dir)
             container = self.client.containers.create(**container_config(spec, process_identity(os.getpid()) or ""))
-            return self._supervise(container, spec, cancel, line_log, account)
+            return replace(self._supervise(container, spec, cancel, line_log, account), runtime=runtime)
         except _DOCKER_ERRORS as error:
             line_log.note(f"docker error: {error}")
             log.warning("docker.run_error", run_id=spec.run_id, error=str(error))
-            return self._result(spec, Status.CRASH, None, Killer.NONE, started, line_log)
+            crashed = self._result(spec, Status.CRASH, None, Killer.NONE, started, line_log)
+            return replace(crashed, runtime=runtime or "")
         finally:
             if container is not None:
                 try:

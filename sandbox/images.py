@@ -4,16 +4,20 @@ Each layer is tagged by the hash of its inputs, so a second build finds it and d
 
   autoresearch-runtime:<source>-<hash>  Linux + Python + the pinned torch, numpy, tiktoken.
       offline: images/build_rootfs.sh (debootstrap; needs no registry), then `docker import`;
-      online:  images/Dockerfile, from a pinned official PyTorch image.
-      hash of: the runtime requirements (taken from uv.lock) + the builder script or Dockerfile.
+      online:  images/Dockerfile, FROM an upstream PyTorch image chosen by tag (UPSTREAM_IMAGE,
+               or AR_BASE_IMAGE / --base-image) and pinned by the digest its first pull got,
+               which images/base.lock keeps for every later build (the user commits it).
+      hash of: the runtime requirements (taken from uv.lock) + the builder script or Dockerfile
+               (online also: the pinned upstream reference and the locked torch version).
   autoresearch-base:<hash>   runtime + the trusted harness (sandbox.harness: prepare.py, contract.py),
-      user, workdir, env (base.Dockerfile).
+      user, workdir, env, and a label naming what the runtime was built from (base.Dockerfile).
       hash of: runtime id + the harness files + base.Dockerfile + the container uid.
   autoresearch-exp:<hash>    base + one experiment's train.py (read-only), nothing run to build it.
       hash of: base id + train.py.
 
 Identical train.py files share one experiment image: its `autoresearch.exp` label names
-the first experiment that built it.
+the first experiment that built it. Every image inherits the `autoresearch.runtime` label,
+so each run records the runtime it actually ran on (the ledger's `runtime` column).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -30,6 +35,7 @@ import tarfile
 import tempfile
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +43,7 @@ import docker
 import docker.errors
 import structlog
 from docker.models.images import Image
+from docker.utils import parse_repository_tag
 
 from sandbox.harness import PROJECT_ROOT, harness_files
 
@@ -46,16 +53,23 @@ IMAGES_DIR = PROJECT_ROOT / "images"
 ROOTFS_BUILDER = IMAGES_DIR / "build_rootfs.sh"
 ONLINE_DOCKERFILE = IMAGES_DIR / "Dockerfile"
 BASE_DOCKERFILE = IMAGES_DIR / "base.Dockerfile"
+BASE_LOCK = IMAGES_DIR / "base.lock"  # the online upstream's digest, written at its first pull
+# The upstream of the online runtime: the official image of the locked torch (2.11.0, CUDA 13.0
+# like PyPI's wheel). Chosen by tag; the digest comes from the registry at the first pull.
+UPSTREAM_IMAGE = "pytorch/pytorch:2.11.0-cuda13.0-cudnn9-runtime"
 
 CONTAINER_UID = 65534  # `nobody`: every sandboxed process runs as this uid and gid
 RUNTIME_REPO, BASE_REPO, EXPERIMENT_REPO = "autoresearch-runtime", "autoresearch-base", "autoresearch-exp"
 KIND_LABEL, EXP_LABEL = "autoresearch.kind", "autoresearch.exp"
+RUNTIME_LABEL = "autoresearch.runtime"  # what the runtime was built from: upstream@digest or the offline tag
 UV = os.environ.get("UV", "uv")  # `uv run` names its own binary here, which may not be on PATH
 SOURCES = ("offline", "online")
 EXPERIMENT_COMMAND = ["python3", "train.py"]  # the experiment image's default command (phase 1)
 # The packages the container imports; the online image already brings torch and its CUDA stack.
 RUNTIME_ROOTS = {"offline": ("torch", "numpy", "tiktoken"), "online": ("numpy", "tiktoken")}
 _REQUIREMENT_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_LOCK_BYTES = 64 * 2**10  # a lock is one name and one digest; anything larger is not one
 
 
 class ImageBuildError(Exception):
@@ -95,9 +109,18 @@ def _lock_closure(lock: dict, roots: tuple[str, ...]) -> set[str]:
     return {name for name, _ in visited}
 
 
+def _uv_lock() -> dict:
+    return tomllib.loads((PROJECT_ROOT / "uv.lock").read_text())
+
+
+def locked_version(name: str) -> str:
+    """The version uv.lock pins for `name`."""
+    return next(package["version"] for package in _uv_lock()["package"] if package["name"] == name)
+
+
 def runtime_requirements(source: str) -> str:
     """A hashed requirements file for the container: the lock's pins of the runtime packages."""
-    lock = tomllib.loads((PROJECT_ROOT / "uv.lock").read_text())
+    lock = _uv_lock()
     wanted = _lock_closure(lock, RUNTIME_ROOTS[source])
     exported = subprocess.run(
         [UV, "export", "--frozen", "--no-dev", "--no-emit-project", "--no-header", "--no-annotate"],
@@ -111,6 +134,102 @@ def runtime_requirements(source: str) -> str:
             blocks[-1].append(line)
     kept = [block for block in blocks if _REQUIREMENT_NAME.match(block[0])[0] in wanted]
     return "".join("\n".join(block) + "\n" for block in kept)
+
+
+# -----------------------------------------------------------------------------
+# The online upstream, pinned by digest in images/base.lock
+
+
+@dataclass(frozen=True)
+class Pin:
+    """An upstream image as chosen (`image`, by tag) and the digest it is built from."""
+
+    image: str
+    digest: str
+
+    @property
+    def reference(self) -> str:
+        """What FROM pulls: the repository at the digest (the tag would follow the registry)."""
+        return f"{parse_repository_tag(self.image)[0]}@{self.digest}"
+
+    def __str__(self) -> str:
+        return f"{self.image}@{self.digest}"
+
+
+def read_lock(path: Path) -> Pin | None:
+    """The pin in `path`; None when there is none yet."""
+    try:
+        with path.open("rb") as file:
+            raw = file.read(_LOCK_BYTES + 1)
+        data = json.loads(raw) if len(raw) <= _LOCK_BYTES else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise ImageBuildError(f"{path} cannot be read as a base image lock ({error}); "
+                              "restore it from git or delete it to pin the base image again.") from None
+    if not (isinstance(data, dict) and isinstance(data.get("image"), str) and data["image"].strip()
+            and isinstance(data.get("digest"), str) and _DIGEST.fullmatch(data["digest"])):
+        raise ImageBuildError(f"{path} is not a base image lock (a JSON object with an image and a sha256 digest); "
+                              "restore it from git or delete it to pin the base image again.")
+    return Pin(data["image"], data["digest"])
+
+
+def _write_lock(path: Path, pin: Pin) -> None:
+    """Replace the lock in one step, so a killed build leaves the old lock or the new one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        temporary.write_text(json.dumps({"image": pin.image, "digest": pin.digest}, indent=2) + "\n")
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise ImageBuildError(f"cannot write the base image lock {path} ({error.strerror or error}); "
+                              "make it writable, the build needs it to pin the base image.") from None
+
+
+def _pull_digest(client: docker.DockerClient, image: str) -> str:
+    """Pull `image` by its tag; the digest the registry served."""
+    repository, tag = parse_repository_tag(image)
+    digest = None
+    try:
+        for event in client.api.pull(repository, tag=tag or "latest", stream=True, decode=True):
+            if "error" in event:
+                raise docker.errors.APIError(event["error"])
+            status = event.get("status", "")
+            if status.startswith("Digest: "):
+                digest = status.removeprefix("Digest: ").strip()
+    except docker.errors.APIError as error:
+        raise ImageBuildError(f"cannot pull the base image {image} ({error.explanation or error}); check its name and "
+                              "this host's access to its registry, or choose another with --base-image.") from None
+    if digest is None or not _DIGEST.fullmatch(digest):
+        raise ImageBuildError(f"the Docker engine pulled {image} without reporting its digest, so it cannot be pinned.")
+    return digest
+
+
+def pin_upstream(client: docker.DockerClient, image: str) -> Pin:
+    """`image` pinned by digest: the lock's when it pins this image, else the one pulled now (then locked).
+
+    Another image than the lock's replaces the lock with a warning naming both; an
+    `image` given with its digest is taken as it is."""
+    lock = BASE_LOCK
+    locked = read_lock(lock)
+    name, _, digest = image.partition("@")
+    if digest:
+        if not _DIGEST.fullmatch(digest):
+            raise ImageBuildError(f"the base image {image} names a digest that is not sha256:<64 hex digits>.")
+        pin = Pin(name, digest)
+    elif locked is not None and locked.image == image:
+        return locked
+    else:
+        log.info("image.step", step=f"pulling {image} to pin its digest in {lock.name}", image=image)
+        pin = Pin(image, _pull_digest(client, image))
+    if locked != pin:
+        _write_lock(lock, pin)
+        if locked is None:
+            log.info("image.base_pinned", base=str(pin), lock=str(lock), note="commit the lock file")
+        else:
+            log.warning("image.base_changed", was=str(locked), now=str(pin), lock=str(lock),
+                        note="experiment images built from now on differ from earlier ones; commit the lock file")
+    return pin
 
 
 # -----------------------------------------------------------------------------
@@ -177,9 +296,10 @@ def _build_offline_runtime(client: docker.DockerClient, tag: str, requirements: 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _build_online_runtime(client: docker.DockerClient, tag: str, requirements: str) -> None:
+def _build_online_runtime(client: docker.DockerClient, tag: str, requirements: str, pin: Pin) -> None:
     files = {"Dockerfile": (ONLINE_DOCKERFILE.read_bytes(), 0o644), "requirements.txt": (requirements.encode(), 0o644)}
-    _build(client, files, tag, labels={KIND_LABEL: "runtime"})
+    _build(client, files, tag, labels={KIND_LABEL: "runtime"},
+           buildargs={"UPSTREAM": pin.reference, "TORCH_VERSION": locked_version("torch")})
 
 
 @contextlib.contextmanager
@@ -193,46 +313,71 @@ def _host_lock() -> Iterator[None]:
         os.close(fd)
 
 
-def ensure_runtime_image(client: docker.DockerClient, source: str) -> str:
-    """The runtime image id for `source` ("offline" or "online"), built once."""
+@dataclass(frozen=True)
+class Runtime:
+    """A runtime image: its id and what it was built from (the RUNTIME_LABEL of every image above it)."""
+
+    id: str
+    origin: str
+
+
+def ensure_runtime_image(client: docker.DockerClient, source: str, upstream: str | None = None) -> Runtime:
+    """The runtime image for `source` ("offline" or "online", FROM `upstream`), built once."""
     if source not in SOURCES:
         raise ImageBuildError(f"unknown runtime source {source!r}; choose one of {', '.join(SOURCES)}")
+    if upstream and source != "online":
+        raise ImageBuildError(f"a base image ({upstream}) is what the online runtime is built from, "
+                              f"but the {source} runtime was asked for (AR_RUNTIME); drop one of the two.")
     requirements = runtime_requirements(source)
-    recipe = ROOTFS_BUILDER if source == "offline" else ONLINE_DOCKERFILE
-    tag = f"{RUNTIME_REPO}:{source}-{_digest(requirements, recipe.read_bytes())}"
+    if source == "offline":
+        tag = f"{RUNTIME_REPO}:offline-{_digest(requirements, ROOTFS_BUILDER.read_bytes())}"
+        origin, build = tag, lambda: _build_offline_runtime(client, tag, requirements)
+    else:
+        pin = pin_upstream(client, upstream or UPSTREAM_IMAGE)
+        recipe = (requirements, ONLINE_DOCKERFILE.read_bytes(), pin.reference, locked_version("torch"))
+        tag = f"{RUNTIME_REPO}:online-{_digest(*recipe)}"
+        origin, build = str(pin), lambda: _build_online_runtime(client, tag, requirements, pin)
     if image := _find(client, tag):
-        return image.id
-    log.info("image.step", step=f"building the {source} runtime image (minutes, once)", tag=tag)
+        return Runtime(image.id, origin)
+    log.info("image.step", step=f"building the {source} runtime image (minutes, once)", tag=tag, origin=origin)
     started = time.monotonic()
-    (_build_offline_runtime if source == "offline" else _build_online_runtime)(client, tag, requirements)
+    build()
     if (image := _find(client, tag)) is None:
         raise ImageBuildError(f"the {source} runtime build finished without producing {tag}")
     log.info("image.built", tag=tag, seconds=round(time.monotonic() - started, 1), size_mb=image.attrs["Size"] // 2**20)
-    return image.id
+    return Runtime(image.id, origin)
 
 
-def ensure_base_image(client: docker.DockerClient, source: str | None = None) -> str:
-    """The base image id (runtime + the harness, user, workdir, env), built once per input."""
+def ensure_base_image(client: docker.DockerClient, source: str | None = None, upstream: str | None = None) -> str:
+    """The base image id (runtime + the harness, user, workdir, env), built once per input.
+
+    `source` defaults to $AR_RUNTIME, `upstream` to $AR_BASE_IMAGE; a base image given
+    means the online runtime, else the offline one."""
+    upstream = upstream or os.environ.get("AR_BASE_IMAGE") or None
+    source = source or os.environ.get("AR_RUNTIME") or ("online" if upstream else "offline")
     with _host_lock():
-        return _ensure_base_image(client, source or os.environ.get("AR_RUNTIME", "offline"))
+        return _ensure_base_image(client, source, upstream)
 
 
 def base_tag(runtime_id: str, root: Path = PROJECT_ROOT) -> str:
-    """The base image's tag: a hash of everything that goes into it (never of the data builder)."""
+    """The base image's tag: a hash of everything that goes into it (never of the data builder).
+
+    The runtime's origin label is not hashed: the runtime id already tells origins apart."""
     harness = harness_files(root)
     parts = [part for name in sorted(harness) for part in (name, harness[name])]
     return f"{BASE_REPO}:{_digest(runtime_id, *parts, (root / 'images' / 'base.Dockerfile').read_bytes(), str(CONTAINER_UID))}"
 
 
-def _ensure_base_image(client: docker.DockerClient, source: str) -> str:
-    runtime_id = ensure_runtime_image(client, source)
-    tag = base_tag(runtime_id)
+def _ensure_base_image(client: docker.DockerClient, source: str, upstream: str | None) -> str:
+    runtime = ensure_runtime_image(client, source, upstream)
+    tag = base_tag(runtime.id)
     if image := _find(client, tag):
         return image.id
     log.info("image.step", step="building the base image (runtime + harness)", tag=tag)
     files = {"Dockerfile": (BASE_DOCKERFILE.read_bytes(), 0o644),
              **{name: (content, 0o444) for name, content in harness_files().items()}}
-    image = _build(client, files, tag, buildargs={"RUNTIME": runtime_id, "UID": str(CONTAINER_UID)})
+    image = _build(client, files, tag,
+                   buildargs={"RUNTIME": runtime.id, "RUNTIME_ORIGIN": runtime.origin, "UID": str(CONTAINER_UID)})
     log.info("image.built", tag=tag)
     return image.id
 
@@ -277,4 +422,7 @@ def prune_experiment_images(keep_ids: set[str], client: docker.DockerClient | No
 
 
 if __name__ == "__main__":
-    print(ensure_base_image(docker.from_env(timeout=600)))
+    try:
+        print(ensure_base_image(docker.from_env(timeout=600)))
+    except ImageBuildError as error:
+        raise SystemExit(str(error)) from None

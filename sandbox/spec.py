@@ -104,6 +104,7 @@ class RunResult:
     isolation: str = ""  # backend name and level, e.g. "docker" or "process(cgroup v2)"
     log_tail: str = ""  # last lines of the log, for crash reports and agent feedback
     budget: dict | None = None  # the host's account of the budget (budget_guard.Account.report)
+    runtime: str = ""  # what the image's runtime was built from (docker: upstream@digest or the offline tag)
 
 
 class SandboxUnavailable(Exception):

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from sandbox import docker_backend, images
+from docker.models.containers import _create_container_args
+
 from sandbox.docker_backend import OWNER_LABEL, RUN_LABEL, DockerBackend, container_config, process_identity
 from sandbox.gpu_watchdog import GpuSample
 from sandbox.runlog import LineLog, classify
@@ -100,7 +102,7 @@ def test_container_config_locks_the_container_down(tmp_path, monkeypatch):
     assert config["network_mode"] == "none" and config["read_only"] is True
     assert config["cap_drop"] == ["ALL"] and config["security_opt"] == ["no-new-privileges"] and config["init"]
     assert config["user"] == f"{images.CONTAINER_UID}:{images.CONTAINER_UID}"
-    assert config["environment"] == {"AR_PHASE": "train"}
+    assert config["environment"] == {"AR_PHASE": "train", "NVIDIA_VISIBLE_DEVICES": "GPU-1234"}
     assert config["mem_limit"] == config["memswap_limit"] == 2**30
     assert (config["pids_limit"], config["nano_cpus"], config["shm_size"]) == (64, 1_500_000_000, 2**20)
     assert config["tmpfs"] == {"/tmp": f"rw,exec,nosuid,nodev,size={2**25}"}
@@ -116,6 +118,23 @@ def test_container_config_makes_out_read_only_in_eval(tmp_path):
     config = container_config(_spec(tmp_path, "sha256:img", "pass", phase=Phase.EVAL))
     assert [m["ReadOnly"] for m in config["mounts"] if m["Target"] == "/out"] == [True]
     assert "device_requests" not in config and "nano_cpus" not in config
+
+
+GPU = "GPU-5f0c7a2e-9d1b-4c3e-8a6f-2b7d9e1c4a10"
+ONLY_THIS_GPU = [{"Driver": "", "Count": 0, "DeviceIDs": [GPU], "Capabilities": [["gpu"]], "Options": {}}]
+
+
+def test_gpu_request_is_the_experiments_gpu_alone(tmp_path):
+    """What the SDK sends the engine: the device request by UUID (a count would take any GPU)."""
+    config = container_config(_spec(tmp_path, "sha256:img", "pass", gpu_uuid=GPU))
+    create = _create_container_args({**config, "version": "1.41"})
+    host_config = create.pop("host_config")
+    assert host_config["DeviceRequests"] == ONLY_THIS_GPU
+    assert "Devices" not in host_config and "Runtime" not in host_config and not host_config.get("Privileged")
+    assert create["environment"]["NVIDIA_VISIBLE_DEVICES"] == GPU  # over a CUDA image's "all"
+
+    cpu = _create_container_args({**container_config(_spec(tmp_path, "sha256:img", "pass")), "version": "1.41"})
+    assert "DeviceRequests" not in cpu["host_config"] and cpu["environment"]["NVIDIA_VISIBLE_DEVICES"] == "void"
 
 
 # -----------------------------------------------------------------------------
@@ -173,6 +192,7 @@ def test_run_streams_the_log_and_writes_out(backend, docker_client, tmp_path):
     assert _log_lines(spec) == ["first", "a", "b", "c"]
     assert (spec.out_dir / "result.txt").read_text() == "written"
     assert result.isolation == backend.isolation and result.wall_seconds > 0
+    assert result.runtime == docker_client.images.get(backend.base_id).labels[images.RUNTIME_LABEL] != ""
     assert _gone(docker_client, spec)
 
 
@@ -360,6 +380,26 @@ def test_gpu_watchdog_kill_is_gpu_oom(docker_client, backend, tmp_path, monkeypa
     result = gpu_backend.run(spec)
     assert (result.status, result.killed_by) == (Status.GPU_OOM, Killer.WATCHDOG)
     assert result.peak_gpu_memory_bytes >= 2**30
+
+
+@pytest.mark.docker
+def test_the_engine_is_asked_for_the_experiments_gpu_alone(backend, docker_client, tmp_path):
+    """The engine's own record of a GPU run's container. On an engine without the NVIDIA
+    runtime (this one) it cannot start: the run is a crash that says why."""
+    spec = _spec(tmp_path, backend.base_id, "pass", gpu_uuid=GPU)
+    spec.out_dir.mkdir()
+    container = docker_client.containers.create(**container_config(spec))
+    try:
+        container.reload()
+        assert container.attrs["HostConfig"]["DeviceRequests"] == ONLY_THIS_GPU
+        assert not container.attrs["HostConfig"]["Devices"] and not container.attrs["HostConfig"]["Privileged"]
+        assert f"NVIDIA_VISIBLE_DEVICES={GPU}" in container.attrs["Config"]["Env"]
+    finally:
+        container.remove(force=True)
+    if "nvidia" not in docker_client.info().get("Runtimes", {}):
+        result = backend.run(spec)
+        assert result.status is Status.CRASH and "docker error" in result.log_tail and "gpu" in result.log_tail
+        assert _gone(docker_client, spec)
 
 
 def test_process_identity_tells_a_dead_process_apart():

@@ -7,8 +7,11 @@ import threading
 import pytest
 
 from runner.ledger import (
-    BASELINE, CONFIRM, EXPERIMENT, MIGRATIONS, SCHEMA_VERSION, Ledger, LedgerError, metric_columns, write_tsv,
+    BASELINE, CONFIRM, EXPERIMENT, MIGRATIONS, SCHEMA_VERSION, Ledger, LedgerError, metric_columns, outcome_fields,
+    write_tsv,
 )
+from sandbox.experiment import ExperimentOutcome
+from sandbox.spec import Killer, RunResult, Status
 
 
 @pytest.fixture
@@ -49,6 +52,19 @@ def test_migrates_an_older_ledger_and_keeps_its_rows(tmp_path):
     assert new.get("e0001").seed == 7
     assert new.add(kind=EXPERIMENT, status="proposed").id == "e0002"
     new.close()
+
+
+def test_a_run_records_what_its_image_was_built_on(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    Ledger(path, migrations=MIGRATIONS[:4]).close()  # a ledger from before the runtime was recorded
+    ledger = Ledger(path)
+    row = ledger.add(kind=EXPERIMENT, status="proposed")
+    assert row.runtime is None
+    runtime = "pytorch/pytorch:2.11.0-cuda13.0-cudnn9-runtime@sha256:" + "0f" * 32
+    run = RunResult(Status.CRASH, 1, Killer.NONE, 1.0, tmp_path / "train.log", isolation="docker", runtime=runtime)
+    ledger.update(row.id, **outcome_fields(ExperimentOutcome("crash", None, {}, {}, run, None, {})))
+    assert ledger.get(row.id).runtime == runtime
+    ledger.close()
 
 
 def test_refuses_a_ledger_from_a_newer_version(tmp_path):

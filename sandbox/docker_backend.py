@@ -27,6 +27,7 @@ from docker.types import DeviceRequest, LogConfig, Mount
 from sandbox import images
 from sandbox.budget_guard import Account
 from sandbox.gpu_watchdog import GpuWatchdog, Reader
+from sandbox.processes import identity_alive, process_identity
 from sandbox.runlog import LineLog, budget_account, classify, settle_budget
 from sandbox.spec import CancelToken, Killer, Phase, RunResult, RunSpec, SandboxUnavailable, Status
 
@@ -60,20 +61,6 @@ class _Stopper:
             self._container.kill()
         except docker.errors.APIError:  # it has just exited by itself
             pass
-
-
-def process_identity(pid: int) -> str | None:
-    """`pid:start time` of a live process, None if there is none (the start time tells a reused pid apart)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
-
-
-def _owner_alive(owner: str) -> bool:
-    pid = owner.partition(":")[0]
-    return pid.isdigit() and process_identity(int(pid)) == owner
 
 
 def container_config(spec: RunSpec, owner: str = "") -> dict[str, Any]:
@@ -187,7 +174,7 @@ class DockerBackend:
     def reap(self) -> int:
         """Remove the containers of runs whose runner is gone; a live runner's are left alone."""
         labelled = self.client.containers.list(all=True, filters={"label": RUN_LABEL})
-        leftovers = [c for c in labelled if not _owner_alive(c.labels.get(OWNER_LABEL, ""))]
+        leftovers = [c for c in labelled if not identity_alive(c.labels.get(OWNER_LABEL, ""))]
         for container in leftovers:
             container.remove(force=True)
         if leftovers:

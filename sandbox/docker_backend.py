@@ -156,7 +156,8 @@ class DockerBackend:
     def build_image(self, train_py: str, exp_id: str) -> str:
         if self.base_id is None:
             self.ensure_ready()
-        return images.build_experiment_image(self.client, self.base_id, train_py, exp_id)
+        return images.build_experiment_image(self.client, self.base_id, train_py, exp_id,
+                                             owner=process_identity(os.getpid()) or "")
 
     def image_exists(self, image: str) -> bool:
         try:
@@ -172,9 +173,12 @@ class DockerBackend:
             pass
 
     def reap(self) -> int:
-        """Remove the containers of runs whose runner is gone; a live runner's are left alone."""
+        """Remove the containers of runs and image builds whose runner is gone; a live runner's are left alone."""
         labelled = self.client.containers.list(all=True, filters={"label": RUN_LABEL})
         leftovers = [c for c in labelled if not identity_alive(c.labels.get(OWNER_LABEL, ""))]
+        builds = self.client.containers.list(all=True, filters={"name": images.BUILD_PREFIX})
+        leftovers += [c for c in builds if c.name.startswith(images.BUILD_PREFIX)
+                      and not identity_alive(images.build_owner(c.name))]
         for container in leftovers:
             container.remove(force=True)
         if leftovers:

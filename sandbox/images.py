@@ -50,6 +50,7 @@ BASE_DOCKERFILE = IMAGES_DIR / "base.Dockerfile"
 CONTAINER_UID = 65534  # `nobody`: every sandboxed process runs as this uid and gid
 RUNTIME_REPO, BASE_REPO, EXPERIMENT_REPO = "autoresearch-runtime", "autoresearch-base", "autoresearch-exp"
 KIND_LABEL, EXP_LABEL = "autoresearch.kind", "autoresearch.exp"
+BUILD_PREFIX = "autoresearch-build-"  # + the builder's process identity: reap() removes a dead builder's
 UV = os.environ.get("UV", "uv")  # `uv run` names its own binary here, which may not be on PATH
 SOURCES = ("offline", "online")
 EXPERIMENT_COMMAND = ["python3", "train.py"]  # the experiment image's default command (phase 1)
@@ -241,18 +242,32 @@ def experiment_tag(base_id: str, train_py: str) -> str:
     return f"{EXPERIMENT_REPO}:{_digest(base_id, train_py)}"
 
 
-def build_experiment_image(client: docker.DockerClient, base_id: str, train_py: str, exp_id: str) -> str:
+def build_container_name(owner: str, exp_id: str) -> str:
+    """The name of a build's container: it tells which process built it (a `process_identity`)."""
+    return f"{BUILD_PREFIX}{owner.replace(':', '-')}-{exp_id}-{os.urandom(3).hex()}"
+
+
+def build_owner(container_name: str) -> str:
+    """The `process_identity` in a `build_container_name`."""
+    pid, start = container_name.removeprefix("/").removeprefix(BUILD_PREFIX).split("-")[:2]
+    return f"{pid}:{start}"
+
+
+def build_experiment_image(client: docker.DockerClient, base_id: str, train_py: str, exp_id: str,
+                           owner: str = "") -> str:
     """Bake train.py (root-owned, read-only) into an image on top of the base; return its id.
 
     The same as `FROM base` + `COPY train.py /app/train.py`, done as one commit of a
     container that never starts (and has no network): a single layer step, where a
-    Dockerfile build needs one for COPY and one for the labels.
+    Dockerfile build needs one for COPY and one for the labels. `owner` (the builder's
+    `process_identity`) names the container, so that a build killed halfway is reaped.
     """
     tag = experiment_tag(base_id, train_py)
     if image := _find(client, tag):
         return image.id
     labels = {KIND_LABEL: "experiment", EXP_LABEL: exp_id}
-    container = client.containers.create(base_id, command=EXPERIMENT_COMMAND, labels=labels, network_mode="none")
+    container = client.containers.create(base_id, command=EXPERIMENT_COMMAND, labels=labels, network_mode="none",
+                                         name=build_container_name(owner, exp_id) if owner else None)
     try:
         container.put_archive("/app", _tar({"train.py": (train_py.encode(), 0o444)}))
         repository, _, version = tag.partition(":")

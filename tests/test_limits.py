@@ -58,9 +58,6 @@ def set_times(project, night_id, *, started, heartbeat=None, ended=None, runner=
                     ended.isoformat() if ended else None, runner, night_id))
 
 
-NOW = datetime.now(timezone.utc)
-
-
 # -- --max-experiments -------------------------------------------------------------------------
 
 
@@ -111,8 +108,9 @@ def test_work_owed_by_a_killed_invocation_is_finished_though_the_limit_is_reache
 
 def test_hours_add_up_the_running_periods_not_the_gaps_between(project, monkeypatch):  # noqa: F811
     run_night(project, change(LR=0.2), max_experiments=1)
+    now = datetime.now(timezone.utc)
     # it started ten hours ago and was killed after 30 min (its last heartbeat): 9.5 hours of gap
-    set_times(project, 1, started=NOW - timedelta(hours=10), heartbeat=NOW - timedelta(hours=9.5),
+    set_times(project, 1, started=now - timedelta(hours=10), heartbeat=now - timedelta(hours=9.5),
               runner=f"{this_runner().split()[0]} 1:0")
     monkeypatch.chdir(project)
     result = overnight(project, "--hours", "0.5", "--max-experiments", "5")
@@ -142,17 +140,18 @@ def test_status_reads_the_heartbeat_not_the_last_event(project):  # noqa: F811
     open_id = ledger.start_night("t", json.loads(ledger.nights()[0]["settings_json"]), runner=this_runner())
     ledger.close()
     host = this_runner().split()[0]
+    now = datetime.now(timezone.utc)
     assert status(project)["state"] == "running"  # this process: alive, a fresh heartbeat
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_runner = f"{host} {process_identity(dead.pid)}"
     dead.wait()
-    set_times(project, open_id, started=NOW - timedelta(seconds=5), heartbeat=NOW, runner=dead_runner)
+    set_times(project, open_id, started=now - timedelta(seconds=5), heartbeat=now, runner=dead_runner)
     fig = status(project)  # killed a moment ago: its heartbeat is fresh, its process gone
     assert fig["state"] == "stopped" and fig["state_note"].startswith("(last seen ")
 
-    seen = NOW - timedelta(minutes=10)
-    set_times(project, open_id, started=NOW - timedelta(hours=1), heartbeat=seen, runner=this_runner())
+    seen = now - timedelta(minutes=10)
+    set_times(project, open_id, started=now - timedelta(hours=1), heartbeat=seen, runner=this_runner())
     fig = status(project)  # alive but silent for ten minutes (a full disk, a hang): not running
     assert fig["state"] == "stopped" and f"(last seen {seen:%Y-%m-%d %H:%M:%S} UTC, 10 min ago)" in fig["state_note"]
     assert fig["wall_seconds"] == pytest.approx(ledger_seconds(project, 0) + 50 * 60, abs=1)

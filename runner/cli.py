@@ -41,8 +41,14 @@ def main(ctx: click.Context) -> None:
 
 
 @main.command()
-@click.option("--hours", type=float, default=None, help="Stop starting experiments after this long (default: until Ctrl-C).")
-@click.option("--max-experiments", type=int, default=None, help="Stop after this many proposals.")
+@click.option("--hours", type=float, default=None,
+              help="Stop starting experiments once the night has run this many hours, every start under its "
+                   "--tag added up (not the time between a stop and a resume). Default: the night's last "
+                   "--hours, else until Ctrl-C.")
+@click.option("--max-experiments", type=int, default=None,
+              help="Stop once the agent has made this many proposals in the night, resumes included: kept, "
+                   "discarded, failed, cancelled and rejected (invalid diff) ones all count; baseline and "
+                   "confirmation runs do not. Default: the night's last --max-experiments, else no limit.")
 @click.option("--agent", type=click.Choice(AGENT_NAMES), default="auto", show_default=True,
               help="auto: anthropic when ANTHROPIC_API_KEY is set, else the offline search.")
 @click.option("--agent-command", default=None, help="Shell command for --agent command (prompt on stdin).")
@@ -68,8 +74,12 @@ def main(ctx: click.Context) -> None:
 @click.option("--base-image", envvar="AR_BASE_IMAGE", default=None,
               help="Upstream image of the docker sandbox's online runtime (env AR_BASE_IMAGE; default: the pinned "
                    "pytorch/pytorch tag); its digest is pinned in images/base.lock.")
+@click.option("--prune-images/--keep-images", default=True, show_default=True,
+              help="Remove the images of discarded and failed experiments as the night goes; the baseline's, "
+                   "kept and undecided ones stay for review, rerun and verify.")
 def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, budget, source, baseline_runs,
-              alpha, max_runs, min_delta, max_diff_retries, deterministic, gpu_memory_cap, base_image) -> None:
+              alpha, max_runs, min_delta, max_diff_retries, deterministic, gpu_memory_cap, base_image,
+              prune_images) -> None:
     """Run the experiment loop for the night (resume with the same --tag)."""
     from runner.overnight import run_overnight
 
@@ -80,6 +90,7 @@ def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, 
             baseline_runs=baseline_runs, rule=Rule(alpha=alpha, max_runs=max_runs, min_delta=min_delta),
             max_diff_retries=max_diff_retries, deterministic=deterministic, gpu_memory_cap=gpu_memory_cap,
             base_image=base_image,
+            prune_images=prune_images,
         )
         run_overnight(settings)
     except USER_ERRORS as exc:

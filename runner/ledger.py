@@ -157,6 +157,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE experiments ADD COLUMN runtime TEXT;
     """,
+    # 6: the running night's sign of life (runner.heartbeat): `status` and the night's hours read it.
+    """
+    ALTER TABLE nights ADD COLUMN heartbeat_at TEXT;
+    ALTER TABLE nights ADD COLUMN runner TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -308,6 +313,14 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def parse_time(text: str | None) -> datetime | None:
+    """A timestamp as the ledger writes it (`now`), None for none."""
+    if not text:
+        return None
+    stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
 def exp_id(seq: int) -> str:
     return f"e{seq:04d}"
 
@@ -348,13 +361,20 @@ class Ledger:
 
     # -- nights ---------------------------------------------------------------
 
-    def start_night(self, tag: str, settings: dict[str, Any]) -> int:
+    def start_night(self, tag: str, settings: dict[str, Any], runner: str | None = None) -> int:
+        """A new invocation of the night; `runner` names the process that runs it (runner.heartbeat)."""
+        stamp = now()
         with self._lock:
             cur = self._db.execute(
-                "INSERT INTO nights (tag, started_at, settings_json) VALUES (?, ?, ?)",
-                (tag, now(), json.dumps(settings, sort_keys=True, default=str)),
+                "INSERT INTO nights (tag, started_at, heartbeat_at, runner, settings_json) VALUES (?, ?, ?, ?, ?)",
+                (tag, stamp, stamp, runner, json.dumps(settings, sort_keys=True, default=str)),
             )
             return int(cur.lastrowid)
+
+    def heartbeat(self, night_id: int) -> None:
+        """The invocation is alive now."""
+        with self._lock:
+            self._db.execute("UPDATE nights SET heartbeat_at=? WHERE id=?", (now(), night_id))
 
     def set_noise(self, night_id: int, *, mean: float, sigma: float, df: int, runs: int, threshold: float) -> None:
         """The noise at the start of the night's experiments, and the smallest gain a keep needed then."""

@@ -11,7 +11,12 @@ Order of a night:
   1. resume bookkeeping: rows left unfinished by an earlier runner become work owed;
   2. baseline: the unmodified train.py on R seeds, unless already done (a disturbed run's
      seed again), to measure the noise σ the keep rule starts from (DESIGN §3.7);
-  3. experiments until the hours or the experiment count run out, or Ctrl-C.
+  3. experiments until the hours or the experiment count run out, or Ctrl-C. Both limits are
+     totals of the night over all its invocations (runner.limits).
+
+The night's heartbeat (runner.heartbeat) tells `status` that it runs. With `--prune-images`,
+the images of experiments that were discarded or failed are removed as the night goes
+(runner.pruning), and at the start what a killed invocation left.
 """
 
 from __future__ import annotations
@@ -32,12 +37,15 @@ from runner.agents.base import Agent, AgentError
 from runner.agents.factory import AgentConfigError
 from runner.console import NightView, WorkerView
 from runner.gpus import Gpu
+from runner.heartbeat import Heartbeat, this_runner
 from runner.judge import Judge, flag_disturbed, next_seed
 from runner.ledger import (
     BASELINE, BUILT, DONE, EXPERIMENT, FAILURES, PROPOSED, UNFINISHED, Experiment, Ledger, budget_account,
     outcome_fields,
 )
+from runner.limits import NightLimits, proposals
 from runner.proposals import Best, Proposer
+from runner.pruning import prune_images
 from runner.records import Records
 from runner.settings import Settings, gpu_cap_bytes
 from sandbox.budget_guard import Allowance
@@ -135,8 +143,10 @@ class Night:
         self.night_id: int | None = None
         self._pending: collections.deque[Experiment] = collections.deque()
         self._lock = threading.Lock()  # the pending queue, failure bookkeeping, proposal counts
+        self._images = threading.Lock()  # a build and its record, or a prune: never both at once
         self._failed_on: dict[str, set[str]] = collections.defaultdict(set)  # row -> slots it failed on
-        self._proposals = 0  # proposals started this night (for --max-experiments)
+        self.limits = NightLimits.of(settings, ledger)
+        self._proposals = proposals(ledger)  # proposals of the night, resumes included (for --max-experiments)
         self._agent_errors = 0  # in a row
         self._stop = threading.Event()
         self._cancel = CancelToken()
@@ -145,7 +155,8 @@ class Night:
         self._tick: Callable[[NightView], None] = lambda view: None
         self._finished: list[threading.Event] = []  # one per worker of the current round
         self._started = time.monotonic()
-        self._deadline = self._started + settings.hours * 3600 if settings.hours else None
+        left = self.limits.seconds_left(ledger)
+        self._deadline = self._started + left if left is not None else None
 
     # -- public -------------------------------------------------------------------
 
@@ -157,10 +168,12 @@ class Night:
         """Run the night; return why it stopped. Ctrl-C cancels running experiments cleanly."""
         if on_tick is not None:
             self._tick = on_tick
-        self.night_id = self.records.night_id = self.ledger.start_night(self.settings.tag, self._record())
+        self.night_id = self.records.night_id = self.ledger.start_night(self.settings.tag, self._record(),
+                                                                         runner=this_runner())
         reason = "interrupted"
         try:
-            reason = self._night()
+            with Heartbeat(self.ledger, self.night_id):
+                reason = self._night()
         except KeyboardInterrupt:
             log.warning("night.interrupted", note="cancelling running experiments")
             self.interrupt()
@@ -197,6 +210,8 @@ class Night:
     def _record(self) -> dict:
         return {
             **self.settings.record(),
+            "hours": self.limits.hours,  # the night's limits as this invocation applies them
+            "max_experiments": self.limits.max_experiments,
             "profile": self.profile,
             "time_budget": self.settings.time_budget(self.profile),
             "gpus": [s.gpu.uuid for s in self.slots if s.gpu],
@@ -217,6 +232,7 @@ class Night:
         reaped = self.backend.reap()
         if reaped:
             log.info("night.reaped", leftovers=reaped)
+        self._prune()  # what a killed invocation left
         owed = self.ledger.unfinished()
         if owed:
             log.info("night.resume", owed=[f"{r.id}:{r.status}" for r in owed])
@@ -378,7 +394,7 @@ class Night:
         if self._stop.is_set() or self._past_deadline():
             return None
         with self._lock:
-            if self.settings.max_experiments is not None and self._proposals >= self.settings.max_experiments:
+            if self.limits.max_experiments is not None and self._proposals >= self.limits.max_experiments:
                 return None
             self._proposals += 1
         parent = self.judge.best
@@ -418,14 +434,20 @@ class Night:
         """Bake the row's train.py into an image (again, if the recorded one is gone)."""
         if row.status != PROPOSED and row.image and self.backend.image_exists(row.image):
             return row
-        started = time.monotonic()
-        image = self.backend.build_image(self.records.train_py(row), row.id)
-        fields = {"image": image, "build_seconds": time.monotonic() - started}
-        if row.status == PROPOSED:
-            self.ledger.transition(row.id, BUILT, **fields)
-        else:
-            self.ledger.update(row.id, **fields)
+        with self._images:  # recorded before a prune may look: an image in use is never pruned
+            started = time.monotonic()
+            image = self.backend.build_image(self.records.train_py(row), row.id)
+            fields = {"image": image, "build_seconds": time.monotonic() - started}
+            if row.status == PROPOSED:
+                self.ledger.transition(row.id, BUILT, **fields)
+            else:
+                self.ledger.update(row.id, **fields)
         return self.ledger.get(row.id)
+
+    def _prune(self) -> None:
+        if self.settings.prune_images:
+            with self._images:
+                prune_images(self.backend, self.ledger.path)
 
     def _execute(self, slot: Slot, row: Experiment | None) -> None:
         """Run one experiment on `slot`, record it, decide it; run its confirmation if any."""
@@ -440,6 +462,7 @@ class Night:
             slot.strikes = 0
             self._record_outcome(row, outcome)
             row = self.judge.after(row.id, may_confirm=not self._stop.is_set()) if self.judge else None
+        self._prune()
 
     def _run_phases(self, slot: Slot, row: Experiment) -> ExperimentOutcome:
         gpu = slot.gpu

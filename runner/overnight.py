@@ -1,7 +1,7 @@
 """`autoresearch overnight`: get everything a night needs, then run it.
 
-Cheap checks that a user can fail come first (flags, GPUs, agent, sandbox), so a
-mistake costs seconds, not a data build; then data and the base image are made
+Cheap checks that a user can fail come first (flags, GPUs, a resumed night whose limits
+are spent, agent, sandbox), so a mistake costs seconds, not a data build; then data and the base image are made
 if missing, and the loop runs under a live status line.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import structlog
 from rich.console import Console
@@ -19,6 +20,7 @@ from runner.agents.factory import make_agent
 from runner.console import StatusLine, summary_table
 from runner.gpus import Gpu
 from runner.ledger import Ledger
+from runner.limits import NightLimits
 from runner.logging import night_log
 from runner.loop import Dataset, Night, NightError
 from runner.settings import Settings, cache_dir, data_hash
@@ -48,6 +50,10 @@ def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, con
     profile = "gpu" if gpus else "cpu"
     console = console or Console(stderr=True)
     run_dir = settings.run_dir
+    ledger_path = run_dir / "ledger.sqlite"
+    if ledger_path.is_file() and (spent := _limits_spent(settings, ledger_path)):
+        console.print(spent, soft_wrap=True, markup=False, highlight=False)
+        return "spent"
     with night_log(run_dir / "events.jsonl", console):
         if not gpus:
             log.info("night.cpu", note="no GPU selected: CPU profile, one worker")
@@ -58,7 +64,7 @@ def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, con
         backend = get_backend(settings.sandbox, hide=(settings.run_dir.parent,), base_image=settings.base_image)
         data = ensure_data(settings)
         backend.ensure_ready()
-        ledger = Ledger(run_dir / "ledger.sqlite")
+        ledger = Ledger(ledger_path)
         night = Night(settings, ledger=ledger, backend=backend, agent=agent, gpus=gpus, data=data)
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
@@ -73,6 +79,15 @@ def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, con
             console.print(verify_hint(settings.tag))
         ledger.close()
         return reason
+
+
+def _limits_spent(settings: Settings, ledger_path: Path) -> str | None:
+    """A resume of a night whose --hours or --max-experiments are spent: why, in one sentence."""
+    ledger = Ledger(ledger_path)
+    try:
+        return NightLimits.of(settings, ledger).spent(ledger, settings.tag)
+    finally:
+        ledger.close()
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -1,6 +1,6 @@
 """What a night measured, and the files that show it: the progress chart, exports, the HTML report.
 
-The figures are read from the ledger alone (plus the time of the last event), so
+The figures are read from the ledger alone (the night's heartbeat says whether it runs), so
 they can be computed while the night runs or long after. A kept change is shown
 with the estimate its decision rested on (gain, 95 % interval, runs), and once per
 view with `SELECTION_NOTE`: the selection biases that estimate upwards. The chart
@@ -23,43 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from runner.decision import DISCARD, KEEP
+from runner.heartbeat import is_running, last_seen, ran_seconds
 from runner.judge import code_key, runs_of
 from runner.ledger import BASELINE, CONFIRM, DONE, EXPERIMENT, FAILURES, REJECTED, UNFINISHED, Experiment, Ledger
 from runner.review import baseline_mean, item
 from sandbox.runlog import tail
 
-# A night that recorded no end is taken as still running while its last sign of
-# life is younger than one experiment can take: budget + compile/export + evaluation.
-STARTUP_ALLOWANCE_S, EVAL_DEADLINE_S, SLACK_S = 120.0, 120.0, 60.0
 NIGHT_KINDS = (BASELINE, EXPERIMENT, CONFIRM)  # reruns are morning work, not the night's
 SELECTION_NOTE = ("Gains are estimates at the time of each decision; a change was kept because its estimate "
                   "cleared the bar, so kept gains tend to be overstated: `autoresearch verify` measures the "
                   "night's gain afresh on new seeds.")
-
-
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
-
-
-def last_event_time(run_dir: Path) -> datetime | None:
-    """The timestamp of the last complete line of events.jsonl (read from its end)."""
-    path = run_dir / "events.jsonl"
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 65536))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return parse_time(json.loads(line).get("timestamp"))
-        except (ValueError, AttributeError):
-            continue
-    return None
 
 
 def night_settings(ledger: Ledger) -> dict[str, Any]:
@@ -109,11 +82,9 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
     settings = night_settings(ledger)
     rows = [r for r in ledger.experiments() if r.kind in NIGHT_KINDS]
     experiments = [r for r in rows if r.kind == EXPERIMENT]
-    # the night's own events only: morning reviews and reruns touch the ledger, never events.jsonl
-    last = max(filter(None, [last_event_time(run_dir), *(parse_time(n["started_at"]) for n in nights)]), default=None)
     budget = settings.get("time_budget")
-    state, note = _state(nights, last, now, budget, run_dir.name)
-    wall = _wall_seconds(nights, now if state == "running" else last)
+    state, note = _state(nights, now, run_dir.name)
+    wall = sum(ran_seconds(night, now) for night in nights)
     slots = max(len(settings.get("gpus") or ()), 1)
     training = sum(r.training_seconds or 0.0 for r in rows)
     finished = [r for r in experiments if r.status == DONE or (r.status in FAILURES and r.status != "cancelled")]
@@ -157,32 +128,23 @@ def _first_baseline(rows: list[Experiment]) -> str | None:
     return next((r.id for r in rows if r.kind == BASELINE and r.status == DONE), None)
 
 
-def _state(nights: list[dict], last: datetime | None, now: datetime, budget: float | None,
-           tag: str) -> tuple[str, str]:
-    """Whether the night runs. The loop writes no heartbeat, so an open night is judged by its last sign of life."""
+def _state(nights: list[dict], now: datetime, tag: str) -> tuple[str, str]:
+    """Whether the night runs, from the latest invocation's end or heartbeat (runner.heartbeat)."""
     if not nights:
         return "not started", "no night has started under this tag"
     latest = nights[-1]
     if latest["ended_at"]:
         return "ended", f"ended {latest['ended_at'][:19]} ({latest['stop_reason']})"
-    quiet = (now - last).total_seconds() if last else float("inf")
-    window = (budget or 300.0) + STARTUP_ALLOWANCE_S + EVAL_DEADLINE_S + SLACK_S
-    if quiet <= window:
-        return "running", f"no end recorded, last event {quiet:.0f} s ago (judged from activity)"
-    return "stopped", (f"no end recorded and silent for {quiet / 60:.0f} min: the runner was probably killed; "
-                       f"resume with `autoresearch overnight --tag {tag}`")
+    seen = last_seen(latest)
+    ago = (now - seen).total_seconds()
+    if is_running(latest, now):
+        return "running", f"alive {ago:.0f} s ago (heartbeat)"
+    return "stopped", (f"(last seen {seen:%Y-%m-%d %H:%M:%S} UTC, {_ago(ago)} ago) no end recorded: the runner was "
+                       f"probably killed; resume with `autoresearch overnight --tag {tag}`")
 
 
-def _wall_seconds(nights: list[dict], open_end: datetime | None) -> float:
-    """Seconds the night's runners were up. A start that recorded no end lasted until the next
-    start, or for the latest one until now (running) or its last event (killed)."""
-    total = 0.0
-    for i, night in enumerate(nights):
-        start = parse_time(night["started_at"])
-        following = parse_time(nights[i + 1]["started_at"]) if i + 1 < len(nights) else open_end
-        end = parse_time(night["ended_at"]) or following or start
-        total += max((end - start).total_seconds(), 0.0)
-    return total
+def _ago(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 # -- estimates --------------------------------------------------------------------------------

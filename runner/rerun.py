@@ -155,7 +155,8 @@ def check(ledger: Ledger, run_dir: Path, exp_id: str, backend: Backend,
 def _check_image(row: Experiment, backend: Backend) -> None:
     if not row.image or not backend.image_exists(row.image):
         raise RerunRefused(f"the image of {row.id} ({row.image or 'none recorded'}) no longer exists; "
-                           "a rerun needs the exact image the experiment ran from.")
+                           "a rerun needs the exact image the experiment ran from (a night removes those of "
+                           "discarded experiments unless it runs with --keep-images).")
 
 
 def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,

@@ -6,12 +6,18 @@ the baseline. Accepting one applies it to the working tree's train.py exactly
 the change, the kept changes in between come along, so the best change of a
 chain can be accepted first. Inside a git work tree only train.py is committed,
 with a message that carries the description and the numbers.
+
+Accepting is resumable: each step is skipped when it is done already, so an accept
+killed at any point (train.py written but not committed, committed but not recorded)
+finishes when it is run again, with one commit and the same record as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,18 +132,29 @@ def accept(ledger: Ledger, exp_id: str, train_py: Path, tag: str) -> Accepted:
                 f"{change.id} does not apply to {train_py}, which has changed since the night "
                 f"({exc.reason.rstrip('.')}); port it by hand from `autoresearch show {change.id}`."
             ) from None
-    commit = None
     if chain:
-        train_py.write_text(text)
-        message = commit_message(ledger, chain, tag)
-        try:
-            commit = git_commit(train_py, message)
-        except ReviewError as exc:
-            _record(ledger, chain, exp_id, "applied; git commit failed")
-            raise ReviewError(f"{exp_id} was applied to {train_py}, but {exc}") from None
-    _record(ledger, chain or [row], exp_id, f"commit {commit}" if commit else "")
+        _write_atomically(train_py, text)
+    try:
+        commit, committed = _commit(ledger, row, train_py, tag)
+    except ReviewError as exc:
+        _record(ledger, chain or [row], exp_id, "applied; git commit failed")
+        raise ReviewError(f"{exp_id} was applied to {train_py}, but {exc}") from None
+    _record(ledger, committed or chain or [row], exp_id, f"commit {commit}" if commit else "")
     log.info("review.accepted", exp=exp_id, applied=[c.id for c in chain], commit=commit)
     return Accepted(exp_id, tuple(c.id for c in chain), commit)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace the file in one step: a kill leaves the old train.py or the new one, never half of one."""
+    fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(staging, path.stat().st_mode & 0o7777)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
 
 
 def _record(ledger: Ledger, chain: list[Experiment], exp_id: str, note: str) -> None:
@@ -152,17 +169,21 @@ def _changes_missing(ledger: Ledger, row: Experiment, current_sha: str) -> list[
     When train.py holds none of the ancestors (it moved on), only the change itself
     is tried; it may still apply when the edits do not touch the same lines.
     """
-    chain = lineage(ledger, row)
-    holds = next((i for i, r in enumerate(chain) if r.train_sha256 == current_sha), None)
-    if holds is None:
-        return [row]
-    missing = list(reversed(chain[:holds]))
+    missing = _since(ledger, row, current_sha)
     refused = [r for r in missing if r.review_state == REJECTED or r.decision != KEEP]
     if refused:
         r = refused[0]
         why = "you rejected it" if r.review_state == REJECTED else f"it was {r.decision or r.status}"
         raise Conflict(f"{row.id} builds on {r.id}, which train.py lacks and {why}; it cannot be accepted on its own.")
     return missing
+
+
+def _since(ledger: Ledger, row: Experiment, sha: str | None) -> list[Experiment]:
+    """The changes from the ancestor of `row` whose train.py has hash `sha` up to `row`, oldest first
+    (just `row` when no ancestor has it)."""
+    chain = lineage(ledger, row)
+    holds = next((i for i, r in enumerate(chain) if r.train_sha256 == sha), None)
+    return [row] if holds is None else list(reversed(chain[:holds]))
 
 
 def commit_message(ledger: Ledger, chain: list[Experiment], tag: str) -> str:
@@ -185,25 +206,68 @@ def commit_message(ledger: Ledger, chain: list[Experiment], tag: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def git_commit(path: Path, message: str) -> str | None:
-    """Commit only `path` when it lies in a git work tree; return the commit id (None outside git)."""
-    folder, name = path.resolve().parent, path.name
+def _commit(ledger: Ledger, row: Experiment, train_py: Path, tag: str) -> tuple[str | None, list[Experiment]]:
+    """Commit train.py (holding `row`'s change) in its git work tree, unless a commit holds it already.
 
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True)
+    Returns the commit and the changes it brought (None and [] outside git). The changes are
+    read from git itself (the train.py before the commit), so an accept run again after a kill
+    commits and records what the killed one would have.
+    """
+    git = _Git(train_py)
+    if not git.inside():
+        return None, []
+    if git.changed():
+        committed = _since(ledger, row, _sha256_or_none(git.show("HEAD")))
+        return git.commit(commit_message(ledger, committed, tag)), committed
+    commit = git.last_commit()
+    return commit, _since(ledger, row, _sha256_or_none(git.show(f"{commit}^") if commit else None))
 
-    try:
-        inside = git("rev-parse", "--is-inside-work-tree")
-    except FileNotFoundError:  # no git installed: nothing to commit into
-        return None
-    if inside.returncode != 0 or inside.stdout.strip() != "true":
-        return None
-    for args in (("add", "--", name), ("commit", "--quiet", "--only", "-m", message, "--", name)):
-        done = git(*args)
+
+class _Git:
+    """git, asked about one file in its work tree."""
+
+    def __init__(self, path: Path) -> None:
+        self.folder, self.name = path.resolve().parent, path.name
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=self.folder, capture_output=True, text=True)
+
+    def inside(self) -> bool:
+        try:
+            done = self._run("rev-parse", "--is-inside-work-tree")
+        except FileNotFoundError:  # no git installed: nothing to commit into
+            return False
+        return done.returncode == 0 and done.stdout.strip() == "true"
+
+    def changed(self) -> bool:
+        """Whether the file differs from HEAD (modified, staged or untracked)."""
+        return bool(self._checked("status", "--porcelain", "--", self.name).strip())
+
+    def show(self, revision: str) -> str | None:
+        """The file as `revision` holds it (None when it has none, or there is no such revision)."""
+        done = self._run("show", f"{revision}:./{self.name}")
+        return done.stdout if done.returncode == 0 else None
+
+    def last_commit(self) -> str | None:
+        """The latest commit that changed the file."""
+        return self._checked("log", "-1", "--format=%H", "--", self.name).strip() or None
+
+    def commit(self, message: str) -> str:
+        """Commit only this file; returns the new commit."""
+        self._checked("add", "--", self.name)
+        self._checked("commit", "--quiet", "--only", "-m", message, "--", self.name)
+        return self._checked("rev-parse", "HEAD").strip()
+
+    def _checked(self, *args: str) -> str:
+        done = self._run(*args)
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             raise ReviewError(f"git {args[0]} failed: {lines[-1] if lines else f'exit {done.returncode}'}.")
-    return git("rev-parse", "HEAD").stdout.strip()
+        return done.stdout
+
+
+def _sha256_or_none(text: str | None) -> str | None:
+    return None if text is None else _sha256(text)
 
 
 def _sha256(text: str) -> str:

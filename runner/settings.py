@@ -92,8 +92,8 @@ class Source:
 class Settings:
     root: Path = field(default_factory=Path.cwd)  # holds train.py, prepare.py, program.md
     tag: str = field(default_factory=default_tag)
-    hours: float | None = None  # None: until Ctrl-C (or max_experiments)
-    max_experiments: int | None = None
+    hours: float | None = None  # the night's total over its invocations (runner.limits); None: as last time
+    max_experiments: int | None = None  # proposals of the night, resumes included; None: as last time
     agent: str = "auto"
     agent_command: str | None = None
     sandbox: str = "auto"
@@ -108,6 +108,7 @@ class Settings:
     runs_dir: Path | None = None  # None: root / "runs"
     gpu_memory_cap: str = DEFAULT_GPU_MEMORY_CAP  # see parse_gpu_memory_cap
     base_image: str | None = None  # the docker runtime's upstream (name:tag); None: the pinned default
+    prune_images: bool = True  # remove discarded and failed experiments' images (runner.pruning)
 
     def __post_init__(self) -> None:
         checks = [

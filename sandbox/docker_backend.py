@@ -28,6 +28,7 @@ from docker.types import DeviceRequest, LogConfig, Mount
 from sandbox import images
 from sandbox.budget_guard import Account
 from sandbox.gpu_watchdog import GpuWatchdog, Reader
+from sandbox.processes import identity_alive, process_identity
 from sandbox.runlog import LineLog, budget_account, classify, settle_budget
 from sandbox.spec import CancelToken, Killer, Phase, RunResult, RunSpec, SandboxUnavailable, Status
 
@@ -61,20 +62,6 @@ class _Stopper:
             self._container.kill()
         except docker.errors.APIError:  # it has just exited by itself
             pass
-
-
-def process_identity(pid: int) -> str | None:
-    """`pid:start time` of a live process, None if there is none (the start time tells a reused pid apart)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
-
-
-def _owner_alive(owner: str) -> bool:
-    pid = owner.partition(":")[0]
-    return pid.isdigit() and process_identity(int(pid)) == owner
 
 
 def container_config(spec: RunSpec, owner: str = "") -> dict[str, Any]:
@@ -175,7 +162,8 @@ class DockerBackend:
     def build_image(self, train_py: str, exp_id: str) -> str:
         if self.base_id is None:
             self.ensure_ready()
-        return images.build_experiment_image(self.client, self.base_id, train_py, exp_id)
+        return images.build_experiment_image(self.client, self.base_id, train_py, exp_id,
+                                             owner=process_identity(os.getpid()) or "")
 
     def image_exists(self, image: str) -> bool:
         return self._runtime_of(image) is not None
@@ -194,9 +182,12 @@ class DockerBackend:
             pass
 
     def reap(self) -> int:
-        """Remove the containers of runs whose runner is gone; a live runner's are left alone."""
+        """Remove the containers of runs and image builds whose runner is gone; a live runner's are left alone."""
         labelled = self.client.containers.list(all=True, filters={"label": RUN_LABEL})
-        leftovers = [c for c in labelled if not _owner_alive(c.labels.get(OWNER_LABEL, ""))]
+        leftovers = [c for c in labelled if not identity_alive(c.labels.get(OWNER_LABEL, ""))]
+        builds = self.client.containers.list(all=True, filters={"name": images.BUILD_PREFIX})
+        leftovers += [c for c in builds if c.name.startswith(images.BUILD_PREFIX)
+                      and not identity_alive(images.build_owner(c.name))]
         for container in leftovers:
             container.remove(force=True)
         if leftovers:

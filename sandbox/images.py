@@ -62,6 +62,7 @@ CONTAINER_UID = 65534  # `nobody`: every sandboxed process runs as this uid and 
 RUNTIME_REPO, BASE_REPO, EXPERIMENT_REPO = "autoresearch-runtime", "autoresearch-base", "autoresearch-exp"
 KIND_LABEL, EXP_LABEL = "autoresearch.kind", "autoresearch.exp"
 RUNTIME_LABEL = "autoresearch.runtime"  # what the runtime was built from: upstream@digest or the offline tag
+BUILD_PREFIX = "autoresearch-build-"  # + the builder's process identity: reap() removes a dead builder's
 UV = os.environ.get("UV", "uv")  # `uv run` names its own binary here, which may not be on PATH
 SOURCES = ("offline", "online")
 EXPERIMENT_COMMAND = ["python3", "train.py"]  # the experiment image's default command (phase 1)
@@ -386,39 +387,38 @@ def experiment_tag(base_id: str, train_py: str) -> str:
     return f"{EXPERIMENT_REPO}:{_digest(base_id, train_py)}"
 
 
-def build_experiment_image(client: docker.DockerClient, base_id: str, train_py: str, exp_id: str) -> str:
+def build_container_name(owner: str, exp_id: str) -> str:
+    """The name of a build's container: it tells which process built it (a `process_identity`)."""
+    return f"{BUILD_PREFIX}{owner.replace(':', '-')}-{exp_id}-{os.urandom(3).hex()}"
+
+
+def build_owner(container_name: str) -> str:
+    """The `process_identity` in a `build_container_name`."""
+    pid, start = container_name.removeprefix("/").removeprefix(BUILD_PREFIX).split("-")[:2]
+    return f"{pid}:{start}"
+
+
+def build_experiment_image(client: docker.DockerClient, base_id: str, train_py: str, exp_id: str,
+                           owner: str = "") -> str:
     """Bake train.py (root-owned, read-only) into an image on top of the base; return its id.
 
     The same as `FROM base` + `COPY train.py /app/train.py`, done as one commit of a
     container that never starts (and has no network): a single layer step, where a
-    Dockerfile build needs one for COPY and one for the labels.
+    Dockerfile build needs one for COPY and one for the labels. `owner` (the builder's
+    `process_identity`) names the container, so that a build killed halfway is reaped.
     """
     tag = experiment_tag(base_id, train_py)
     if image := _find(client, tag):
         return image.id
     labels = {KIND_LABEL: "experiment", EXP_LABEL: exp_id}
-    container = client.containers.create(base_id, command=EXPERIMENT_COMMAND, labels=labels, network_mode="none")
+    container = client.containers.create(base_id, command=EXPERIMENT_COMMAND, labels=labels, network_mode="none",
+                                         name=build_container_name(owner, exp_id) if owner else None)
     try:
         container.put_archive("/app", _tar({"train.py": (train_py.encode(), 0o444)}))
         repository, _, version = tag.partition(":")
         return container.commit(repository=repository, tag=version).id
     finally:
         container.remove(force=True)
-
-
-def prune_experiment_images(keep_ids: set[str], client: docker.DockerClient | None = None) -> int:
-    """Remove experiment images not in `keep_ids` (kept and pending ones are needed for reruns)."""
-    client = client or docker.from_env()
-    removed = 0
-    for image in client.images.list(filters={"label": f"{KIND_LABEL}=experiment"}):
-        if image.id in keep_ids:
-            continue
-        try:
-            client.images.remove(image.id)
-            removed += 1
-        except docker.errors.APIError as error:  # in use by a running container: next time
-            log.warning("image.prune_skipped", image=image.id, error=str(error))
-    return removed
 
 
 if __name__ == "__main__":

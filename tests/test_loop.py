@@ -338,9 +338,9 @@ def test_resume_after_a_kill_reruns_the_experiment_in_flight_exactly_once(projec
     (night.settings.run_dir / orphan.id / "train.py").write_text(BASE_TRAIN_PY.replace("LR = 0.1", "LR = 0.15"))
     ledger.close()
 
-    # night 2, same tag, a fresh process (no images survive)
+    # night 2, same tag, a fresh process (no images survive); the limit is the night's total: e0005, the orphan, one new
     backend = FakeBackend()
-    night2, ledger = make_night(project, ScriptedAgent(change(LR=0.35)), backend, max_experiments=1)
+    night2, ledger = make_night(project, ScriptedAgent(change(LR=0.35)), backend, max_experiments=3)
     night2.run()
     trained = collections.Counter(exp for exp, phase, _ in backend.runs if phase is Phase.TRAIN)
     assert not any(r.id in trained for r in experiments(ledger, BASELINE))  # baseline not repeated

@@ -135,8 +135,10 @@ def record_night(root, script=NIGHT_SCRIPT, backend=None, **settings):
     data.mkdir(exist_ok=True)
     (data / "manifest.json").write_text(json.dumps({"hash": "datahash", "files": {}}))
     backend = backend or RealisticBackend()
+    # --keep-images: the morning tests rerun discarded experiments too
     night, ledger = make_night(root, ScriptedAgent(*script), backend,
-                               **{"max_experiments": len(script), "max_diff_retries": 1, **settings})
+                               **{"max_experiments": len(script), "max_diff_retries": 1, "prune_images": False,
+                                  **settings})
     try:
         night.run()
         experiments = [r.id for r in ledger.experiments(kinds=[EXPERIMENT])]  # in the script's order

@@ -142,10 +142,10 @@ def test_a_night_in_miniature(project, docker_client, tmp_path):
     ledger.close()
     last = searched.id
 
-    # -- night 2: killed with SIGKILL while an experiment trains
+    # -- night 2: killed with SIGKILL while an experiment trains (limits are the night's totals: one more)
     output = tmp_path / "night2.log"
     with output.open("w") as out:
-        process = subprocess.Popen(_night_cli("--max-experiments", "1"), cwd=project, stdout=out, stderr=out)
+        process = subprocess.Popen(_night_cli("--max-experiments", "5"), cwd=project, stdout=out, stderr=out)
     killed = None
     try:
         deadline = time.monotonic() + KILL_WAIT_S
@@ -158,7 +158,7 @@ def test_a_night_in_miniature(project, docker_client, tmp_path):
     assert killed is not None, "the second night never started training:\n" + output.read_text()[-3000:]
 
     # -- night 3: same tag; the killed experiment runs again, exactly once, and one new one
-    done = subprocess.run(_night_cli("--max-experiments", "1"), cwd=project, capture_output=True, text=True,
+    done = subprocess.run(_night_cli("--max-experiments", "6"), cwd=project, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     ledger = Ledger(settings.run_dir / "ledger.sqlite")

@@ -1,0 +1,82 @@
+"""The real `autoresearch` command line in a process that a crash-safety test kills with SIGKILL.
+
+    python -m tests.crash_driver SANDBOX PAUSE [ARGS...]    (ARGS as for `autoresearch`)
+
+Everything runs as a user's command would, except what would make the test slow or
+unreachable: the night's agent is scripted (LR 0.2, then 0.3, ...), and SANDBOX is the loop
+tests' fake (`fake`) or real Docker images with fake runs (`docker-builds`). PAUSE is where
+the process stops itself (SIGSTOP) so that the test can kill it there, at a moment it could
+otherwise never hit reliably:
+
+  none                  run to the end
+  done:EXP              EXP's run was recorded `done`; its decision is not made yet
+  build:before-commit   a docker image build: the container is made, the image not yet
+  build:after-commit    ... the image is made, the ledger does not know it yet
+  git:before-commit     a review accept: train.py is written, `git commit` has not run
+  git:after-commit      ... committed, the ledger does not know it yet
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any, Callable
+
+import docker.models.containers
+
+import runner.overnight
+import sandbox.backends
+from runner.cli import main
+from runner.ledger import DONE, Ledger
+from sandbox.docker_backend import DockerBackend
+from tests.test_loop import FakeBackend, ScriptedAgent, change
+
+
+def stop_here() -> None:
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def around(owner: Any, name: str, when: str, matches: Callable[..., bool] = lambda *a, **k: True) -> None:
+    """Stop before or after `owner.name` runs (when its arguments match)."""
+    original = getattr(owner, name)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        hit = matches(*args, **kwargs)
+        if hit and when == "before-commit":
+            stop_here()
+        result = original(*args, **kwargs)
+        if hit and when == "after-commit":
+            stop_here()
+        return result
+
+    setattr(owner, name, wrapped)
+
+
+class DockerBuilds(DockerBackend):
+    """Real experiment images on the engine; runs as the fake sandbox does them, from the row's train.py."""
+
+    def run(self, spec, cancel=None):
+        fake = FakeBackend()
+        fake.images[spec.image] = (spec.log_path.parent / "train.py").read_text()
+        return fake.run(spec, cancel)
+
+
+def main_with(kind: str, pause: str, args: list[str]) -> None:
+    backend = FakeBackend() if kind == "fake" else DockerBuilds()
+    sandbox.backends.get_backend = lambda *a, **k: backend
+    agent = ScriptedAgent(*(change(LR=round(0.2 + 0.05 * n, 2)) for n in range(20)))
+    runner.overnight.make_agent = lambda *a, **k: agent
+    point, _, detail = pause.partition(":")
+    if point == "done":
+        around(Ledger, "transition", "after-commit", lambda self, exp, status, **_: (exp, status) == (detail, DONE))
+    elif point == "build":
+        around(docker.models.containers.Container, "commit", detail)
+    elif point == "git":
+        around(subprocess, "run", detail, lambda command, *a, **k: list(command[:2]) == ["git", "commit"])
+    main(args)
+
+
+if __name__ == "__main__":
+    main_with(sys.argv[1], sys.argv[2], sys.argv[3:])

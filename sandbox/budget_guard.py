@@ -188,35 +188,46 @@ class Account:
         self.budget_ended = at
 
     def overdue(self, now: float | None = None) -> str | None:
-        """Why the run must be stopped now (it has had all the time the budget allows), or None."""
+        """Why the run must be stopped now (it has had all the time the budget allows, or has
+        already spent more compute outside the budget than it may), or None."""
         now = time.monotonic() if now is None else now
-        allowance = self.rule.allowance
         if self.budget_started is None:
             if now - self.process_started > self.rule.startup_wall_s:
                 return f"the training budget did not start within the start-up allowance of {self.rule.startup_wall_s:.0f} s"
-            return None
+            return self._off_budget(final=False)
         with self._lock:
             end = self._budget_end()
         if now > end + self.rule.export_wall_s:
             return (f"still running {self.rule.export_wall_s:.0f} s after its {self.rule.budget_s:g} s budget ended "
                     "(training past the budget)")
-        return None
+        return self._off_budget(final=False)
 
     def finish(self, exited: float | None = None) -> str | None:
         """At the process's exit: why it spent compute off the budget, or None."""
         self.exited = time.monotonic() if exited is None else exited
-        allowance = self.rule.allowance
         if self.budget_started is None:
             return "the training budget never started (train.py must step prepare.Budget)"
+        return self._off_budget(final=True)
+
+    def _off_budget(self, final: bool) -> str | None:
+        """Why the compute spent outside the budget is more than allowed, or None.
+
+        Before the exit (`final` false) a run is stopped as soon as the verdict cannot change:
+        its compute after the budget only grows, and its compute before the budget is held
+        to the allowance with the share of the most compute the budget itself can take."""
+        allowance = self.rule.allowance
         with self._lock:
             if self._gpu_metered:  # on a GPU the GPU's time is the compute; the CPU compiles meanwhile
-                spent, allowed, what = self.busy, (allowance.busy_before_s, allowance.busy_after_s), "the GPU was busy"
+                spent, allowed, what = dict(self.busy), (allowance.busy_before_s, allowance.busy_after_s), "the GPU was busy"
+                most = self.rule.budget_wall_s  # busy seconds of one GPU fit in its wall seconds
             elif self._cpu_total is not None:
-                spent, allowed, what = self.cpu, (allowance.cpu_before_s, allowance.cpu_after_s), "the run used the CPU"
+                spent, allowed, what = dict(self.cpu), (allowance.cpu_before_s, allowance.cpu_after_s), "the run used the CPU"
+                most = self.rule.budget_cpu_s or math.inf
             else:
                 return None
         share = SCALE_SHARE * spent["during"]  # a larger model's warm-up steps and export cost more
-        for period, limit, when in (("before", allowed[0] + share, "before the budget started"),
+        before_share = share if final else SCALE_SHARE * most
+        for period, limit, when in (("before", allowed[0] + before_share, "before the budget started"),
                                     ("after", allowed[1] + share, "after the budget ended")):
             if spent[period] > limit:
                 return f"{what} {spent[period]:.1f} s {when} (allowed {limit:.1f} s): training outside the budget"

@@ -162,15 +162,33 @@ def test_cpu_time_outside_the_budget_is_over_budget_on_the_cpu_profile():
     late.on_cpu_total(0.0, at=1020.0)
     start(late, 1020.0)
     late.on_cpu_total(200.0, at=1120.0)
+    late.on_cpu_total(220.0, at=1124.0)  # export, or training on: within 15 s + 5 % of the 200 s of the budget
+    assert late.overdue(now=1124.0) is None
     late.on_cpu_total(240.0, at=1128.0)  # training on for 8 s after the budget (5 threads), inside the wall allowance
-    assert late.overdue(now=1128.0) is None
-    # allowed: 15 s plus 5 % of the 200 s it spent during the budget
+    # stopped at once, not at the end of the wall allowance: its compute after the budget only grows
+    assert "the run used the CPU 40.0 s after the budget ended (allowed 25.0 s)" in late.overdue(now=1128.0)
     assert "the run used the CPU 40.0 s after the budget ended (allowed 25.0 s)" in late.finish(exited=1128.5)
     spread = account()
     spread.on_cpu_total(0.0, at=1000.0)
     start(spread, 1010.0)
     spread.on_cpu_total(20.0, at=1020.0)  # one sample across the budget's start: shared by time
     assert (spread.cpu["before"], spread.cpu["during"]) == (10.0, 10.0)
+
+
+def test_compute_before_the_budget_stops_the_run_once_no_budget_could_excuse_it():
+    """Start-up compute is held to the allowance plus the share of the most the budget can take."""
+    acc = account(cpu_threads=2)  # at most 200 CPU seconds in the budget: a share of 10 s
+    acc.on_cpu_total(0.0, at=1000.0)
+    acc.on_cpu_total(39.0, at=1010.0)  # 30 s allowed + 10 s share: a large model's start-up may still be honest
+    assert acc.overdue(now=1010.0) is None
+    acc.on_cpu_total(41.0, at=1011.0)
+    assert "the run used the CPU 41.0 s before the budget started (allowed 40.0 s)" in acc.overdue(now=1011.0)
+
+    gpu = account()  # a 100 s budget: at most 100 busy seconds of the GPU, a share of 5 s
+    gpu.on_gpu_busy(7.5, 1000.0, 1010.0)
+    assert gpu.overdue(now=1010.0) is None
+    gpu.on_gpu_busy(1.0, 1010.0, 1011.0)
+    assert "the GPU was busy 8.5 s before the budget started (allowed 8.0 s)" in gpu.overdue(now=1011.0)
 
 
 def test_on_the_cpu_profile_the_budget_is_cpu_time_so_other_load_stretches_it():

@@ -31,6 +31,7 @@ from runner import decision
 from runner.agents.base import Agent, AgentError
 from runner.agents.factory import AgentConfigError
 from runner.console import NightView, WorkerView
+from runner.errors import UserError
 from runner.gpus import Gpu
 from runner.judge import Judge, flag_disturbed, next_seed
 from runner.ledger import (
@@ -39,7 +40,7 @@ from runner.ledger import (
 )
 from runner.proposals import Best, Proposer
 from runner.records import Records
-from runner.settings import Settings, gpu_cap_bytes
+from runner.settings import Settings, gpu_cap_bytes, project_text
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.spec import Backend, CancelToken, Limits
@@ -51,7 +52,7 @@ BASELINE_ROUNDS = 3  # rounds of baseline runs: the first, and reruns of seeds w
 RunFn = Callable[..., ExperimentOutcome]
 
 
-class NightError(Exception):
+class NightError(UserError):
     """The night cannot start or cannot go on (one sentence for the user)."""
 
 
@@ -257,7 +258,7 @@ class Night:
         missing = max(0, self.settings.baseline_runs - counted)
         if dry:
             return [None] * missing
-        train_py = self.records.train_py(rows[0]) if rows else (self.settings.root / "train.py").read_text()
+        train_py = self.records.train_py(rows[0]) if rows else project_text(self.settings.root, "train.py")
         new = []
         for _ in range(missing):
             seed = next_seed(rows + new)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.decision import DISCARD, KEEP
+from runner.errors import UserError
 from runner.judge import code_key, runs_of
 from runner.ledger import BASELINE, CONFIRM, DONE, EXPERIMENT, FAILURES, REJECTED, UNFINISHED, Experiment, Ledger
 from runner.review import baseline_mean, item
@@ -235,7 +236,7 @@ def kept_changes(ledger: Ledger) -> list[Kept]:
 # -- chart ------------------------------------------------------------------------------------
 
 
-class NothingToPlot(Exception):
+class NothingToPlot(UserError):
     """No experiment of the night has a val_bpb yet."""
 
 

@@ -42,9 +42,9 @@ def os_error_sentence(exc: OSError) -> str:
     """An OSError as a sentence that names the path (when the error knows it)."""
     where = f" {exc.filename}" if exc.filename else ""
     if exc.errno in _DISK_FULL:
-        return f"no space is left on the disk{' holding' + where if where else ''}; free some space and try again."
+        return f"no space is left on the disk{' holding' + where if where else ''}."
     if exc.errno == errno.EROFS:
-        return f"{where.strip() or 'a file'} is on a read-only file system; point the command at a writable place."
+        return f"{where.strip() or 'a file'} is on a read-only file system."
     if exc.errno in (errno.EACCES, errno.EPERM):
         return f"permission denied for{where or ' a file'}."
     if exc.errno == errno.ENOENT:
@@ -60,20 +60,6 @@ def sentence(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):
         return os_error_sentence(exc)
     return None
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return seen
-
-
-def disk_full(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) is a full disk, from the file system or from SQLite."""
-    return any((isinstance(e, OSError) and e.errno in _DISK_FULL)
-               or getattr(e, "sqlite_errorname", None) == "SQLITE_FULL" for e in _chain(exc))
 
 
 def machine_problem(exc: BaseException) -> str | None:

@@ -186,12 +186,11 @@ def _unavailable(path: Path, exc: sqlite3.Error) -> LedgerUnavailable:
     """What an SQLite error means for the user of the ledger at `path`, in one sentence."""
     name = getattr(exc, "sqlite_errorname", "") or ""
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        why = (f"the ledger {path} is locked by another process (another autoresearch command on this night?); "
-               "run this again once it is done.")
+        why = f"the ledger {path} is locked by another process (another autoresearch command on this night?)."
     elif name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
         why = f"{path} is not a readable ledger ({exc}); move it aside, or start another night with a new --tag."
     elif name.startswith("SQLITE_FULL"):
-        why = f"no space is left on the disk holding the ledger {path}; free some space and run this again."
+        why = f"no space is left on the disk holding the ledger {path}."
     elif name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")) and not os.access(path.parent, os.W_OK):
         why = f"the ledger {path} lies in a directory that cannot be written (read-only?); SQLite needs to write there."
     else:

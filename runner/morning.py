@@ -24,6 +24,7 @@ import click
 import structlog
 from rich.console import Console
 
+from runner import ledger as ledgers
 from runner import report as reports
 from runner import rerun as reruns
 from runner import review as reviews
@@ -53,7 +54,7 @@ class Night:
 def _started(ledger_path: Path) -> str:
     """When a night first started, read without writing (an unreadable one sorts first)."""
     try:
-        with sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True) as db:
+        with sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True, timeout=ledgers.BUSY_TIMEOUT_S) as db:
             return db.execute("SELECT COALESCE(MIN(started_at), '') FROM nights").fetchone()[0]
     except sqlite3.Error:
         return ""

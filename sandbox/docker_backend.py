@@ -5,7 +5,8 @@ from the run directory (read-only in phase 2), data mounts read-only, a non-root
 without capabilities, and memory (no swap), pids, CPU and shm limits. Its environment
 is the spec's alone, so no secret of the host can reach it. The host enforces the
 deadline and the cancel token; a `timeout` inside the container is the backstop for a
-runner that died. Whatever the container does ends in a `RunResult`, never an exception.
+runner that died. Whatever the container does ends in a `RunResult`, never an exception;
+an engine that stops answering is `SandboxUnavailable` (no run can go on, none failed).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +41,8 @@ BACKSTOP_S = 15  # the in-container `timeout` fires this long after the host dea
 KILL_GRACE_S = 30.0  # how long a killed container may take to stop before the run is given up
 POLL_S = 0.2
 STATS_EVERY_S = 0.5  # memory peak and CPU time (the budget guard's meter on the CPU profile)
-_DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+_ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
+_DOCKER_ERRORS = (*_ENGINE_ERRORS, OSError)
 
 
 class _Stopper:
@@ -166,17 +170,35 @@ class DockerBackend:
         except images.ImageBuildError as error:
             raise SandboxUnavailable(str(error)) from error
 
+    @contextmanager
+    def _engine_errors(self) -> Iterator[None]:
+        """An engine error while the engine no longer answers is SandboxUnavailable: no run can work now."""
+        try:
+            yield
+        except _ENGINE_ERRORS as error:
+            if not self._answers():
+                raise _engine_gone(error) from error
+            raise
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except (*_ENGINE_ERRORS, SandboxUnavailable):
+            return False
+
     def build_image(self, train_py: str, exp_id: str) -> str:
         if self.base_id is None:
             self.ensure_ready()
-        return images.build_experiment_image(self.client, self.base_id, train_py, exp_id)
+        with self._engine_errors():
+            return images.build_experiment_image(self.client, self.base_id, train_py, exp_id)
 
     def image_exists(self, image: str) -> bool:
-        try:
-            self.client.images.get(image)
-            return True
-        except docker.errors.ImageNotFound:
-            return False
+        with self._engine_errors():
+            try:
+                self.client.images.get(image)
+                return True
+            except docker.errors.ImageNotFound:
+                return False
 
     def remove_image(self, image: str) -> None:
         try:
@@ -186,7 +208,8 @@ class DockerBackend:
 
     def reap(self) -> int:
         """Remove the containers of runs whose runner is gone; a live runner's are left alone."""
-        labelled = self.client.containers.list(all=True, filters={"label": RUN_LABEL})
+        with self._engine_errors():
+            labelled = self.client.containers.list(all=True, filters={"label": RUN_LABEL})
         leftovers = [c for c in labelled if not _owner_alive(c.labels.get(OWNER_LABEL, ""))]
         for container in leftovers:
             container.remove(force=True)
@@ -207,9 +230,15 @@ class DockerBackend:
                 _make_writable(spec.out_dir)
             container = self.client.containers.create(**container_config(spec, process_identity(os.getpid()) or ""))
             return self._supervise(container, spec, cancel, line_log, account)
+        except SandboxUnavailable:
+            line_log.close()
+            raise
         except _DOCKER_ERRORS as error:
             line_log.note(f"docker error: {error}")
             log.warning("docker.run_error", run_id=spec.run_id, error=str(error))
+            if isinstance(error, _ENGINE_ERRORS) and not self._answers():  # the run did not fail: it cannot go on
+                line_log.close()
+                raise _engine_gone(error) from error
             return self._result(spec, Status.CRASH, None, Killer.NONE, started, line_log)
         finally:
             if container is not None:
@@ -287,6 +316,10 @@ class DockerBackend:
             log_path=spec.log_path, peak_host_memory_bytes=peak_host, peak_gpu_memory_bytes=peak_gpu,
             isolation=self.isolation, log_tail="\n".join(line_log.tail), budget=budget,
         )
+
+
+def _engine_gone(error: Exception) -> SandboxUnavailable:
+    return SandboxUnavailable(f"the Docker engine stopped answering ({error}).")
 
 
 def _wait(container: Container, exited: threading.Event) -> None:

@@ -20,7 +20,7 @@ import click
 
 from sandbox.spec import SandboxUnavailable
 
-# Below this much free space under the runs directory a failed run is put down to the disk, not to train.py.
+# Below this much free space under the runs directory no run starts, and one that failed is put down to the disk.
 LOW_SPACE_BYTES = 64 * 2**20
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _MACHINE_ERRNOS = (*_DISK_FULL, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)

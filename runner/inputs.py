@@ -14,7 +14,6 @@ from runner.errors import InputError, os_error_sentence
 MAX_DIFF_BYTES = 64_000  # a diff: one proposal's change to train.py
 MAX_TRAIN_PY_BYTES = 2**20  # train.py (and prepare.py): a training script, not a data file
 MAX_PROGRAM_BYTES = 256 * 2**10  # program.md: the research directions, sent to the agent with every proposal
-MAX_REPLY_BYTES = 4 * MAX_DIFF_BYTES  # what an agent command prints for one proposal: a description and a diff
 
 
 def read_text(path: Path, what: str, max_bytes: int) -> str:
@@ -24,15 +23,10 @@ def read_text(path: Path, what: str, max_bytes: int) -> str:
             data = file.read(max_bytes + 1)
     except OSError as exc:
         raise InputError(f"cannot read {what}: {os_error_sentence(exc)}") from None
-    return decode(data, f"{what} {path}", max_bytes)
-
-
-def decode(data: bytes, what: str, max_bytes: int) -> str:
-    """`data` as UTF-8 text of at most `max_bytes` bytes; InputError (naming `what`) otherwise."""
     if len(data) > max_bytes:
-        raise InputError(f"{what} is larger than {max_bytes:,} bytes, the most it may be; make it smaller.")
+        raise InputError(f"{what} {path} is larger than {max_bytes:,} bytes, the most it may be; make it smaller.")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{what} is not UTF-8 text (byte {exc.start} cannot be decoded); "
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {exc.start} cannot be decoded); "
                          "save it as UTF-8.") from None

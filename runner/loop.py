@@ -20,6 +20,7 @@ import collections
 import dataclasses
 import errno
 import os
+import shutil
 import statistics
 import threading
 import time
@@ -456,16 +457,19 @@ class Night:
     def _execute(self, slot: Slot, row: Experiment | None) -> None:
         """Run one experiment on `slot`, record it, decide it; run its confirmation if any."""
         while row is not None and not self._stop.is_set():
+            self._check_space()
             try:
-                self._check_space()
                 slot.show(row.id, "building")
                 row = self._build(row)
                 outcome = self._run_phases(slot, row)
                 self._check_space(outcome)
             except Exception as exc:  # the backend or the machine failed, not the experiment
-                self._check_space()
-                if machine_problem(exc) is not None:
-                    raise  # the night stops; the row stays owed and runs again on resume
+                if low_on_space(self.settings.run_dir) or machine_problem(exc) is not None:
+                    # The night stops and the row stays owed: it starts over on resume, so what its run
+                    # wrote only holds space that the night's end needs.
+                    shutil.rmtree(self.records.dir(row.id) / "out", ignore_errors=True)
+                    self._check_space()
+                    raise
                 self._infra_failure(slot, row, exc)
                 return
             slot.strikes = 0

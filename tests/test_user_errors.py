@@ -313,7 +313,7 @@ def test_a_full_disk_stops_the_night_in_one_sentence_and_the_night_resumes(tmp_p
         ledger = Ledger(runs / "n" / "ledger.sqlite")
         try:
             (night_record,) = ledger.nights()
-            assert night_record["stop_reason"] == "error" and night_record["ended_at"]
+            assert night_record["stop_reason"] == "error" and night_record["ended_at"], text[-3000:]
             assert ledger.get(owed).status in (DONE, *UNFINISHED)  # never a failure the disk caused
         finally:
             ledger.close()

@@ -260,7 +260,8 @@ def build(docs: Iterable[tuple[str, str]], data_dir: Path, source: str, vocab_si
         print(f"  removing the half-finished build {work}", flush=True)
         shutil.rmtree(work)
     spool = work / "spool"
-    spool.mkdir(parents=True)
+    spool.mkdir(parents=True)  # a read-only or full cache fails here, before anything is said
+    print(f"building {source} data into {data_dir}", flush=True)
     try:
         corpus = spool_documents(docs, spool)
         for source, nbytes in corpus["sources"].items():
@@ -326,10 +327,14 @@ def main(argv: list[str] | None = None) -> int:
             manifest = read_manifest(data_dir)
             print(f"{data_dir} is complete (data hash {manifest['hash'][:12]}); nothing to do (--force rebuilds)")
             return 0
-        print(f"building {args.source} data into {data_dir}", flush=True)
         manifest = build(source_docs(args), data_dir, args.source, args.vocab_size)
     except PrepareError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, even for wrapped library errors
+        return 1
+    except OSError as e:  # the cache cannot be written (read-only, full): say where
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where} under {cache_dir()} ({e.strerror or e}); set AR_CACHE to a writable "
+              "directory with room for the data", file=sys.stderr)
         return 1
     stats = manifest["stats"]
     for split in ("train", "val"):

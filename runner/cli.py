@@ -13,21 +13,13 @@ from pathlib import Path
 import click
 import structlog
 
-from runner.agents.factory import AGENT_NAMES, AgentConfigError
+from runner.agents.factory import AGENT_NAMES
 from runner.decision import Rule
-from runner.ledger import LedgerError
-from runner.loop import NightError
+from runner.errors import user_errors
+from runner.inputs import MAX_DIFF_BYTES, MAX_TRAIN_PY_BYTES, read_text
 from runner.morning import register as register_morning
-from runner.settings import DEFAULT_GPU_MEMORY_CAP, SANDBOXES, Settings, SettingsError, Source, default_tag
-from sandbox.spec import SandboxUnavailable
-
-# Exceptions whose message is a sentence meant for the user.
-USER_ERRORS = (SettingsError, NightError, SandboxUnavailable, AgentConfigError, LedgerError)
-
-
-def fail(exc: Exception) -> None:
-    """Turn a user-caused error into one line and exit 1."""
-    raise click.ClickException(str(exc)) from None
+from runner.options import runs_dir_option
+from runner.settings import DEFAULT_GPU_MEMORY_CAP, SANDBOXES, Settings, Source, default_tag
 
 
 @click.group()
@@ -55,6 +47,7 @@ def main(ctx: click.Context) -> None:
 @click.option("--sandbox", type=click.Choice(SANDBOXES), default="auto", show_default=True)
 @click.option("--gpus", default="all", show_default=True, help="all, none, or indices such as 0,1.")
 @click.option("--tag", default=None, help="Run name (runs/<tag>); an existing tag resumes. Default: date-time.")
+@runs_dir_option
 @click.option("--budget", type=float, default=None, help="Training seconds per experiment (default: the profile's).")
 @click.option("--source", default="offline", show_default=True, help="Data: offline, linux, hf, local or local:PATH.")
 @click.option("--baseline-runs", type=int, default=Settings.baseline_runs, show_default=True,
@@ -77,24 +70,22 @@ def main(ctx: click.Context) -> None:
 @click.option("--prune-images/--keep-images", default=True, show_default=True,
               help="Remove the images of discarded and failed experiments as the night goes; the baseline's, "
                    "kept and undecided ones stay for review, rerun and verify.")
-def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, budget, source, baseline_runs,
-              alpha, max_runs, min_delta, max_diff_retries, deterministic, gpu_memory_cap, base_image,
+@user_errors
+def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, runs_dir, budget, source,
+              baseline_runs, alpha, max_runs, min_delta, max_diff_retries, deterministic, gpu_memory_cap, base_image,
               prune_images) -> None:
     """Run the experiment loop for the night (resume with the same --tag)."""
     from runner.overnight import run_overnight
 
+    settings = Settings(
+        tag=tag or default_tag(), hours=hours, max_experiments=max_experiments, agent=agent,
+        agent_command=agent_command, sandbox=sandbox, gpus=gpus, budget=budget, source=Source.parse(source),
+        baseline_runs=baseline_runs, rule=Rule(alpha=alpha, max_runs=max_runs, min_delta=min_delta),
+        max_diff_retries=max_diff_retries, deterministic=deterministic, gpu_memory_cap=gpu_memory_cap,
+        runs_dir=runs_dir, base_image=base_image, prune_images=prune_images,
+    )
     try:
-        settings = Settings(
-            tag=tag or default_tag(), hours=hours, max_experiments=max_experiments, agent=agent,
-            agent_command=agent_command, sandbox=sandbox, gpus=gpus, budget=budget, source=Source.parse(source),
-            baseline_runs=baseline_runs, rule=Rule(alpha=alpha, max_runs=max_runs, min_delta=min_delta),
-            max_diff_retries=max_diff_retries, deterministic=deterministic, gpu_memory_cap=gpu_memory_cap,
-            base_image=base_image,
-            prune_images=prune_images,
-        )
         run_overnight(settings)
-    except USER_ERRORS as exc:
-        fail(exc)
     except KeyboardInterrupt:
         click.echo("stopped at once (second Ctrl-C); resume with the same --tag.", err=True)
         sys.exit(130)
@@ -104,13 +95,14 @@ def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, 
 @click.argument("diff_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--base", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=Path("train.py"),
               show_default=True, help="The train.py the diff must apply to.")
+@user_errors
 def check_diff(diff_file: Path, base: Path) -> None:
     """Validate a diff exactly as the night does; exit 1 when it is rejected."""
     from runner.diffs import DiffRejected, changed_lines, validate_and_apply
 
-    diff = diff_file.read_text()
+    diff = read_text(diff_file, "the diff", MAX_DIFF_BYTES)
     try:
-        validate_and_apply(diff, base.read_text())
+        validate_and_apply(diff, read_text(base, "the base train.py", MAX_TRAIN_PY_BYTES))
     except DiffRejected as exc:
         click.echo(f"rejected: {exc.reason}")
         sys.exit(1)

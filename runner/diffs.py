@@ -34,6 +34,8 @@ from unidiff import PatchSet
 from unidiff.errors import UnidiffParseError
 from unidiff.patch import Hunk
 
+from runner.inputs import MAX_DIFF_BYTES
+
 log = structlog.get_logger(__name__)
 
 TARGET = "train.py"
@@ -59,7 +61,7 @@ class DiffRejected(Exception):
         self.reason = reason
 
 
-def validate_and_apply(diff: str, base: str, *, max_bytes: int = 64_000) -> str:
+def validate_and_apply(diff: str, base: str, *, max_bytes: int = MAX_DIFF_BYTES) -> str:
     """Return the patched train.py text or raise DiffRejected."""
     _check_text(diff, base, max_bytes)
     diff = _terminated(diff)

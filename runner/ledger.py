@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
 import structlog
+
+from runner.errors import MachineError, UserError
 
 if TYPE_CHECKING:
     from sandbox.experiment import ExperimentOutcome
@@ -42,6 +45,19 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 # Kinds of rows.
 BASELINE, EXPERIMENT, CONFIRM, RERUN = "baseline", "experiment", "confirm", "rerun"
+
+# How a row reads in a sentence: "e0003 is an experiment that was discarded".
+KIND_NOUNS = {BASELINE: "a baseline run", EXPERIMENT: "an experiment", CONFIRM: "a confirmation run",
+              RERUN: "a rerun"}
+OUTCOME_PHRASES = {
+    PROPOSED: "has not run yet", BUILT: "has not run yet", TRAINING: "has not finished (it was training)",
+    EVALUATING: "has not finished (it was being evaluated)", REJECTED: "was rejected (its diff was invalid)",
+    "crash": "crashed", "timeout": "timed out", "oom": "ran out of host memory",
+    "gpu_oom": "went over its GPU memory cap", "export_failed": "failed to export its model",
+    "probe_failed": "failed the causality probe", "over_budget": "went over its time budget",
+    "cancelled": "was cancelled",
+}
+DECISION_PHRASES = {"keep": "was kept", "discard": "was discarded", None: "finished"}
 
 # Figure names (as the harness and the host name them) -> ledger columns. A column is filled from the
 # trusted figures (phase 2's result, the host's measurements) where they have it, else from what
@@ -164,10 +180,49 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+BUSY_TIMEOUT_S = 10.0  # how long a statement waits for another process's lock before the ledger counts as locked
 
 
-class LedgerError(Exception):
+class LedgerError(UserError):
     """The ledger cannot be used as asked (newer schema, illegal transition, unknown id)."""
+
+
+class LedgerUnavailable(LedgerError, MachineError):
+    """The ledger file itself cannot be used: damaged, locked by another process, read-only, or its disk full."""
+
+
+def _unavailable(path: Path, exc: sqlite3.Error) -> LedgerUnavailable:
+    """What an SQLite error means for the user of the ledger at `path`, in one sentence."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        why = f"the ledger {path} is locked by another process (another autoresearch command on this night?)."
+    elif name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+        why = f"{path} is not a readable ledger ({exc}); move it aside, or start another night with a new --tag."
+    elif name.startswith("SQLITE_FULL"):
+        why = f"no space is left on the disk holding the ledger {path}."
+    elif name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")) and not os.access(path.parent, os.W_OK):
+        why = f"the ledger {path} lies in a directory that cannot be written (read-only?); SQLite needs to write there."
+    else:
+        why = f"the ledger {path} cannot be used ({exc})."
+    return LedgerUnavailable(why)
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose errors say, in one sentence, what is wrong with the ledger file."""
+
+    path: Path
+
+    def execute(self, *args: Any) -> sqlite3.Cursor:
+        try:
+            return super().execute(*args)
+        except sqlite3.Error as exc:
+            raise _unavailable(self.path, exc) from exc
+
+    def executescript(self, script: str) -> sqlite3.Cursor:
+        try:
+            return super().executescript(script)
+        except sqlite3.Error as exc:
+            raise _unavailable(self.path, exc) from exc
 
 
 @dataclass
@@ -266,6 +321,18 @@ class Experiment:
 _COLUMNS = tuple(f.name for f in dataclasses.fields(Experiment))
 
 
+def outcome_phrase(row: Experiment) -> str:
+    """How `row` ended, as the verb of a sentence: "was discarded", "crashed", "has not run yet"."""
+    if row.status == DONE:
+        return DECISION_PHRASES.get(row.decision, f"was decided {row.decision}")
+    return OUTCOME_PHRASES.get(row.status, f"ended as {row.status}")
+
+
+def describe(row: Experiment) -> str:
+    """What `row` is, for a sentence: "an experiment that was discarded", "a baseline run that crashed"."""
+    return f"{KIND_NOUNS.get(row.kind, f'a {row.kind} row')} that {outcome_phrase(row)}"
+
+
 def metric_columns(metrics: dict[str, float]) -> dict[str, float]:
     """The summary metrics that have a column of their own (all of them stay in metrics_json)."""
     return {column: metrics[key] for key, column in SUMMARY_COLUMNS.items() if key in metrics}
@@ -332,12 +399,20 @@ class Ledger:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_Connection,
+                                       timeout=BUSY_TIMEOUT_S)
+        except sqlite3.Error as exc:
+            raise _unavailable(path, exc) from exc
+        self._db.path = path
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._migrate(migrations)
+        try:  # a damaged or locked file fails here, before any command relies on it
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._migrate(migrations)
+        except BaseException:
+            self._db.close()
+            raise
 
     def _migrate(self, migrations: tuple[str, ...]) -> None:
         with self._lock:
@@ -418,7 +493,8 @@ class Ledger:
                 self._db.execute(f"INSERT INTO experiments ({names}) VALUES ({marks})", tuple(row.values()))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite has already rolled back after some errors (a full disk)
+                    self._db.execute("ROLLBACK")
                 raise
             return self.get(exp_id(seq))
 

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
+import os
+import shutil
 import statistics
 import threading
 import time
@@ -36,18 +39,19 @@ from runner import decision
 from runner.agents.base import Agent, AgentError
 from runner.agents.factory import AgentConfigError
 from runner.console import NightView, WorkerView
+from runner.errors import UserError, low_on_space, machine_problem
 from runner.gpus import Gpu
 from runner.heartbeat import Heartbeat, this_runner
 from runner.judge import Judge, flag_disturbed, next_seed
 from runner.ledger import (
-    BASELINE, BUILT, DONE, EXPERIMENT, FAILURES, PROPOSED, UNFINISHED, Experiment, Ledger, budget_account,
-    outcome_fields,
+    BASELINE, BUILT, DONE, EXPERIMENT, FAILURES, PROPOSED, UNFINISHED, Experiment, Ledger, LedgerUnavailable,
+    budget_account, outcome_fields,
 )
 from runner.limits import NightLimits, proposals
 from runner.proposals import Best, Proposer
 from runner.pruning import prune_images
 from runner.records import Records
-from runner.settings import Settings, gpu_cap_bytes
+from runner.settings import Settings, gpu_cap_bytes, project_text
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.spec import Backend, CancelToken, Limits
@@ -59,7 +63,7 @@ BASELINE_ROUNDS = 3  # rounds of baseline runs: the first, and reruns of seeds w
 RunFn = Callable[..., ExperimentOutcome]
 
 
-class NightError(Exception):
+class NightError(UserError):
     """The night cannot start or cannot go on (one sentence for the user)."""
 
 
@@ -178,12 +182,37 @@ class Night:
             log.warning("night.interrupted", note="cancelling running experiments")
             self.interrupt()
             self._join()
+        except UserError as exc:  # the night cannot go on: say why once, record the end
+            self._stop_for(exc)
+            reason = "error"
         finally:
-            self.ledger.end_night(self.night_id, reason)
-            log.info("night.end", reason=reason)
+            self._end(reason)
         if self._fatal:
             raise NightError(self._fatal)
         return reason
+
+    def _end(self, reason: str) -> None:
+        """Record the night's end; a ledger that can no longer take it (a full disk) is said, not raised."""
+        try:
+            self.ledger.end_night(self.night_id, reason)
+        except LedgerUnavailable as exc:
+            log.error("night.end_unrecorded", error=str(exc))
+            self._fatal = self._fatal or str(exc)
+        log.info("night.end", reason=reason)
+
+    def _stop_for(self, exc: Exception) -> None:
+        """Stop the night for a problem no experiment caused, with one sentence for the user."""
+        said = machine_problem(exc)
+        if said is not None:  # the machine's (disk, ledger, sandbox): the user fixes it, then resumes
+            said = f"the night stopped: {said.rstrip('.')}; resume it with --tag {self.settings.tag} once that is fixed."
+        elif isinstance(exc, UserError):
+            said = str(exc)
+        else:  # a bug, not the experiment's doing
+            log.exception("night.runner_failed")
+            said = f"the runner failed unexpectedly ({type(exc).__name__}: {exc}); see events.jsonl."
+        log.error("night.stopped", why=said)
+        self._fatal = self._fatal or said
+        self._stop.set()
 
     def interrupt(self) -> None:
         """Stop now: cancel what runs (recorded `cancelled`), start nothing new."""
@@ -273,7 +302,7 @@ class Night:
         missing = max(0, self.settings.baseline_runs - counted)
         if dry:
             return [None] * missing
-        train_py = self.records.train_py(rows[0]) if rows else (self.settings.root / "train.py").read_text()
+        train_py = self.records.train_py(rows[0]) if rows else project_text(self.settings.root, "train.py")
         new = []
         for _ in range(missing):
             seed = next_seed(rows + new)
@@ -340,10 +369,8 @@ class Night:
     def _worker(self, slot: Slot, propose: bool, finished: threading.Event) -> None:
         try:
             self._serve(slot, propose)
-        except Exception as exc:  # a bug, not the experiment's doing: stop the night, say so
-            log.exception("night.worker_failed", slot=slot.name)
-            self._fatal = f"the runner failed unexpectedly ({type(exc).__name__}: {exc}); see events.jsonl."
-            self._stop.set()
+        except Exception as exc:
+            self._stop_for(exc)
         finally:
             slot.show(None, "idle")
             finished.set()
@@ -452,11 +479,19 @@ class Night:
     def _execute(self, slot: Slot, row: Experiment | None) -> None:
         """Run one experiment on `slot`, record it, decide it; run its confirmation if any."""
         while row is not None and not self._stop.is_set():
+            self._check_space()
             try:
                 slot.show(row.id, "building")
                 row = self._build(row)
                 outcome = self._run_phases(slot, row)
-            except Exception as exc:  # the backend failed, not the experiment
+                self._check_space(outcome)
+            except Exception as exc:  # the backend or the machine failed, not the experiment
+                if low_on_space(self.settings.run_dir) or machine_problem(exc) is not None:
+                    # The night stops and the row stays owed: it starts over on resume, so what its run
+                    # wrote only holds space that the night's end needs.
+                    shutil.rmtree(self.records.dir(row.id) / "out", ignore_errors=True)
+                    self._check_space()
+                    raise
                 self._infra_failure(slot, row, exc)
                 return
             slot.strikes = 0
@@ -484,6 +519,12 @@ class Night:
                           if gpu else None),
         )
         return self._run(self.backend, spec, self._cancel, on_phase=on_phase)
+
+    def _check_space(self, outcome: ExperimentOutcome | None = None) -> None:
+        """No run starts while the runs directory's disk is (nearly) full, and a run that failed (or
+        could not go on) then is put down to the disk: the night stops, the row stays owed."""
+        if (outcome is None or outcome.status != DONE) and low_on_space(self.settings.run_dir):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.settings.run_dir))
 
     def _record_outcome(self, row: Experiment, outcome: ExperimentOutcome) -> None:
         self.ledger.transition(row.id, outcome.status, **outcome_fields(outcome))

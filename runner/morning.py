@@ -24,25 +24,21 @@ import click
 import structlog
 from rich.console import Console
 
+from runner import ledger as ledgers
 from runner import report as reports
 from runner import rerun as reruns
 from runner import review as reviews
 from runner import verify as verifies
 from runner import views
-from runner.ledger import Ledger, LedgerError, write_tsv
-from sandbox.spec import SandboxUnavailable
+from runner.errors import UserError, user_errors
+from runner.ledger import Ledger, write_tsv
+from runner.options import DEFAULT_RUNS_DIR, RUNS_DIR_ENV, runs_dir_option
 
-RUNS_DIR_ENV = "AR_RUNS_DIR"
-DEFAULT_RUNS_DIR = Path("runs")
 LEDGER_FILE = "ledger.sqlite"
 
 
-class NightNotFound(Exception):
+class NightNotFound(UserError):
     """No usable night where the user pointed (one sentence)."""
-
-
-USER_ERRORS = (NightNotFound, LedgerError, reviews.ReviewError, reruns.RerunRefused, reports.NothingToPlot,
-               verifies.VerifyFailed, SandboxUnavailable, sqlite3.Error, OSError)
 
 
 @dataclass
@@ -58,7 +54,7 @@ class Night:
 def _started(ledger_path: Path) -> str:
     """When a night first started, read without writing (an unreadable one sorts first)."""
     try:
-        with sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True) as db:
+        with sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True, timeout=ledgers.BUSY_TIMEOUT_S) as db:
             return db.execute("SELECT COALESCE(MIN(started_at), '') FROM nights").fetchone()[0]
     except sqlite3.Error:
         return ""
@@ -80,12 +76,7 @@ def find_night(runs_dir: Path, tag: str | None) -> Path:
 @contextmanager
 def open_night(runs_dir: Path | None, tag: str | None) -> Iterator[Night]:
     run_dir = find_night(runs_dir or DEFAULT_RUNS_DIR, tag)
-    path = run_dir / LEDGER_FILE
-    try:
-        ledger = Ledger(path)
-        ledger.nights()  # a damaged file fails here, not halfway through a command
-    except sqlite3.Error as exc:
-        raise NightNotFound(f"{path} is not a readable ledger ({exc}).") from None
+    ledger = Ledger(run_dir / LEDGER_FILE)  # a damaged or locked file fails here, in one sentence
     try:
         yield Night(run_dir, ledger)
     finally:
@@ -108,26 +99,21 @@ def _warnings_only() -> Iterator[None]:
         structlog.configure(**saved)
 
 
-def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the errors a user can cause or fix into one line and exit status 1."""
+def morning_command(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A morning command: warnings only on stderr, and a user's error in one line with exit status 1."""
 
     @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            with _warnings_only():
-                return command(*args, **kwargs)
-        except USER_ERRORS as exc:
-            raise click.ClickException(str(exc)) from None
+    def quiet(*args: Any, **kwargs: Any) -> Any:
+        with _warnings_only():
+            return command(*args, **kwargs)
 
-    return wrapper
+    return user_errors(quiet)
 
 
 def night_options(command: Callable[..., Any]) -> Callable[..., Any]:
     command = click.option("--tag", default=None, help="The night: a directory under the runs directory "
                                                        "(default: the night that started last).")(command)
-    return click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                        envvar=RUNS_DIR_ENV, show_envvar=True,
-                        help=f"Where the nights are (default: ./{DEFAULT_RUNS_DIR}).")(command)
+    return runs_dir_option(command)
 
 
 def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -150,7 +136,7 @@ def console() -> Console:
 @click.command()
 @night_options
 @json_option
-@user_errors
+@morning_command
 def status(runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
     """Is the night running, and how it goes.
 
@@ -168,7 +154,7 @@ def status(runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
 @click.command("list")
 @night_options
 @json_option
-@user_errors
+@morning_command
 def list_(runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
     """Every experiment of the night, in order."""
     with open_night(runs_dir, tag) as night:
@@ -184,7 +170,7 @@ def list_(runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
 @click.argument("exp_id")
 @night_options
 @json_option
-@user_errors
+@morning_command
 def show(exp_id: str, runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
     """One experiment in full.
 
@@ -225,7 +211,7 @@ class ReviewTarget:
 @TRAIN_PY_OPTION
 @json_option
 @click.pass_context
-@user_errors
+@morning_command
 def review(ctx: click.Context, runs_dir: Path | None, tag: str | None, train_py: Path | None, as_json: bool) -> None:
     """Accept or reject the kept changes.
 
@@ -283,7 +269,7 @@ def _accepted_line(done: reviews.Accepted, train_py: Path) -> str:
 @night_options
 @TRAIN_PY_OPTION
 @click.pass_obj
-@user_errors
+@morning_command
 def review_accept(target: ReviewTarget, exp_id: str, runs_dir: Path | None, tag: str | None,
                   train_py: Path | None) -> None:
     """Apply EXP_ID's change to train.py and commit it (inside a git work tree)."""
@@ -297,7 +283,7 @@ def review_accept(target: ReviewTarget, exp_id: str, runs_dir: Path | None, tag:
 @click.option("--why", default="", help="The reason, kept in the ledger.")
 @night_options
 @click.pass_obj
-@user_errors
+@morning_command
 def review_reject(target: ReviewTarget, exp_id: str, why: str, runs_dir: Path | None, tag: str | None) -> None:
     """Reject EXP_ID's change (recorded with the reason)."""
     target = target.merged(runs_dir, tag, None)
@@ -315,7 +301,7 @@ def review_reject(target: ReviewTarget, exp_id: str, why: str, runs_dir: Path | 
               help="Replay the recorded schedule and compare bit for bit (default: a fresh timed run, for noise).")
 @night_options
 @json_option
-@user_errors
+@morning_command
 def rerun(exp_id: str, exact: bool, runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
     """Rerun an experiment from its image.
 
@@ -337,7 +323,7 @@ def rerun(exp_id: str, exact: bool, runs_dir: Path | None, tag: str | None, as_j
               help="Fresh seeds to run the best and the baseline on (each).")
 @night_options
 @json_option
-@user_errors
+@morning_command
 def verify(runs: int, runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
     """Measure the night's total gain afresh, free of the selection that kept it.
 
@@ -366,7 +352,7 @@ def verify(runs: int, runs_dir: Path | None, tag: str | None, as_json: bool) -> 
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The PNG to write (default: <run dir>/progress.png).")
 @night_options
-@user_errors
+@morning_command
 def plot(out: Path | None, runs_dir: Path | None, tag: str | None) -> None:
     """The progress chart (PNG).
 
@@ -389,7 +375,7 @@ def plot(out: Path | None, runs_dir: Path | None, tag: str | None) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The file to write (default: standard output).")
 @night_options
-@user_errors
+@morning_command
 def export(fmt: str, out: Path | None, runs_dir: Path | None, tag: str | None) -> None:
     """Export the night's results as TSV or JSON."""
     with open_night(runs_dir, tag) as night:
@@ -410,7 +396,7 @@ def export(fmt: str, out: Path | None, runs_dir: Path | None, tag: str | None) -
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The HTML file to write (default: <run dir>/report.html).")
 @night_options
-@user_errors
+@morning_command
 def report(out: Path | None, runs_dir: Path | None, tag: str | None) -> None:
     """One self-contained HTML report.
 

@@ -7,6 +7,7 @@ if missing, and the loop runs under a live status line.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,40 +46,64 @@ def ensure_data(settings: Settings) -> Dataset:
 
 
 def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, console: Console | None = None) -> str:
-    """Run one night; returns why it stopped. User-caused problems raise with one sentence."""
+    """Run one night; returns why it stopped. User-caused problems raise with one sentence.
+
+    A start that fails before the night begins leaves no run directory behind unless one was there before.
+    """
     gpus = gpu_inventory.select(gpu_inventory.discover() if inventory is None else inventory, settings.gpus)
-    profile = "gpu" if gpus else "cpu"
     console = console or Console(stderr=True)
     run_dir = settings.run_dir
     ledger_path = run_dir / "ledger.sqlite"
     if ledger_path.is_file() and (spent := _limits_spent(settings, ledger_path)):
         console.print(spent, soft_wrap=True, markup=False, highlight=False)
         return "spent"
-    with night_log(run_dir / "events.jsonl", console):
-        if not gpus:
-            log.info("night.cpu", note="no GPU selected: CPU profile, one worker")
-        agent = make_agent(settings.agent, command=settings.agent_command, profile=profile)
+    fresh = not run_dir.exists()
+    night = None
+    try:
+        with night_log(run_dir / "events.jsonl", console):
+            night = _start(settings, gpus)
+            return _run(night, settings, console)
+    except BaseException:
+        if fresh and (night is None or night.night_id is None):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _start(settings: Settings, gpus: list[Gpu]) -> Night:
+    """Everything a night needs, the cheap checks first: agent, ledger, sandbox, then data and image."""
+    if not gpus:
+        log.info("night.cpu", note="no GPU selected: CPU profile, one worker")
+    agent = make_agent(settings.agent, command=settings.agent_command, profile="gpu" if gpus else "cpu")
+    ledger = Ledger(settings.run_dir / "ledger.sqlite")  # a damaged or locked ledger fails here, in seconds
+    try:
         from sandbox.backends import get_backend  # imports docker: only a night needs it
 
         # hide: other nights and the ledger; base_image: the docker runtime's upstream
         backend = get_backend(settings.sandbox, hide=(settings.run_dir.parent,), base_image=settings.base_image)
         data = ensure_data(settings)
         backend.ensure_ready()
-        ledger = Ledger(ledger_path)
-        night = Night(settings, ledger=ledger, backend=backend, agent=agent, gpus=gpus, data=data)
+        return Night(settings, ledger=ledger, backend=backend, agent=agent, gpus=gpus, data=data)
+    except BaseException:
+        ledger.close()
+        raise
+
+
+def _run(night: Night, settings: Settings, console: Console) -> str:
+    ledger = night.ledger
+    try:
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             with StatusLine(console) as line:
                 reason = night.run(on_tick=line.show)
         finally:
             signal.signal(signal.SIGTERM, previous)
-        baseline = night.baseline_mean
-        console.print(summary_table(ledger.experiments(night_id=night.night_id), baseline))
+        console.print(summary_table(ledger.experiments(night_id=night.night_id), night.baseline_mean))
         console.print(f"stopped: {reason}; ledger {ledger.path}; resume with --tag {settings.tag}")
         if ledger.best_kept() is not None:
             console.print(verify_hint(settings.tag))
-        ledger.close()
         return reason
+    finally:
+        ledger.close()
 
 
 def _limits_spent(settings: Settings, ledger_path: Path) -> str | None:

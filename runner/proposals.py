@@ -19,6 +19,7 @@ from runner.decision import KEEP
 from runner.diffs import DiffRejected, validate_and_apply
 from runner.ledger import BASELINE, EXPERIMENT, FAILURES, PROPOSED, REJECTED, Experiment
 from runner.records import PARSE_LOCK, Records
+from runner.settings import project_text
 
 log = structlog.get_logger(__name__)
 
@@ -37,8 +38,8 @@ class Proposer:
         self.agent = agent
         self.records = records
         self.max_tries = max_tries
-        self._program = _read(root / "program.md")
-        self._harness_api = harness_api_text(_read(root / "prepare.py"))
+        self._program = project_text(root, "program.md")
+        self._harness_api = harness_api_text(project_text(root, "prepare.py"))
 
     def propose(self, parent: Best, baseline_mean: float) -> Experiment | None:
         """A `proposed` row, or None when every try was invalid. Agent errors propagate.
@@ -98,10 +99,6 @@ class Proposer:
             last_failure_log=failures[-1].log_tail if failures else "",
             seed=len(rows),
         )
-
-
-def _read(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
 
 
 def _add_usage(a: Usage, b: Usage) -> Usage:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.decision import DISCARD, KEEP
+from runner.errors import UserError
 from runner.heartbeat import is_running, last_seen, ran_seconds
 from runner.judge import code_key, runs_of
 from runner.ledger import BASELINE, CONFIRM, DONE, EXPERIMENT, FAILURES, REJECTED, UNFINISHED, Experiment, Ledger
@@ -197,7 +198,7 @@ def kept_changes(ledger: Ledger) -> list[Kept]:
 # -- chart ------------------------------------------------------------------------------------
 
 
-class NothingToPlot(Exception):
+class NothingToPlot(UserError):
     """No experiment of the night has a val_bpb yet."""
 
 

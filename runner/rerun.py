@@ -25,7 +25,9 @@ from pathlib import Path
 import structlog
 
 from runner import gpus as gpu_inventory
-from runner.ledger import BUILT, DONE, RERUN, TRAINING, Experiment, Ledger, LedgerError, outcome_fields
+from runner.errors import UserError
+from runner.ledger import (BUILT, DONE, RERUN, TRAINING, Experiment, Ledger, LedgerError, outcome_fields,
+                           outcome_phrase)
 from runner.settings import DEFAULT_GPU_MEMORY_CAP, data_hash, gpu_cap_bytes
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
@@ -36,7 +38,7 @@ log = structlog.get_logger(__name__)
 TRACE, MODEL = "out/trace.json", "out/model.pt2"
 
 
-class RerunRefused(Exception):
+class RerunRefused(UserError):
     """The rerun cannot be compared with the original (one sentence for the user)."""
 
 
@@ -163,7 +165,7 @@ def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
           inventory: Callable[[], list[gpu_inventory.Gpu]], seed: int | None) -> _Plan:
     """Check what needs no sandbox: a finished run, the same data, the recorded trace, a GPU."""
     if row.status != DONE:
-        raise RerunRefused(f"{row.id} ended in {row.status}, so there is no val_bpb to reproduce.")
+        raise RerunRefused(f"{row.id} {outcome_phrase(row)}, so there is no val_bpb to reproduce.")
     night = next((n for n in ledger.nights() if n["id"] == row.night_id), None)
     settings = json.loads(night["settings_json"]) if night else {}
     data_dir = Path(settings.get("data_dir", ""))

@@ -25,14 +25,16 @@ import structlog
 
 from runner.decision import KEEP
 from runner.diffs import DiffRejected, validate_and_apply
-from runner.ledger import BASELINE, EXPERIMENT, Experiment, Ledger
+from runner.errors import UserError
+from runner.inputs import MAX_TRAIN_PY_BYTES, read_text
+from runner.ledger import BASELINE, EXPERIMENT, Experiment, Ledger, describe, outcome_phrase
 
 log = structlog.get_logger(__name__)
 
 PENDING, ACCEPTED, REJECTED = "pending", "accepted", "rejected"
 
 
-class ReviewError(Exception):
+class ReviewError(UserError):
     """A review step that cannot be done as asked (one sentence for the user)."""
 
 
@@ -98,8 +100,7 @@ def queue(ledger: Ledger) -> list[Item]:
 def reviewable(ledger: Ledger, exp_id: str) -> Experiment:
     row = ledger.get(exp_id)
     if row.kind != EXPERIMENT or row.decision != KEEP:
-        what = row.decision or row.status
-        raise ReviewError(f"{exp_id} is a {row.kind} that was {what}; only kept changes are reviewed.")
+        raise ReviewError(f"{exp_id} is {describe(row)}; only kept changes are reviewed.")
     return row
 
 
@@ -121,7 +122,7 @@ def accept(ledger: Ledger, exp_id: str, train_py: Path, tag: str) -> Accepted:
     row = reviewable(ledger, exp_id)
     if not train_py.is_file():
         raise ReviewError(f"there is no train.py at {train_py}; pass --train-py PATH.")
-    current = train_py.read_text()
+    current = read_text(train_py, "train.py", MAX_TRAIN_PY_BYTES)
     chain = _changes_missing(ledger, row, _sha256(current))
     text = current
     for change in chain:
@@ -173,7 +174,7 @@ def _changes_missing(ledger: Ledger, row: Experiment, current_sha: str) -> list[
     refused = [r for r in missing if r.review_state == REJECTED or r.decision != KEEP]
     if refused:
         r = refused[0]
-        why = "you rejected it" if r.review_state == REJECTED else f"it was {r.decision or r.status}"
+        why = "you rejected it" if r.review_state == REJECTED else f"it {outcome_phrase(r)}"
         raise Conflict(f"{row.id} builds on {r.id}, which train.py lacks and {why}; it cannot be accepted on its own.")
     return missing
 

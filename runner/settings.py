@@ -16,13 +16,20 @@ from typing import Any
 
 from contract import PROFILES, cache_dir
 from runner.decision import Rule
+from runner.errors import UserError
+from runner.inputs import MAX_PROGRAM_BYTES, MAX_TRAIN_PY_BYTES, read_text
+from runner.options import DEFAULT_RUNS_DIR
 
 SOURCES = ("offline", "linux", "local", "hf")
 SANDBOXES = ("auto", "docker", "process")
 DEFAULT_GPU_MEMORY_CAP = "0.9"  # of each card: what one experiment may hold on its GPU
 
 
-class SettingsError(Exception):
+# The project's files a night reads, and the most each may hold; program.md may be missing.
+PROJECT_FILES = {"train.py": MAX_TRAIN_PY_BYTES, "prepare.py": MAX_TRAIN_PY_BYTES, "program.md": MAX_PROGRAM_BYTES}
+
+
+class SettingsError(UserError):
     """A setting the user gave cannot work (one sentence)."""
 
 
@@ -54,6 +61,14 @@ def parse_gpu_memory_cap(text: str) -> tuple[float | None, int | None]:
     if amount <= 1 and number == value:
         return amount, None
     return None, int(amount * 2**30)
+
+
+def project_text(root: Path, name: str) -> str:
+    """The text of the project file `name` ("" for a missing program.md); InputError when it is no usable text."""
+    path = root / name
+    if name == "program.md" and not path.exists():
+        return ""
+    return read_text(path, name, PROJECT_FILES[name])
 
 
 def data_hash(data_dir: Path) -> str | None:
@@ -105,7 +120,7 @@ class Settings:
     max_diff_retries: int = 3
     gpu_failures: int = 3  # infrastructure failures in a row that take a GPU out of rotation
     deterministic: bool = True  # bit-for-bit reruns; costs ~19 % of GPU throughput (docs/benchmarks.md)
-    runs_dir: Path | None = None  # None: root / "runs"
+    runs_dir: Path | None = None  # None: root / DEFAULT_RUNS_DIR
     gpu_memory_cap: str = DEFAULT_GPU_MEMORY_CAP  # see parse_gpu_memory_cap
     base_image: str | None = None  # the docker runtime's upstream (name:tag); None: the pinned default
     prune_images: bool = True  # remove discarded and failed experiments' images (runner.pruning)
@@ -132,13 +147,14 @@ class Settings:
             if not ok:
                 raise SettingsError(message + ".")
         parse_gpu_memory_cap(self.gpu_memory_cap)
-        for name in ("train.py", "prepare.py"):
-            if not (self.root / name).is_file():
+        for name in PROJECT_FILES:
+            if name != "program.md" and not (self.root / name).is_file():
                 raise SettingsError(f"no {name} in {self.root}; run autoresearch from the project directory.")
+            project_text(self.root, name)  # text the night can use, or one sentence now
 
     @property
     def run_dir(self) -> Path:
-        return (self.runs_dir or self.root / "runs") / self.tag
+        return (self.runs_dir or self.root / DEFAULT_RUNS_DIR) / self.tag
 
     def time_budget(self, profile: str) -> float:
         return self.budget if self.budget is not None else PROFILES[profile].time_budget

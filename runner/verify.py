@@ -18,6 +18,7 @@ from pathlib import Path
 from runner import decision
 from runner import rerun as reruns
 from runner.decision import KEEP
+from runner.errors import UserError
 from runner.judge import flag_disturbed
 from runner.ledger import BASELINE, EXPERIMENT, Experiment, Ledger
 from runner.review import baseline_mean
@@ -27,7 +28,7 @@ FIRST_SEED = 1000  # far above the seeds a night uses (0 .. max_runs, plus rerun
 LEVEL = 0.95
 
 
-class VerifyFailed(Exception):
+class VerifyFailed(UserError):
     """Too few of the fresh runs finished to estimate anything (one sentence for the user)."""
 
 

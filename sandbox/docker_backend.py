@@ -5,7 +5,8 @@ from the run directory (read-only in phase 2), data mounts read-only, a non-root
 without capabilities, and memory (no swap), pids, CPU and shm limits. Its environment
 is the spec's alone (plus the GPU it may see), so no secret of the host can reach it.
 The host enforces the deadline and the cancel token; a `timeout` inside the container is
-the backstop for a runner that died. Whatever the container does ends in a `RunResult`, never an exception.
+the backstop for a runner that died. Whatever the container does ends in a `RunResult`, never an exception;
+an engine that stops answering is `SandboxUnavailable` (no run can go on, none failed).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +43,8 @@ BACKSTOP_S = 15  # the in-container `timeout` fires this long after the host dea
 KILL_GRACE_S = 30.0  # how long a killed container may take to stop before the run is given up
 POLL_S = 0.2
 STATS_EVERY_S = 0.5  # memory peak and CPU time (the budget guard's meter on the CPU profile)
-_DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+_ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
+_DOCKER_ERRORS = (*_ENGINE_ERRORS, OSError)
 
 
 class _Stopper:
@@ -159,21 +163,39 @@ class DockerBackend:
         except images.ImageBuildError as error:
             raise SandboxUnavailable(str(error)) from error
 
+    @contextmanager
+    def _engine_errors(self) -> Iterator[None]:
+        """An engine error while the engine no longer answers is SandboxUnavailable: no run can work now."""
+        try:
+            yield
+        except _ENGINE_ERRORS as error:
+            if not self._answers():
+                raise _engine_gone(error) from error
+            raise
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except (*_ENGINE_ERRORS, SandboxUnavailable):
+            return False
+
     def build_image(self, train_py: str, exp_id: str) -> str:
         if self.base_id is None:
             self.ensure_ready()
-        return images.build_experiment_image(self.client, self.base_id, train_py, exp_id,
-                                             owner=process_identity(os.getpid()) or "")
+        with self._engine_errors():
+            return images.build_experiment_image(self.client, self.base_id, train_py, exp_id,
+                                                 owner=process_identity(os.getpid()) or "")
 
     def image_exists(self, image: str) -> bool:
         return self._runtime_of(image) is not None
 
     def _runtime_of(self, image: str) -> str | None:
         """What `image`'s runtime was built from ("" for images older than the label); None: no such image."""
-        try:
-            return self.client.images.get(image).labels.get(images.RUNTIME_LABEL, "")
-        except docker.errors.ImageNotFound:
-            return None
+        with self._engine_errors():
+            try:
+                return self.client.images.get(image).labels.get(images.RUNTIME_LABEL, "")
+            except docker.errors.ImageNotFound:
+                return None
 
     def remove_image(self, image: str) -> None:
         try:
@@ -183,9 +205,10 @@ class DockerBackend:
 
     def reap(self) -> int:
         """Remove the containers of runs and image builds whose runner is gone; a live runner's are left alone."""
-        labelled = self.client.containers.list(all=True, filters={"label": RUN_LABEL})
+        with self._engine_errors():
+            labelled = self.client.containers.list(all=True, filters={"label": RUN_LABEL})
+            builds = self.client.containers.list(all=True, filters={"name": images.BUILD_PREFIX})
         leftovers = [c for c in labelled if not identity_alive(c.labels.get(OWNER_LABEL, ""))]
-        builds = self.client.containers.list(all=True, filters={"name": images.BUILD_PREFIX})
         leftovers += [c for c in builds if c.name.startswith(images.BUILD_PREFIX)
                       and not identity_alive(images.build_owner(c.name))]
         for container in leftovers:
@@ -209,9 +232,15 @@ class DockerBackend:
                 _make_writable(spec.out_dir)
             container = self.client.containers.create(**container_config(spec, process_identity(os.getpid()) or ""))
             return replace(self._supervise(container, spec, cancel, line_log, account), runtime=runtime)
+        except SandboxUnavailable:
+            line_log.close()
+            raise
         except _DOCKER_ERRORS as error:
             line_log.note(f"docker error: {error}")
             log.warning("docker.run_error", run_id=spec.run_id, error=str(error))
+            if isinstance(error, _ENGINE_ERRORS) and not self._answers():  # the run did not fail: it cannot go on
+                line_log.close()
+                raise _engine_gone(error) from error
             crashed = self._result(spec, Status.CRASH, None, Killer.NONE, started, line_log)
             return replace(crashed, runtime=runtime or "")
         finally:
@@ -290,6 +319,10 @@ class DockerBackend:
             log_path=spec.log_path, peak_host_memory_bytes=peak_host, peak_gpu_memory_bytes=peak_gpu,
             isolation=self.isolation, log_tail="\n".join(line_log.tail), budget=budget,
         )
+
+
+def _engine_gone(error: Exception) -> SandboxUnavailable:
+    return SandboxUnavailable(f"the Docker engine stopped answering ({error}).")
 
 
 def _wait(container: Container, exited: threading.Event) -> None:

@@ -46,6 +46,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -638,9 +640,19 @@ class ProcessBackend:
         missing = [name for name in HARNESS_FILES if not (self.harness_root / name).is_file()]
         if missing:
             raise SandboxUnavailable(f"the harness file {self.harness_root / missing[0]} does not exist.")
-        self.snapshots_root.mkdir(parents=True, exist_ok=True)
-        self.state_root.mkdir(parents=True, exist_ok=True)
+        with self._snapshot_writes():
+            self.snapshots_root.mkdir(parents=True, exist_ok=True)
+            self.state_root.mkdir(parents=True, exist_ok=True)
         self._self_check()
+
+    @contextmanager
+    def _snapshot_writes(self) -> Iterator[None]:
+        """A cache that cannot be written (read-only, full) is a sandbox that cannot work, said in one sentence."""
+        try:
+            yield
+        except OSError as error:
+            raise SandboxUnavailable(f"the process sandbox cannot write its snapshots under {self.snapshots_root} "
+                                     f"({error.strerror or error}); AR_CACHE must be a writable directory.") from error
 
     def _self_check(self) -> None:
         """Run a trivial child through the whole sandbox once: a broken setup fails here, clearly."""
@@ -660,12 +672,13 @@ class ProcessBackend:
         files = {**harness_files(self.harness_root), "train.py": train_py.encode()}
         path = self.snapshots_root / snapshot_id(files)
         if not self.image_exists(str(path)):
-            self.snapshots_root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.snapshots_root))
-            for name, content in files.items():
-                (staging / name).write_bytes(content)
-                (staging / name).chmod(0o444)
-            staging.chmod(0o555)
+            with self._snapshot_writes():
+                self.snapshots_root.mkdir(parents=True, exist_ok=True)
+                staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.snapshots_root))
+                for name, content in files.items():
+                    (staging / name).write_bytes(content)
+                    (staging / name).chmod(0o444)
+                staging.chmod(0o555)
             try:
                 staging.rename(path)
             except OSError:  # made meanwhile by another run of the same content

@@ -107,7 +107,7 @@ def remove_image(night, backend, name):  # noqa: F811
      "changed since {best} ran (manifest otherhash, recorded datahash)"),
     (lambda n, b: (n.data / "manifest.json").unlink(), "best", "the data of {best} is gone"),
     (lambda n, b: (n.run_dir / n.ids["best"] / "out" / "trace.json").unlink(), "best", "--exact needs the recorded"),
-    (lambda n, b: None, "crash", "{crash} ended in crash, so there is no val_bpb to reproduce"),
+    (lambda n, b: None, "crash", "{crash} crashed, so there is no val_bpb to reproduce"),
     (lambda n, b: None, "e0099", "no experiment e0099"),
 ])
 def test_refusals_are_one_line_and_run_nothing(night, sandbox, damage, exp, message):  # noqa: F811

@@ -12,13 +12,14 @@ import os
 import structlog
 
 from runner.agents.base import Agent, AgentError
+from runner.errors import UserError
 
 log = structlog.get_logger(__name__)
 
 AGENT_NAMES = ("anthropic", "command", "search", "auto")
 
 
-class AgentConfigError(AgentError):
+class AgentConfigError(AgentError, UserError):
     """The agent cannot work with this configuration (retrying will not help)."""
 
 

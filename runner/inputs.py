@@ -1,0 +1,32 @@
+"""The text files a user hands to the runner: UTF-8, and no larger than what they are for.
+
+Every command reads such a file through `read_text`, so a binary file, a file in
+another encoding or a huge one ends in one sentence (an `InputError`) before it
+is used, and never fills memory. The caps are here, in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runner.errors import InputError, os_error_sentence
+
+MAX_DIFF_BYTES = 64_000  # a diff: one proposal's change to train.py
+MAX_TRAIN_PY_BYTES = 2**20  # train.py (and prepare.py): a training script, not a data file
+MAX_PROGRAM_BYTES = 256 * 2**10  # program.md: the research directions, sent to the agent with every proposal
+
+
+def read_text(path: Path, what: str, max_bytes: int) -> str:
+    """The UTF-8 text of `path` (`what` names it for the user); InputError when it cannot serve as one."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(max_bytes + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read {what}: {os_error_sentence(exc)}") from None
+    if len(data) > max_bytes:
+        raise InputError(f"{what} {path} is larger than {max_bytes:,} bytes, the most it may be; make it smaller.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {exc.start} cannot be decoded); "
+                         "save it as UTF-8.") from None

@@ -10,8 +10,10 @@ for docker) and a name lookup; every loop is bounded in count and time, so a bro
 sandbox fails its test without harming the machine.
 
 A backend's test module runs every case of CASES whose `needs` the backend meets:
-inside `with Listener(host) as listener, secret_on_host():` it makes a `HostState`,
-calls `run_case`, then `assert_case`.
+inside `with Listener(host) as listener, UnixListeners(paths) as unix, secret_on_host():`
+it makes a `HostState`, calls `run_case`, then `assert_case`. Unix sockets and files
+that the sandbox must keep from the run are the host's own; only the test's listeners
+are ever connected to.
 """
 
 from __future__ import annotations
@@ -74,6 +76,53 @@ class Listener:
         self._socket.close()
 
 
+class UnixListeners:
+    """Unix sockets listening on the host, at paths and under an abstract name, world-connectable (none should be reached).
+
+    Their modes are 0666 and their directories must be searchable by anyone, as many
+    real sockets are (an X server's, a Docker socket with a permissive group), so only
+    the sandbox keeps a run from them, never the run's uid.
+    """
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.abstract = f"ar-hostile-{uuid.uuid4().hex}"
+        self.accepted = 0
+        self._sockets: list[socket.socket] = []
+        for address in [*map(str, paths), "\0" + self.abstract]:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(address)
+            listener.listen()
+            listener.settimeout(0.2)
+            self._sockets.append(listener)
+        for path in paths:
+            path.chmod(0o666)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            for listener in self._sockets:
+                try:
+                    connection, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                self.accepted += 1
+                connection.close()
+
+    def __enter__(self) -> UnixListeners:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for listener in self._sockets:
+            listener.close()
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def secret_on_host() -> Iterator[None]:
     """A fake API key in this process's environment and in a host process's (as a runner started with it)."""
@@ -125,6 +174,8 @@ class HostState:
     listener: Listener
     data: Path  # host data directory (the mounts' sources, val included)
     host_dir: Path  # a world-writable host directory the sandbox must not reach
+    unix: UnixListeners  # host unix sockets the sandbox must not reach
+    host_files: tuple[Path, ...] = ()  # world-readable host files the sandbox must not read
     nonce: str = field(default_factory=lambda: uuid.uuid4().hex)
     data_digest: str = ""
 
@@ -136,7 +187,10 @@ class HostState:
     def env(self, phase: Phase) -> dict[str, str]:
         return {"AR_PHASE": phase.value, "AR_DATA_DIR": "/data", "AR_OUT_DIR": "/out", "PYTHONUNBUFFERED": "1",
                 "AR_TEST_LISTENER": self.listener.address, "AR_TEST_HOST_DIR": str(self.host_dir),
-                "AR_TEST_HOST_DATA": str(self.data), "AR_TEST_NONCE": self.nonce}
+                "AR_TEST_HOST_DATA": str(self.data), "AR_TEST_NONCE": self.nonce,
+                "AR_TEST_UNIX_SOCKETS": json.dumps([str(path) for path in self.unix.paths]),
+                "AR_TEST_ABSTRACT_SOCKET": self.unix.abstract,
+                "AR_TEST_HOST_FILES": json.dumps([str(path) for path in self.host_files])}
 
 
 @dataclass(frozen=True)
@@ -353,6 +407,40 @@ _OTHER_SPLIT = _script("""
 READ_VAL_IN_TRAIN = HostileCase("read_val_in_train", _OTHER_SPLIT, Status.OK, _check_other_split_hidden)
 READ_TRAIN_IN_EVAL = HostileCase("read_train_in_eval", _OTHER_SPLIT, Status.OK, _check_other_split_hidden,
                                  phase=Phase.EVAL)
+
+def _check_no_unix_socket(log: str, out: Path, state: HostState) -> None:
+    assert state.unix.accepted == 0, f"the host's unix sockets accepted {state.unix.accepted} connections"
+    assert "CONNECTED" not in log and log.count("unix: failed") == len(state.unix.paths) + 1, log
+
+
+def _check_host_files_unread(log: str, out: Path, state: HostState) -> None:
+    assert "file: READ" not in log and log.count("file: unreadable") == len(state.host_files), log
+
+
+HOST_UNIX_SOCKETS = HostileCase("host_unix_sockets", _script("""
+    import json, os, socket
+    addresses = json.loads(os.environ["AR_TEST_UNIX_SOCKETS"]) + ["\\0" + os.environ["AR_TEST_ABSTRACT_SOCKET"]]
+    for address in addresses:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(2)
+        try:
+            client.connect(address)
+            print("unix: CONNECTED", repr(address))
+        except OSError as error:
+            print("unix: failed", repr(address), type(error).__name__)
+        finally:
+            client.close()
+"""), Status.OK, _check_no_unix_socket)
+
+HOST_FILES = HostileCase("host_files", _script("""
+    import json, os
+    for path in json.loads(os.environ["AR_TEST_HOST_FILES"]):
+        try:
+            with open(path, "rb") as f:
+                print("file: READ", path, len(f.read()))
+        except OSError as error:
+            print("file: unreadable", path, type(error).__name__)
+"""), Status.OK, _check_host_files_unread)
 
 FORK_BOMB = HostileCase("fork_bomb", _script("""
     import os, time
@@ -674,7 +762,7 @@ TRAINS_BEFORE_BUDGET = _harness_case("trains_before_budget", """
 """, Status.OVER_BUDGET, _check_over_budget, budget_s=10.0, measured=True)
 
 CASES: tuple[HostileCase, ...] = (
-    NETWORK_INTERFACES, NETWORK_CONNECT, NETWORK_DNS, WRITE_OUTSIDE_OUT, WRITE_OUT_IN_EVAL,
+    NETWORK_INTERFACES, NETWORK_CONNECT, NETWORK_DNS, HOST_UNIX_SOCKETS, HOST_FILES, WRITE_OUTSIDE_OUT, WRITE_OUT_IN_EVAL,
     READ_VAL_IN_TRAIN, READ_TRAIN_IN_EVAL, FORK_BOMB, MEMORY_HOG, SLEEP_PAST_DEADLINE, DETACHED_SURVIVOR,
     FILL_TMP, FAKE_VAL_BPB, ENV_SECRETS, NON_CAUSAL_MODEL, FORGED_TRAINING_OUTPUT, STATEFUL_MODEL,
     INPUT_WRITING_MODEL, POSITION_AWARE_LOOKAHEAD, SPARSE_LOOKAHEAD, BATCH_MIXING, CRAFTED_ARCHIVE, ARCHIVE_WITH_CODE,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 import threading
@@ -12,6 +13,7 @@ import pytest
 
 from sandbox import backends
 from sandbox.process_backend import HostSupport, ProcessBackend
+from sandbox.sealed_root import runtime_needs, seal
 from sandbox.spec import CancelToken, Killer, Limits, Mount, Phase, RunResult, RunSpec, SandboxUnavailable, Status
 from tests.hostile_cases import FAKE_SECRET, leftover_processes, make_fake_data
 
@@ -223,3 +225,64 @@ def test_get_backend_picks_process_without_an_engine(monkeypatch, tmp_path):
         backends.get_backend("docker")
     with pytest.raises(SandboxUnavailable, match="unknown sandbox backend"):
         backends.get_backend("bwrap")
+
+
+def test_a_run_without_an_enforceable_memory_limit_refuses_to_start(tmp_path):
+    no_cgroups = ProcessBackend(snapshots_root=tmp_path / "snapshots",
+                                support=HostSupport(("net", "mount", "pid"), None))
+    assert "no memory limit can be enforced" in no_cgroups.isolation
+    with pytest.raises(SandboxUnavailable, match="^the process sandbox cannot enforce a memory limit on this host: .*\\.$"):
+        run(no_cgroups, tmp_path, "print('ran without a memory limit')")
+    with pytest.raises(SandboxUnavailable, match="cannot enforce a memory limit"):
+        no_cgroups.ensure_ready()
+    assert not (tmp_path / "run.log").exists() or "ran without" not in (tmp_path / "run.log").read_text()
+
+
+def test_a_child_process_past_the_memory_limit_ends_the_whole_run_as_oom(backend, tmp_path):
+    """cgroup v1's OOM killer kills one process; the run must still end, as an OOM, not at its deadline."""
+    if not backend.support.memory_limit:
+        pytest.skip(f"no memory limit can be enforced on this host: {backend.isolation}")
+    result, log = run(backend, tmp_path, """
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", "chunks = [b'x' * (32 * 2**20) for _ in range(32)]"])
+        print("waiting", flush=True)
+        time.sleep(600)
+    """, limits=Limits(memory_bytes=256 * 2**20), deadline_s=120.0)
+    assert (result.status, result.killed_by) == (Status.OOM, Killer.OOM_KILLER), log
+
+
+def test_the_root_holds_the_runtime_and_nothing_else_of_the_host(backend, tmp_path):
+    if not backend.support.isolated:
+        pytest.skip(f"no sealed root without isolation: {backend.isolation}")
+    sealed = seal(runtime_needs(backend.python, backend.harness_root.resolve(), backend.child_path), 0)
+    made = ["/proc", "/sys", "/dev", "/tmp", "/app", "/out", *sealed.files, *sealed.links]
+    result, log = run(backend, tmp_path, """
+        import json, os, sys
+        allowed = json.loads(os.environ["AR_TEST_ALLOWED"])
+        inside = lambda path, top: path == top or path.startswith(top.rstrip("/") + "/")
+        found = 0
+        for folder, dirs, files in os.walk("/"):
+            dirs[:] = [name for name in dirs if not any(inside(os.path.join(folder, name), top) for top in allowed)]
+            for name in files + [name for name in dirs if os.path.islink(os.path.join(folder, name))]:
+                path = os.path.join(folder, name)
+                if not any(inside(path, top) for top in allowed):
+                    print("OUTSIDE", path)
+            found += len(files)
+        print("walked", found)
+    """, env={"AR_TEST_ALLOWED": json.dumps([*sealed.binds, *made])})
+    assert result.status is Status.OK, log
+    assert "OUTSIDE" not in log and "walked" in log, log[-3000:]
+    assert not any(str(ROOT) == bound or str(ROOT).startswith(bound + "/") for bound in sealed.binds)  # the project is not runtime
+    assert not any(bound.split("/")[1] in ("home", "var", "opt", "run", "srv", "mnt", "media") for bound in sealed.binds)
+
+
+def test_torch_dataloader_workers_share_tensors_in_the_sealed_root(backend, tmp_path):
+    """Workers hand tensors back over an AF_UNIX socket in the run's own /tmp: that must still work."""
+    result, log = run(backend, tmp_path, """
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        loader = DataLoader(TensorDataset(torch.arange(64.0)), batch_size=8, num_workers=2)
+        print("sum:", sum(float(batch.sum()) for (batch,) in loader))
+    """, deadline_s=120.0)
+    assert result.status is Status.OK, log
+    assert "sum: 2016.0" in log, log

@@ -286,3 +286,15 @@ def test_torch_dataloader_workers_share_tensors_in_the_sealed_root(backend, tmp_
     """, deadline_s=120.0)
     assert result.status is Status.OK, log
     assert "sum: 2016.0" in log, log
+
+
+@pytest.mark.slow
+def test_torch_compile_builds_its_kernels_in_the_sealed_root(backend, tmp_path):
+    """Inductor runs the C++ compiler on the CPU (Triton runs the C compiler and ldconfig on a GPU): they must be there."""
+    result, log = run(backend, tmp_path, """
+        import torch
+        double_sin = torch.compile(lambda x: (2 * x).sin().sum())
+        print("compiled:", round(float(double_sin(torch.zeros(8))), 6))
+    """, deadline_s=300.0)
+    assert result.status is Status.OK, log
+    assert "compiled: 0.0" in log, log

@@ -138,7 +138,9 @@ class Cgroup:
         return {"version": self.version, "dirs": self.dirs}
 
     @classmethod
-    def from_record(cls, record: dict) -> Cgroup:
+    def from_record(cls, record: dict | str) -> Cgroup:
+        if isinstance(record, str):  # left by a runner from before cgroup v1: the path of a v2 group
+            return cls(2, {"memory": record})
         return cls(record["version"], record["dirs"])
 
     def folders(self) -> list[Path]:

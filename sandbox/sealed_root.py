@@ -45,11 +45,27 @@ from sandbox.spec import SandboxUnavailable
 
 # the harness's imports, and where they came from, as the child's Python sees them (run by it)
 _PYTHON_PROBE = r"""
-import json, os, sys, sysconfig
+import importlib.metadata, json, os, re, sys, sysconfig
 harness = os.path.realpath(sys.argv[1])
 sys.path.insert(0, harness)
 import prepare  # the trusted harness: torch, numpy and whatever else it imports
 files = [getattr(module, "__file__", None) for module in list(sys.modules.values())]
+# and the distributions they require, transitively (torch.compile's triton, sympy, ... are imported later)
+owners = importlib.metadata.packages_distributions()
+todo = {name for module in list(sys.modules) for name in owners.get(module.partition(".")[0], [])}
+seen = set()
+while todo:
+    name = todo.pop()
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        continue
+    seen.add(name)
+    files.append(str(dist.locate_file("")) + "/")
+    for requirement in dist.requires or []:
+        if "extra ==" not in requirement:
+            todo.add(re.match(r"[A-Za-z0-9._-]+", requirement)[0])
+    todo -= seen
 with open("/proc/self/maps") as maps:
     mapped = {line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6}
 paths = sysconfig.get_paths()

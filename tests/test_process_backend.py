@@ -199,13 +199,20 @@ def test_without_isolation_it_says_so_and_still_runs(tmp_path):
     assert result.isolation == "process (no isolation: not root)"
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/nvidiactl"), reason="needs an NVIDIA GPU")
-def test_gpu_memory_above_the_cap_is_killed_by_the_watchdog(backend, tmp_path):
+def first_gpu_uuid() -> str:
     import pynvml
 
     pynvml.nvmlInit()
     gpu = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(0))
-    gpu = gpu.decode() if isinstance(gpu, bytes) else gpu
+    return gpu.decode() if isinstance(gpu, bytes) else gpu
+
+
+needs_gpu = pytest.mark.skipif(not os.path.exists("/dev/nvidiactl"), reason="needs an NVIDIA GPU")
+
+
+@needs_gpu
+def test_gpu_memory_above_the_cap_is_killed_by_the_watchdog(backend, tmp_path):
+    gpu = first_gpu_uuid()
     result, log = run(backend, tmp_path, """
         import time, torch
         x = torch.ones(2 * 2**30, dtype=torch.uint8, device="cuda")  # 2 GiB
@@ -298,3 +305,23 @@ def test_torch_compile_builds_its_kernels_in_the_sealed_root(backend, tmp_path):
     """, deadline_s=300.0)
     assert result.status is Status.OK, log
     assert "compiled: 0.0" in log, log
+
+
+@needs_gpu
+def test_triton_compiles_gpu_kernels_in_the_sealed_root(backend, tmp_path):
+    """Triton finds libcuda with ldconfig and builds its launcher with the C compiler: both inside the root."""
+    result, log = run(backend, tmp_path, """
+        import torch
+        double_sin = torch.compile(lambda x: (2 * x).sin().sum())
+        print("compiled:", round(float(double_sin(torch.zeros(8, device="cuda"))), 6), torch.cuda.get_device_name())
+    """, gpu_uuid=first_gpu_uuid(), deadline_s=300.0)
+    assert result.status is Status.OK, log
+    assert "compiled: 0.0" in log, log
+
+
+def test_reap_takes_the_record_of_a_runner_from_before_cgroup_v1(backend, tmp_path):
+    state = backend.state_root / "old-record"
+    state.mkdir(parents=True)
+    (state / "run.json").write_text(json.dumps({"run_id": "old-record", "uid": None, "cgroup": str(tmp_path / "ar-gone")}))
+    assert ProcessBackend(snapshots_root=backend.snapshots_root).reap() == 1
+    assert not state.exists()

@@ -676,7 +676,7 @@ class ProcessBackend:
         plan = _Plan(argv=argv, env=env, cwd="/app", status_path=str(state_dir / "exit.json"),
                      rlimits={"RLIMIT_CORE": 0}, cgroup_procs=group.join_files() if group is not None else [])
         if support.isolated:
-            self._isolate(plan, spec, handle)
+            self._isolate(plan, spec, handle, state_dir)
         else:
             self._run_in_place(plan, spec, state_dir)
         self._record(handle, state_dir)
@@ -685,7 +685,7 @@ class ProcessBackend:
         plan_path.chmod(0o600)
         return plan
 
-    def _isolate(self, plan: _Plan, spec: RunSpec, handle: _RunHandle) -> None:
+    def _isolate(self, plan: _Plan, spec: RunSpec, handle: _RunHandle, state_dir: Path) -> None:
         """Fill the plan for a namespaced run: the new root's mounts, the uid, the pid limit."""
         assert handle.uid is not None
         handle.new_root = tempfile.mkdtemp(prefix="autoresearch-root-", dir="/tmp")  # /tmp: never bound inside
@@ -693,7 +693,9 @@ class ProcessBackend:
         if not self.support.cgroups or not self.support.cgroups.pids:
             plan.rlimits["RLIMIT_NPROC"] = spec.limits.pids  # counts the processes of the run's own uid
         sealed = seal([*self._runtime_needs(), *plan.argv[:1]], handle.uid)
-        mounts = RunMounts(fresh_proc="pid" in self.support.namespaces,
+        empty = state_dir / "empty"
+        empty.touch(mode=0o444)
+        mounts = RunMounts(fresh_proc="pid" in self.support.namespaces, empty_file=str(empty),
                            tmpfs=[("/tmp", spec.limits.tmp_bytes), ("/dev/shm", spec.limits.shm_bytes)])
         spec.out_dir.mkdir(parents=True, exist_ok=True)
         out_dir = os.path.realpath(spec.out_dir)

@@ -18,12 +18,13 @@ The root a run sees is a fresh tmpfs that holds only:
 
 The backend adds the run's /app, /data/..., /out and its own tmpfs /tmp and /dev/shm.
 
-No host unix socket is reachable. Outside the binds the root holds nothing of the host's
-file system, and abstract sockets belong to the network namespace, which is the run's own.
-Inside the binds, where a socket could live too, the launcher covers every socket it finds
-when it builds the root (a bind of /dev/null over it: connect() is refused). A socket made
-there while the run goes on is not covered; the run's unprivileged uid, in no group, still
-needs the socket's write permission for "others" to use it.
+No host unix socket or FIFO is reachable. Outside the binds the root holds nothing of the
+host's file system, and abstract sockets belong to the network namespace, which is the
+run's own. Inside the binds, where one could live too, the launcher covers every socket
+and FIFO it finds when it builds the root (an empty file bound read-only over it:
+connect() is refused, and nothing written reaches the host), and device nodes do not open
+there (nodev). One made there while the run goes on is not covered; the run's
+unprivileged uid, in no group, still needs its write permission for "others" to use it.
 """
 
 from __future__ import annotations
@@ -240,6 +241,7 @@ class RunMounts:
     tmpfs: list[tuple[str, int]] = field(default_factory=list)  # (path inside, size)
     hide: list[str] = field(default_factory=list)  # host paths inside the binds, covered by an empty tmpfs
     fresh_proc: bool = False  # a PID namespace of its own: mount a new /proc
+    empty_file: str = ""  # an empty host file, bound read-only over the sockets and FIFOs of the binds
 
 
 def _mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0, options: str | None = None) -> None:
@@ -253,13 +255,13 @@ def _mount(source: str | None, target: str, fstype: str | None = None, flags: in
 def _bind(source: str, target: str, read_only: bool) -> None:
     if os.path.isdir(source):
         os.makedirs(target, exist_ok=True)
-    else:
+    elif not os.path.lexists(target):  # a mount point for a file (never opened: it may be a FIFO)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         open(target, "a").close()
     _mount(source, target, flags=_MS_BIND | _MS_REC)
-    if read_only:
-        kept = os.statvfs(source).f_flag & (_MS_NODEV | _MS_NOEXEC)
-        _mount(None, target, flags=_MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | kept)
+    if read_only:  # and no device node: the run's devices are the few bound into /dev
+        kept = os.statvfs(source).f_flag & _MS_NOEXEC
+        _mount(None, target, flags=_MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | kept)
 
 
 def build_root(new_root: str, sealed: SealedRoot, run: RunMounts) -> None:
@@ -298,14 +300,18 @@ def build_root(new_root: str, sealed: SealedRoot, run: RunMounts) -> None:
         elif os.path.isfile(inside) and not os.path.islink(inside):
             _mount("/dev/null", inside, flags=_MS_BIND)
     for path in [*sealed.binds, *(target for _, target, read_only in run.binds if read_only)]:
-        _cover_sockets(new_root + path)
+        _cover_endpoints(new_root + path, run.empty_file)
     _mount(None, new_root, flags=_MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
 
 
-def _cover_sockets(top: str) -> None:
-    """Bind /dev/null over every unix socket at or under `top` (symlinks not followed): connect() is refused."""
-    if stat.S_ISSOCK(os.lstat(top).st_mode):
-        _mount("/dev/null", top, flags=_MS_BIND)
+def _cover_endpoints(top: str, empty_file: str) -> None:
+    """Bind `empty_file` read-only over every unix socket and FIFO at or under `top` (symlinks not followed).
+
+    Those are the ways to talk to a host process through the file system: connect() on a
+    covered socket is refused, and a covered FIFO opens for reading only, empty.
+    """
+    if _is_endpoint(os.lstat(top).st_mode):
+        _bind(empty_file, top, read_only=True)
         return
     stack = [top]
     while stack:
@@ -318,5 +324,9 @@ def _cover_sockets(top: str) -> None:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
                 elif not entry.is_file(follow_symlinks=False) and not entry.is_symlink() \
-                        and stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
-                    _mount("/dev/null", entry.path, flags=_MS_BIND)
+                        and _is_endpoint(entry.stat(follow_symlinks=False).st_mode):
+                    _bind(empty_file, entry.path, read_only=True)
+
+
+def _is_endpoint(mode: int) -> bool:
+    return stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode)

@@ -10,7 +10,7 @@ for docker) and a name lookup; every loop is bounded in count and time, so a bro
 sandbox fails its test without harming the machine.
 
 A backend's test module runs every case of CASES whose `needs` the backend meets:
-inside `with Listener(host) as listener, UnixListeners(paths) as unix, secret_on_host():`
+inside `with Listener(host) as listener, HostEndpoints(paths) as endpoints, secret_on_host():`
 it makes a `HostState`, calls `run_case`, then `assert_case`. Unix sockets and files
 that the sandbox must keep from the run are the host's own; only the test's listeners
 are ever connected to.
@@ -76,16 +76,18 @@ class Listener:
         self._socket.close()
 
 
-class UnixListeners:
-    """Unix sockets listening on the host, at paths and under an abstract name, world-connectable (none should be reached).
+class HostEndpoints:
+    """Ways to talk to a host process through the file system, open to anyone (none should be reached).
 
-    Their modes are 0666 and their directories must be searchable by anyone, as many
-    real sockets are (an X server's, a Docker socket with a permissive group), so only
-    the sandbox keeps a run from them, never the run's uid.
+    At each path a listening unix socket, beside it a FIFO that the host reads, and a
+    socket under an abstract name. Modes are 0666 and the directories must be searchable by
+    anyone, as for many real sockets (an X server's, a Docker socket with a permissive
+    group), so only the sandbox keeps a run from them, never the run's uid.
     """
 
     def __init__(self, paths: list[Path]) -> None:
         self.paths = paths
+        self.fifos = [path.with_name(path.name + ".fifo") for path in paths]
         self.abstract = f"ar-hostile-{uuid.uuid4().hex}"
         self.accepted = 0
         self._sockets: list[socket.socket] = []
@@ -95,7 +97,11 @@ class UnixListeners:
             listener.listen()
             listener.settimeout(0.2)
             self._sockets.append(listener)
-        for path in paths:
+        self._readers = []
+        for fifo in self.fifos:
+            os.mkfifo(fifo)
+            self._readers.append(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # with a reader, writers may open it
+        for path in [*paths, *self.fifos]:
             path.chmod(0o666)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -110,7 +116,7 @@ class UnixListeners:
                 self.accepted += 1
                 connection.close()
 
-    def __enter__(self) -> UnixListeners:
+    def __enter__(self) -> HostEndpoints:
         self._thread.start()
         return self
 
@@ -119,7 +125,9 @@ class UnixListeners:
         self._thread.join()
         for listener in self._sockets:
             listener.close()
-        for path in self.paths:
+        for reader in self._readers:
+            os.close(reader)
+        for path in [*self.paths, *self.fifos]:
             path.unlink(missing_ok=True)
 
 
@@ -174,7 +182,7 @@ class HostState:
     listener: Listener
     data: Path  # host data directory (the mounts' sources, val included)
     host_dir: Path  # a world-writable host directory the sandbox must not reach
-    unix: UnixListeners  # host unix sockets the sandbox must not reach
+    endpoints: HostEndpoints  # host sockets and FIFOs the sandbox must not reach
     host_files: tuple[Path, ...] = ()  # world-readable host files the sandbox must not read
     nonce: str = field(default_factory=lambda: uuid.uuid4().hex)
     data_digest: str = ""
@@ -188,8 +196,9 @@ class HostState:
         return {"AR_PHASE": phase.value, "AR_DATA_DIR": "/data", "AR_OUT_DIR": "/out", "PYTHONUNBUFFERED": "1",
                 "AR_TEST_LISTENER": self.listener.address, "AR_TEST_HOST_DIR": str(self.host_dir),
                 "AR_TEST_HOST_DATA": str(self.data), "AR_TEST_NONCE": self.nonce,
-                "AR_TEST_UNIX_SOCKETS": json.dumps([str(path) for path in self.unix.paths]),
-                "AR_TEST_ABSTRACT_SOCKET": self.unix.abstract,
+                "AR_TEST_UNIX_SOCKETS": json.dumps([str(path) for path in self.endpoints.paths]),
+                "AR_TEST_ABSTRACT_SOCKET": self.endpoints.abstract,
+                "AR_TEST_FIFOS": json.dumps([str(path) for path in self.endpoints.fifos]),
                 "AR_TEST_HOST_FILES": json.dumps([str(path) for path in self.host_files])}
 
 
@@ -408,16 +417,17 @@ READ_VAL_IN_TRAIN = HostileCase("read_val_in_train", _OTHER_SPLIT, Status.OK, _c
 READ_TRAIN_IN_EVAL = HostileCase("read_train_in_eval", _OTHER_SPLIT, Status.OK, _check_other_split_hidden,
                                  phase=Phase.EVAL)
 
-def _check_no_unix_socket(log: str, out: Path, state: HostState) -> None:
-    assert state.unix.accepted == 0, f"the host's unix sockets accepted {state.unix.accepted} connections"
-    assert "CONNECTED" not in log and log.count("unix: failed") == len(state.unix.paths) + 1, log
+def _check_no_host_endpoint(log: str, out: Path, state: HostState) -> None:
+    assert state.endpoints.accepted == 0, f"the host's unix sockets accepted {state.endpoints.accepted} connections"
+    assert "CONNECTED" not in log and log.count("unix: failed") == len(state.endpoints.paths) + 1, log
+    assert "OPENED" not in log and log.count("fifo: failed") == len(state.endpoints.fifos), log
 
 
 def _check_host_files_unread(log: str, out: Path, state: HostState) -> None:
     assert "file: READ" not in log and log.count("file: unreadable") == len(state.host_files), log
 
 
-HOST_UNIX_SOCKETS = HostileCase("host_unix_sockets", _script("""
+HOST_ENDPOINTS = HostileCase("host_endpoints", _script("""
     import json, os, socket
     addresses = json.loads(os.environ["AR_TEST_UNIX_SOCKETS"]) + ["\\0" + os.environ["AR_TEST_ABSTRACT_SOCKET"]]
     for address in addresses:
@@ -430,7 +440,13 @@ HOST_UNIX_SOCKETS = HostileCase("host_unix_sockets", _script("""
             print("unix: failed", repr(address), type(error).__name__)
         finally:
             client.close()
-"""), Status.OK, _check_no_unix_socket)
+    for fifo in json.loads(os.environ["AR_TEST_FIFOS"]):
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            print("fifo: OPENED", fifo)
+        except OSError as error:
+            print("fifo: failed", fifo, type(error).__name__)
+"""), Status.OK, _check_no_host_endpoint)
 
 HOST_FILES = HostileCase("host_files", _script("""
     import json, os
@@ -762,7 +778,7 @@ TRAINS_BEFORE_BUDGET = _harness_case("trains_before_budget", """
 """, Status.OVER_BUDGET, _check_over_budget, budget_s=10.0, measured=True)
 
 CASES: tuple[HostileCase, ...] = (
-    NETWORK_INTERFACES, NETWORK_CONNECT, NETWORK_DNS, HOST_UNIX_SOCKETS, HOST_FILES, WRITE_OUTSIDE_OUT, WRITE_OUT_IN_EVAL,
+    NETWORK_INTERFACES, NETWORK_CONNECT, NETWORK_DNS, HOST_ENDPOINTS, HOST_FILES, WRITE_OUTSIDE_OUT, WRITE_OUT_IN_EVAL,
     READ_VAL_IN_TRAIN, READ_TRAIN_IN_EVAL, FORK_BOMB, MEMORY_HOG, SLEEP_PAST_DEADLINE, DETACHED_SURVIVOR,
     FILL_TMP, FAKE_VAL_BPB, ENV_SECRETS, NON_CAUSAL_MODEL, FORGED_TRAINING_OUTPUT, STATEFUL_MODEL,
     INPUT_WRITING_MODEL, POSITION_AWARE_LOOKAHEAD, SPARSE_LOOKAHEAD, BATCH_MIXING, CRAFTED_ARCHIVE, ARCHIVE_WITH_CODE,

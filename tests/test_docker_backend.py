@@ -403,7 +403,7 @@ def test_hostile_case(case: hostile.HostileCase, backend, docker_client, tmp_pat
     host_file = tmp_path / "host-file"
     host_file.write_text("a host file")
     with hostile.Listener(_bridge_gateway(docker_client)) as listener, \
-            hostile.UnixListeners([tmp_path / "host.sock"]) as unix, hostile.secret_on_host():
-        state = hostile.HostState(listener, data, tmp_path / "host", unix, (host_file,))
+            hostile.HostEndpoints([tmp_path / "host.sock"]) as endpoints, hostile.secret_on_host():
+        state = hostile.HostState(listener, data, tmp_path / "host", endpoints, (host_file,))
         status, log = hostile.run_case(backend, case, state, tmp_path / "work")
     hostile.assert_case(case, status, log, tmp_path / "work" / "out", state)

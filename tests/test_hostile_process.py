@@ -12,7 +12,7 @@ import pytest
 
 from sandbox.process_backend import ProcessBackend
 from tests.hostile_cases import (CASES, HARNESS, ISOLATION, MEMORY_LIMIT, PIDS_LIMIT, HostileCase, HostState, Listener,
-                                 UnixListeners, assert_case, make_fake_data, run_case, secret_on_host)
+                                 HostEndpoints, assert_case, make_fake_data, run_case, secret_on_host)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,8 +44,8 @@ def host_files(host_area):
     shutil.rmtree(opt)
 
 
-def _host_sockets(host_area: Path) -> list[Path]:
-    """A socket under /var/tmp, and one inside a tree the sandbox does expose (its Python's site-packages)."""
+def _host_endpoints(host_area: Path) -> list[Path]:
+    """Under /var/tmp, and inside a tree the sandbox does expose (its Python's site-packages)."""
     return [host_area / "host.sock", Path(sysconfig.get_paths()["purelib"], f"ar-hostile-{uuid.uuid4().hex[:8]}.sock")]
 
 
@@ -63,7 +63,7 @@ def test_hostile_case(case: HostileCase, backend, host_area, host_files, tmp_pat
     if unmet:
         pytest.skip(f"this host's process sandbox lacks {', '.join(unmet)}: {backend.isolation}")
     data = request.getfixturevalue("tiny_data") if HARNESS in case.needs else make_fake_data(host_area / "data")
-    with Listener("127.0.0.1") as listener, UnixListeners(_host_sockets(host_area)) as unix, secret_on_host():
-        state = HostState(listener, data, host_area / "host", unix, host_files)
+    with Listener("127.0.0.1") as listener, HostEndpoints(_host_endpoints(host_area)) as endpoints, secret_on_host():
+        state = HostState(listener, data, host_area / "host", endpoints, host_files)
         status, log = run_case(backend, case, state, tmp_path)
     assert_case(case, status, log, tmp_path / "out", state)

@@ -64,8 +64,15 @@ class CgroupHost:
     def pids(self) -> bool:
         return "pids" in self.parents
 
+    @property
+    def swap(self) -> bool:
+        """Whether swap is capped with memory (the kernel accounts swap: not everywhere on cgroup v1)."""
+        name = "memory.swap.max" if self.version == 2 else "memory.memsw.limit_in_bytes"
+        return self.memory and (self.parents["memory"] / name).exists()
+
     def describe(self) -> str:
-        return f"cgroup v{self.version} {'+'.join(name for name in ('memory', 'pids') if name in self.parents)}"
+        memory = "memory" if self.swap else "memory (swap not capped)"
+        return f"cgroup v{self.version} {memory}" + ("+pids" if self.pids else "")
 
     def create(self, run_id: str, limits: Limits) -> Cgroup:
         """The run's group, with its limits written; OSError if the kernel refuses."""

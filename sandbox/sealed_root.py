@@ -195,6 +195,17 @@ def resolve(path: str, links: dict[str, str], hops: int = 0) -> str:
 
 def seal(needs: list[str] | tuple[str, ...], uid: int) -> SealedRoot:
     """The root for a run as `uid`: the needed paths bound (no path twice), their symlinks, /etc and /dev."""
+    host = _host_part(tuple(needs))
+    return SealedRoot(binds=list(host.binds), links=dict(host.links), devices=list(host.devices), files={
+        "/etc/passwd": f"root:x:0:0:root:/root:/bin/sh\nsandbox:x:{uid}:{uid}:sandbox:/tmp:/bin/sh\n",
+        "/etc/group": f"root:x:0:\nsandbox:x:{uid}:\n",
+        "/etc/hosts": "127.0.0.1 localhost\n::1 localhost\n",
+    })
+
+
+@functools.lru_cache(maxsize=16)
+def _host_part(needs: tuple[str, ...]) -> SealedRoot:
+    """What of the host a root holds (the same for every run of the same needs; walking /etc takes a while)."""
     root, reals = SealedRoot(), set()
     for path in needs:
         reals.add(resolve(os.path.abspath(path), root.links))
@@ -205,20 +216,16 @@ def seal(needs: list[str] | tuple[str, ...], uid: int) -> SealedRoot:
         if os.path.islink(f"/{name}"):
             root.links[f"/{name}"] = os.readlink(f"/{name}")
     for folder, _, names in os.walk("/etc"):  # /etc/alternatives and the like, where they lead into the binds
-        for name in names:
-            link = os.path.join(folder, name)
-            if os.path.islink(link):
-                found: dict[str, str] = {}
-                if any(_under(resolve(link, found), kept) for kept in root.binds):
+        for link in (os.path.join(folder, name) for name in names):
+            found: dict[str, str] = {}
+            try:
+                if os.path.islink(link) and any(_under(resolve(link, found), kept) for kept in root.binds):
                     root.links.update(found)
+            except OSError:  # a loop of links
+                continue
     root.links = {path: target for path, target in root.links.items() if not any(_under(path, kept) for kept in root.binds)}
     root.devices = [path for path in DEVICES if os.path.exists(path)] + sorted(glob.glob("/dev/nvidia*"))
     root.links.update(DEVICE_LINKS)
-    root.files = {
-        "/etc/passwd": f"root:x:0:0:root:/root:/bin/sh\nsandbox:x:{uid}:{uid}:sandbox:/tmp:/bin/sh\n",
-        "/etc/group": f"root:x:0:\nsandbox:x:{uid}:\n",
-        "/etc/hosts": "127.0.0.1 localhost\n::1 localhost\n",
-    }
     return root
 
 

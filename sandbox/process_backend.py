@@ -692,7 +692,8 @@ class ProcessBackend:
         plan.new_root, plan.uid = handle.new_root, handle.uid
         if not self.support.cgroups or not self.support.cgroups.pids:
             plan.rlimits["RLIMIT_NPROC"] = spec.limits.pids  # counts the processes of the run's own uid
-        sealed = seal([*self._runtime_needs(), *plan.argv[:1]], handle.uid)
+        program = [plan.argv[0]] if plan.argv and os.path.isabs(plan.argv[0]) else []  # e.g. `env`, found on the host
+        sealed = seal([*self._runtime_needs(), *program], handle.uid)
         empty = state_dir / "empty"
         empty.touch(mode=0o444)
         mounts = RunMounts(fresh_proc="pid" in self.support.namespaces, empty_file=str(empty),

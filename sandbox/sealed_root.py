@@ -114,8 +114,8 @@ def _python_needs(python: str, harness_root: Path, child_path: str) -> list[str]
         out = subprocess.run([python, "-c", _PYTHON_PROBE, str(harness_root)], capture_output=True, text=True,
                              check=True, cwd="/", env={"PATH": child_path, "HOME": "/nonexistent"}).stdout
     except (OSError, subprocess.CalledProcessError) as error:
-        why = getattr(error, "stderr", "") or str(error)
-        raise SandboxUnavailable(f"the sandbox's Python {python} cannot import the harness: {why.strip()[-300:]}.") from error
+        why = (getattr(error, "stderr", "") or str(error)).strip().splitlines() or ["no output"]
+        raise SandboxUnavailable(f"the sandbox's Python {python} cannot import the harness ({why[-1][-300:]}).") from error
     found = json.loads(out.splitlines()[-1])
     needs = [python, found["executable"], *found["config"]]
     for venv_config in (Path(found["executable"]).parent / "pyvenv.cfg", Path(found["executable"]).parent.parent / "pyvenv.cfg"):
@@ -141,8 +141,9 @@ def _loader_needs(child_path: str) -> list[str]:
 def _compiler_dirs(compiler: str) -> list[str]:
     """A compiler's install, program and library directories, and the include directories of C and C++."""
     run = lambda *args: subprocess.run([compiler, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    dirs = re.findall(r"^install: (.+)$", run("-print-search-dirs").stdout, re.M)
-    for listed in re.findall(r"^(?:programs|libraries): =?(.+)$", run("-print-search-dirs").stdout, re.M):
+    search = run("-print-search-dirs").stdout
+    dirs = re.findall(r"^install: (.+)$", search, re.M)
+    for listed in re.findall(r"^(?:programs|libraries): =?(.+)$", search, re.M):
         dirs += listed.split(":")
     for language in ("c", "c++"):
         verbose = run("-E", "-v", "-x", language, os.devnull).stderr

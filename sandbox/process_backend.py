@@ -2,32 +2,37 @@
 
 Each run is a child of the `unshare` command in new network, mount and (where the
 kernel allows) PID namespaces. Inside, a small launcher running as root builds a
-fresh root filesystem on a tmpfs:
+sealed root filesystem on a tmpfs (sandbox.sealed_root):
 
-- every top-level directory of the host bound read-only (system, Python, CUDA),
-  except `/root`, `/home`, `/run` and `/tmp`, which start empty;
+- only the host's runtime, read-only: the Python interpreter and the packages the
+  harness imports, the system libraries, the few programs torch.compile and Triton run,
+  the CUDA libraries and NVIDIA devices where present, all found by asking the host; a
+  synthesized /etc and a minimal /dev. Nothing else of the host: no home, /var, /opt,
+  /run or project directory, and no host unix socket (those inside the runtime's trees
+  are covered; abstract ones belong to the network namespace);
 - `/app` = the run's snapshot (the harness files + train.py), `/data/...` = the data
   mounts, `/out` (read-only in phase 2), all bound as in the docker backend, so
   commands and paths are the same for both backends;
 - a size-limited tmpfs on `/tmp` and `/dev/shm`, a fresh `/proc` and `/sys` (so
   only loopback is visible), and the data cache, snapshots and run directories
-  covered by empty tmpfs (no val split in phase 1, no other experiment);
-- the Python installation bound back in wherever it lives.
+  covered by empty tmpfs where the runtime's trees hold them.
 
 It then chroots the child, drops it to a per-run unprivileged uid with
 no-new-privileges (it cannot undo the mounts) and waits for it as the PID
 namespace's init: when train.py exits, everything it spawned dies with the
-namespace. A per-run cgroup v2 group caps memory (no swap) and pids where the
-hierarchy is writable; elsewhere only RLIMIT_NPROC on the run's uid bounds the
-pids and the kernel's own OOM killer is the memory limit.
+namespace. A per-run cgroup (v2, or v1 where that is what the host has: sandbox.cgroups)
+caps memory with no swap, and pids; where no pids controller is writable,
+RLIMIT_NPROC on the run's uid bounds them. Where no memory limit can be enforced,
+isolated runs refuse to start (SandboxUnavailable) rather than run unlimited.
 
 Without root (or where `unshare` fails) the command runs as a plain child process:
-no isolation at all, which the `isolation` string and the log say loudly.
+no isolation and no limits at all, which the `isolation` string and the log say loudly.
 
 Who ended a run: the deadline, the cancel token and the GPU watchdog kill it
 (SIGKILL to the namespace, the cgroup, the run's uid and its process tree); an
-OOM is the cgroup's `oom_kill` counter, or, without a cgroup, a SIGKILL that the
-host did not send (the kernel's OOM killer is the only other sender).
+OOM is the cgroup's `oom_kill` counter (on cgroup v1, where the kernel kills one
+process, the backend then ends the whole run), or, where nothing counts it, a SIGKILL
+that the host did not send (the kernel's OOM killer is the only other sender).
 """
 
 from __future__ import annotations
@@ -55,15 +60,15 @@ import structlog
 
 from contract import cache_dir
 from sandbox.budget_guard import Account
+from sandbox.cgroups import Cgroup, CgroupHost, find_cgroup_host
 from sandbox.gpu_watchdog import GpuWatchdog
 from sandbox.harness import HARNESS_FILES, PROJECT_ROOT, harness_files
+from sandbox.sealed_root import RunMounts, SealedRoot, build_root, runtime_needs, seal
 from sandbox.runlog import LineLog, budget_account, classify, settle_budget
 from sandbox.spec import CancelToken, Killer, Limits, Phase, RunResult, RunSpec, SandboxUnavailable, Status
 
 log = structlog.get_logger(__name__)
 
-CGROUP_PARENT = "autoresearch-sandbox"  # under the cgroup v2 root; one child group per run
-CGROUP_PREFIX = "ar-"
 UID_BASE = 3_000_000  # runs get uids UID_BASE + hash(run_id) % UID_SPAN: never a real user's
 UID_SPAN = 2**24
 POLL_S = 0.1
@@ -87,10 +92,10 @@ def default_snapshots_root() -> Path:
 
 @dataclass(frozen=True)
 class HostSupport:
-    """The isolation this host allows: namespaces (empty: none), and a cgroup v2 parent."""
+    """The isolation this host allows: namespaces (empty: none), and where run cgroups can be made."""
 
     namespaces: tuple[str, ...]
-    cgroup_parent: Path | None
+    cgroups: CgroupHost | None
     reason: str = ""  # why there are no namespaces
 
     @property
@@ -99,17 +104,26 @@ class HostSupport:
 
     @property
     def memory_limit(self) -> bool:
-        return self.cgroup_parent is not None
+        return self.cgroups is not None and self.cgroups.memory
 
     @property
     def pids_limit(self) -> bool:
-        return self.cgroup_parent is not None or self.isolated  # RLIMIT_NPROC on the run's own uid
+        return (self.cgroups is not None and self.cgroups.pids) or self.isolated  # else RLIMIT_NPROC on the run's uid
 
     def describe(self) -> str:
         if not self.isolated:
             return f"process (no isolation: {self.reason})"
-        limits = "cgroup v2 memory+pids" if self.cgroup_parent else "rlimit pids, no memory limit (no cgroup v2)"
-        return f"process({'+'.join(self.namespaces)} namespaces, chroot, unprivileged uid, {limits})"
+        if not self.memory_limit:
+            return f"process({'+'.join(self.namespaces)} namespaces, no memory limit can be enforced)"
+        pids = "" if self.cgroups.pids else ", rlimit pids"
+        return f"process({'+'.join(self.namespaces)} namespaces, sealed root, unprivileged uid, {self.cgroups.describe()}{pids})"
+
+    def refusal(self) -> str:
+        """Why an isolated run may not start here ("" if it may): a memory limit that nothing would enforce."""
+        if self.isolated and not self.memory_limit:
+            return ("the process sandbox cannot enforce a memory limit on this host: it needs a writable cgroup v2 "
+                    "hierarchy with the memory controller, or a writable cgroup v1 memory hierarchy.")
+        return ""
 
 
 def _unshare_flags(namespaces: tuple[str, ...]) -> list[str]:
@@ -119,11 +133,11 @@ def _unshare_flags(namespaces: tuple[str, ...]) -> list[str]:
     return flags
 
 
-def probe_host(cgroup_parent: str = CGROUP_PARENT) -> HostSupport:
-    """Find out, by trying, which namespaces and which cgroup this host gives us."""
+def probe_host() -> HostSupport:
+    """Find out, by trying, which namespaces and which cgroups this host gives us."""
     if os.geteuid() != 0:
         return HostSupport((), None, "not root")
-    cgroup = _cgroup_parent(cgroup_parent)
+    cgroup = find_cgroup_host()
     unshare = shutil.which("unshare")
     if unshare is None:
         return HostSupport((), cgroup, "the unshare command is missing")
@@ -134,107 +148,6 @@ def probe_host(cgroup_parent: str = CGROUP_PARENT) -> HostSupport:
             return HostSupport(namespaces, cgroup)
         failure = probe.stderr.strip()
     return HostSupport((), cgroup, f"unshare failed: {failure}")
-
-
-# -----------------------------------------------------------------------------
-# cgroup v2
-
-
-def _cgroup2_mount() -> Path | None:
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            _, target, fstype, *_ = line.split()
-            if fstype == "cgroup2":
-                return Path(target)
-    return None
-
-
-def _enable_controllers(group: Path, wanted: set[str]) -> None:
-    missing = wanted - set((group / "cgroup.subtree_control").read_text().split())
-    if missing:
-        (group / "cgroup.subtree_control").write_text(" ".join(f"+{name}" for name in sorted(missing)))
-
-
-def _cgroup_parent(name: str) -> Path | None:
-    """The parent group of all runs, with memory and pids (and cpu) delegated; None if not writable."""
-    root = _cgroup2_mount()
-    if root is None:
-        return None
-    available = set((root / "cgroup.controllers").read_text().split())
-    if not {"memory", "pids"} <= available:
-        return None
-    wanted = {"memory", "pids"} | ({"cpu"} & available)
-    parent = root / name
-    try:
-        _enable_controllers(root, wanted)
-        parent.mkdir(exist_ok=True)
-        _enable_controllers(parent, wanted)
-    except OSError as error:
-        log.info("process_backend.no_cgroup", reason=str(error))
-        return None
-    return parent
-
-
-def _cgroup_name(run_id: str) -> str:
-    return CGROUP_PREFIX + re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:120]
-
-
-class Cgroup:
-    """One run's cgroup v2 group: limits, membership, OOM count, peak, kill."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @classmethod
-    def create(cls, parent: Path, run_id: str, limits: Limits) -> Cgroup:
-        group = cls(parent / _cgroup_name(run_id))
-        group.path.mkdir(exist_ok=True)
-        group._write("memory.max", limits.memory_bytes)
-        group._write("memory.swap.max", 0)
-        group._write("memory.oom.group", 1)  # an OOM ends the whole run, not one random process
-        group._write("pids.max", limits.pids)
-        if limits.cpus:
-            group._write("cpu.max", f"{int(limits.cpus * 100_000)} 100000")
-        return group
-
-    def _write(self, name: str, value: object) -> None:
-        if (self.path / name).exists():  # swap and cpu files exist only where configured
-            (self.path / name).write_text(str(value))
-
-    def _read(self, name: str) -> str:
-        try:
-            return (self.path / name).read_text()
-        except OSError:
-            return ""
-
-    def pids(self) -> set[int]:
-        return {int(pid) for pid in self._read("cgroup.procs").split()}
-
-    def oom_killed(self) -> bool:
-        return bool(re.search(r"^oom_kill [1-9]", self._read("memory.events"), re.M))
-
-    def cpu_seconds(self) -> float | None:
-        match = re.search(r"^usage_usec (\d+)", self._read("cpu.stat"), re.M)
-        return int(match[1]) / 1e6 if match else None
-
-    def peak_bytes(self) -> int | None:
-        peak = self._read("memory.peak").strip()  # kernel >= 5.19
-        return int(peak) if peak.isdigit() else None
-
-    def kill(self) -> None:
-        if (self.path / "cgroup.kill").exists():  # kernel >= 5.14: atomic, races no fork
-            self._write("cgroup.kill", 1)
-        else:
-            for pid in self.pids():
-                _sigkill(pid)
-
-    def remove(self) -> None:
-        try:
-            self.path.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as error:  # still populated: reap() will get it
-            log.warning("process_backend.cgroup_left", cgroup=str(self.path), error=str(error))
 
 
 # -----------------------------------------------------------------------------
@@ -290,13 +203,13 @@ class _RunHandle:
 
     run_id: str
     uid: int | None  # the run's own uid (None: it runs as the runner's user)
-    cgroup: str | None
+    cgroup: dict | None  # Cgroup.record()
     root_pid: int | None = None  # the process the backend started (unshare or the launcher)
     root_start: int | None = None
     new_root: str | None = None  # the empty host directory the launcher mounts the new root on
 
     def group(self) -> Cgroup | None:
-        return Cgroup(Path(self.cgroup)) if self.cgroup else None
+        return Cgroup.from_record(self.cgroup) if self.cgroup else None
 
     def pids(self) -> set[int]:
         """Host PIDs of the run (zombies left out): its cgroup, its uid, its session and process tree.
@@ -365,11 +278,7 @@ class _RunHandle:
 # -----------------------------------------------------------------------------
 # The launcher: runs as root inside the namespaces, builds the root, starts the child
 
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_REMOUNT, _MS_BIND, _MS_REC = 32, 4096, 16384
 _PR_SET_NO_NEW_PRIVS = 38
-# top-level names the new root makes itself instead of binding the host's
-_FRESH_TOPS = frozenset({"proc", "sys", "dev", "tmp", "run", "root", "home", "app", "data", "out"})
 
 
 @dataclass
@@ -381,71 +290,11 @@ class _Plan:
     cwd: str
     status_path: str  # the launcher writes {"returncode": n} or {"setup_error": why} here
     rlimits: dict[str, int] = field(default_factory=dict)
-    cgroup: str | None = None
+    cgroup_procs: list[str] = field(default_factory=list)  # the run's cgroup.procs files (one per hierarchy)
     new_root: str | None = None  # None: no namespaces, run in place
     uid: int | None = None
-    fresh_proc: bool = False
-    tmpfs: list[tuple[str, int]] = field(default_factory=list)  # (path in the new root, size)
-    binds: list[tuple[str, str, bool]] = field(default_factory=list)  # (host path, path inside, read-only)
-    hide: list[str] = field(default_factory=list)  # host paths covered by an empty tmpfs inside
-    expose: list[str] = field(default_factory=list)  # host paths bound back (read-only) after hiding
-
-
-def _mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0, options: str | None = None) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    encoded = [None if value is None else value.encode() for value in (source, target, fstype, options)]
-    if libc.mount(encoded[0], encoded[1], encoded[2], ctypes.c_ulong(flags), encoded[3]) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"mount {target}: {os.strerror(errno)}")
-
-
-def _bind(source: str, target: str, read_only: bool) -> None:
-    if os.path.isdir(source):
-        os.makedirs(target, exist_ok=True)
-    else:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        open(target, "a").close()
-    _mount(source, target, flags=_MS_BIND | _MS_REC)
-    if read_only:
-        kept = os.statvfs(source).f_flag & (_MS_NODEV | _MS_NOEXEC)
-        _mount(None, target, flags=_MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | kept)
-
-
-def _build_root(plan: _Plan) -> None:
-    root = plan.new_root
-    assert root is not None
-    _mount("tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")
-    for name in _FRESH_TOPS:
-        os.mkdir(f"{root}/{name}", 0o755)
-    for name in sorted(set(os.listdir("/")) - _FRESH_TOPS):
-        host, inside = f"/{name}", f"{root}/{name}"
-        if os.path.islink(host):
-            os.symlink(os.readlink(host), inside)
-        elif os.path.isdir(host):
-            _bind(host, inside, read_only=True)
-    if plan.fresh_proc:
-        _mount("proc", f"{root}/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-    else:
-        _bind("/proc", f"{root}/proc", read_only=False)
-    try:  # a sysfs mounted in the new network namespace lists only its interfaces: lo
-        _mount("sysfs", f"{root}/sys", "sysfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-    except OSError:
-        _bind("/sys", f"{root}/sys", read_only=True)
-    _bind("/dev", f"{root}/dev", read_only=False)
-    for path, size in plan.tmpfs:
-        if os.path.isdir(root + path):
-            _mount("tmpfs", root + path, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={size}")
-    for source, target, read_only in plan.binds:
-        _bind(source, root + target, read_only)
-    for path in plan.hide:
-        inside = root + path
-        if os.path.isdir(inside) and not os.path.islink(inside):
-            _mount("tmpfs", inside, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=4k")
-        elif os.path.isfile(inside) and not os.path.islink(inside):
-            _mount("/dev/null", inside, flags=_MS_BIND)
-    for path in plan.expose:
-        _bind(path, root + path, read_only=True)
-    _mount(None, root, flags=_MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    sealed: dict | None = None  # SealedRoot, the host's part of the new root
+    mounts: dict | None = None  # RunMounts, the run's own part
 
 
 def _exec_child(plan: _Plan) -> None:
@@ -474,10 +323,10 @@ def _launch(plan_path: str) -> int:
     plan = _Plan(**json.loads(Path(plan_path).read_text()))
     status = Path(plan.status_path)
     try:
-        if plan.cgroup:
-            Path(plan.cgroup, "cgroup.procs").write_text("0")  # before the fork: the child is born inside
         if plan.new_root:
-            _build_root(plan)
+            build_root(plan.new_root, SealedRoot(**plan.sealed), RunMounts(**plan.mounts))
+        for procs in plan.cgroup_procs:  # after the root is built (not the run's cost), before the fork
+            Path(procs).write_text("0")
     except OSError as error:
         status.write_text(json.dumps({"setup_error": str(error)}))
         return 125
@@ -601,7 +450,6 @@ class ProcessBackend:
         self.python = shutil.which(python) or python
         self._hide = tuple(hide) + (self.snapshots_root.parent,)
         self._support = support
-        self._python_paths: list[str] | None = None
         self._active: set[str] = set()
         self._lock = threading.Lock()
 
@@ -622,17 +470,14 @@ class ProcessBackend:
     def isolation(self) -> str:
         return self.support.describe()
 
-    def _child_python_paths(self) -> list[str]:
-        """The directories the child's Python needs (its prefixes), found by asking it."""
-        if self._python_paths is None:
-            query = "import json, sys; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))"
-            try:
-                out = subprocess.run([self.python, "-c", query], capture_output=True, text=True, check=True).stdout
-            except (OSError, subprocess.CalledProcessError) as error:
-                raise SandboxUnavailable(f"the sandbox's Python {self.python} does not run: {error}.") from error
-            paths = json.loads(out) + [str(Path(os.path.realpath(self.python)).parent)]
-            self._python_paths = sorted({os.path.realpath(path) for path in paths})
-        return self._python_paths
+    @property
+    def child_path(self) -> str:
+        """The child's PATH: its Python's directory first."""
+        return f"{Path(self.python).parent}:{CHILD_PATH}"
+
+    def _runtime_needs(self) -> tuple[str, ...]:
+        """The host paths the child's runtime needs (sandbox.sealed_root), found once per interpreter."""
+        return runtime_needs(self.python, self.harness_root.resolve(), self.child_path)
 
     # -- images ---------------------------------------------------------------
 
@@ -640,6 +485,8 @@ class ProcessBackend:
         missing = [name for name in HARNESS_FILES if not (self.harness_root / name).is_file()]
         if missing:
             raise SandboxUnavailable(f"the harness file {self.harness_root / missing[0]} does not exist.")
+        if refusal := self.support.refusal():
+            raise SandboxUnavailable(refusal)
         with self._snapshot_writes():
             self.snapshots_root.mkdir(parents=True, exist_ok=True)
             self.state_root.mkdir(parents=True, exist_ok=True)
@@ -720,16 +567,18 @@ class ProcessBackend:
         )
 
     def _run(self, spec: RunSpec, cancel: CancelToken | None, line_log: LineLog, account: Account | None) -> _Ending:
+        if refusal := self.support.refusal():  # never a run without the memory limit it was given
+            raise SandboxUnavailable(refusal)
         state_dir = self.state_root / spec.run_id
         shutil.rmtree(state_dir, ignore_errors=True)
         state_dir.mkdir(parents=True)
         support = self.support
-        handle = _RunHandle(spec.run_id, uid=self._uid(spec.run_id) if support.isolated else None, cgroup=None)
+        handle = _RunHandle(spec.run_id, uid=self._uid(state_dir) if support.isolated else None, cgroup=None)
         with self._lock:
             self._active.add(spec.run_id)
         try:
-            if support.cgroup_parent is not None:
-                handle.cgroup = str(Cgroup.create(support.cgroup_parent, spec.run_id, spec.limits).path)
+            if support.cgroups is not None:
+                handle.cgroup = self._cgroup(support.cgroups, spec, state_dir).record()
             plan = self._plan(spec, handle, state_dir)
             process = subprocess.Popen(
                 self._command(state_dir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -790,6 +639,8 @@ class ProcessBackend:
                 return Killer.BUDGET, f"over budget: {overdue}"
             if watchdog is not None and watchdog.exceeded:
                 return Killer.WATCHDOG, f"GPU memory above the cap of {spec.limits.gpu_memory_bytes} bytes"
+            if (group := handle.group()) is not None and group.oom_killed():  # cgroup v1 kills one process: end them all
+                return Killer.OOM_KILLER, ""
         return Killer.NONE, ""
 
     def _ending(self, spec: RunSpec, plan: _Plan, handle: _RunHandle, killer: Killer, returncode: int | None,
@@ -800,10 +651,9 @@ class ProcessBackend:
             raise SandboxUnavailable(f"the process sandbox could not be set up: {exit_info['setup_error']}.")
         returncode = exit_info.get("returncode", returncode)  # the child's own, not the launcher's
         group = handle.group()
-        if group is not None:
-            oom, peak = group.oom_killed(), group.peak_bytes()
-        else:  # no cgroup: a SIGKILL the host did not send came from the kernel's OOM killer
-            oom, peak = killer is Killer.NONE and returncode == -signal.SIGKILL, max_rss
+        oom, peak = (group.oom_killed(), group.peak_bytes()) if group is not None else (None, max_rss)
+        if oom is None:  # not counted: a SIGKILL the host did not send came from the kernel's OOM killer
+            oom = killer is Killer.NONE and returncode == -signal.SIGKILL
         exit_code = None if returncode is None else (returncode if returncode >= 0 else 128 - returncode)
         status, killer = classify(killer, exit_code, oom)
         if status is Status.OOM:
@@ -811,12 +661,21 @@ class ProcessBackend:
         return _Ending(status, exit_code, killer, peak, watchdog.peak_bytes if watchdog is not None else None)
 
     @staticmethod
-    def _uid(run_id: str) -> int:
-        return UID_BASE + int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % UID_SPAN
+    def _uid(state_dir: Path) -> int:
+        """The run's own uid: one per run and per backend (another backend's run of the same id has another)."""
+        return UID_BASE + int(hashlib.sha256(str(state_dir).encode()).hexdigest(), 16) % UID_SPAN
+
+    @staticmethod
+    def _cgroup(cgroups: CgroupHost, spec: RunSpec, state_dir: Path) -> Cgroup:
+        name = f"{spec.run_id}-{hashlib.sha256(str(state_dir).encode()).hexdigest()[:8]}"  # per backend too
+        try:
+            return cgroups.create(name, spec.limits)
+        except OSError as error:
+            raise SandboxUnavailable(f"the process sandbox cannot make the run's cgroup: {error}.") from error
 
     def _plan(self, spec: RunSpec, handle: _RunHandle, state_dir: Path) -> _Plan:
         support = self.support
-        env = {"PATH": f"{Path(self.python).parent}:{CHILD_PATH}", "HOME": "/tmp", "TMPDIR": "/tmp",
+        env = {"PATH": self.child_path, "HOME": "/tmp", "TMPDIR": "/tmp",
                "USER": "sandbox", "LOGNAME": "sandbox", **spec.env,  # USER: getpass (torch.compile) needs a name
                "CUDA_VISIBLE_DEVICES": spec.gpu_uuid or ""}
         if spec.gpu_uuid and spec.limits.gpu_memory_bytes:
@@ -826,10 +685,11 @@ class ProcessBackend:
             argv[0] = self.python
         elif argv and "/" not in argv[0]:
             argv[0] = shutil.which(argv[0], path=CHILD_PATH) or argv[0]
+        group = handle.group()
         plan = _Plan(argv=argv, env=env, cwd="/app", status_path=str(state_dir / "exit.json"),
-                     rlimits={"RLIMIT_CORE": 0}, cgroup=handle.cgroup)
+                     rlimits={"RLIMIT_CORE": 0}, cgroup_procs=group.join_files() if group is not None else [])
         if support.isolated:
-            self._isolate(plan, spec, handle)
+            self._isolate(plan, spec, handle, state_dir)
         else:
             self._run_in_place(plan, spec, state_dir)
         self._record(handle, state_dir)
@@ -838,26 +698,30 @@ class ProcessBackend:
         plan_path.chmod(0o600)
         return plan
 
-    def _isolate(self, plan: _Plan, spec: RunSpec, handle: _RunHandle) -> None:
+    def _isolate(self, plan: _Plan, spec: RunSpec, handle: _RunHandle, state_dir: Path) -> None:
         """Fill the plan for a namespaced run: the new root's mounts, the uid, the pid limit."""
         assert handle.uid is not None
         handle.new_root = tempfile.mkdtemp(prefix="autoresearch-root-", dir="/tmp")  # /tmp: never bound inside
         plan.new_root, plan.uid = handle.new_root, handle.uid
-        plan.fresh_proc = "pid" in self.support.namespaces
-        if self.support.cgroup_parent is None:
+        if not self.support.cgroups or not self.support.cgroups.pids:
             plan.rlimits["RLIMIT_NPROC"] = spec.limits.pids  # counts the processes of the run's own uid
-        plan.tmpfs = [("/tmp", spec.limits.tmp_bytes), ("/dev/shm", spec.limits.shm_bytes)]
+        program = [plan.argv[0]] if plan.argv and os.path.isabs(plan.argv[0]) else []  # e.g. `env`, found on the host
+        sealed = seal([*self._runtime_needs(), *program], handle.uid)
+        empty = state_dir / "empty"
+        empty.touch(mode=0o444)
+        mounts = RunMounts(fresh_proc="pid" in self.support.namespaces, empty_file=str(empty),
+                           tmpfs=[("/tmp", spec.limits.tmp_bytes), ("/dev/shm", spec.limits.shm_bytes)])
         spec.out_dir.mkdir(parents=True, exist_ok=True)
         out_dir = os.path.realpath(spec.out_dir)
         for folder, _, files in os.walk(out_dir):  # /out belongs to the run's uid
             for path in [folder, *(os.path.join(folder, name) for name in files)]:
                 os.lchown(path, handle.uid, handle.uid)
-        plan.binds = [(os.path.realpath(spec.image), "/app", True), (out_dir, "/out", spec.phase is Phase.EVAL)]
-        plan.binds += [(os.path.realpath(m.source), m.target, True) for m in spec.mounts]
-        hide = [*self._hide, self.snapshots_root, spec.out_dir.parent, *(m.source.parent for m in spec.mounts)]
-        plan.hide = sorted({os.path.realpath(path) for path in hide} - {"/"})
-        plan.expose = [path for path in self._child_python_paths()
-                       if path.split("/")[1] in _FRESH_TOPS or any(_under(path, h) for h in plan.hide)]
+        mounts.binds = [(os.path.realpath(spec.image), "/app", True), (out_dir, "/out", spec.phase is Phase.EVAL)]
+        mounts.binds += [(os.path.realpath(m.source), m.target, True) for m in spec.mounts]
+        hide = {os.path.realpath(path) for path in
+                (*self._hide, self.snapshots_root, spec.out_dir.parent, *(m.source.parent for m in spec.mounts))}
+        mounts.hide = sorted(path for path in hide if any(_under(path, bound) for bound in sealed.binds))
+        plan.sealed, plan.mounts = asdict(sealed), asdict(mounts)
 
     def _run_in_place(self, plan: _Plan, spec: RunSpec, state_dir: Path) -> None:
         """Fill the plan for a run without namespaces: sandbox paths become host paths."""

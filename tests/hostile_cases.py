@@ -10,8 +10,10 @@ for docker) and a name lookup; every loop is bounded in count and time, so a bro
 sandbox fails its test without harming the machine.
 
 A backend's test module runs every case of CASES whose `needs` the backend meets:
-inside `with Listener(host) as listener, secret_on_host():` it makes a `HostState`,
-calls `run_case`, then `assert_case`.
+inside `with Listener(host) as listener, HostEndpoints(paths) as endpoints, secret_on_host():`
+it makes a `HostState`, calls `run_case`, then `assert_case`. Unix sockets and files
+that the sandbox must keep from the run are the host's own; only the test's listeners
+are ever connected to.
 """
 
 from __future__ import annotations
@@ -74,6 +76,61 @@ class Listener:
         self._socket.close()
 
 
+class HostEndpoints:
+    """Ways to talk to a host process through the file system, open to anyone (none should be reached).
+
+    At each path a listening unix socket, beside it a FIFO that the host reads, and a
+    socket under an abstract name. Modes are 0666 and the directories must be searchable by
+    anyone, as for many real sockets (an X server's, a Docker socket with a permissive
+    group), so only the sandbox keeps a run from them, never the run's uid.
+    """
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.fifos = [path.with_name(path.name + ".fifo") for path in paths]
+        self.abstract = f"ar-hostile-{uuid.uuid4().hex}"
+        self.accepted = 0
+        self._sockets: list[socket.socket] = []
+        for address in [*map(str, paths), "\0" + self.abstract]:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(address)
+            listener.listen()
+            listener.settimeout(0.2)
+            self._sockets.append(listener)
+        self._readers = []
+        for fifo in self.fifos:
+            os.mkfifo(fifo)
+            self._readers.append(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # with a reader, writers may open it
+        for path in [*paths, *self.fifos]:
+            path.chmod(0o666)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            for listener in self._sockets:
+                try:
+                    connection, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                self.accepted += 1
+                connection.close()
+
+    def __enter__(self) -> HostEndpoints:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for listener in self._sockets:
+            listener.close()
+        for reader in self._readers:
+            os.close(reader)
+        for path in [*self.paths, *self.fifos]:
+            path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def secret_on_host() -> Iterator[None]:
     """A fake API key in this process's environment and in a host process's (as a runner started with it)."""
@@ -125,6 +182,8 @@ class HostState:
     listener: Listener
     data: Path  # host data directory (the mounts' sources, val included)
     host_dir: Path  # a world-writable host directory the sandbox must not reach
+    endpoints: HostEndpoints  # host sockets and FIFOs the sandbox must not reach
+    host_files: tuple[Path, ...] = ()  # world-readable host files the sandbox must not read
     nonce: str = field(default_factory=lambda: uuid.uuid4().hex)
     data_digest: str = ""
 
@@ -136,7 +195,11 @@ class HostState:
     def env(self, phase: Phase) -> dict[str, str]:
         return {"AR_PHASE": phase.value, "AR_DATA_DIR": "/data", "AR_OUT_DIR": "/out", "PYTHONUNBUFFERED": "1",
                 "AR_TEST_LISTENER": self.listener.address, "AR_TEST_HOST_DIR": str(self.host_dir),
-                "AR_TEST_HOST_DATA": str(self.data), "AR_TEST_NONCE": self.nonce}
+                "AR_TEST_HOST_DATA": str(self.data), "AR_TEST_NONCE": self.nonce,
+                "AR_TEST_UNIX_SOCKETS": json.dumps([str(path) for path in self.endpoints.paths]),
+                "AR_TEST_ABSTRACT_SOCKET": self.endpoints.abstract,
+                "AR_TEST_FIFOS": json.dumps([str(path) for path in self.endpoints.fifos]),
+                "AR_TEST_HOST_FILES": json.dumps([str(path) for path in self.host_files])}
 
 
 @dataclass(frozen=True)
@@ -353,6 +416,47 @@ _OTHER_SPLIT = _script("""
 READ_VAL_IN_TRAIN = HostileCase("read_val_in_train", _OTHER_SPLIT, Status.OK, _check_other_split_hidden)
 READ_TRAIN_IN_EVAL = HostileCase("read_train_in_eval", _OTHER_SPLIT, Status.OK, _check_other_split_hidden,
                                  phase=Phase.EVAL)
+
+def _check_no_host_endpoint(log: str, out: Path, state: HostState) -> None:
+    assert state.endpoints.accepted == 0, f"the host's unix sockets accepted {state.endpoints.accepted} connections"
+    assert "CONNECTED" not in log and log.count("unix: failed") == len(state.endpoints.paths) + 1, log
+    assert "OPENED" not in log and log.count("fifo: failed") == len(state.endpoints.fifos), log
+
+
+def _check_host_files_unread(log: str, out: Path, state: HostState) -> None:
+    assert "file: READ" not in log and log.count("file: unreadable") == len(state.host_files), log
+
+
+HOST_ENDPOINTS = HostileCase("host_endpoints", _script("""
+    import json, os, socket
+    addresses = json.loads(os.environ["AR_TEST_UNIX_SOCKETS"]) + ["\\0" + os.environ["AR_TEST_ABSTRACT_SOCKET"]]
+    for address in addresses:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(2)
+        try:
+            client.connect(address)
+            print("unix: CONNECTED", repr(address))
+        except OSError as error:
+            print("unix: failed", repr(address), type(error).__name__)
+        finally:
+            client.close()
+    for fifo in json.loads(os.environ["AR_TEST_FIFOS"]):
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            print("fifo: OPENED", fifo)
+        except OSError as error:
+            print("fifo: failed", fifo, type(error).__name__)
+"""), Status.OK, _check_no_host_endpoint)
+
+HOST_FILES = HostileCase("host_files", _script("""
+    import json, os
+    for path in json.loads(os.environ["AR_TEST_HOST_FILES"]):
+        try:
+            with open(path, "rb") as f:
+                print("file: READ", path, len(f.read()))
+        except OSError as error:
+            print("file: unreadable", path, type(error).__name__)
+"""), Status.OK, _check_host_files_unread)
 
 FORK_BOMB = HostileCase("fork_bomb", _script("""
     import os, time
@@ -674,7 +778,7 @@ TRAINS_BEFORE_BUDGET = _harness_case("trains_before_budget", """
 """, Status.OVER_BUDGET, _check_over_budget, budget_s=10.0, measured=True)
 
 CASES: tuple[HostileCase, ...] = (
-    NETWORK_INTERFACES, NETWORK_CONNECT, NETWORK_DNS, WRITE_OUTSIDE_OUT, WRITE_OUT_IN_EVAL,
+    NETWORK_INTERFACES, NETWORK_CONNECT, NETWORK_DNS, HOST_ENDPOINTS, HOST_FILES, WRITE_OUTSIDE_OUT, WRITE_OUT_IN_EVAL,
     READ_VAL_IN_TRAIN, READ_TRAIN_IN_EVAL, FORK_BOMB, MEMORY_HOG, SLEEP_PAST_DEADLINE, DETACHED_SURVIVOR,
     FILL_TMP, FAKE_VAL_BPB, ENV_SECRETS, NON_CAUSAL_MODEL, FORGED_TRAINING_OUTPUT, STATEFUL_MODEL,
     INPUT_WRITING_MODEL, POSITION_AWARE_LOOKAHEAD, SPARSE_LOOKAHEAD, BATCH_MIXING, CRAFTED_ARCHIVE, ARCHIVE_WITH_CODE,

@@ -440,7 +440,10 @@ def test_reap_removes_leftovers_of_dead_runners_only(backend, docker_client):
 def test_hostile_case(case: hostile.HostileCase, backend, docker_client, tmp_path, request):
     """Every hostile train.py of tests/hostile_cases.py ends as expected under docker."""
     data = request.getfixturevalue("tiny_data") if hostile.HARNESS in case.needs else hostile.make_fake_data(tmp_path / "data")
-    with hostile.Listener(_bridge_gateway(docker_client)) as listener, hostile.secret_on_host():
-        state = hostile.HostState(listener, data, tmp_path / "host")
+    host_file = tmp_path / "host-file"
+    host_file.write_text("a host file")
+    with hostile.Listener(_bridge_gateway(docker_client)) as listener, \
+            hostile.HostEndpoints([tmp_path / "host.sock"]) as endpoints, hostile.secret_on_host():
+        state = hostile.HostState(listener, data, tmp_path / "host", endpoints, (host_file,))
         status, log = hostile.run_case(backend, case, state, tmp_path / "work")
     hostile.assert_case(case, status, log, tmp_path / "work" / "out", state)

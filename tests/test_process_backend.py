@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 import threading
@@ -12,6 +13,7 @@ import pytest
 
 from sandbox import backends
 from sandbox.process_backend import HostSupport, ProcessBackend
+from sandbox.sealed_root import runtime_needs, seal
 from sandbox.spec import CancelToken, Killer, Limits, Mount, Phase, RunResult, RunSpec, SandboxUnavailable, Status
 from tests.hostile_cases import FAKE_SECRET, leftover_processes, make_fake_data
 
@@ -197,13 +199,20 @@ def test_without_isolation_it_says_so_and_still_runs(tmp_path):
     assert result.isolation == "process (no isolation: not root)"
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/nvidiactl"), reason="needs an NVIDIA GPU")
-def test_gpu_memory_above_the_cap_is_killed_by_the_watchdog(backend, tmp_path):
+def first_gpu_uuid() -> str:
     import pynvml
 
     pynvml.nvmlInit()
     gpu = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(0))
-    gpu = gpu.decode() if isinstance(gpu, bytes) else gpu
+    return gpu.decode() if isinstance(gpu, bytes) else gpu
+
+
+needs_gpu = pytest.mark.skipif(not os.path.exists("/dev/nvidiactl"), reason="needs an NVIDIA GPU")
+
+
+@needs_gpu
+def test_gpu_memory_above_the_cap_is_killed_by_the_watchdog(backend, tmp_path):
+    gpu = first_gpu_uuid()
     result, log = run(backend, tmp_path, """
         import time, torch
         x = torch.ones(2 * 2**30, dtype=torch.uint8, device="cuda")  # 2 GiB
@@ -223,3 +232,96 @@ def test_get_backend_picks_process_without_an_engine(monkeypatch, tmp_path):
         backends.get_backend("docker")
     with pytest.raises(SandboxUnavailable, match="unknown sandbox backend"):
         backends.get_backend("bwrap")
+
+
+def test_a_run_without_an_enforceable_memory_limit_refuses_to_start(tmp_path):
+    no_cgroups = ProcessBackend(snapshots_root=tmp_path / "snapshots",
+                                support=HostSupport(("net", "mount", "pid"), None))
+    assert "no memory limit can be enforced" in no_cgroups.isolation
+    with pytest.raises(SandboxUnavailable, match="^the process sandbox cannot enforce a memory limit on this host: .*\\.$"):
+        run(no_cgroups, tmp_path, "print('ran without a memory limit')")
+    with pytest.raises(SandboxUnavailable, match="cannot enforce a memory limit"):
+        no_cgroups.ensure_ready()
+    assert not (tmp_path / "run.log").exists() or "ran without" not in (tmp_path / "run.log").read_text()
+
+
+def test_a_child_process_past_the_memory_limit_ends_the_whole_run_as_oom(backend, tmp_path):
+    """cgroup v1's OOM killer kills one process; the run must still end, as an OOM, not at its deadline."""
+    if not backend.support.memory_limit:
+        pytest.skip(f"no memory limit can be enforced on this host: {backend.isolation}")
+    result, log = run(backend, tmp_path, """
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", "chunks = [b'x' * (32 * 2**20) for _ in range(32)]"])
+        print("waiting", flush=True)
+        time.sleep(600)
+    """, limits=Limits(memory_bytes=256 * 2**20), deadline_s=120.0)
+    assert (result.status, result.killed_by) == (Status.OOM, Killer.OOM_KILLER), log
+
+
+def test_the_root_holds_the_runtime_and_nothing_else_of_the_host(backend, tmp_path):
+    if not backend.support.isolated:
+        pytest.skip(f"no sealed root without isolation: {backend.isolation}")
+    sealed = seal(runtime_needs(backend.python, backend.harness_root.resolve(), backend.child_path), 0)
+    made = ["/proc", "/sys", "/dev", "/tmp", "/app", "/out", *sealed.files, *sealed.links]
+    result, log = run(backend, tmp_path, """
+        import json, os, sys
+        allowed = json.loads(os.environ["AR_TEST_ALLOWED"])
+        inside = lambda path, top: path == top or path.startswith(top.rstrip("/") + "/")
+        found = 0
+        for folder, dirs, files in os.walk("/"):
+            dirs[:] = [name for name in dirs if not any(inside(os.path.join(folder, name), top) for top in allowed)]
+            for name in files + [name for name in dirs if os.path.islink(os.path.join(folder, name))]:
+                path = os.path.join(folder, name)
+                if not any(inside(path, top) for top in allowed):
+                    print("OUTSIDE", path)
+            found += len(files)
+        print("walked", found)
+    """, env={"AR_TEST_ALLOWED": json.dumps([*sealed.binds, *made])})
+    assert result.status is Status.OK, log
+    assert "OUTSIDE" not in log and "walked" in log, log[-3000:]
+    assert not any(str(ROOT) == bound or str(ROOT).startswith(bound + "/") for bound in sealed.binds)  # the project is not runtime
+    assert not any(bound.split("/")[1] in ("home", "var", "opt", "run", "srv", "mnt", "media") for bound in sealed.binds)
+
+
+def test_torch_dataloader_workers_share_tensors_in_the_sealed_root(backend, tmp_path):
+    """Workers hand tensors back over an AF_UNIX socket in the run's own /tmp: that must still work."""
+    result, log = run(backend, tmp_path, """
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        loader = DataLoader(TensorDataset(torch.arange(64.0)), batch_size=8, num_workers=2)
+        print("sum:", sum(float(batch.sum()) for (batch,) in loader))
+    """, deadline_s=120.0)
+    assert result.status is Status.OK, log
+    assert "sum: 2016.0" in log, log
+
+
+@pytest.mark.slow
+def test_torch_compile_builds_its_kernels_in_the_sealed_root(backend, tmp_path):
+    """Inductor runs the C++ compiler on the CPU (Triton runs the C compiler and ldconfig on a GPU): they must be there."""
+    result, log = run(backend, tmp_path, """
+        import torch
+        double_sin = torch.compile(lambda x: (2 * x).sin().sum())
+        print("compiled:", round(float(double_sin(torch.zeros(8))), 6))
+    """, deadline_s=300.0)
+    assert result.status is Status.OK, log
+    assert "compiled: 0.0" in log, log
+
+
+@needs_gpu
+def test_triton_compiles_gpu_kernels_in_the_sealed_root(backend, tmp_path):
+    """Triton finds libcuda with ldconfig and builds its launcher with the C compiler: both inside the root."""
+    result, log = run(backend, tmp_path, """
+        import torch
+        double_sin = torch.compile(lambda x: (2 * x).sin().sum())
+        print("compiled:", round(float(double_sin(torch.zeros(8, device="cuda"))), 6), torch.cuda.get_device_name())
+    """, gpu_uuid=first_gpu_uuid(), deadline_s=300.0)
+    assert result.status is Status.OK, log
+    assert "compiled: 0.0" in log, log
+
+
+def test_reap_takes_the_record_of_a_runner_from_before_cgroup_v1(backend, tmp_path):
+    state = backend.state_root / "old-record"
+    state.mkdir(parents=True)
+    (state / "run.json").write_text(json.dumps({"run_id": "old-record", "uid": None, "cgroup": str(tmp_path / "ar-gone")}))
+    assert ProcessBackend(snapshots_root=backend.snapshots_root).reap() == 1
+    assert not state.exists()

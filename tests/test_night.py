@@ -23,7 +23,7 @@ import pytest
 
 from runner.agents.base import Proposal
 from runner.agents.search_agent import SearchAgent
-from runner.ledger import BASELINE, EXPERIMENT, Ledger
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Ledger
 from runner.loop import Night
 from runner.overnight import ensure_data
 from runner.settings import Settings, Source
@@ -169,7 +169,10 @@ def test_a_night_in_miniature(project, docker_client, tmp_path):
     assert resumed.status in ("done", "crash", "timeout", "oom", "export_failed")
     assert resumed.decision in (("keep", "discard") if resumed.status == "done" else (None,))
     newer = [r for r in rows if r.id > killed]
-    assert len(newer) == 1 and newer[0].kind == EXPERIMENT and newer[0].status != "proposed"
+    (added,) = [r for r in newer if r.kind == EXPERIMENT]  # one new proposal: the night's sixth
+    assert added.status != "proposed"
+    # besides it, only the runs the keep rule asked for: confirmations of the killed experiment or of the new one
+    assert all(r.kind == CONFIRM and r.target_id in (killed, added.id) for r in newer if r is not added)
     events = [json.loads(line) for line in (settings.run_dir / "events.jsonl").read_text().splitlines()]
     finished = [e for e in events if e["event"] == "experiment.finished" and e.get("exp") == killed]
     assert len(finished) == 1  # night 2 died before the end, night 3 ran it once

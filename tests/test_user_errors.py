@@ -272,14 +272,14 @@ def _wait_for_training(ledger_path: Path, process: subprocess.Popen, log: Path) 
 
 
 def _resume_completes_the_baselines(runs: Path, env: dict, owed: str, project_dir: Path) -> None:
-    done = subprocess.run(_night_cli(runs, "--hours", "0.001"), cwd=project_dir, env=env, capture_output=True,
+    done = subprocess.run(_night_cli(runs, "--max-experiments", "1"), cwd=project_dir, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     ledger = Ledger(runs / "n" / "ledger.sqlite")
     try:
         assert ledger.unfinished() == []
         assert ledger.get(owed).status == DONE
-        assert [n["stop_reason"] for n in ledger.nights()][-1] == "hours"
+        assert [n["stop_reason"] for n in ledger.nights()][-1] == "max-experiments"
     finally:
         ledger.close()
 

@@ -14,6 +14,7 @@ from runner.errors import InputError, os_error_sentence
 MAX_DIFF_BYTES = 64_000  # a diff: one proposal's change to train.py
 MAX_TRAIN_PY_BYTES = 2**20  # train.py (and prepare.py): a training script, not a data file
 MAX_PROGRAM_BYTES = 256 * 2**10  # program.md: the research directions, sent to the agent with every proposal
+MAX_AGENT_REPLY_BYTES = 2**20  # what an agent command prints: a proposal (one diff) and some chatter around it
 
 
 def read_text(path: Path, what: str, max_bytes: int) -> str:

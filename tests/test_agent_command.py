@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -13,10 +15,12 @@ from runner.agents.base import AgentError, Context
 from runner.agents.command_agent import CommandAgent
 from runner.agents.factory import AgentConfigError, make_agent
 from runner.agents.prompt import ReplyFormatError
+from runner.inputs import MAX_AGENT_REPLY_BYTES
 
 CONTEXT = Context(program="Make it better.", train_py="MATRIX_LR = 0.04\n", harness_api="def finish(model): ...")
 DIFF = "--- a/train.py\n+++ b/train.py\n@@ -1 +1 @@\n-MATRIX_LR = 0.04\n+MATRIX_LR = 0.05\n"
 PY = shlex.quote(sys.executable)
+REPLY = f"DESCRIPTION: raise the matrix learning rate\n```diff\n{DIFF}```\n"
 
 
 def python(code: str) -> str:
@@ -91,3 +95,25 @@ def test_command_runs_in_cwd(tmp_path: Path) -> None:
     (tmp_path / "reply.txt").write_text(f"DESCRIPTION: from a file\n```diff\n{DIFF}```\n")
     proposal = CommandAgent("cat reply.txt", cwd=str(tmp_path)).propose(CONTEXT)
     assert proposal.description == "from a file"  # and a command that ignores stdin is fine
+
+
+def test_a_huge_reply_is_an_agent_error_not_a_full_memory(tmp_path: Path) -> None:
+    code = "import sys\nblock = 'x' * 2**16 + '\\n'\nfor _ in range(1024): sys.stdout.write(block)"  # 64 MiB
+    with pytest.raises(AgentError, match=f"printed more than {MAX_AGENT_REPLY_BYTES:,} bytes"):
+        CommandAgent(python(code)).propose(CONTEXT)
+
+
+def test_a_grandchild_that_keeps_the_output_open_does_not_hold_the_reply(tmp_path: Path) -> None:
+    """The command exits with its proposal; a process it left behind still holds stdout."""
+    pid_file = tmp_path / "grandchild.pid"
+    code = (
+        "import subprocess, sys; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); "
+        f"print({REPLY!r})"
+    )
+    try:
+        proposal = CommandAgent(python(code), timeout=30).propose(CONTEXT)
+        assert proposal.description == "raise the matrix learning rate"
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)

@@ -10,18 +10,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
+from typing import BinaryIO
 
 import structlog
 
 from runner.agents.base import AgentError, Context, Proposal
 from runner.agents.factory import AgentConfigError
 from runner.agents.prompt import full_prompt, parse_reply
+from runner.inputs import MAX_AGENT_REPLY_BYTES
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_TIMEOUT = 900.0
 STDERR_TAIL_CHARS = 2000
-REAP_TIMEOUT = 5.0  # seconds to collect output after the kill
 
 
 class CommandAgent:
@@ -38,27 +40,30 @@ class CommandAgent:
         self.cwd = cwd
 
     def propose(self, context: Context) -> Proposal:
-        process = subprocess.Popen(
-            self.command,
-            shell=True,
-            cwd=self.cwd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-            start_new_session=True,  # its own process group, killed as a whole
-        )
-        try:
-            stdout, stderr = process.communicate(full_prompt(context), timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            # Not reaped yet, so the group id cannot have been reused by another process.
-            _kill_group(process.pid)
-            raise AgentError(f"the agent command timed out after {self.timeout:g} s{_tail(_reap(process))}") from None
-        if process.returncode != 0:
-            raise AgentError(f"the agent command exited with status {process.returncode}{_tail(stderr)}")
-        log.debug("command_agent_reply", chars=len(stdout))
-        return parse_reply(stdout)
+        # Output goes to files, not pipes: memory holds at most the cap, and a grandchild that
+        # escaped the kill and keeps them open cannot hold the night up.
+        with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+            process = subprocess.Popen(
+                self.command,
+                shell=True,
+                cwd=self.cwd,
+                stdin=subprocess.PIPE,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,  # its own process group, killed as a whole
+            )
+            try:
+                process.communicate(full_prompt(context).encode(), timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                # Not reaped yet, so the group id cannot have been reused by another process.
+                _kill_group(process.pid)
+                process.wait()
+                raise AgentError(f"the agent command timed out after {self.timeout:g} s{_tail(stderr)}") from None
+            if process.returncode != 0:
+                raise AgentError(f"the agent command exited with status {process.returncode}{_tail(stderr)}")
+            reply = _read_reply(stdout)
+        log.debug("command_agent_reply", chars=len(reply))
+        return parse_reply(reply)
 
 
 def _kill_group(pgid: int) -> None:
@@ -68,20 +73,19 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _reap(process: subprocess.Popen[str]) -> str:
-    """stderr of a killed command; gives up on pipes that an escaped grandchild holds open."""
-    try:
-        return process.communicate(timeout=REAP_TIMEOUT)[1]
-    except subprocess.TimeoutExpired:
-        for pipe in (process.stdout, process.stderr):
-            if pipe:
-                pipe.close()
-        process.wait()
-        return ""
+def _read_reply(stdout: BinaryIO) -> str:
+    stdout.seek(0)
+    data = stdout.read(MAX_AGENT_REPLY_BYTES + 1)
+    if len(data) > MAX_AGENT_REPLY_BYTES:
+        raise AgentError(f"the agent command printed more than {MAX_AGENT_REPLY_BYTES:,} bytes; "
+                         "a proposal is a description and one diff of train.py")
+    return data.decode("utf-8", errors="replace")
 
 
-def _tail(stderr: str) -> str:
-    stderr = stderr.strip()
-    if not stderr:
+def _tail(stderr: BinaryIO) -> str:
+    stderr.seek(0, os.SEEK_END)
+    stderr.seek(max(0, stderr.tell() - 4 * STDERR_TAIL_CHARS))
+    text = stderr.read().decode("utf-8", errors="replace").strip()
+    if not text:
         return ""
-    return "; stderr ends with:\n" + stderr[-STDERR_TAIL_CHARS:]
+    return "; stderr ends with:\n" + text[-STDERR_TAIL_CHARS:]

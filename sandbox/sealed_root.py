@@ -275,6 +275,11 @@ def _bind(source: str, target: str, read_only: bool) -> None:
 def build_root(new_root: str, sealed: SealedRoot, run: RunMounts) -> None:
     """Mount the run's root on the empty directory `new_root`; it ends read-only."""
     _mount("tmpfs", new_root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=16m")
+    for name in ("proc", "sys", "tmp", "app", "out"):
+        os.makedirs(f"{new_root}/{name}", exist_ok=True)
+    for path, size in run.tmpfs:  # first, so that a runtime living under /tmp (a venv there) is bound on top
+        os.makedirs(new_root + path, exist_ok=True)
+        _mount("tmpfs", new_root + path, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={size}")
     for path in sealed.binds:
         _bind(path, new_root + path, read_only=True)
     for path, target in sorted(sealed.links.items()):
@@ -286,8 +291,6 @@ def build_root(new_root: str, sealed: SealedRoot, run: RunMounts) -> None:
         Path(new_root + path).write_text(content)
     for path in sealed.devices:
         _bind(path, new_root + path, read_only=False)
-    for name in ("proc", "sys", "tmp", "app", "out"):
-        os.makedirs(f"{new_root}/{name}", exist_ok=True)
     if run.fresh_proc:
         _mount("proc", f"{new_root}/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     else:
@@ -296,9 +299,6 @@ def build_root(new_root: str, sealed: SealedRoot, run: RunMounts) -> None:
         _mount("sysfs", f"{new_root}/sys", "sysfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     except OSError:
         _bind("/sys", f"{new_root}/sys", read_only=True)
-    for path, size in run.tmpfs:
-        os.makedirs(new_root + path, exist_ok=True)
-        _mount("tmpfs", new_root + path, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={size}")
     for source, target, read_only in run.binds:
         _bind(source, new_root + target, read_only)
     for path in run.hide:

@@ -172,8 +172,9 @@ def test_bit_for_bit_rerun_of_a_real_cpu_experiment(sandbox_name, tiny_data, tmp
         shutil.copyfile(ROOT / name, root / name)
     unseeded = OneProposal("learning rate from os.urandom",
                            lambda text: re.sub(r"^MATRIX_LR = .*$", UNSEEDED_LR, text, count=1, flags=re.MULTILINE))
+    # --keep-images: the experiment is rerun below, discarded or not
     settings = Settings(root=root, runs_dir=tmp_path / "runs", tag="real", budget=BUDGET_S, baseline_runs=2,
-                        max_experiments=1, max_diff_retries=1)
+                        max_experiments=1, max_diff_retries=1, prune_images=False)
     ledger = Ledger(settings.run_dir / "ledger.sqlite")
     manifest = json.loads((tiny_data / "manifest.json").read_text())["hash"]
     Night(settings, ledger=ledger, backend=backend, agent=unseeded, gpus=[], data=Dataset(tiny_data, manifest)).run()

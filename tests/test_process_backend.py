@@ -325,3 +325,27 @@ def test_reap_takes_the_record_of_a_runner_from_before_cgroup_v1(backend, tmp_pa
     (state / "run.json").write_text(json.dumps({"run_id": "old-record", "uid": None, "cgroup": str(tmp_path / "ar-gone")}))
     assert ProcessBackend(snapshots_root=backend.snapshots_root).reap() == 1
     assert not state.exists()
+
+
+def test_a_runtime_that_lives_under_tmp_is_still_seen(tmp_path):
+    """A venv under /tmp: the run's own /tmp covers the host's, so the runtime is bound on top of it."""
+    import shutil
+    import site
+    import subprocess
+    import sys
+    import tempfile
+
+    venv_dir = Path(tempfile.mkdtemp(prefix="ar-venv-", dir="/tmp"))
+    try:
+        subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv_dir)], check=True)
+        site_dir = next(venv_dir.glob("lib/python*/site-packages"))
+        (site_dir / "project.pth").write_text("\n".join(site.getsitepackages()) + "\n")  # torch and the rest
+        backend = ProcessBackend(snapshots_root=tmp_path / "snapshots", python=str(venv_dir / "bin" / "python"))
+        backend.ensure_ready()  # a child through the whole sandbox, importing torch
+        result, log = run(backend, tmp_path, """
+            import sys
+            print("python:", sys.executable)
+        """)
+        assert result.status is Status.OK and f"python: {venv_dir}/bin/python" in log, log
+    finally:
+        shutil.rmtree(venv_dir)

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import threading
 from datetime import datetime
 from typing import Any
 
 import structlog
 
-from runner.ledger import Ledger, parse_time
+from runner.ledger import Ledger, LedgerUnavailable, parse_time
 from sandbox.processes import identity_alive, process_identity
 
 log = structlog.get_logger(__name__)
@@ -83,5 +82,5 @@ class Heartbeat:
         while not self._stop.wait(self._every):
             try:
                 self._ledger.heartbeat(self._night_id)
-            except (sqlite3.Error, OSError) as error:
+            except (LedgerUnavailable, OSError) as error:  # the ledger says SQLite's errors in one sentence
                 log.warning("night.heartbeat_failed", error=str(error))

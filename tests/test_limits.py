@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from runner.cli import main
 from runner.heartbeat import Heartbeat, this_runner
-from runner.ledger import BASELINE, EXPERIMENT, Ledger
+from runner.ledger import BASELINE, EXPERIMENT, Ledger, LedgerUnavailable
 from runner.loop import Dataset, Night
 from runner.pruning import prune_images
 from runner.settings import Settings
@@ -176,6 +176,29 @@ def test_the_heartbeat_beats_while_the_block_runs(tmp_path):
                 break
             time.sleep(0.01)
     assert ledger.nights()[0]["heartbeat_at"] > first
+    ledger.close()
+
+
+def test_a_beat_the_ledger_cannot_take_is_logged_and_the_next_one_is_tried(tmp_path, monkeypatch):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    night_id = ledger.start_night("t", {})
+    first = ledger.nights()[0]["heartbeat_at"]
+    real, failed = ledger.heartbeat, []
+
+    def full_once(night: int) -> None:
+        if not failed:
+            failed.append(night)
+            raise LedgerUnavailable("no space is left on the disk holding the ledger.")
+        real(night)
+
+    monkeypatch.setattr(ledger, "heartbeat", full_once)
+    with Heartbeat(ledger, night_id, every=0.01) as beating:
+        for _ in range(1000):  # bounded: a beat every 10 ms
+            if ledger.nights()[0]["heartbeat_at"] != first:
+                break
+            time.sleep(0.01)
+        assert beating._thread.is_alive()
+    assert failed == [night_id] and ledger.nights()[0]["heartbeat_at"] > first
     ledger.close()
 
 

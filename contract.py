@@ -63,7 +63,6 @@ CPU_THREADS_ENV = "AR_CPU_THREADS"
 # -- how a phase ends ----------------------------------------------------------------------
 
 EXIT_CRASH, EXIT_EXPORT_FAILED, EXIT_PROBE_FAILED, EXIT_GPU_OOM = 2, 3, 4, 5
-EXIT_STATUS = {EXIT_EXPORT_FAILED: "export_failed", EXIT_PROBE_FAILED: "probe_failed", EXIT_GPU_OOM: "gpu_oom"}
 
 # -- the result of phase 2 ---------------------------------------------------------------------
 

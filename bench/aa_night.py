@@ -37,7 +37,8 @@ AGENT = ROOT / "bench" / "agents" / "nudge.py"
 sys.path.insert(0, str(ROOT))
 
 from bench.agents.nudge import float_constants, literal, set_constant  # noqa: E402
-from runner.ledger import BASELINE, CONFIRM, DONE, EXPERIMENT, FAILURES, REJECTED, Ledger  # noqa: E402
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Ledger  # noqa: E402
+from sandbox.status import Status
 
 PROJECT_FILES = ("train.py", "prepare.py", "contract.py", "program.md")  # what a night reads from its root
 DEGRADED, FACTOR = "MATRIX_LR", 4
@@ -55,7 +56,7 @@ def degraded_project(directory: Path) -> str:
 
 def ran(row) -> bool:
     """The row spent a run (finished or failed; rejected and unfinished rows did not)."""
-    return row.status == DONE or row.status in FAILURES
+    return row.status == Status.DONE or row.status.is_failure()
 
 
 def summary(ledger: Ledger, mode: str) -> list[str]:
@@ -67,19 +68,19 @@ def summary(ledger: Ledger, mode: str) -> list[str]:
     decided = [r for r in experiments if r.decision in ("keep", "discard")]
     kept = [r for r in decided if r.decision == "keep"]
     runs = [r for r in rows if r.kind in (EXPERIMENT, CONFIRM) and ran(r)]
-    baseline = [r.val_bpb for r in rows if r.kind == BASELINE and r.status == DONE]
+    baseline = [r.val_bpb for r in rows if r.kind == BASELINE and r.status == Status.DONE]
     mean = f"{statistics.fmean(baseline):.6f}" if baseline else "-"
     lines = [
         f"night {night['tag']} ({night['stop_reason']}): {wall:.0f} s wall, "
         f"{3600 * len(decided) / wall:.1f} experiments/hour",
         f"baseline: {len(baseline)} runs, mean val_bpb {mean}",
-        f"proposals: {len(experiments)}, rejected {sum(r.status == REJECTED for r in experiments)}, "
-        f"failed {sum(r.status in FAILURES for r in experiments)}",
+        f"proposals: {len(experiments)}, rejected {sum(r.status == Status.REJECTED for r in experiments)}, "
+        f"failed {sum(r.status.is_failure() for r in experiments)}",
         f"decided: {len(decided)}, kept {len(kept)}, discarded {len(decided) - len(kept)}",
         f"runs: {len(runs)} (experiment + confirm rows), "
         + (f"{len(runs) / len(decided):.2f} per decision" if decided else "no decision"),
     ]
-    lines += [f"  rejected {r.id}: {r.reject_reason}" for r in experiments if r.status == REJECTED]
+    lines += [f"  rejected {r.id}: {r.reject_reason}" for r in experiments if r.status == Status.REJECTED]
     if mode == "aa" or not experiments:
         return lines + [f"  false keep {r.id}: {r.description}" for r in kept]
     repair, nudges = experiments[0], experiments[1:]

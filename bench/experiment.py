@@ -31,6 +31,7 @@ from sandbox.backends import get_backend  # noqa: E402
 from sandbox.budget_guard import Allowance  # noqa: E402
 from sandbox.experiment import ExperimentSpec, run_experiment  # noqa: E402
 from sandbox.spec import Limits  # noqa: E402
+from sandbox.status import Status
 
 ROOT = Path(__file__).resolve().parent.parent
 SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"  # a busy process that ends with the bench
@@ -102,7 +103,7 @@ def main() -> int:
         rows.append(row)
         print(f"{train_pys[i % len(train_pys)].name}:",
               " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-        if outcome.status != "done":
+        if outcome.status != Status.DONE:
             print(outcome.failure_log[-2000:])
     if len(rows) > 1:
         for key in ("total_s", "phase1_s", "phase2_s", "image_build_s"):

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runner.ledger import Ledger  # noqa: E402
+from sandbox.status import Status
 
 
 def main() -> int:
@@ -57,7 +58,7 @@ def main() -> int:
         "image/snapshot builds": sum(r.build_seconds or 0 for r in ledger.experiments()),
     }
     parts["agent, ledger and the rest"] = wall - sum(parts.values())
-    done = sum(r.status == "done" for r in rows)
+    done = sum(r.status == Status.DONE for r in rows)
     print(f"\nnight {args.tag}: {len(rows)} experiments run ({done} done) in {wall:.0f} s, budget {args.budget:.0f} s")
     print(f"GPU duty cycle: {100 * training / wall:.1f} %   experiments/hour: {3600 * len(rows) / wall:.1f}")
     for name, seconds in parts.items():

@@ -10,7 +10,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from runner.ledger import UNFINISHED, Experiment
+from runner.ledger import Experiment
+from sandbox.status import Status
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,8 @@ def summary_table(rows: Sequence[Experiment], baseline_mean: float | None) -> Ta
 def _style(e: Experiment) -> str:
     if e.decision == "keep":
         return "green"
-    if e.status in ("rejected", "cancelled"):
+    if e.status in (Status.REJECTED, Status.CANCELLED):
         return "yellow"
-    if e.status in UNFINISHED:  # left for the next resume
+    if e.status.is_unfinished():  # left for the next resume
         return "dim"
-    return "" if e.status == "done" else "red"
+    return "" if e.status == Status.DONE else "red"

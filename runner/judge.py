@@ -21,9 +21,10 @@ import threading
 import structlog
 
 from runner import decision
-from runner.ledger import BASELINE, BUILT, CONFIRM, DONE, EXPERIMENT, FAILURES, UNFINISHED, Experiment, Ledger
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Experiment, Ledger
 from runner.proposals import Best
 from runner.records import Records
+from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +56,7 @@ def flag_disturbed(ledger: Ledger, rows: list[Experiment]) -> list[Experiment]:
     """Flag the finished runs of one code that trained far fewer steps than its best-paced run;
     returns the rows as they are now. Steps are the ones comparable figure of throughput
     across seeds of one code (same shapes, same budget)."""
-    done = [r for r in rows if r.status == DONE and r.num_steps]
+    done = [r for r in rows if r.status == Status.DONE and r.num_steps]
     most = max((r.num_steps for r in done), default=0)
     for row in done:
         short = most - row.num_steps
@@ -68,7 +69,7 @@ def flag_disturbed(ledger: Ledger, rows: list[Experiment]) -> list[Experiment]:
 
 def next_seed(rows: list[Experiment]) -> int | None:
     """The first seed of the sequence that none of these rows has counted or is running."""
-    taken = {seed_index(r.seed) for r in rows if r.counts or r.status in UNFINISHED}
+    taken = {seed_index(r.seed) for r in rows if r.counts or r.status.is_unfinished()}
     return decision.seed_for(next(i for i in range(len(rows) + 1) if i not in taken))
 
 
@@ -88,7 +89,7 @@ class Judge:
     def noise(self) -> decision.Noise:
         """σ pooled over every code with repeats (undisturbed finished runs of the night's kinds)."""
         groups: dict[str, list[float]] = {}
-        for row in self.ledger.experiments(kinds=[BASELINE, EXPERIMENT, CONFIRM], statuses=[DONE]):
+        for row in self.ledger.experiments(kinds=[BASELINE, EXPERIMENT, CONFIRM], statuses=[Status.DONE]):
             if row.counts:
                 groups.setdefault(code_key(row), []).append(row.val_bpb)
         return decision.pooled_noise(list(groups.values()))
@@ -106,12 +107,12 @@ class Judge:
         return [r for r in runs if r is not None]
 
     def _look(self, candidate: Experiment, may_confirm: bool) -> Experiment | None:
-        if candidate.decision is not None or candidate.status != DONE:
+        if candidate.decision is not None or candidate.status != Status.DONE:
             return None  # decided already, or the experiment itself failed (not a candidate)
         rows = flag_disturbed(self.ledger, runs_of(self.ledger, candidate.id))
-        if any(r.status in UNFINISHED for r in rows):
+        if any(r.status.is_unfinished() for r in rows):
             return None  # a run is owed; it decides when it ends
-        failed = [r for r in rows if r.status in FAILURES and r.status != "cancelled"]
+        failed = [r for r in rows if r.status.is_fault()]
         values = [r.val_bpb for r in rows if r.counts]
         with self._lock:
             best = self._best
@@ -130,7 +131,7 @@ class Judge:
             return None  # left undecided: the next resume asks for the run
         seed = next_seed(rows)
         log.info("experiment.ambiguous", exp=candidate.id, estimate=est.record() if est else None, next_seed=seed)
-        return self.records.add(kind=CONFIRM, status=BUILT, train_py=self.records.train_py(candidate),
+        return self.records.add(kind=CONFIRM, status=Status.BUILT, train_py=self.records.train_py(candidate),
                                 target_id=candidate.id, parent_id=candidate.parent_id, image=candidate.image,
                                 seed=seed, diff=candidate.diff,
                                 description=f"confirm {candidate.id} (seed {decision.seed_label(seed)})")

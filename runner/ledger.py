@@ -22,26 +22,12 @@ from typing import TYPE_CHECKING, Any, Iterable, TextIO
 import structlog
 
 from runner.errors import MachineError, UserError
+from sandbox.status import Status
 
 if TYPE_CHECKING:
     from sandbox.experiment import ExperimentOutcome
 
 log = structlog.get_logger(__name__)
-
-# Lifecycle (DESIGN §3.3).
-PROPOSED, REJECTED, BUILT, TRAINING, EVALUATING, DONE = (
-    "proposed", "rejected", "built", "training", "evaluating", "done",
-)
-FAILURES = ("crash", "timeout", "oom", "gpu_oom", "export_failed", "probe_failed", "over_budget", "cancelled")
-UNFINISHED = (PROPOSED, BUILT, TRAINING, EVALUATING)
-TRANSITIONS: dict[str, frozenset[str]] = {
-    # -> crash before training: the infrastructure (image build, backend) kept failing.
-    PROPOSED: frozenset({REJECTED, BUILT, "crash"}),
-    BUILT: frozenset({TRAINING, "crash"}),
-    # training -> training and evaluating -> training: a resumed or requeued run starts over.
-    TRAINING: frozenset({TRAINING, EVALUATING, *FAILURES}),
-    EVALUATING: frozenset({TRAINING, DONE, *FAILURES}),
-}
 
 # Kinds of rows.
 BASELINE, EXPERIMENT, CONFIRM, RERUN = "baseline", "experiment", "confirm", "rerun"
@@ -49,14 +35,6 @@ BASELINE, EXPERIMENT, CONFIRM, RERUN = "baseline", "experiment", "confirm", "rer
 # How a row reads in a sentence: "e0003 is an experiment that was discarded".
 KIND_NOUNS = {BASELINE: "a baseline run", EXPERIMENT: "an experiment", CONFIRM: "a confirmation run",
               RERUN: "a rerun"}
-OUTCOME_PHRASES = {
-    PROPOSED: "has not run yet", BUILT: "has not run yet", TRAINING: "has not finished (it was training)",
-    EVALUATING: "has not finished (it was being evaluated)", REJECTED: "was rejected (its diff was invalid)",
-    "crash": "crashed", "timeout": "timed out", "oom": "ran out of host memory",
-    "gpu_oom": "went over its GPU memory cap", "export_failed": "failed to export its model",
-    "probe_failed": "failed the causality probe", "over_budget": "went over its time budget",
-    "cancelled": "was cancelled",
-}
 DECISION_PHRASES = {"keep": "was kept", "discard": "was discarded", None: "finished"}
 
 # Figure names (as the harness and the host name them) -> ledger columns. A column is filled from the
@@ -242,7 +220,7 @@ class Experiment:
     backend: str | None
     isolation: str | None
     data_hash: str | None
-    status: str
+    status: Status
     decision: str | None
     decision_value: float | None
     best_before: float | None
@@ -297,6 +275,9 @@ class Experiment:
     def params(self) -> dict[str, Any]:
         return json.loads(self.params_json) if self.params_json else {}
 
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)  # sqlite hands back its text
+
     @property
     def metrics(self) -> dict[str, float]:
         """Measured figures: phase 2's result and the host's own measurements."""
@@ -315,7 +296,7 @@ class Experiment:
     @property
     def counts(self) -> bool:
         """A finished run whose val_bpb enters estimates."""
-        return self.status == DONE and self.disturbed is None and self.val_bpb is not None
+        return self.status is Status.DONE and self.disturbed is None and self.val_bpb is not None
 
 
 _COLUMNS = tuple(f.name for f in dataclasses.fields(Experiment))
@@ -323,9 +304,9 @@ _COLUMNS = tuple(f.name for f in dataclasses.fields(Experiment))
 
 def outcome_phrase(row: Experiment) -> str:
     """How `row` ended, as the verb of a sentence: "was discarded", "crashed", "has not run yet"."""
-    if row.status == DONE:
+    if row.status is Status.DONE:
         return DECISION_PHRASES.get(row.decision, f"was decided {row.decision}")
-    return OUTCOME_PHRASES.get(row.status, f"ended as {row.status}")
+    return row.status.phrase
 
 
 def describe(row: Experiment) -> str:
@@ -476,9 +457,9 @@ class Ledger:
 
     # -- experiments ------------------------------------------------------------
 
-    def add(self, *, kind: str, status: str, **fields: Any) -> Experiment:
+    def add(self, *, kind: str, status: Status, **fields: Any) -> Experiment:
         """Insert a new row with the next id (e0001, e0002, ...) and return it."""
-        if status not in (PROPOSED, REJECTED, BUILT):
+        if status not in (Status.PROPOSED, Status.REJECTED, Status.BUILT):
             raise LedgerError(f"a new experiment cannot start as {status!r}")
         self._check_columns(fields)
         with self._lock:
@@ -504,11 +485,11 @@ class Ledger:
             raise LedgerError("use transition() to change a status")
         self._write(exp, fields)
 
-    def transition(self, exp: str, status: str, **fields: Any) -> None:
+    def transition(self, exp: str, status: Status, **fields: Any) -> None:
         """Move a row along the lifecycle, refusing moves §3.3 does not allow."""
         with self._lock:
             current = self.get(exp).status
-            if status not in TRANSITIONS.get(current, frozenset()):
+            if not current.can_move_to(Status(status)):
                 raise LedgerError(f"{exp}: cannot go from {current} to {status}")
             self._write(exp, {**fields, "status": status})
         log.debug("experiment.status", exp=exp, status=status, previous=current)
@@ -555,7 +536,7 @@ class Ledger:
         self,
         *,
         kinds: Iterable[str] | None = None,
-        statuses: Iterable[str] | None = None,
+        statuses: Iterable[Status] | None = None,
         night_id: int | None = None,
     ) -> list[Experiment]:
         """Rows in creation order, optionally filtered."""
@@ -574,11 +555,11 @@ class Ledger:
 
     def unfinished(self) -> list[Experiment]:
         """Work owed by an earlier runner that stopped mid-way (resume)."""
-        return self.experiments(statuses=UNFINISHED)
+        return self.experiments(statuses=Status.where(Status.is_unfinished))
 
     def undecided(self) -> list[Experiment]:
         """Experiments that finished but were never decided (the runner stopped in between)."""
-        return [e for e in self.experiments(kinds=[EXPERIMENT], statuses=[DONE]) if e.decision is None]
+        return [e for e in self.experiments(kinds=[EXPERIMENT], statuses=[Status.DONE]) if e.decision is None]
 
     def best_kept(self) -> Experiment | None:
         """The current best kept change. Keeps only ever lower the best, so it is the lowest."""
@@ -608,9 +589,9 @@ def write_tsv(ledger: Ledger, out: TextIO) -> int:
     out.write("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
     count = 0
     for e in ledger.experiments(kinds=[BASELINE, EXPERIMENT]):
-        if e.status == DONE and (e.kind == BASELINE or e.decision):
+        if e.status is Status.DONE and (e.kind == BASELINE or e.decision):
             status = "keep" if e.kind == BASELINE else e.decision
-        elif e.status in FAILURES and e.status != "cancelled":
+        elif e.status.is_fault():
             status = "crash"
         else:
             continue

@@ -43,10 +43,7 @@ from runner.errors import UserError, low_on_space, machine_problem
 from runner.gpus import Gpu
 from runner.heartbeat import Heartbeat, this_runner
 from runner.judge import Judge, flag_disturbed, next_seed
-from runner.ledger import (
-    BASELINE, BUILT, DONE, EXPERIMENT, FAILURES, PROPOSED, UNFINISHED, Experiment, Ledger, LedgerUnavailable,
-    budget_account, outcome_fields,
-)
+from runner.ledger import BASELINE, EXPERIMENT, Experiment, Ledger, LedgerUnavailable, budget_account, outcome_fields
 from runner.limits import NightLimits, proposals
 from runner.proposals import Best, Proposer
 from runner.pruning import prune_images
@@ -55,6 +52,7 @@ from runner.settings import Settings, gpu_cap_bytes, project_text
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.spec import Backend, CancelToken, Limits
+from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
 
@@ -222,7 +220,7 @@ class Night:
     def view(self) -> NightView:
         now = time.monotonic()
         rows = self.ledger.experiments(night_id=self.night_id, kinds=[EXPERIMENT])
-        finished = [r for r in rows if r.status in (DONE, *FAILURES) and r.status != "cancelled"]
+        finished = [r for r in rows if r.status.is_conclusive()]
         best = self.best
         return NightView(
             workers=tuple(WorkerView(s.name, s.exp_id, "retired" if s.retired else s.phase, now - s.since)
@@ -272,7 +270,7 @@ class Night:
             if self._stop.is_set():
                 return self._stop_reason()
             rows = self.ledger.experiments(kinds=[BASELINE], night_id=self.night_id)
-            if any(r.status in FAILURES for r in rows) or not self._new_baselines(dry=True):
+            if any(r.status.is_failure() for r in rows) or not self._new_baselines(dry=True):
                 break  # a failed baseline ends the night below; only disturbed ones are run again
         self.judge = self._start_judging()
         self._queue(r for r in owed if r.kind != BASELINE)
@@ -287,7 +285,7 @@ class Night:
 
     def _check_data(self) -> None:
         """Refuse to mix data: val_bpb on other data is not comparable."""
-        for row in self.ledger.experiments(kinds=[BASELINE], statuses=[DONE]):
+        for row in self.ledger.experiments(kinds=[BASELINE], statuses=[Status.DONE]):
             if row.data_hash and row.data_hash != self.data.manifest_hash:
                 raise NightError(
                     f"{self.settings.run_dir} was measured on other data (manifest {row.data_hash[:12]}); "
@@ -298,7 +296,7 @@ class Night:
         """Baseline rows for the seeds still missing: R counted runs are needed (those in flight count);
         a disturbed run's seed is run again. `dry`: only say which would be added."""
         rows = flag_disturbed(self.ledger, self.ledger.experiments(kinds=[BASELINE]))
-        counted = sum(r.counts or r.status in UNFINISHED for r in rows)
+        counted = sum(r.counts or r.status.is_unfinished() for r in rows)
         missing = max(0, self.settings.baseline_runs - counted)
         if dry:
             return [None] * missing
@@ -306,20 +304,20 @@ class Night:
         new = []
         for _ in range(missing):
             seed = next_seed(rows + new)
-            new.append(self.records.add(kind=BASELINE, status=PROPOSED, train_py=train_py, seed=seed,
+            new.append(self.records.add(kind=BASELINE, status=Status.PROPOSED, train_py=train_py, seed=seed,
                                         description="baseline" if seed is None else f"baseline (seed {seed})"))
         return new
 
     def _start_judging(self) -> Judge:
         """The noise and the best from the baselines (and any keep of an earlier invocation)."""
         rows = self.ledger.experiments(kinds=[BASELINE], night_id=self.night_id)
-        failed = [r for r in rows if r.status != DONE]
+        failed = [r for r in rows if r.status != Status.DONE]
         if failed:
             raise NightError(
                 f"the baseline train.py ended in {failed[0].status} ({failed[0].id}); "
                 f"see {self.records.dir(failed[0].id) / 'train.log'}."
             )
-        runs = [r for r in self.ledger.experiments(kinds=[BASELINE], statuses=[DONE]) if r.counts]
+        runs = [r for r in self.ledger.experiments(kinds=[BASELINE], statuses=[Status.DONE]) if r.counts]
         if len(runs) < self.settings.baseline_runs:
             raise NightError(f"the baseline runs kept being disturbed (fewer steps than each other); "
                              f"see {self.records.run_dir / 'events.jsonl'} and free the machine.")
@@ -459,14 +457,14 @@ class Night:
 
     def _build(self, row: Experiment) -> Experiment:
         """Bake the row's train.py into an image (again, if the recorded one is gone)."""
-        if row.status != PROPOSED and row.image and self.backend.image_exists(row.image):
+        if row.status != Status.PROPOSED and row.image and self.backend.image_exists(row.image):
             return row
         with self._images:  # recorded before a prune may look: an image in use is never pruned
             started = time.monotonic()
             image = self.backend.build_image(self.records.train_py(row), row.id)
             fields = {"image": image, "build_seconds": time.monotonic() - started}
-            if row.status == PROPOSED:
-                self.ledger.transition(row.id, BUILT, **fields)
+            if row.status == Status.PROPOSED:
+                self.ledger.transition(row.id, Status.BUILT, **fields)
             else:
                 self.ledger.update(row.id, **fields)
         return self.ledger.get(row.id)
@@ -523,7 +521,7 @@ class Night:
     def _check_space(self, outcome: ExperimentOutcome | None = None) -> None:
         """No run starts while the runs directory's disk is (nearly) full, and a run that failed (or
         could not go on) then is put down to the disk: the night stops, the row stays owed."""
-        if (outcome is None or outcome.status != DONE) and low_on_space(self.settings.run_dir):
+        if (outcome is None or outcome.status != Status.DONE) and low_on_space(self.settings.run_dir):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.settings.run_dir))
 
     def _record_outcome(self, row: Experiment, outcome: ExperimentOutcome) -> None:
@@ -541,7 +539,7 @@ class Night:
             failures = len(self._failed_on[row.id])
         log.error("experiment.infrastructure_error", exp=row.id, slot=slot.name, error=error, strikes=slot.strikes)
         if failures >= limit:
-            self.ledger.transition(row.id, "crash", error=f"infrastructure failed on {limit} slots: {error}")
+            self.ledger.transition(row.id, Status.CRASH, error=f"infrastructure failed on {limit} slots: {error}")
         else:
             self.ledger.update(row.id, error=error)
             self._queue([self.ledger.get(row.id)])

@@ -17,9 +17,10 @@ from runner.agents.base import Agent, Context, HistoryRow, Usage
 from runner.agents.prompt import harness_api_text
 from runner.decision import KEEP
 from runner.diffs import DiffRejected, validate_and_apply
-from runner.ledger import BASELINE, EXPERIMENT, FAILURES, PROPOSED, REJECTED, Experiment
+from runner.ledger import BASELINE, EXPERIMENT, Experiment
 from runner.records import PARSE_LOCK, Records
 from runner.settings import project_text
+from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
 
@@ -62,8 +63,8 @@ class Proposer:
                 log.info("proposal.rejected", attempt=attempt, reason=reason)
                 context = dataclasses.replace(context, feedback=reason)
                 continue
-            return self._record(PROPOSED, train_py, parent, proposal.description, proposal.diff, attempt, usage)
-        self._record(REJECTED, None, parent, proposal.description, proposal.diff, self.max_tries, usage,
+            return self._record(Status.PROPOSED, train_py, parent, proposal.description, proposal.diff, attempt, usage)
+        self._record(Status.REJECTED, None, parent, proposal.description, proposal.diff, self.max_tries, usage,
                      reject_reason=reason)
         return None
 
@@ -89,7 +90,7 @@ class Proposer:
             )
             for r in rows
         )
-        failures = [r for r in rows if r.status in FAILURES and r.log_tail]
+        failures = [r for r in rows if r.status.is_failure() and r.log_tail]
         return Context(
             program=self._program,
             train_py=parent.train_py,

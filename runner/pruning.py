@@ -20,8 +20,9 @@ from pathlib import Path
 import structlog
 
 from runner.decision import DISCARD
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, FAILURES, UNFINISHED
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT
 from sandbox.spec import Backend
+from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
 
@@ -30,7 +31,7 @@ log = structlog.get_logger(__name__)
 class _Row:
     id: str
     kind: str
-    status: str
+    status: Status
     decision: str | None
     target_id: str | None
     image: str | None
@@ -40,12 +41,12 @@ def _rows(ledger_path: Path) -> list[_Row]:
     """The rows of a ledger, read only (another night's ledger may be in use, or of another version)."""
     with closing(sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)) as db:
         found = db.execute("SELECT id, kind, status, decision, target_id, image FROM experiments").fetchall()
-    return [_Row(*row) for row in found]
+    return [_Row(id_, kind, Status(status), *rest) for id_, kind, status, *rest in found]
 
 
 def _settled(rows: list[_Row]) -> set[str]:
     """Experiments that will never run again: discarded, or failed."""
-    return {r.id for r in rows if r.kind == EXPERIMENT and (r.decision == DISCARD or r.status in FAILURES)}
+    return {r.id for r in rows if r.kind == EXPERIMENT and (r.decision == DISCARD or r.status.is_failure())}
 
 
 def _needed(rows: list[_Row]) -> set[str]:
@@ -53,7 +54,7 @@ def _needed(rows: list[_Row]) -> set[str]:
     settled = _settled(rows)
 
     def needs(row: _Row) -> bool:
-        if row.status in UNFINISHED or row.kind == BASELINE:
+        if row.status.is_unfinished() or row.kind == BASELINE:
             return True
         if row.kind == EXPERIMENT:
             return row.id not in settled
@@ -73,7 +74,7 @@ def prune_images(backend: Backend, ledger_path: Path) -> list[str]:
     for path in sorted(ledger_path.parent.parent.glob(f"*/{ledger_path.name}")):
         try:
             needed |= _needed(own if path == ledger_path else _rows(path))
-        except sqlite3.Error as error:  # what it needs cannot be told: prune nothing rather than too much
+        except (sqlite3.Error, ValueError) as error:  # what it needs cannot be told: prune nothing rather than too much
             log.warning("images.prune_skipped", unreadable_ledger=str(path), error=str(error))
             return []
     removed = []

@@ -26,9 +26,10 @@ from runner.decision import DISCARD, KEEP
 from runner.errors import UserError
 from runner.heartbeat import is_running, last_seen, ran_seconds
 from runner.judge import code_key, runs_of
-from runner.ledger import BASELINE, CONFIRM, DONE, EXPERIMENT, FAILURES, REJECTED, UNFINISHED, Experiment, Ledger
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Experiment, Ledger
 from runner.review import baseline_mean, item
 from sandbox.runlog import tail
+from sandbox.status import Status
 
 NIGHT_KINDS = (BASELINE, EXPERIMENT, CONFIRM)  # reruns are morning work, not the night's
 SELECTION_NOTE = ("Gains are estimates at the time of each decision; a change was kept because its estimate "
@@ -88,15 +89,15 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
     wall = sum(ran_seconds(night, now) for night in nights)
     slots = max(len(settings.get("gpus") or ()), 1)
     training = sum(r.training_seconds or 0.0 for r in rows)
-    finished = [r for r in experiments if r.status == DONE or (r.status in FAILURES and r.status != "cancelled")]
-    mfu = [r.mfu_percent for r in rows if r.status == DONE and r.mfu_percent is not None]
+    finished = [r for r in experiments if r.status.is_conclusive()]
+    mfu = [r.mfu_percent for r in rows if r.status == Status.DONE and r.mfu_percent is not None]
     best = ledger.best_kept()
     base = baseline_mean(ledger)
     record = next((n for n in reversed(nights) if n["sigma"] is not None), {})
     rule = settings.get("rule") or {}
     return Figures(
         tag=run_dir.name, state=state, state_note=note,
-        in_flight=tuple((r.id, r.kind, r.status) for r in rows if r.status in UNFINISHED),
+        in_flight=tuple((r.id, r.kind, r.status) for r in rows if r.status.is_unfinished()),
         best_id=best.id if best else _first_baseline(rows),
         best_value=best.decision_value if best else base,
         best_description=best.description if best else "baseline", best_estimate=best.estimate if best else {},
@@ -106,12 +107,12 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
         counts={
             "kept": sum(r.decision == KEEP for r in experiments),
             "discarded": sum(r.decision == DISCARD for r in experiments),
-            "failed": sum(r.status in FAILURES and r.status != "cancelled" for r in rows if r.kind != CONFIRM),
-            "cancelled": sum(r.status == "cancelled" for r in experiments),
-            "rejected": sum(r.status == REJECTED for r in experiments),
+            "failed": sum(r.status.is_fault() for r in rows if r.kind != CONFIRM),
+            "cancelled": sum(r.status == Status.CANCELLED for r in experiments),
+            "rejected": sum(r.status == Status.REJECTED for r in experiments),
             "pending_review": sum(r.review_state == "pending" for r in experiments),
-            "baseline_runs": sum(r.kind == BASELINE and r.status == DONE for r in rows),
-            "confirm_runs": sum(r.kind == CONFIRM and r.status not in UNFINISHED for r in rows),
+            "baseline_runs": sum(r.kind == BASELINE and r.status == Status.DONE for r in rows),
+            "confirm_runs": sum(r.kind == CONFIRM and not r.status.is_unfinished() for r in rows),
             "disturbed": sum(r.disturbed is not None for r in rows),
         },
         experiments_per_hour=len(finished) / (wall / 3600) if wall > 0 else None,
@@ -126,7 +127,7 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
 
 
 def _first_baseline(rows: list[Experiment]) -> str | None:
-    return next((r.id for r in rows if r.kind == BASELINE and r.status == DONE), None)
+    return next((r.id for r in rows if r.kind == BASELINE and r.status == Status.DONE), None)
 
 
 def _state(nights: list[dict], now: datetime, tag: str) -> tuple[str, str]:
@@ -158,7 +159,7 @@ def code_runs(ledger: Ledger, row: Experiment) -> list[Experiment]:
 
 def runs_spent(ledger: Ledger, row: Experiment) -> int:
     """The runs a code has taken so far, failed and disturbed ones too."""
-    return sum(run.status not in UNFINISHED for run in code_runs(ledger, row))
+    return sum(not run.status.is_unfinished() for run in code_runs(ledger, row))
 
 
 def gain_text(estimate: dict) -> str:
@@ -213,7 +214,7 @@ class Series:
 
 
 def progress_series(ledger: Ledger) -> Series:
-    rows = [r for r in ledger.experiments(kinds=[BASELINE, EXPERIMENT]) if r.status == DONE and r.val_bpb is not None]
+    rows = [r for r in ledger.experiments(kinds=[BASELINE, EXPERIMENT]) if r.status == Status.DONE and r.val_bpb is not None]
     if not rows:
         raise NothingToPlot("nothing to plot yet: no experiment of this night has a val_bpb.")
     base = baseline_mean(ledger)
@@ -389,7 +390,7 @@ def _kept_section(ledger: Ledger) -> str:
 
 
 def _failures_section(ledger: Ledger, run_dir: Path) -> str:
-    failed = [r for r in ledger.experiments() if r.status in FAILURES]
+    failed = [r for r in ledger.experiments() if r.status.is_failure()]
     if not failed:
         return "<h2>Failures</h2><p>none</p>"
     parts = ["<h2>Failures</h2>"]

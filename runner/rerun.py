@@ -26,12 +26,12 @@ import structlog
 
 from runner import gpus as gpu_inventory
 from runner.errors import UserError
-from runner.ledger import (BUILT, DONE, RERUN, TRAINING, Experiment, Ledger, LedgerError, outcome_fields,
-                           outcome_phrase)
+from runner.ledger import RERUN, Experiment, Ledger, LedgerError, outcome_fields, outcome_phrase
 from runner.settings import DEFAULT_GPU_MEMORY_CAP, data_hash, gpu_cap_bytes
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.spec import Backend, Limits
+from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
 
@@ -68,7 +68,7 @@ class Verdict:
     def identical(self) -> bool:
         weights_agree = None in (self.original_weights, self.repeated_weights) or \
             self.original_weights == self.repeated_weights
-        return self.status == DONE and self.original is not None and self.original == self.repeated and weights_agree
+        return self.status == Status.DONE and self.original is not None and self.original == self.repeated and weights_agree
 
     @property
     def difference(self) -> float | None:
@@ -79,7 +79,7 @@ class Verdict:
     def line(self) -> str:
         """The one line a person reads."""
         head = f"{self.exp_id} (rerun {self.rerun_id})"
-        if self.status != DONE:
+        if self.status != Status.DONE:
             return f"{head}: NOT REPRODUCED: the rerun ended in {self.status}, the original finished."
         numbers = f"val_bpb {_value(self.original_value)} -> {_value(self.repeated_value)}"
         if self.difference is not None:
@@ -164,7 +164,7 @@ def _check_image(row: Experiment, backend: Backend) -> None:
 def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
           inventory: Callable[[], list[gpu_inventory.Gpu]], seed: int | None) -> _Plan:
     """Check what needs no sandbox: a finished run, the same data, the recorded trace, a GPU."""
-    if row.status != DONE:
+    if row.status != Status.DONE:
         raise RerunRefused(f"{row.id} {outcome_phrase(row)}, so there is no val_bpb to reproduce.")
     night = next((n for n in ledger.nights() if n["id"] == row.night_id), None)
     settings = json.loads(night["settings_json"]) if night else {}
@@ -210,7 +210,7 @@ def _add_row(ledger: Ledger, run_dir: Path, plan: _Plan, exact: bool, backend: B
     row, gpu = plan.row, plan.gpu
     on_seed = f" on seed {plan.seed}" if plan.seed != row.seed else ""
     new = ledger.add(
-        kind=RERUN, status=BUILT, night_id=row.night_id, target_id=row.id, parent_id=row.parent_id,
+        kind=RERUN, status=Status.BUILT, night_id=row.night_id, target_id=row.id, parent_id=row.parent_id,
         description=f"rerun {'--exact ' if exact else ''}of {row.id}{on_seed}", diff=row.diff,
         train_sha256=row.train_sha256, params_json=row.params_json, image=row.image, seed=plan.seed,
         backend=backend.name, isolation=backend.isolation, data_hash=row.data_hash,
@@ -232,7 +232,7 @@ def _run(ledger: Ledger, backend: Backend, plan: _Plan, rerun_row: Experiment, d
     try:
         outcome = run_experiment(backend, spec, on_phase=lambda phase: ledger.transition(rerun_row.id, phase))
     except BaseException as exc:  # Ctrl-C or a broken backend: never leave work owed to a resumed night
-        _end(ledger, rerun_row.id, "cancelled" if isinstance(exc, KeyboardInterrupt) else "crash", str(exc))
+        _end(ledger, rerun_row.id, Status.CANCELLED if isinstance(exc, KeyboardInterrupt) else Status.CRASH, str(exc))
         raise
     ledger.transition(rerun_row.id, outcome.status, **outcome_fields(outcome))
     return outcome
@@ -240,8 +240,8 @@ def _run(ledger: Ledger, backend: Backend, plan: _Plan, rerun_row: Experiment, d
 
 def _end(ledger: Ledger, exp_id: str, status: str, error: str) -> None:
     try:
-        if ledger.get(exp_id).status == BUILT:
-            ledger.transition(exp_id, TRAINING)
+        if ledger.get(exp_id).status == Status.BUILT:
+            ledger.transition(exp_id, Status.TRAINING)
         ledger.transition(exp_id, status, error=error or status)
     except LedgerError:  # it had ended already
         pass
@@ -305,7 +305,7 @@ def _sha256(path: Path) -> str | None:
 
 
 def _short(verdict: Verdict) -> str:
-    if verdict.status != DONE:
+    if verdict.status != Status.DONE:
         return f"ended in {verdict.status}"
     if not verdict.exact:
         return "timed" if verdict.difference is None else f"timed, {verdict.difference:+.3g}"

@@ -13,11 +13,12 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from runner.ledger import DONE, UNFINISHED, Experiment, Ledger
+from runner.ledger import Experiment, Ledger
 from runner.report import (SELECTION_NOTE, Figures, code_runs, gain_text, keep_rule_text, log_tail, runs_spent,
                            runs_text)
 from runner.review import Item, item, lineage
 from runner.verify import Verification
+from sandbox.status import Status
 
 _DECISION_STYLE = {"keep": "bold green", "discard": "dim"}
 
@@ -31,11 +32,11 @@ def _num(value: float | None, fmt: str = ".6f") -> str:
 
 
 def _style(row: Experiment) -> str:
-    if row.status == DONE:
+    if row.status == Status.DONE:
         return _DECISION_STYLE.get(row.decision or "", "")
-    if row.status in ("rejected", "cancelled"):
+    if row.status in (Status.REJECTED, Status.CANCELLED):
         return "yellow"
-    return "" if row.status in UNFINISHED else "red"
+    return "" if row.status.is_unfinished() else "red"
 
 
 # -- status ------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def row_dict(it: Item) -> dict[str, Any]:
 
 
 def _outcome(row: Experiment) -> str:
-    outcome = row.decision or row.status if row.status == DONE else row.status
+    outcome = row.decision or row.status if row.status == Status.DONE else row.status
     return f"{outcome} (disturbed)" if row.disturbed else outcome
 
 

@@ -29,11 +29,11 @@ import structlog
 import contract
 from sandbox.budget_guard import CPU_WALL_STRETCH, Allowance, BudgetRule
 from sandbox.runlog import tail
-from sandbox.spec import Backend, CancelToken, Limits, Mount, Phase, RunResult, RunSpec, Status
+from sandbox.spec import Backend, CancelToken, Limits, Mount, Phase, RunResult, RunSpec
+from sandbox.status import EXIT_STATUSES, Status
 
 log = structlog.get_logger(__name__)
 
-DONE = "done"
 BACKSTOP_S = 30.0  # the hard deadline of phase 1 lies this far beyond everything the budget rule allows
 # Phase 2 is the harness's own fixed work; its deadline is a liveness bound. A CPU shared with
 # other load stretches it (the CPU profile's budget is CPU time for the same reason).
@@ -75,7 +75,7 @@ class ExperimentSpec:
 
 @dataclass
 class ExperimentOutcome:
-    status: str  # DONE or a failure Status value
+    status: Status  # DONE or a failure
     val_bpb: float | None
     result: dict  # phase 2's own figures (contract.RESULT_FIELDS plus val_bpb); empty unless done
     reported: dict[str, float]  # train.py's own figures: untrusted, shown as "reported"
@@ -86,7 +86,7 @@ class ExperimentOutcome:
     @property
     def failure_log(self) -> str:
         """The tail of the log of the phase that failed (empty when done)."""
-        if self.status == DONE:
+        if self.status is Status.DONE:
             return ""
         failed = self.eval if self.eval is not None else self.train
         return failed.log_tail
@@ -162,11 +162,11 @@ def _run_spec(spec: ExperimentSpec, phase: Phase, attempt: str, nonce: str) -> R
     )
 
 
-def _phase_status(run: RunResult) -> str:
+def _phase_status(run: RunResult) -> Status:
     """The experiment status a phase that did not end OK stands for (the harness's exit codes included)."""
-    if run.status is Status.CRASH and run.exit_code in contract.EXIT_STATUS:
-        return contract.EXIT_STATUS[run.exit_code]
-    return run.status.value
+    if run.status is Status.CRASH and run.exit_code in EXIT_STATUSES:
+        return EXIT_STATUSES[run.exit_code]
+    return run.status
 
 
 def _read_json(path: Path) -> object:
@@ -228,7 +228,7 @@ def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken |
     if train.status is not Status.OK:
         return ExperimentOutcome(_phase_status(train), None, {}, reported, train, None, seconds)
     if not (out / contract.MODEL_FILE).exists():  # the backend already kept the log's tail
-        return ExperimentOutcome(Status.EXPORT_FAILED.value, None, {}, reported, train, None, seconds)
+        return ExperimentOutcome(Status.EXPORT_FAILED, None, {}, reported, train, None, seconds)
 
     if on_phase:
         on_phase("evaluating")
@@ -241,5 +241,5 @@ def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken |
         result = contract.parse_result(log_text, nonce)
     except contract.ResultError as error:
         evaluation.log_tail = f"no valid result: {error}\n" + tail(log_text)
-        return ExperimentOutcome(Status.CRASH.value, None, {}, reported, train, evaluation, seconds)
-    return ExperimentOutcome(DONE, result["val_bpb"], result, reported, train, evaluation, seconds)
+        return ExperimentOutcome(Status.CRASH, None, {}, reported, train, evaluation, seconds)
+    return ExperimentOutcome(Status.DONE, result["val_bpb"], result, reported, train, evaluation, seconds)

@@ -13,25 +13,12 @@ from pathlib import Path
 from typing import Protocol
 
 from sandbox.budget_guard import BudgetRule
+from sandbox.status import Status
 
 
 class Phase(str, enum.Enum):
     TRAIN = "train"  # phase 1: runs train.py, train split only, /out writable
     EVAL = "eval"  # phase 2: runs the trusted harness, val split only, /out read-only
-
-
-class Status(str, enum.Enum):
-    """How a run (or an experiment) ended; DESIGN §3.3."""
-
-    OK = "ok"  # the process exited 0 (the experiment is then `done` once phase 2 is parsed)
-    CRASH = "crash"  # non-zero exit
-    TIMEOUT = "timeout"  # the host deadline was hit
-    OOM = "oom"  # host memory limit
-    GPU_OOM = "gpu_oom"  # the NVML watchdog killed it above the GPU memory cap
-    EXPORT_FAILED = "export_failed"  # phase 2: no usable exported model
-    PROBE_FAILED = "probe_failed"  # phase 2: the causality probe failed
-    OVER_BUDGET = "over_budget"  # phase 1 trained (or would have) outside its time budget
-    CANCELLED = "cancelled"  # the runner was stopped (Ctrl-C) while it ran
 
 
 class Killer(str, enum.Enum):

@@ -29,9 +29,10 @@ import docker.models.containers
 import runner.overnight
 import sandbox.backends
 from runner.cli import main
-from runner.ledger import DONE, Ledger
+from runner.ledger import Ledger
 from sandbox.docker_backend import DockerBackend
 from tests.test_loop import FakeBackend, ScriptedAgent, change
+from sandbox.status import Status
 
 
 def stop_here() -> None:
@@ -70,7 +71,7 @@ def main_with(kind: str, pause: str, args: list[str]) -> None:
     runner.overnight.make_agent = lambda *a, **k: agent
     point, _, detail = pause.partition(":")
     if point == "done":
-        around(Ledger, "transition", "after-commit", lambda self, exp, status, **_: (exp, status) == (detail, DONE))
+        around(Ledger, "transition", "after-commit", lambda self, exp, status, **_: (exp, status) == (detail, Status.DONE))
     elif point == "build":
         around(docker.models.containers.Container, "commit", detail)
     elif point == "git":

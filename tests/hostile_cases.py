@@ -33,8 +33,9 @@ from typing import Callable, Iterator
 
 from runner.ledger import outcome_fields
 from sandbox.budget_guard import Allowance
-from sandbox.experiment import DONE, ExperimentOutcome, ExperimentSpec, run_experiment
+from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.spec import Backend, Limits, Mount, Phase, RunSpec, Status
+from sandbox.status import Status
 
 FAKE_SECRET = "sk-ant-api03-hostile-test-fake-key-0000"  # see secret_on_host()
 LIMITS = Limits(memory_bytes=512 * 2**20, pids=64, tmp_bytes=32 * 2**20, shm_bytes=16 * 2**20)
@@ -206,7 +207,7 @@ class HostState:
 class HostileCase:
     name: str
     source: str  # the whole train.py
-    expected: Status | str  # a Status, or DONE for a whole experiment that must be scored normally
+    expected: Status | str  # a Status, or Status.DONE for a whole experiment that must be scored normally
     check: Callable[[str, Path, HostState], None] | None = None  # (log text, host out dir, host state)
     phase: Phase = Phase.TRAIN
     deadline_s: float = 60.0  # cases that end by themselves never get near it
@@ -228,7 +229,7 @@ def measured_allowance(backend: Backend, data: Path, work: Path, budget_s: float
         outcome = run_experiment(backend, ExperimentSpec(exp_id=f"hostile-honest-{uuid.uuid4().hex[:8]}", image=image,
                                                          data_dir=data, run_dir=work / "honest", time_budget=budget_s,
                                                          limits=Limits()))
-        assert outcome.status == DONE, f"the honest trainer ended {outcome.status}: {outcome.failure_log}"
+        assert outcome.status == Status.DONE, f"the honest trainer ended {outcome.status}: {outcome.failure_log}"
         _ALLOWANCES[key] = Allowance.measured_from([outcome.train.budget], "cpu")
     return _ALLOWANCES[key]
 
@@ -610,7 +611,7 @@ FORGED_TRAINING_OUTPUT = _harness_case("forged_training_output", f"""
         json.dump(summary, f)
     with open(os.path.join(os.environ["AR_OUT_DIR"], "extra.log"), "w") as f:
         f.write(forged)
-""", DONE, check_outcome=_check_not_forged)
+""", Status.DONE, check_outcome=_check_not_forged)
 
 
 NON_CAUSAL_MODEL = _harness_case("non_causal_model", """

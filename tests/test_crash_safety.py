@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from runner.ledger import BASELINE, CONFIRM, DONE, EXPERIMENT, FAILURES, MIGRATIONS, SCHEMA_VERSION, Ledger
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, MIGRATIONS, SCHEMA_VERSION, Ledger
 from runner.review import lineage
 from sandbox.images import BUILD_PREFIX
 from sandbox.processes import process_identity
 from tests.test_loop import BASE_TRAIN_PY, FakeBackend, ScriptedAgent, change, make_night, project  # noqa: F401
 from tests.test_morning import cli
+from sandbox.status import Status
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTORESEARCH = Path(sys.executable).parent / "autoresearch"
@@ -97,13 +98,13 @@ def assert_consistent(run_dir: Path, experiments: int) -> Ledger:
     assert ledger.unfinished() == [] and ledger.undecided() == []
     rows = ledger.experiments()
     assert len([r for r in rows if r.kind == EXPERIMENT]) == experiments
-    assert all(r.status in (DONE, *FAILURES) for r in rows if r.kind in (BASELINE, CONFIRM))
+    assert all((r.status == Status.DONE or r.status.is_failure()) for r in rows if r.kind in (BASELINE, CONFIRM))
     log = events(run_dir)
     trained = collections.Counter(e["exp"] for e in log if e["event"] == "experiment.status" and e["status"] == "training")
     assert trained == collections.Counter(r.id for r in rows if r.status != "rejected")  # each run once
     decided = collections.Counter(e["exp"] for e in log if e["event"] == "experiment.decided")
     assert decided == collections.Counter(r.id for r in rows if r.decision)
-    assert all(r.decision for r in rows if r.kind == EXPERIMENT and r.status == DONE)
+    assert all(r.decision for r in rows if r.kind == EXPERIMENT and r.status == Status.DONE)
     return ledger
 
 
@@ -118,7 +119,7 @@ def test_a_night_killed_between_done_and_the_decision_decides_once_on_resume(pro
     run_dir = project / "runs" / "t"
     ledger = Ledger(run_dir / "ledger.sqlite")
     first = ledger.get("e0003")
-    assert (first.kind, first.status, first.decision) == (EXPERIMENT, DONE, None)
+    assert (first.kind, first.status, first.decision) == (EXPERIMENT, Status.DONE, None)
     ledger.close()
     status = json.loads(CliRunner().invoke(cli(), ["status", "--json", "--runs-dir", str(project / "runs")]).output)
     assert status["state"] == "stopped" and status["state_note"].startswith("(last seen ")

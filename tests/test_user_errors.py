@@ -26,8 +26,9 @@ from click.testing import CliRunner
 
 from runner import ledger as ledgers
 from runner.cli import main
-from runner.ledger import BASELINE, CONFIRM, DONE, EXPERIMENT, FAILURES, RERUN, UNFINISHED, Experiment, Ledger
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, RERUN, Experiment, Ledger
 from tests.test_morning import invoke, night, one_line_error, project  # noqa: F401 (fixtures)
+from sandbox.status import Status
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTORESEARCH = Path(sys.executable).parent / "autoresearch"
@@ -227,14 +228,14 @@ def test_review_accept_into_a_train_py_that_is_not_text(night, tmp_path):  # noq
 
 
 def test_rows_are_described_in_plain_english():
-    statuses = (*UNFINISHED, "rejected", *FAILURES)
+    statuses = [s for s in Status if s not in (Status.DONE, Status.OK)]
     for kind in (BASELINE, EXPERIMENT, CONFIRM, RERUN):
-        rows = [_row(kind, status) for status in statuses] + [_row(kind, DONE, d) for d in ("keep", "discard", None)]
+        rows = [_row(kind, status) for status in statuses] + [_row(kind, Status.DONE, d) for d in ("keep", "discard", None)]
         for row in rows:
             text = ledgers.describe(row)
             assert re.fullmatch(r"an? [a-z ]+ that [A-Za-z ()]+", text), text
             assert "_" not in text and not re.search(r"\b(crash|timeout|oom|keep|discard)\b", text), text
-    assert ledgers.describe(_row(EXPERIMENT, DONE, "discard")) == "an experiment that was discarded"
+    assert ledgers.describe(_row(EXPERIMENT, Status.DONE, "discard")) == "an experiment that was discarded"
     assert ledgers.describe(_row(BASELINE, "crash")) == "a baseline run that crashed"
 
 
@@ -278,7 +279,7 @@ def _resume_completes_the_baselines(runs: Path, env: dict, owed: str, project_di
     ledger = Ledger(runs / "n" / "ledger.sqlite")
     try:
         assert ledger.unfinished() == []
-        assert ledger.get(owed).status == DONE
+        assert ledger.get(owed).status == Status.DONE
         assert [n["stop_reason"] for n in ledger.nights()][-1] == "max-experiments"
     finally:
         ledger.close()
@@ -314,7 +315,7 @@ def test_a_full_disk_stops_the_night_in_one_sentence_and_the_night_resumes(tmp_p
         try:
             (night_record,) = ledger.nights()
             assert night_record["stop_reason"] == "error" and night_record["ended_at"], text[-3000:]
-            assert ledger.get(owed).status in (DONE, *UNFINISHED)  # never a failure the disk caused
+            assert ledger.get(owed).status in (Status.DONE, *Status.where(Status.is_unfinished))  # never a failure the disk caused
         finally:
             ledger.close()
         filler.unlink()
@@ -380,7 +381,7 @@ def test_a_docker_engine_that_goes_away_stops_the_night_in_one_sentence(tmp_path
     assert last.endswith("; resume it with --tag n once that is fixed."), last
     ledger = Ledger(runs / "n" / "ledger.sqlite")
     try:
-        assert ledger.get(owed).status in UNFINISHED  # owed, not a crash of train.py
+        assert ledger.get(owed).status.is_unfinished()  # owed, not a crash of train.py
         assert ledger.nights()[-1]["stop_reason"] == "error"
     finally:
         ledger.close()

@@ -9,11 +9,12 @@ import pytest
 
 from runner import rerun as reruns
 from runner import verify as verifies
-from runner.ledger import BUILT, DONE, EVALUATING, RERUN, TRAINING, Ledger
+from runner.ledger import RERUN, Ledger
 from sandbox.spec import SandboxUnavailable
 from tests.test_loop import change
 from tests.test_morning import invoke, night, one_line_error, project, record_night, rows_of  # noqa: F401 (fixtures)
 from tests.test_rerun import sandbox  # noqa: F401 (fixture)
+from sandbox.status import Status
 
 
 class FakeRerun:
@@ -27,16 +28,16 @@ class FakeRerun:
         assert not exact
         n = sum(target == exp_id for target, _ in self.calls)
         self.calls.append((exp_id, seed))
-        row = ledger.add(kind=RERUN, status=BUILT, target_id=exp_id, seed=seed, image=ledger.get(exp_id).image,
+        row = ledger.add(kind=RERUN, status=Status.BUILT, target_id=exp_id, seed=seed, image=ledger.get(exp_id).image,
                          description=f"rerun of {exp_id} on seed {seed}")
         on_start(f"rerunning {exp_id} as {row.id}")
-        for status in (TRAINING, EVALUATING):
+        for status in (Status.TRAINING, Status.EVALUATING):
             ledger.transition(row.id, status)
         value = self.values[exp_id][n]
         if value is None:
             ledger.transition(row.id, "crash", error="boom")
         else:
-            ledger.transition(row.id, DONE, val_bpb=value, num_steps=self.steps.get(exp_id, [20] * 9)[n])
+            ledger.transition(row.id, Status.DONE, val_bpb=value, num_steps=self.steps.get(exp_id, [20] * 9)[n])
         return types.SimpleNamespace(rerun_id=row.id)
 
 
@@ -102,7 +103,7 @@ def test_verify_end_to_end(night, sandbox):  # noqa: F811
     assert "the night's own decisions claimed 0.199625" in lines[7]
     assert "[6/6] rerunning" in result.stderr  # progress goes to stderr
     assert [(r.kind, r.target_id, r.seed, r.status) for r in rows_of(night)[before:]] == [
-        (RERUN, target, seed, DONE) for seed in (1000, 1001, 1002) for target in ("e0001", best)]
+        (RERUN, target, seed, Status.DONE) for seed in (1000, 1001, 1002) for target in ("e0001", best)]
     assert [s.env["AR_SEED"] for s in sandbox.specs[-12:]] == [str(s) for s in (1000, 1001, 1002) for _ in range(4)]
 
     data = json.loads(invoke(night.runs, "verify", "--runs", "2", "--json").stdout)

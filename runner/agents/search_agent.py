@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 
 from runner.agents.base import AgentError, Context, HistoryRow, Proposal
 from runner.agents.factory import AgentConfigError
+from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -39,7 +40,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 Value = int | float | str
 
 NEVER_TUNED = frozenset({"SEED"})  # a seed change is not an experiment
-FAILED_STATUSES = frozenset({"crash", "timeout", "oom", "gpu_oom", "export_failed", "probe_failed"})
 KNOWN_WEIGHT = 3  # known hyperparameters are picked this many times as often as unknown constants
 MAX_ATTEMPTS = 50  # candidates drawn before giving up on finding an untried configuration
 
@@ -334,7 +334,7 @@ def _past_trials(
     for row in history:
         if row.val_bpb is not None:
             state, value = TrialState.COMPLETE, row.val_bpb
-        elif row.status in FAILED_STATUSES:
+        elif row.status in Status.where(Status.is_fault):
             state, value = TrialState.FAIL, None
         else:
             continue

@@ -54,6 +54,20 @@ PROFILES = {
     "cpu": Profile(max_seq_len=256, time_budget=60.0, eval_tokens=2**15, eval_batch=16),
 }
 
+# -- the environment of a phase -------------------------------------------------------------
+# The host sets these for each phase (sandbox/experiment.py); the harness reads them (prepare.py).
+
+PHASE_ENV = "AR_PHASE"  # "train" (phase 1) or "eval" (phase 2); unset when run standalone
+PROFILE_ENV = "AR_PROFILE"  # a key of PROFILES
+TIME_BUDGET_ENV = "AR_TIME_BUDGET"  # training seconds (repr of a float)
+DATA_DIR_ENV, OUT_DIR_ENV = "AR_DATA_DIR", "AR_OUT_DIR"  # /data and /out in the sandbox
+SEED_ENV = "AR_SEED"  # the harness's seed (confirmation and verification runs draw fresh ones)
+REPLAY_ENV = "AR_REPLAY"  # phase 1 of `rerun --exact`: the recorded trace to replay
+GPU_MEMORY_CAP_ENV = "AR_GPU_MEMORY_CAP"  # bytes: the harness caps its allocator below the host's watchdog
+DETERMINISTIC_ENV = "AR_DETERMINISTIC"  # "1": deterministic algorithms, so that a rerun is bit-identical
+# What deterministic cuBLAS needs before its first handle; the host sets it, the harness defaults to it.
+CUBLAS_DETERMINISTIC = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 # On the CPU profile the training budget is CPU time: the harness counts its process's CPU
 # seconds divided by the threads it runs (this variable; the host sets it, default: the
 # machine's cores), and the host meters the run's processes against the same figure. Other

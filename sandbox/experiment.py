@@ -38,6 +38,7 @@ BACKSTOP_S = 30.0  # the hard deadline of phase 1 lies this far beyond everythin
 # Phase 2 is the harness's own fixed work; its deadline is a liveness bound. A CPU shared with
 # other load stretches it (the CPU profile's budget is CPU time for the same reason).
 EVAL_DEADLINE_S = {"gpu": 120.0, "cpu": 120.0 * CPU_WALL_STRETCH}
+REPLAY_FILE = "replay_trace.json"  # in /out: the trace phase 1 of `rerun --exact` replays
 MAX_REPORT_BYTES = 2**20  # a larger summary.json or trace.json from phase 1 is not read at all
 
 
@@ -110,23 +111,24 @@ class ExperimentOutcome:
 
 def _env(spec: ExperimentSpec, phase: Phase, nonce: str) -> dict[str, str]:
     env = {
-        "AR_PHASE": phase.value,
-        "AR_DATA_DIR": "/data",
-        "AR_OUT_DIR": "/out",
-        "AR_PROFILE": spec.profile,
-        "AR_TIME_BUDGET": repr(float(spec.time_budget)),
+        contract.PHASE_ENV: phase.value,
+        contract.DATA_DIR_ENV: "/data",
+        contract.OUT_DIR_ENV: "/out",
+        contract.PROFILE_ENV: spec.profile,
+        contract.TIME_BUDGET_ENV: repr(float(spec.time_budget)),
         "PYTHONUNBUFFERED": "1",
     }
     if spec.deterministic:
-        env.update(AR_DETERMINISTIC="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
+        name, value = contract.CUBLAS_DETERMINISTIC
+        env.update({contract.DETERMINISTIC_ENV: "1", name: value})
     if spec.seed is not None:
-        env["AR_SEED"] = str(spec.seed)
+        env[contract.SEED_ENV] = str(spec.seed)
     if spec.cpu_threads:  # threads that wait sleep, so waiting for a descheduled one costs no budget
         env.update({contract.CPU_THREADS_ENV: str(spec.cpu_threads), "OMP_WAIT_POLICY": "PASSIVE"})
     if spec.replay_trace is not None and phase is Phase.TRAIN:
-        env["AR_REPLAY"] = "/out/replay_trace.json"
+        env[contract.REPLAY_ENV] = f"/out/{REPLAY_FILE}"
     if spec.gpu_uuid and spec.limits.gpu_memory_bytes:
-        env["AR_GPU_MEMORY_CAP"] = str(spec.limits.gpu_memory_bytes)
+        env[contract.GPU_MEMORY_CAP_ENV] = str(spec.limits.gpu_memory_bytes)
     if phase is Phase.EVAL:  # phase 2 alone knows how to sign its result
         env[contract.RESULT_NONCE_ENV] = nonce
     return env
@@ -216,7 +218,7 @@ def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken |
         shutil.rmtree(out)
     out.mkdir(parents=True)
     if spec.replay_trace is not None:
-        shutil.copyfile(spec.replay_trace, out / "replay_trace.json")
+        shutil.copyfile(spec.replay_trace, out / REPLAY_FILE)
     attempt, nonce = f"{time.time_ns() % 10**8:08d}", secrets.token_hex(16)
     seconds: dict[str, float] = {}
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import structlog
 from rich.console import Console
 
+from dataprep.build import is_built, verify_manifest
+from dataprep.errors import PrepareError
 from runner import gpus as gpu_inventory
 from runner.agents.factory import make_agent
 from runner.console import StatusLine, summary_table
@@ -24,25 +26,30 @@ from runner.ledger import Ledger
 from runner.limits import NightLimits
 from runner.logging import night_log
 from runner.loop import Dataset, Night, NightError
-from runner.settings import Settings, cache_dir, data_hash
+from runner.settings import Settings, cache_dir
 from runner.verify import hint as verify_hint
 
 log = structlog.get_logger(__name__)
 
 
 def ensure_data(settings: Settings) -> Dataset:
-    """The prepared data of `settings.source`, built with prepare.py when missing."""
+    """The prepared data of `settings.source`, built with prepare.py when missing, and checked file by
+    file against its manifest: a night never measures on damaged or silently changed data."""
     path = cache_dir() / settings.source.name
-    if data_hash(path) is None:
+    if not is_built(path):
         command = [sys.executable, str(settings.root / "prepare.py"), *settings.source.prepare_args()]
         log.info("data.prepare", source=str(settings.source), into=str(path))
         done = subprocess.run(command, cwd=settings.root)
-        if done.returncode != 0 or data_hash(path) is None:
+        if done.returncode != 0 or not is_built(path):
             raise NightError(
                 f"no prepared data for --source {settings.source} and prepare.py could not build it "
                 f"(exit {done.returncode}); see its output above."
             )
-    return Dataset(path, data_hash(path))
+    try:
+        return Dataset(path, verify_manifest(path))
+    except PrepareError as error:
+        raise NightError(f"the prepared data does not check out ({error}); rebuild it with "
+                         f"`uv run prepare.py {' '.join(settings.source.prepare_args())} --force`.") from None
 
 
 def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, console: Console | None = None) -> str:

@@ -24,10 +24,12 @@ from pathlib import Path
 
 import structlog
 
+from dataprep.build import read_manifest, verify_manifest
+from dataprep.errors import PrepareError
 from runner import gpus as gpu_inventory
 from runner.errors import UserError
 from runner.ledger import RERUN, Experiment, Ledger, LedgerError, outcome_fields, outcome_phrase
-from runner.settings import DEFAULT_GPU_MEMORY_CAP, data_hash, gpu_cap_bytes
+from runner.settings import DEFAULT_GPU_MEMORY_CAP, gpu_cap_bytes
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.spec import Backend, Limits
@@ -187,10 +189,13 @@ def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
 
 
 def _check_data(row: Experiment, data_dir: Path) -> None:
-    current = data_hash(data_dir)
-    if current is None:
+    if read_manifest(data_dir) is None:
         raise RerunRefused(f"the data of {row.id} is gone: {data_dir / 'manifest.json'} is missing or unreadable; "
                            "prepare the same source again.")
+    try:
+        current = verify_manifest(data_dir)
+    except PrepareError as error:
+        raise RerunRefused(f"the data of {row.id} is damaged ({error}); prepare the same source again.") from None
     if current != row.data_hash:
         raise RerunRefused(f"the data in {data_dir} changed since {row.id} ran (manifest {current[:12]}, "
                            f"recorded {str(row.data_hash)[:12]}); a rerun would not be comparable.")

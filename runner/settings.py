@@ -8,7 +8,6 @@ thresholds, budget and agent produced each decision.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -69,14 +68,6 @@ def project_text(root: Path, name: str) -> str:
     if name == "program.md" and not path.exists():
         return ""
     return read_text(path, name, PROJECT_FILES[name])
-
-
-def data_hash(data_dir: Path) -> str | None:
-    """The combined hash of prepared data (manifest.json, written last), None when missing or unreadable."""
-    try:
-        return json.loads((data_dir / "manifest.json").read_text())["hash"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 @dataclass(frozen=True)

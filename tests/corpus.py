@@ -35,3 +35,15 @@ def write_corpus(directory: Path, n_docs: int = 600, seed: int = 0) -> Path:
     for i in range(n_docs):
         (directory / f"doc{i:04d}.txt").write_text(document(rng, i))
     return directory
+
+
+def stand_in_data(directory: Path) -> str:
+    """A data directory whose files are placeholders but whose manifest vouches for them (as a night and
+    a rerun check): for tests whose sandbox never reads the data. Returns the manifest's hash."""
+    from contract import DATA_FILES
+    from dataprep.build import write_manifest
+
+    for rel in DATA_FILES:
+        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+        (directory / rel).write_bytes(f"stand-in {rel}\n".encode())
+    return write_manifest(directory, "stand-in", 0, {})["hash"]

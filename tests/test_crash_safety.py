@@ -27,6 +27,7 @@ from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, MIGRATIONS, SCHEMA_VERS
 from runner.review import lineage
 from sandbox.images import BUILD_PREFIX
 from sandbox.processes import process_identity
+from tests.corpus import stand_in_data
 from tests.test_loop import BASE_TRAIN_PY, FakeBackend, ScriptedAgent, change, make_night, project  # noqa: F401
 from tests.test_morning import cli
 from sandbox.status import Status
@@ -42,7 +43,7 @@ def env(tmp_path):
     """The environment of the killed commands: prepared (stand-in) data, git without user configuration."""
     cache = tmp_path / "cache"
     (cache / "offline").mkdir(parents=True)
-    (cache / "offline" / "manifest.json").write_text(json.dumps({"hash": "datahash"}))
+    stand_in_data(cache / "offline")
     return {**os.environ, "AR_CACHE": str(cache), "PYTHONPATH": str(ROOT), "GIT_AUTHOR_NAME": "Morning",
             "GIT_AUTHOR_EMAIL": "m@example.org", "GIT_COMMITTER_NAME": "Morning",
             "GIT_COMMITTER_EMAIL": "m@example.org", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}

@@ -36,11 +36,13 @@ from runner.cli import main
 from runner.decision import Rule
 from runner.gpus import Gpu
 from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Ledger
+from dataprep.build import read_manifest
 from runner.logging import night_log
 from runner.loop import Dataset, Night, NightError
 from runner.overnight import ensure_data
 from runner.settings import Settings, Source
 from sandbox.spec import Killer, Phase, RunResult, Status
+from tests.corpus import stand_in_data
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_TRAIN_PY = ('"""A stand-in train.py: its constants steer the fake sandbox."""\nLR = 0.1\nBEHAVIOUR = "train"\n'
@@ -198,8 +200,9 @@ def make_night(project, agent, backend, gpus=(), **overrides):
     settings = Settings(root=project, runs_dir=project.parent / "runs", tag="t", budget=1.0,
                         **{"max_experiments": 1, **overrides})
     ledger = Ledger(settings.run_dir / "ledger.sqlite")
+    data = project.parent / "data"
     night = Night(settings, ledger=ledger, backend=backend, agent=agent, gpus=list(gpus),
-                  data=Dataset(project.parent / "data", "datahash"))
+                  data=Dataset(data, stand_in_data(data)))
     return night, ledger
 
 
@@ -251,7 +254,7 @@ def test_baseline_measures_the_noise_then_keeps_replicate_and_advance_the_best(p
     assert (first.val_bpb_text, first.num_steps, first.peak_vram_mb) == ("0.800000", 10, 512.0)
     assert (first.input_tokens, first.cost_usd, first.agent, first.attempts) == (10, 0.5, "scripted", 1)
     assert first.train_sha256 == hashlib.sha256((night.settings.run_dir / first.id / "train.py").read_bytes()).hexdigest()
-    assert first.image and first.backend == "fake" and first.data_hash == "datahash"
+    assert first.image and first.backend == "fake" and first.data_hash == night.data.manifest_hash
     assert json.loads(first.metrics_json)["val_bpb"] == 0.8
 
 
@@ -450,20 +453,29 @@ def test_other_data_under_the_same_tag_is_refused(project):
 # -- setup and command line ------------------------------------------------------------
 
 
-def test_data_is_prepared_only_when_missing(project, tmp_path, monkeypatch):
+def test_data_is_prepared_only_when_missing_and_checked_before_every_night(project, tmp_path, monkeypatch):
     monkeypatch.setenv("AR_CACHE", str(tmp_path / "cache"))
     (project / "prepare.py").write_text(
-        "import json, os, pathlib, sys\n"
+        "import os, pathlib, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+        "from tests.corpus import stand_in_data\n"
         "out = pathlib.Path(os.environ['AR_CACHE']) / sys.argv[2]\n"
         "out.mkdir(parents=True)\n"
-        "(out / 'manifest.json').write_text(json.dumps({'hash': 'h-' + sys.argv[-1]}))\n"
+        "stand_in_data(out)\n"
     )
     settings = Settings(root=project, source=Source.parse(f"local:{tmp_path}"))
-    assert ensure_data(settings).manifest_hash == f"h-{tmp_path}"
+    prepared = tmp_path / "cache" / "local"
+    assert ensure_data(settings).manifest_hash == read_manifest(prepared)["hash"]
     (project / "prepare.py").write_text("raise SystemExit(5)\n")
-    assert ensure_data(settings).manifest_hash == f"h-{tmp_path}"  # already there: not run again
+    assert ensure_data(settings).manifest_hash == read_manifest(prepared)["hash"]  # already there: not run again
     with pytest.raises(NightError, match="prepare.py could not build it"):
         ensure_data(Settings(root=project, source=Source.parse("linux")))
+    (prepared / "val" / "tokens.bin").write_bytes(b"changed by hand")
+    with pytest.raises(NightError) as damaged:
+        ensure_data(settings)
+    assert str(damaged.value) == (
+        f"the prepared data does not check out ({prepared}/val/tokens.bin does not match the hash in its manifest); "
+        f"rebuild it with `uv run prepare.py --source local {tmp_path} --force`.")
 
 
 def test_check_diff_reports_ok_or_the_reason(tmp_path):

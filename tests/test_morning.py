@@ -131,9 +131,6 @@ def cli() -> click.Group:
 
 def record_night(root, script=NIGHT_SCRIPT, backend=None, **settings):
     """Run the real loop over `script` in project `root`; returns where it wrote and the backend holding its images."""
-    data = root.parent / "data"
-    data.mkdir(exist_ok=True)
-    (data / "manifest.json").write_text(json.dumps({"hash": "datahash", "files": {}}))
     backend = backend or RealisticBackend()
     # --keep-images: the morning tests rerun discarded experiments too
     night, ledger = make_night(root, ScriptedAgent(*script), backend,
@@ -145,8 +142,8 @@ def record_night(root, script=NIGHT_SCRIPT, backend=None, **settings):
     finally:
         ledger.close()
     runs = root.parent / "runs"
-    return types.SimpleNamespace(project=root, runs=runs, run_dir=runs / "t", data=data, backend=backend,
-                                 experiments=experiments)
+    return types.SimpleNamespace(project=root, runs=runs, run_dir=runs / "t", data=night.data.path,
+                                 data_hash=night.data.manifest_hash, backend=backend, experiments=experiments)
 
 
 def invoke(runs: Path, *args: str, input: str | None = None):
@@ -278,7 +275,7 @@ def test_show_tells_the_whole_story_of_one_experiment(night):
     assert "gain +0.100000 bpb (95 % interval [+0.098110, +0.101890]) from 2 runs against 2 of the best" in out
     assert "a keep needed a gain above 0.00" in out and "autoresearch verify" in out  # kept: the selection note
     assert "runs of this train.py (seeds)" in out  # the experiment and its confirmation
-    assert "datahash" in out and "img-" in out and "exit 0" in out
+    assert night.data_hash[:12] in out and "img-" in out and "exit 0" in out
     assert "num_params_M" in out and "val_bpb_hex" in out  # metrics table and the eval.log tail
     assert "step 00020" in out  # train.log tail
     assert "+LR = 0.3" in out and "-LR = 0.2" in out  # the diff

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from dataprep.build import write_manifest
 from runner import rerun as reruns
 from runner.agents.base import Proposal
 from runner.gpus import Gpu
@@ -55,7 +56,7 @@ def test_exact_rerun_of_a_deterministic_experiment_is_bit_identical(night, sandb
     row = rows[rerun_id]
     assert (row.kind, row.target_id, row.status, row.val_bpb, row.seed) == (RERUN, best, "done", 0.7, None)
     assert row.description == f"rerun --exact of {best}: bit-identical"
-    assert row.image == rows[best].image and row.data_hash == "datahash"
+    assert row.image == rows[best].image and row.data_hash == night.data_hash
     # a rerun is morning work: the night's figures do not count it
     assert json.loads(invoke(night.runs, "status", "--json").output)["counts"]["kept"] == 2
 
@@ -97,14 +98,21 @@ def test_a_timed_rerun_on_another_seed_is_recorded_with_it(night, sandbox):  # n
     assert verdict.repeated_value == pytest.approx(0.701)  # the seed's own noise
 
 
+def rebuilt_data(night):
+    """The data prepared again, differently: a consistent manifest with another hash."""
+    (night.data / "train" / "tokens.bin").write_bytes(b"other tokens")
+    night.new = write_manifest(night.data, "stand-in", 0, {})["hash"][:12]
+
+
 def remove_image(night, backend, name):  # noqa: F811
     backend.remove_image(next(r.image for r in rows_of(night) if r.id == night.ids[name]))
 
 
 @pytest.mark.parametrize("damage, exp, message", [
     (lambda n, b: remove_image(n, b, "best"), "best", "the image of {best} (img-"),
-    (lambda n, b: (n.data / "manifest.json").write_text('{"hash": "otherhash"}'), "best",
-     "changed since {best} ran (manifest otherhash, recorded datahash)"),
+    (lambda n, b: rebuilt_data(n), "best", "the data in {data} changed since {best} ran (manifest {new}, recorded {old})"),
+    (lambda n, b: (n.data / "val" / "tokens.bin").write_bytes(b"tampered"), "best",
+     "the data of {best} is damaged ({data}/val/tokens.bin does not match the hash in its manifest)"),
     (lambda n, b: (n.data / "manifest.json").unlink(), "best", "the data of {best} is gone"),
     (lambda n, b: (n.run_dir / n.ids["best"] / "out" / "trace.json").unlink(), "best", "--exact needs the recorded"),
     (lambda n, b: None, "crash", "{crash} crashed, so there is no val_bpb to reproduce"),
@@ -114,7 +122,7 @@ def test_refusals_are_one_line_and_run_nothing(night, sandbox, damage, exp, mess
     damage(night, sandbox)
     runs_before, rows_before = len(sandbox.runs), len(rows_of(night))
     error = one_line_error(invoke(night.runs, "rerun", night.ids.get(exp, exp), "--exact"))
-    assert message.format(**night.ids) in error
+    assert message.format(**night.ids, data=night.data, old=night.data_hash[:12], new=getattr(night, "new", "")) in error
     assert (len(sandbox.runs), len(rows_of(night))) == (runs_before, rows_before)
 
 

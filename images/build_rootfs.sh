@@ -5,19 +5,33 @@
 #
 #   images/build_rootfs.sh ROOTFS_DIR REQUIREMENTS_TXT
 #
-# Needs root (debootstrap), uv ($UV or on PATH), and a reachable Debian mirror (AR_DEBIAN_MIRROR)
-# and Python index. Prints one line per step; sandbox/images.py imports the result.
+# Needs root (debootstrap), uv ($UV or on PATH), a Debian mirror and a Python index. The mirror
+# is the one this host's apt is configured with for the suite (its proxy too), or AR_DEBIAN_MIRROR.
+# Prints one line per step; sandbox/images.py imports the result.
 set -euo pipefail
 
 rootfs=${1:?usage: build_rootfs.sh ROOTFS_DIR REQUIREMENTS_TXT}
 requirements=${2:?usage: build_rootfs.sh ROOTFS_DIR REQUIREMENTS_TXT}
-mirror=${AR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 suite=bookworm # Python 3.11, the project's interpreter
 # python-is-python3: commands say `python`; gcc, g++, libpython3.11-dev: torch.compile
 # (Inductor on CPU, Triton on GPU) compiles C/C++ at run time.
 packages=python3,python-is-python3,coreutils,util-linux,gcc,g++,libpython3.11-dev
 
 step() { printf '[rootfs] %s\n' "$*"; }
+
+# What apt itself uses (sources.list or deb822 .sources alike): "500 URI bookworm/main amd64 Packages".
+configured_mirror() {
+    apt-cache policy 2>/dev/null | awk -v want="$suite/main" '$3 == want { print $2; exit }'
+}
+mirror=${AR_DEBIAN_MIRROR:-$(configured_mirror)}
+if [ -z "$mirror" ]; then
+    echo "this host's apt has no Debian $suite source; set AR_DEBIAN_MIRROR to a Debian mirror URL" >&2
+    exit 1
+fi
+if [ -z "${http_proxy:-}" ]; then # debootstrap reads the environment, not apt's configuration
+    eval "$(apt-config shell http_proxy Acquire::http::Proxy 2>/dev/null)"
+    if [ -n "${http_proxy:-}" ]; then export http_proxy; fi
+fi
 
 if ! command -v debootstrap >/dev/null; then
     step "installing debootstrap on the host"

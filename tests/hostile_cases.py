@@ -47,6 +47,12 @@ PIDS_LIMIT = "pids_limit"
 HARNESS = "harness"  # a whole experiment on prepared data (the `tiny_data` fixture), with the real harness
 
 
+# A name in the reserved .invalid domain (RFC 6761): it resolves nowhere, so a lookup names no public
+# host. A name server that is reached answers "no such name" (EAI_NONAME); only a sandbox that reaches
+# no name server at all fails with EAI_AGAIN, which is what the checks ask for.
+PROBE_NAME = "autoresearch-probe.invalid"
+
+
 class Listener:
     """A TCP listener on the host that counts the connections it accepts (it should get none)."""
 
@@ -310,7 +316,7 @@ def _check_no_connection(log: str, out: Path, state: HostState) -> None:
 
 
 def _check_no_resolution(log: str, out: Path, state: HostState) -> None:
-    assert "resolve: failed" in log and "RESOLVED" not in log, log
+    assert "resolve: failed no-server" in log and "RESOLVED" not in log, log
 
 
 def _check_writes_denied(log: str, out: Path, state: HostState) -> None:
@@ -364,13 +370,13 @@ NETWORK_CONNECT = HostileCase("network_connect", _script("""
             print("connect: failed", type(error).__name__)
 """), Status.OK, _check_no_connection)
 
-NETWORK_DNS = HostileCase("network_dns", _script("""
+NETWORK_DNS = HostileCase("network_dns", _script(f"""
     import socket
     socket.setdefaulttimeout(5)
     try:
-        print("resolve: RESOLVED", socket.getaddrinfo("example.com", 443)[0][4])
-    except OSError as error:
-        print("resolve: failed", type(error).__name__)
+        print("resolve: RESOLVED", socket.getaddrinfo({PROBE_NAME!r}, 443)[0][4])
+    except socket.gaierror as error:
+        print("resolve: failed", "no-server" if error.errno == socket.EAI_AGAIN else f"answered ({{error}})")
 """), Status.OK, _check_no_resolution)
 
 _WRITE_ATTEMPTS = """

@@ -216,10 +216,10 @@ def connect():
 
 def resolve():
     try:
-        socket.getaddrinfo("deb.debian.org", 80)
+        socket.getaddrinfo(PROBE_NAME, 80)
         return "resolved"
-    except OSError as error:
-        return type(error).__name__
+    except socket.gaierror as error:
+        return "no-server" if error.errno == socket.EAI_AGAIN else f"answered ({error})"
 
 print("PROBE " + json.dumps({
     "uid": os.getuid(), "gid": os.getgid(),
@@ -260,7 +260,7 @@ def probe(backend, listener, tmp_path_factory):
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("ANTHROPIC_API_KEY", FAKE_SECRET)
     host, port = listener
-    code = PROBE.replace("SECRET", repr(FAKE_SECRET))
+    code = PROBE.replace("SECRET", repr(FAKE_SECRET)).replace("PROBE_NAME", repr(hostile.PROBE_NAME))
     spec = _spec(tmp_path_factory.mktemp("probe"), backend.base_id, code, env={"PROBE_HOST": host, "PROBE_PORT": str(port)})
     result = backend.run(spec)
     monkeypatch.undo()
@@ -291,7 +291,7 @@ def test_environment_holds_no_host_secret(probe):
 def test_no_network(probe):
     assert probe["interfaces"] == ["lo"]
     assert probe["connect"] != "connected"
-    assert probe["resolve"] != "resolved"
+    assert probe["resolve"] == "no-server"  # no name server reachable (hostile_cases.PROBE_NAME)
 
 
 MOUNTS = """

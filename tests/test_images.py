@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -135,6 +136,49 @@ def _overnight(monkeypatch, *args: str, env: dict[str, str] | None = None):
     monkeypatch.setattr(overnight, "run_overnight", seen.append)
     result = CliRunner().invoke(main, ["overnight", "--gpus", "none", *args], env=env)
     return result, (seen[0] if seen else None)
+
+
+def fake_tools(bin_dir: Path, policy: str, proxy: str = "") -> Path:
+    """apt-cache, apt-config and debootstrap stand-ins: the builder's choice of mirror is all that runs."""
+    bin_dir.mkdir()
+    tools = {"apt-cache": f"cat <<'EOF'\n{policy}\nEOF",
+             "apt-config": f"[ -n '{proxy}' ] && echo \"http_proxy='{proxy}'\"; true",
+             "debootstrap": f'echo "debootstrap $* proxy=${{http_proxy:-}}" > {bin_dir}/called; exit 9'}
+    for name, body in tools.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+POLICY = """Package files:
+ 100 /var/lib/dpkg/status
+ 500 http://mirror.internal/debian-security bookworm-security/main amd64 Packages
+ 500 http://mirror.internal/debian bookworm/main amd64 Packages
+ 500 http://other.internal/debian trixie/main amd64 Packages"""
+
+
+@pytest.mark.parametrize("policy, environment, mirror", [
+    (POLICY, {}, "http://mirror.internal/debian"),  # what this host's apt uses for the suite
+    (POLICY, {"AR_DEBIAN_MIRROR": "http://chosen.internal/debian"}, "http://chosen.internal/debian"),
+])
+def test_the_rootfs_builder_takes_the_hosts_debian_source(tmp_path, policy, environment, mirror):
+    tools = fake_tools(tmp_path / "bin", policy, proxy="http://proxy.internal:3128")
+    env = {"PATH": f"{tools}:/usr/bin:/bin", **environment}
+    done = subprocess.run(["bash", str(images.ROOTFS_BUILDER), str(tmp_path / "rootfs"), "reqs.txt"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 9  # the stand-in debootstrap's own exit: the builder got that far
+    called = (tools / "called").read_text().split()
+    assert called[-3:] == [str(tmp_path / "rootfs"), mirror, "proxy=http://proxy.internal:3128"]
+    assert "bookworm" in called
+
+
+def test_the_rootfs_builder_without_a_debian_source_says_what_to_set(tmp_path):
+    tools = fake_tools(tmp_path / "bin", POLICY.replace("bookworm/", "jammy/"))
+    done = subprocess.run(["bash", str(images.ROOTFS_BUILDER), str(tmp_path / "rootfs"), "reqs.txt"],
+                          env={"PATH": f"{tools}:/usr/bin:/bin"}, capture_output=True, text=True)
+    assert done.returncode == 1 and not (tools / "called").exists()
+    assert done.stderr.strip().splitlines() == [
+        "this host's apt has no Debian bookworm source; set AR_DEBIAN_MIRROR to a Debian mirror URL"]
 
 
 def test_base_image_comes_from_the_option_or_the_environment(monkeypatch):

@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import docker.models.containers
@@ -35,21 +36,31 @@ from tests.test_loop import FakeBackend, ScriptedAgent, change
 from sandbox.status import Status
 
 
+PAUSE_NOTE = "pause.note"
+
+
 def stop_here() -> None:
     os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def around(owner: Any, name: str, when: str, matches: Callable[..., bool] = lambda *a, **k: True) -> None:
-    """Stop before or after `owner.name` runs (when its arguments match)."""
+def around(owner: Any, name: str, when: str, matches: Callable[..., bool] = lambda *a, **k: True,
+           note: Callable[..., str] | None = None) -> None:
+    """Stop before or after `owner.name` runs (when its arguments match); `note` says what it ran on,
+    written to the file PAUSE_NOTE (in the working directory) before the stop."""
     original = getattr(owner, name)
+
+    def pause(*args: Any, **kwargs: Any) -> None:
+        if note is not None:
+            Path(PAUSE_NOTE).write_text(note(*args, **kwargs))
+        stop_here()
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         hit = matches(*args, **kwargs)
         if hit and when == "before-commit":
-            stop_here()
+            pause(*args, **kwargs)
         result = original(*args, **kwargs)
         if hit and when == "after-commit":
-            stop_here()
+            pause(*args, **kwargs)
         return result
 
     setattr(owner, name, wrapped)
@@ -73,7 +84,7 @@ def main_with(kind: str, pause: str, args: list[str]) -> None:
     if point == "done":
         around(Ledger, "transition", "after-commit", lambda self, exp, status, **_: (exp, status) == (detail, Status.DONE))
     elif point == "build":
-        around(docker.models.containers.Container, "commit", detail)
+        around(docker.models.containers.Container, "commit", detail, note=lambda container, **_: container.name)
     elif point == "git":
         around(subprocess, "run", detail, lambda command, *a, **k: list(command[:2]) == ["git", "commit"])
     main(args)

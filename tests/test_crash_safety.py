@@ -28,6 +28,7 @@ from runner.review import lineage
 from sandbox.images import BUILD_PREFIX
 from sandbox.processes import process_identity
 from tests.corpus import stand_in_data
+from tests.crash_driver import PAUSE_NOTE
 from tests.test_loop import BASE_TRAIN_PY, FakeBackend, ScriptedAgent, change, make_night, project  # noqa: F401
 from tests.test_morning import cli
 from sandbox.status import Status
@@ -145,12 +146,15 @@ def test_a_night_killed_during_an_image_build_builds_it_once_and_leaves_nothing(
     args = [*NIGHT, "--max-experiments", "1", "--sandbox", "docker"]
     killed = Command.driven("docker-builds", f"build:{moment}", args, project, env)
     killed.wait_paused()
+    paused_on = (project / PAUSE_NOTE).read_text()  # the build container the runner stopped at
     builds = {"name": BUILD_PREFIX + process_identity(killed.process.pid).replace(":", "-") + "-"}
-    left = docker_client.containers.list(all=True, filters=builds)
+    left = [c.name for c in docker_client.containers.list(all=True, filters=builds)]
+    everything = [c.name for c in docker_client.containers.list(all=True)]
     killed.kill()
     run_dir = project / "runs" / "t"
     try:
-        assert len(left) == 1  # the build's container, named after the killed runner
+        # the build's container, named after the killed runner
+        assert left == [paused_on], f"paused on {paused_on}; the engine holds {everything}\n{killed.output()}"
         Command.driven("docker-builds", "none", args, project, env).finish()
         ledger = assert_consistent(run_dir, experiments=1)
         baseline = ledger.get("e0001").image

@@ -22,7 +22,7 @@ from runner.console import StatusLine, summary_table
 from runner.gpus import Gpu
 from runner.ledger import Ledger
 from runner.limits import NightLimits
-from runner.logging import night_log
+from runner.log_setup import night_log
 from runner.loop import Dataset, Night, NightError
 from runner.settings import Settings, cache_dir, data_hash
 from runner.verify import hint as verify_hint

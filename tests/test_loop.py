@@ -36,7 +36,7 @@ from runner.cli import main
 from runner.decision import Rule
 from runner.gpus import Gpu
 from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Ledger
-from runner.logging import night_log
+from runner.log_setup import night_log
 from runner.loop import Dataset, Night, NightError
 from runner.overnight import ensure_data
 from runner.settings import Settings, Source

@@ -1,5 +1,7 @@
 """The one error of data building."""
 
+from sandbox.errors import UserError
 
-class PrepareError(Exception):
+
+class PrepareError(UserError):
     """A problem the user can fix (missing input, no package access); the message is one sentence."""

@@ -27,7 +27,7 @@ from runner.settings import DEFAULT_GPU_MEMORY_CAP, SANDBOXES, Settings, Source,
 def main(ctx: click.Context) -> None:
     """autoresearch-sandbox: an agent improves train.py overnight, every experiment sandboxed."""
     # A command prints its own output; only warnings of the modules it uses join it
-    # (a night logs to its own files, see runner.logging).
+    # (a night logs to its own files, see runner.log_setup).
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     ctx.call_on_close(structlog.reset_defaults)
 

@@ -34,6 +34,7 @@ from unidiff import PatchSet
 from unidiff.errors import UnidiffParseError
 from unidiff.patch import Hunk
 
+from runner.errors import UserError
 from runner.inputs import MAX_DIFF_BYTES
 
 log = structlog.get_logger(__name__)
@@ -53,8 +54,11 @@ _NO_NEWLINE = "\\ No newline at end of file"
 _SEEDING_CALLS = ("default_rng", "RandomState")  # seeding callees whose name lacks "seed"
 
 
-class DiffRejected(Exception):
-    """A diff that must not be applied; `reason` says what is wrong and what to do."""
+class DiffRejected(UserError):
+    """A diff that must not be applied; `reason` says what is wrong and what to do.
+
+    A user's error when the user gave the diff (check-diff, review); a night sends the
+    agent's own back to the agent instead."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

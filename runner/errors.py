@@ -1,10 +1,12 @@
 """Errors a user can cause or fix, each said in one sentence, never as a traceback.
 
-Every command runs under `user_errors`. A night asks `machine_problem` to tell a
-problem of the machine it runs on (a full disk, a read-only directory, a ledger
-another process holds, a sandbox that went away) from a failure of one experiment:
-the first stops the night until the user fixes it, the second is recorded and the
-night goes on.
+Every such error derives from `UserError`, and every problem of the machine from
+`MachineError` (both in sandbox.errors, so the sandbox's errors are of the same kinds).
+Every command runs under `user_errors`, which catches the base once. A night asks
+`machine_problem` to tell a problem of the machine it runs on (a full disk, a read-only
+directory, a ledger another process holds, a sandbox that went away) from a failure of
+one experiment: the first stops the night until the user fixes it, the second is
+recorded and the night goes on.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import click
 
-from sandbox.spec import SandboxUnavailable
+from sandbox.errors import MachineError, UserError
 
 # Below this much free space under the runs directory no run starts, and one that failed is put down to the disk.
 LOW_SPACE_BYTES = 64 * 2**20
@@ -26,16 +28,8 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _MACHINE_ERRNOS = (*_DISK_FULL, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
-class UserError(Exception):
-    """A problem the user can cause or fix; the message is one sentence that says what to do."""
-
-
 class InputError(UserError):
     """A file given to a command cannot be used as it is (not text, too large, unreadable)."""
-
-
-class MachineError(UserError):
-    """A resource of the machine stopped working under a command: the ledger file or the disk."""
 
 
 def os_error_sentence(exc: OSError) -> str:
@@ -55,7 +49,7 @@ def os_error_sentence(exc: OSError) -> str:
 
 def sentence(exc: BaseException) -> str | None:
     """The one sentence for an error the user can cause or fix; None for anything else (a bug)."""
-    if isinstance(exc, (UserError, SandboxUnavailable)):
+    if isinstance(exc, UserError):
         return str(exc)
     if isinstance(exc, OSError):
         return os_error_sentence(exc)
@@ -64,7 +58,7 @@ def sentence(exc: BaseException) -> str | None:
 
 def machine_problem(exc: BaseException) -> str | None:
     """The sentence for a problem of the machine that no experiment caused (None: it is not one)."""
-    if isinstance(exc, (MachineError, SandboxUnavailable)):
+    if isinstance(exc, MachineError):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in _MACHINE_ERRNOS:
         return os_error_sentence(exc)

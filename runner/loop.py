@@ -36,8 +36,7 @@ from typing import Callable
 import structlog
 
 from runner import decision
-from runner.agents.base import Agent, AgentError
-from runner.agents.factory import AgentConfigError
+from runner.agents.base import Agent, AgentConfigError, AgentError
 from runner.console import NightView, WorkerView
 from runner.errors import UserError, low_on_space, machine_problem
 from runner.gpus import Gpu

@@ -42,7 +42,9 @@ class NightNotFound(UserError):
 
 
 @dataclass
-class Night:
+class RecordedNight:
+    """A night on disk, as the morning commands read it: its run directory and its open ledger."""
+
     run_dir: Path
     ledger: Ledger
 
@@ -74,11 +76,11 @@ def find_night(runs_dir: Path, tag: str | None) -> Path:
 
 
 @contextmanager
-def open_night(runs_dir: Path | None, tag: str | None) -> Iterator[Night]:
+def open_night(runs_dir: Path | None, tag: str | None) -> Iterator[RecordedNight]:
     run_dir = find_night(runs_dir or DEFAULT_RUNS_DIR, tag)
     ledger = Ledger(run_dir / LEDGER_FILE)  # a damaged or locked file fails here, in one sentence
     try:
-        yield Night(run_dir, ledger)
+        yield RecordedNight(run_dir, ledger)
     finally:
         ledger.close()
 
@@ -233,7 +235,7 @@ def review(ctx: click.Context, runs_dir: Path | None, tag: str | None, train_py:
         _walk(night, items, ctx.obj.path)
 
 
-def _walk(night: Night, items: list[reviews.Item], train_py: Path) -> None:
+def _walk(night: RecordedNight, items: list[reviews.Item], train_py: Path) -> None:
     out = console()
     for position, it in enumerate(items, 1):
         if night.ledger.get(it.row.id).review_state != reviews.PENDING:

@@ -19,15 +19,19 @@ from rich.console import Console
 from dataprep.build import is_built, verify_manifest
 from dataprep.errors import PrepareError
 from runner import gpus as gpu_inventory
-from runner.agents.factory import make_agent
+from runner.agents.base import Agent
+from runner.agents.config import AnthropicConfig, CommandConfig, SearchConfig
+from runner.agents.factory import choose_agent, make_agent
 from runner.console import StatusLine, summary_table
 from runner.gpus import Gpu
 from runner.ledger import Ledger
 from runner.limits import NightLimits
-from runner.logging import night_log
+from runner.log_setup import night_log
 from runner.loop import Dataset, Night, NightError
-from runner.settings import Settings, cache_dir
+from runner.settings import Settings, SettingsError, cache_dir
 from runner.verify import hint as verify_hint
+from sandbox.backends import DockerConfig, ProcessConfig, choose_backend, make_backend
+from sandbox.spec import Backend
 
 log = structlog.get_logger(__name__)
 
@@ -80,19 +84,36 @@ def _start(settings: Settings, gpus: list[Gpu]) -> Night:
     """Everything a night needs, the cheap checks first: agent, ledger, sandbox, then data and image."""
     if not gpus:
         log.info("night.cpu", note="no GPU selected: CPU profile, one worker")
-    agent = make_agent(settings.agent, command=settings.agent_command, profile="gpu" if gpus else "cpu")
+    agent = open_agent(settings, profile="gpu" if gpus else "cpu")
     ledger = Ledger(settings.run_dir / "ledger.sqlite")  # a damaged or locked ledger fails here, in seconds
     try:
-        from sandbox.backends import get_backend  # imports docker: only a night needs it
-
-        # hide: other nights and the ledger; base_image: the docker runtime's upstream
-        backend = get_backend(settings.sandbox, hide=(settings.run_dir.parent,), base_image=settings.base_image)
+        backend = open_backend(settings)
         data = ensure_data(settings)
         backend.ensure_ready()
         return Night(settings, ledger=ledger, backend=backend, agent=agent, gpus=gpus, data=data)
     except BaseException:
         ledger.close()
         raise
+
+
+def open_agent(settings: Settings, profile: str) -> Agent:
+    """The agent of `--agent`, configured with the settings it takes."""
+    chosen = choose_agent(settings.agent)
+    if chosen == "command":
+        return make_agent(CommandConfig(command=settings.agent_command))
+    if chosen == "search":
+        return make_agent(SearchConfig(profile=profile))
+    return make_agent(AnthropicConfig())
+
+
+def open_backend(settings: Settings) -> Backend:
+    """The sandbox of `--sandbox`, configured with the settings it takes; one given to the other is an error."""
+    if choose_backend(settings.sandbox) == "docker":
+        return make_backend(DockerConfig(base_image=settings.base_image))
+    if settings.base_image is not None:
+        raise SettingsError("--base-image is for the docker sandbox, but no Docker engine answers here; "
+                            "start one, or leave --base-image (and AR_BASE_IMAGE) out.")
+    return make_backend(ProcessConfig(hide=(settings.run_dir.parent,)))  # other nights and this one's ledger
 
 
 def _run(night: Night, settings: Settings, console: Console) -> str:

@@ -1,6 +1,6 @@
 """Getting the next experiment from the agent: context in, a valid diff (or a rejection) out.
 
-An invalid diff is sent back to the agent with the validator's reason, up to
+An invalid diff (or a reply without one) is sent back to the agent with the reason, up to
 `max_tries` times; then the proposal is recorded `rejected` with the last reason,
 so the agent sees its own failure in the history next time (DESIGN §3.5–3.6).
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import structlog
 
-from runner.agents.base import Agent, Context, HistoryRow, Usage
-from runner.agents.prompt import harness_api_text
+from runner.agents.base import Agent, Context, HistoryRow, Proposal, Usage
+from runner.agents.prompt import ReplyFormatError, harness_api_text
 from runner.decision import KEEP
 from runner.diffs import DiffRejected, validate_and_apply
 from runner.ledger import BASELINE, EXPERIMENT, Experiment
@@ -54,19 +54,26 @@ class Proposer:
         context = self.context(parent, baseline_mean)
         usage, proposal, reason = Usage(), None, ""
         for attempt in range(1, self.max_tries + 1):
-            proposal = self.agent.propose(context)
+            proposal, train_py, reason = self._attempt(context, parent)
             usage = _add_usage(usage, proposal.usage)
-            try:
-                train_py = validate_and_apply(proposal.diff, parent.train_py)
-            except DiffRejected as exc:
-                reason = exc.reason
-                log.info("proposal.rejected", attempt=attempt, reason=reason)
-                context = dataclasses.replace(context, feedback=reason)
-                continue
-            return self._record(Status.PROPOSED, train_py, parent, proposal.description, proposal.diff, attempt, usage)
+            if train_py is not None:
+                return self._record(Status.PROPOSED, train_py, parent, proposal.description, proposal.diff, attempt, usage)
+            log.info("proposal.rejected", attempt=attempt, reason=reason)
+            context = dataclasses.replace(context, feedback=reason)
         self._record(Status.REJECTED, None, parent, proposal.description, proposal.diff, self.max_tries, usage,
                      reject_reason=reason)
         return None
+
+    def _attempt(self, context: Context, parent: Best) -> tuple[Proposal, str | None, str]:
+        """One proposal of the agent: (the proposal, its patched train.py or None, why it is refused)."""
+        try:
+            proposal = self.agent.propose(context)
+        except ReplyFormatError as exc:  # a reply without a diff is refused like a diff that does not apply
+            return Proposal(exc.description, "", exc.usage), None, exc.reason
+        try:
+            return proposal, validate_and_apply(proposal.diff, parent.train_py), ""
+        except DiffRejected as exc:
+            return proposal, None, exc.reason
 
     def _record(self, status, train_py, parent, description, diff, attempts, usage, **fields) -> Experiment:
         return self.records.add(kind=EXPERIMENT, status=status, train_py=train_py, parent_id=parent.exp_id,

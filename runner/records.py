@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 
-from runner.agents.search_agent import hyperparameters
+from runner.agents.hyperparameters import hyperparameters
 from runner.ledger import Experiment, Ledger
 
 log = structlog.get_logger(__name__)

@@ -103,7 +103,7 @@ def _value(value: float | None) -> str:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _RerunPlan:
     """Everything checked before the rerun starts."""
 
     row: Experiment
@@ -164,7 +164,7 @@ def _check_image(row: Experiment, backend: Backend) -> None:
 
 
 def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
-          inventory: Callable[[], list[gpu_inventory.Gpu]], seed: int | None) -> _Plan:
+          inventory: Callable[[], list[gpu_inventory.Gpu]], seed: int | None) -> _RerunPlan:
     """Check what needs no sandbox: a finished run, the same data, the recorded trace, a GPU."""
     if row.status != Status.DONE:
         raise RerunRefused(f"{row.id} {outcome_phrase(row)}, so there is no val_bpb to reproduce.")
@@ -184,8 +184,8 @@ def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
     if budget is None:
         raise RerunRefused(f"the night of {row.id} recorded no time budget; rerun it with --exact.")
     allowance = json.loads(night["allowance_json"]) if night and night.get("allowance_json") else None
-    return _Plan(row, settings, data_dir, _gpu(row, inventory), trace if exact else None, float(budget),
-                 row.seed if seed is None else seed, Allowance(**allowance) if allowance else None)
+    return _RerunPlan(row, settings, data_dir, _gpu(row, inventory), trace if exact else None, float(budget),
+                      row.seed if seed is None else seed, Allowance(**allowance) if allowance else None)
 
 
 def _check_data(row: Experiment, data_dir: Path) -> None:
@@ -211,7 +211,7 @@ def _gpu(row: Experiment, inventory: Callable[[], list[gpu_inventory.Gpu]]) -> g
     return next((g for g in found if g.uuid == row.gpu_uuid), found[0])
 
 
-def _add_row(ledger: Ledger, run_dir: Path, plan: _Plan, exact: bool, backend: Backend) -> Experiment:
+def _add_row(ledger: Ledger, run_dir: Path, plan: _RerunPlan, exact: bool, backend: Backend) -> Experiment:
     row, gpu = plan.row, plan.gpu
     on_seed = f" on seed {plan.seed}" if plan.seed != row.seed else ""
     new = ledger.add(
@@ -228,7 +228,8 @@ def _add_row(ledger: Ledger, run_dir: Path, plan: _Plan, exact: bool, backend: B
     return new
 
 
-def _run(ledger: Ledger, backend: Backend, plan: _Plan, rerun_row: Experiment, directory: Path) -> ExperimentOutcome:
+def _run(ledger: Ledger, backend: Backend, plan: _RerunPlan, rerun_row: Experiment,
+         directory: Path) -> ExperimentOutcome:
     spec = ExperimentSpec(
         exp_id=rerun_row.id, image=plan.row.image, data_dir=plan.data_dir, run_dir=directory,
         time_budget=plan.time_budget, gpu_uuid=plan.gpu.uuid if plan.gpu else None,
@@ -252,7 +253,7 @@ def _end(ledger: Ledger, exp_id: str, status: str, error: str) -> None:
         pass
 
 
-def _verdict(ledger: Ledger, run_dir: Path, plan: _Plan, rerun_id: str, outcome: ExperimentOutcome, exact: bool,
+def _verdict(ledger: Ledger, run_dir: Path, plan: _RerunPlan, rerun_id: str, outcome: ExperimentOutcome, exact: bool,
              backend: Backend) -> Verdict:
     original_dir, repeated_dir = run_dir / plan.row.id, run_dir / rerun_id
     sigmas = [n["sigma"] for n in ledger.nights() if n["id"] == plan.row.night_id]
@@ -269,7 +270,7 @@ def _verdict(ledger: Ledger, run_dir: Path, plan: _Plan, rerun_id: str, outcome:
     return replace(verdict, reasons=reasons)
 
 
-def _reasons(plan: _Plan, verdict: Verdict, backend: Backend, original_dir: Path, repeated_dir: Path) -> list[str]:
+def _reasons(plan: _RerunPlan, verdict: Verdict, backend: Backend, original_dir: Path, repeated_dir: Path) -> list[str]:
     """What differs between the two runs, as far as the records show."""
     row, gpu = plan.row, plan.gpu
     reasons = []

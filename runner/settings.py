@@ -128,6 +128,7 @@ class Settings:
             (self.max_diff_retries >= 1, "--max-diff-retries must be at least 1"),
             (self.gpu_failures >= 1, "the GPU failure limit must be at least 1"),
             (self.sandbox in SANDBOXES, f"--sandbox must be one of {', '.join(SANDBOXES)}"),
+            (self.agent_command is None or self.agent == "command", "--agent-command is for --agent command only"),
             (not any(c in self.tag for c in "/\\") and self.tag not in ("", ".", ".."), "--tag must be a plain name"),
             (self.base_image is None or (self.base_image and not any(c.isspace() for c in self.base_image)),
              "--base-image must be an image reference such as pytorch/pytorch:TAG"),

@@ -1,8 +1,14 @@
-"""Choosing the isolation backend: docker where an engine answers, the process backend elsewhere."""
+"""Choosing the isolation backend, and building it from its configuration.
+
+`choose_backend` resolves the user's choice ("auto": docker where an engine answers,
+the process backend elsewhere); the caller then builds the configuration of the
+backend chosen, so a setting can only go to the backend that takes it.
+"""
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -12,6 +18,24 @@ log = structlog.get_logger(__name__)
 
 NAMES = ("auto", "docker", "process")
 PING_TIMEOUT_S = 3
+
+
+@dataclass(frozen=True)
+class DockerConfig:
+    """The docker backend (sandbox.docker_backend)."""
+
+    base_image: str | None = None  # the online runtime's upstream; None: $AR_BASE_IMAGE, else the pinned tag
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """The process backend (sandbox.process_backend)."""
+
+    hide: tuple[Path, ...] = ()  # host directories a run must not see (other nights, the ledger)
+    snapshots_root: Path | None = None  # None: <cache>/snapshots
+
+
+BackendConfig = DockerConfig | ProcessConfig
 
 
 def docker_unreachable() -> str | None:
@@ -25,26 +49,34 @@ def docker_unreachable() -> str | None:
     return None
 
 
-def _make(cls: type, settings: dict) -> Backend:
-    """An instance of `cls` with the settings its constructor takes (the others belong to the other backend)."""
-    accepted = inspect.signature(cls).parameters
-    return cls(**{key: value for key, value in settings.items() if key in accepted})
-
-
-def get_backend(name: str = "auto", **settings) -> Backend:
-    """The backend called `name`; "auto" takes docker when an engine answers, else process."""
+def choose_backend(name: str = "auto") -> str:
+    """"docker" or "process" for the choice `name`; "auto" takes docker when an engine answers."""
     if name not in NAMES:
         raise SandboxUnavailable(f"unknown sandbox backend {name!r}: choose one of {', '.join(NAMES)}.")
-    why_not_docker = docker_unreachable() if name in ("auto", "docker") else None
+    if name == "process":
+        return name
+    why_not_docker = docker_unreachable()
     if name == "docker" and why_not_docker:
         raise SandboxUnavailable(f"the docker sandbox was asked for but no Docker engine answers ({why_not_docker}).")
     if name == "auto":
         log.info("sandbox.backend", chosen="process" if why_not_docker else "docker",
                  why=f"no Docker engine answers ({why_not_docker})" if why_not_docker else "a Docker engine answers")
-    if name == "process" or why_not_docker:
+    return "process" if why_not_docker else "docker"
+
+
+def make_backend(config: BackendConfig) -> Backend:
+    """The backend that `config` configures (its module, docker's SDK included, is imported only now)."""
+    if isinstance(config, DockerConfig):
+        from sandbox.docker_backend import DockerBackend
+
+        return DockerBackend(base_image=config.base_image)
+    if isinstance(config, ProcessConfig):
         from sandbox.process_backend import ProcessBackend
 
-        return _make(ProcessBackend, settings)
-    from sandbox.docker_backend import DockerBackend
+        return ProcessBackend(snapshots_root=config.snapshots_root, hide=config.hide)
+    raise TypeError(f"no sandbox backend is configured by a {type(config).__name__}")
 
-    return _make(DockerBackend, settings)
+
+def get_backend(name: str = "auto") -> Backend:
+    """The backend `name` stands for, in its default configuration."""
+    return make_backend(DockerConfig() if choose_backend(name) == "docker" else ProcessConfig())

@@ -45,6 +45,7 @@ import structlog
 from docker.models.images import Image
 from docker.utils import parse_repository_tag
 
+from sandbox.errors import UserError
 from sandbox.harness import PROJECT_ROOT, harness_files
 
 log = structlog.get_logger(__name__)
@@ -73,7 +74,7 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _LOCK_BYTES = 64 * 2**10  # a lock is one name and one digest; anything larger is not one
 
 
-class ImageBuildError(Exception):
+class ImageBuildError(UserError):
     """An image could not be built (one clear sentence; the build output says why)."""
 
 

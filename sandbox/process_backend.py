@@ -282,7 +282,7 @@ _PR_SET_NO_NEW_PRIVS = 38
 
 
 @dataclass
-class _Plan:
+class _LaunchPlan:
     """What the launcher does; written by the backend as JSON, read by the launcher."""
 
     argv: list[str]
@@ -297,7 +297,7 @@ class _Plan:
     mounts: dict | None = None  # RunMounts, the run's own part
 
 
-def _exec_child(plan: _Plan) -> None:
+def _exec_child(plan: _LaunchPlan) -> None:
     """In the forked child: enter the new root, drop to the run's uid, exec. Never returns."""
     try:
         if plan.new_root is not None:
@@ -320,7 +320,7 @@ def _exec_child(plan: _Plan) -> None:
 
 def _launch(plan_path: str) -> int:
     """The launcher's main: join the cgroup, build the root, run the child, reap everything."""
-    plan = _Plan(**json.loads(Path(plan_path).read_text()))
+    plan = _LaunchPlan(**json.loads(Path(plan_path).read_text()))
     status = Path(plan.status_path)
     try:
         if plan.new_root:
@@ -643,7 +643,7 @@ class ProcessBackend:
                 return Killer.OOM_KILLER, ""
         return Killer.NONE, ""
 
-    def _ending(self, spec: RunSpec, plan: _Plan, handle: _RunHandle, killer: Killer, returncode: int | None,
+    def _ending(self, spec: RunSpec, plan: _LaunchPlan, handle: _RunHandle, killer: Killer, returncode: int | None,
                 max_rss: int | None, watchdog: GpuWatchdog | None, line_log: LineLog) -> _Ending:
         status_path = Path(plan.status_path)
         exit_info = json.loads(status_path.read_text()) if status_path.exists() else {}
@@ -673,7 +673,7 @@ class ProcessBackend:
         except OSError as error:
             raise SandboxUnavailable(f"the process sandbox cannot make the run's cgroup: {error}.") from error
 
-    def _plan(self, spec: RunSpec, handle: _RunHandle, state_dir: Path) -> _Plan:
+    def _plan(self, spec: RunSpec, handle: _RunHandle, state_dir: Path) -> _LaunchPlan:
         support = self.support
         env = {"PATH": self.child_path, "HOME": "/tmp", "TMPDIR": "/tmp",
                "USER": "sandbox", "LOGNAME": "sandbox", **spec.env,  # USER: getpass (torch.compile) needs a name
@@ -686,7 +686,7 @@ class ProcessBackend:
         elif argv and "/" not in argv[0]:
             argv[0] = shutil.which(argv[0], path=CHILD_PATH) or argv[0]
         group = handle.group()
-        plan = _Plan(argv=argv, env=env, cwd="/app", status_path=str(state_dir / "exit.json"),
+        plan = _LaunchPlan(argv=argv, env=env, cwd="/app", status_path=str(state_dir / "exit.json"),
                      rlimits={"RLIMIT_CORE": 0}, cgroup_procs=group.join_files() if group is not None else [])
         if support.isolated:
             self._isolate(plan, spec, handle, state_dir)
@@ -698,7 +698,7 @@ class ProcessBackend:
         plan_path.chmod(0o600)
         return plan
 
-    def _isolate(self, plan: _Plan, spec: RunSpec, handle: _RunHandle, state_dir: Path) -> None:
+    def _isolate(self, plan: _LaunchPlan, spec: RunSpec, handle: _RunHandle, state_dir: Path) -> None:
         """Fill the plan for a namespaced run: the new root's mounts, the uid, the pid limit."""
         assert handle.uid is not None
         handle.new_root = tempfile.mkdtemp(prefix="autoresearch-root-", dir="/tmp")  # /tmp: never bound inside
@@ -723,7 +723,7 @@ class ProcessBackend:
         mounts.hide = sorted(path for path in hide if any(_under(path, bound) for bound in sealed.binds))
         plan.sealed, plan.mounts = asdict(sealed), asdict(mounts)
 
-    def _run_in_place(self, plan: _Plan, spec: RunSpec, state_dir: Path) -> None:
+    def _run_in_place(self, plan: _LaunchPlan, spec: RunSpec, state_dir: Path) -> None:
         """Fill the plan for a run without namespaces: sandbox paths become host paths."""
         view = state_dir / "view"
         views = {"/app": os.path.realpath(spec.image), "/out": os.path.realpath(spec.out_dir)}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sandbox.budget_guard import BudgetRule
+from sandbox.errors import MachineError
 from sandbox.status import Status
 
 
@@ -94,7 +95,7 @@ class RunResult:
     runtime: str = ""  # what the image's runtime was built from (docker: upstream@digest or the offline tag)
 
 
-class SandboxUnavailable(Exception):
+class SandboxUnavailable(MachineError):
     """The chosen isolation backend cannot work on this host (one clear sentence)."""
 
 

@@ -28,7 +28,6 @@ from typing import Any, Callable
 import docker.models.containers
 
 import runner.overnight
-import sandbox.backends
 from runner.cli import main
 from runner.ledger import Ledger
 from sandbox.docker_backend import DockerBackend
@@ -77,7 +76,7 @@ class DockerBuilds(DockerBackend):
 
 def main_with(kind: str, pause: str, args: list[str]) -> None:
     backend = FakeBackend() if kind == "fake" else DockerBuilds()
-    sandbox.backends.get_backend = lambda *a, **k: backend
+    runner.overnight.make_backend = lambda *a, **k: backend
     agent = ScriptedAgent(*(change(LR=round(0.2 + 0.05 * n, 2)) for n in range(20)))
     runner.overnight.make_agent = lambda *a, **k: agent
     point, _, detail = pause.partition(":")

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
+from structlog.testing import capture_logs
 from tests.messages_server import MessagesServer, error_body, message_body
 
 from runner.agents.anthropic_agent import DEFAULT_MODEL, AnthropicAgent, estimate_cost
-from runner.agents.base import AgentError, Context, HistoryRow, Usage
-from runner.agents.factory import AgentConfigError, make_agent
+from runner.agents.base import AgentConfigError, AgentError, Context, HistoryRow, Usage
+from runner.agents.config import AnthropicConfig, SearchConfig
+from runner.agents.factory import choose_agent, make_agent
+from runner.agents.prompt import ReplyFormatError
 
 DIFF = """\
 --- a/train.py
@@ -46,17 +50,13 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-class Sleeps(list):
-    """Records the backoff delays instead of sleeping."""
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
+# The SDK waits as long as the server's retry-after says: a millisecond keeps retry tests fast.
+RETRY_AT_ONCE = {"retry-after-ms": "1"}
 
 
-def agent(url: str, sleeps: Sleeps | None = None, **kwargs: object) -> AnthropicAgent:
-    settings = {"api_key": "test-key", "base_url": url, "max_attempts": 3, "backoff_base": 0.01, "timeout": 10.0}
-    settings.update(kwargs)
-    return AnthropicAgent(sleep=sleeps if sleeps is not None else Sleeps(), **settings)  # type: ignore[arg-type]
+def agent(url: str, **settings: object) -> AnthropicAgent:
+    config = {"api_key": "test-key", "base_url": url, "max_retries": 2, "timeout": 10.0, **settings}
+    return AnthropicAgent(AnthropicConfig(**config))  # type: ignore[arg-type]
 
 
 def test_success_sends_cached_static_part_and_dynamic_user_message(server: MessagesServer) -> None:
@@ -88,7 +88,7 @@ def test_success_sends_cached_static_part_and_dynamic_user_message(server: Messa
 def test_settings_from_env_and_defaults(server: MessagesServer, monkeypatch: pytest.MonkeyPatch) -> None:
     server.reply(REPLY)
     server.reply(REPLY)
-    AnthropicAgent(api_key="k", base_url=server.url).propose(CONTEXT)
+    AnthropicAgent(AnthropicConfig(api_key="k", base_url=server.url)).propose(CONTEXT)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "env-key")
     monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
     monkeypatch.setenv("AR_ANTHROPIC_MODEL", "claude-env-model")
@@ -122,69 +122,67 @@ def test_cost_of_an_unknown_model_is_zero() -> None:
     assert estimate_cost("some-other-model", Usage(input_tokens=10**6, output_tokens=10**6)) == 0.0
 
 
-def test_rate_limit_is_retried_after_retry_after(server: MessagesServer) -> None:
-    server.push(429, error_body("rate_limit_error", "slow down"), {"retry-after": "0"})
+def test_rate_limit_is_retried_after_the_servers_retry_after(server: MessagesServer) -> None:
+    server.push(429, error_body("rate_limit_error", "slow down"), {"retry-after": "1"})
     server.reply(REPLY)
-    sleeps = Sleeps()
-    proposal = agent(server.url, sleeps, backoff_base=5.0).propose(CONTEXT)
+    started = time.monotonic()
+    proposal = agent(server.url).propose(CONTEXT)
 
     assert proposal.diff == DIFF
-    assert sleeps == [0.0]  # the server's retry-after, not the 5 s backoff
+    assert time.monotonic() - started >= 1.0  # the server's second, not the SDK's first backoff (at most 0.5 s)
     assert len(server.requests) == 2
 
 
-def test_repeated_server_errors_end_in_agent_error(server: MessagesServer) -> None:
+def test_repeated_server_errors_end_in_one_sentence(server: MessagesServer) -> None:
     for _ in range(3):
-        server.push(500, error_body("api_error", "internal trouble"))
-    sleeps = Sleeps()
-    with pytest.raises(AgentError, match="after 3 attempts.*HTTP 500.*internal trouble"):
-        agent(server.url, sleeps, max_attempts=3, backoff_base=0.01).propose(CONTEXT)
-    assert len(server.requests) == 3
-    assert len(sleeps) == 2  # no sleep after the last attempt
-    assert 0.005 <= sleeps[0] <= 0.01 and 0.01 <= sleeps[1] <= 0.02  # exponential, with jitter
+        server.push(500, error_body("api_error", "internal trouble"), RETRY_AT_ONCE)
+    with pytest.raises(AgentError, match="failed after 2 retries: HTTP 500: internal trouble") as info:
+        agent(server.url, max_retries=2).propose(CONTEXT)
+    assert "\n" not in str(info.value)
+    assert len(server.requests) == 3  # the first try and two retries
 
 
-def test_overloaded_529_is_retried(server: MessagesServer) -> None:
-    server.push(529, error_body("overloaded_error", "Overloaded"))
+def test_overloaded_529_is_retried_and_logged(server: MessagesServer) -> None:
+    server.push(529, error_body("overloaded_error", "Overloaded"))  # no retry-after: the SDK's own backoff
     server.reply(REPLY)
-    assert agent(server.url).propose(CONTEXT).diff == DIFF
+    with capture_logs() as events:
+        assert agent(server.url).propose(CONTEXT).diff == DIFF
     assert len(server.requests) == 2
+    assert [e["status"] for e in events if e["event"] == "anthropic_http_error"] == [529]
 
 
-def test_garbage_json_is_retried_then_fails(server: MessagesServer) -> None:
+def test_a_body_that_is_no_message_is_one_sentence(server: MessagesServer) -> None:
     server.push(200, b"{not json", {"content-type": "application/json"})
-    server.reply(REPLY)
-    assert agent(server.url).propose(CONTEXT).diff == DIFF
+    with pytest.raises(AgentError, match="answered with something that is not a message.*JSONDecodeError"):
+        agent(server.url).propose(CONTEXT)
     server.push(200, b"<html>proxy error</html>", {"content-type": "text/html"})
-    server.push(200, b"{not json", {"content-type": "application/json"})
-    with pytest.raises(AgentError, match="after 2 attempts"):
-        agent(server.url, max_attempts=2).propose(CONTEXT)
+    with pytest.raises(AgentError, match="answered with something that is not a message.*proxy error"):
+        agent(server.url).propose(CONTEXT)
+    assert len(server.requests) == 2  # nothing to retry: the night asks again later
 
 
-def test_reply_without_diff_is_retried_and_counted(server: MessagesServer) -> None:
-    server.reply("I think the learning rate is too low.", input_tokens=10, output_tokens=5)
+def test_a_reply_without_a_diff_carries_what_it_cost(server: MessagesServer) -> None:
+    server.reply("DESCRIPTION: lower the LR\nI think the learning rate is too high.", input_tokens=10, output_tokens=5)
+    with pytest.raises(ReplyFormatError, match="no unified diff") as info:
+        agent(server.url, model="claude-sonnet-5-5").propose(CONTEXT)
+    assert info.value.description == "lower the LR"
+    assert (info.value.usage.input_tokens, info.value.usage.output_tokens) == (10, 5)
+    assert info.value.usage.cost_usd == pytest.approx((10 * 2 + 5 * 10) / 1e6)
     server.push(200, {**message_body("x"), "content": []})  # empty reply
-    with pytest.raises(AgentError, match="after 2 attempts.*no unified diff"):
-        agent(server.url, max_attempts=2).propose(CONTEXT)
-    assert len(server.requests) == 2
-
-
-def test_malformed_then_good_reply_sums_usage(server: MessagesServer) -> None:
-    server.reply("no diff here", input_tokens=10, output_tokens=5)
-    server.reply(REPLY, input_tokens=20, output_tokens=7)
-    usage = agent(server.url).propose(CONTEXT).usage
-    assert (usage.input_tokens, usage.output_tokens) == (30, 12)
+    with pytest.raises(ReplyFormatError, match="no unified diff"):
+        agent(server.url).propose(CONTEXT)
+    assert len(server.requests) == 2  # sent back to the agent by the runner, as an invalid diff is
 
 
 def test_bad_request_is_not_retried(server: MessagesServer) -> None:
-    server.push(400, error_body("invalid_request_error", "max_tokens too large"))
+    server.push(400, error_body("invalid_request_error", "max_tokens too large"), RETRY_AT_ONCE)
     with pytest.raises(AgentError, match="rejected the request.*max_tokens too large"):
         agent(server.url).propose(CONTEXT)
     assert len(server.requests) == 1
 
 
 def test_refused_key_is_a_config_error(server: MessagesServer) -> None:
-    server.push(401, error_body("authentication_error", "invalid x-api-key"))
+    server.push(401, error_body("authentication_error", "invalid x-api-key"), RETRY_AT_ONCE)
     with pytest.raises(AgentConfigError, match="refused the key"):
         agent(server.url).propose(CONTEXT)
     assert len(server.requests) == 1
@@ -193,18 +191,22 @@ def test_refused_key_is_a_config_error(server: MessagesServer) -> None:
 def test_timeout_is_retried_then_fails(server: MessagesServer) -> None:
     server.push(200, message_body(REPLY), delay=3.0)
     server.push(200, message_body(REPLY), delay=3.0)
-    with pytest.raises(AgentError, match="after 2 attempts.*APITimeoutError"):
-        agent(server.url, max_attempts=2, timeout=0.2).propose(CONTEXT)
+    with pytest.raises(AgentError, match="could not be reached after 1 retry: APITimeoutError"):
+        agent(server.url, max_retries=1, timeout=0.2).propose(CONTEXT)
+    assert len(server.requests) == 2
 
 
 def test_connection_refused_ends_in_agent_error() -> None:
     with socket.socket() as sock:  # a port that was free a moment ago and has no listener
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    sleeps = Sleeps()
-    with pytest.raises(AgentError, match="after 3 attempts.*APIConnectionError"):
-        agent(f"http://127.0.0.1:{port}", sleeps).propose(CONTEXT)
-    assert len(sleeps) == 2
+    with pytest.raises(AgentError, match="could not be reached after 1 retry: APIConnectionError"):
+        agent(f"http://127.0.0.1:{port}", max_retries=1).propose(CONTEXT)
+
+
+def test_negative_retries_are_a_config_error() -> None:
+    with pytest.raises(AgentConfigError, match="max_retries must not be negative"):
+        AnthropicAgent(AnthropicConfig(api_key="k", max_retries=-1))
 
 
 def test_missing_key_is_one_clear_sentence() -> None:
@@ -215,11 +217,19 @@ def test_missing_key_is_one_clear_sentence() -> None:
 def test_bad_env_number_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AR_ANTHROPIC_MAX_TOKENS", "lots")
     with pytest.raises(AgentConfigError, match="AR_ANTHROPIC_MAX_TOKENS must be a number"):
-        AnthropicAgent(api_key="k")
+        AnthropicAgent(AnthropicConfig(api_key="k"))
 
 
 def test_factory_auto_picks_anthropic_when_the_key_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
-    chosen = make_agent("auto", model="claude-x", command="ignored by this agent", min_trials=3)
+    assert choose_agent("auto") == "anthropic"
+    chosen = make_agent(AnthropicConfig(model="claude-x"))
     assert isinstance(chosen, AnthropicAgent) and chosen.model == "claude-x"
-    assert make_agent("anthropic").name == "anthropic"
+    assert make_agent(AnthropicConfig()).name == "anthropic"
+
+
+def test_a_setting_the_agent_does_not_take_is_an_error() -> None:
+    with pytest.raises(TypeError, match="command"):
+        AnthropicConfig(command="meant for the command agent")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="model"):
+        SearchConfig(model="claude-x")  # type: ignore[call-arg]

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from runner.agents.base import AgentError, Context
+from runner.agents.base import AgentConfigError, AgentError, Context
 from runner.agents.command_agent import CommandAgent
-from runner.agents.factory import AgentConfigError, make_agent
+from runner.agents.config import CommandConfig
+from runner.agents.factory import choose_agent, make_agent
 from runner.agents.prompt import ReplyFormatError
 from runner.inputs import MAX_AGENT_REPLY_BYTES
 
@@ -27,11 +28,15 @@ def python(code: str) -> str:
     return f"{PY} -c {shlex.quote(code)}"
 
 
+def command_agent(command: str, **settings: object) -> CommandAgent:
+    return CommandAgent(CommandConfig(command=command, **settings))  # type: ignore[arg-type]
+
+
 def test_prompt_on_stdin_and_proposal_from_stdout(tmp_path: Path) -> None:
     seen = tmp_path / "prompt.txt"
     reply = f"Thinking...\nDESCRIPTION: raise LR\n```diff\n{DIFF}```\n"
     code = f"import sys; open({str(seen)!r}, 'w').write(sys.stdin.read()); print({reply!r})"
-    proposal = CommandAgent(python(code)).propose(CONTEXT)
+    proposal = command_agent(python(code)).propose(CONTEXT)
 
     assert proposal.description == "raise LR"
     assert proposal.diff == DIFF
@@ -42,7 +47,7 @@ def test_prompt_on_stdin_and_proposal_from_stdout(tmp_path: Path) -> None:
 def test_non_zero_exit_reports_stderr_tail() -> None:
     code = "import sys; sys.stderr.write('x' * 5000 + 'model quota exhausted'); sys.exit(3)"
     with pytest.raises(AgentError, match="(?s)exited with status 3.*model quota exhausted") as info:
-        CommandAgent(python(code)).propose(CONTEXT)
+        command_agent(python(code)).propose(CONTEXT)
     assert len(str(info.value)) < 2500  # only the tail
 
 
@@ -55,7 +60,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
         "sys.stderr.write('still thinking'); sys.stderr.flush(); time.sleep(300)"
     )
     with pytest.raises(AgentError, match="(?s)timed out after 1 s.*still thinking"):
-        CommandAgent(python(code), timeout=1).propose(CONTEXT)
+        command_agent(python(code), timeout=1).propose(CONTEXT)
     assert _gone(int(pid_file.read_text()))
 
 
@@ -74,7 +79,7 @@ def _gone(pid: int) -> bool:
 
 def test_output_without_diff_is_an_agent_error() -> None:
     with pytest.raises(ReplyFormatError, match="no unified diff"):
-        CommandAgent(python("print('I could not decide.')")).propose(CONTEXT)
+        command_agent(python("print('I could not decide.')")).propose(CONTEXT)
 
 
 def test_missing_command_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,22 +90,24 @@ def test_missing_command_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_factory_takes_the_command_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AR_AGENT_COMMAND", "cat")
-    agent = make_agent("command", timeout=5.0, model="not for this agent")
+    agent = make_agent(CommandConfig(timeout=5.0))
     assert isinstance(agent, CommandAgent) and agent.command == "cat" and agent.timeout == 5.0
+    with pytest.raises(TypeError, match="model"):
+        CommandConfig(model="not for this agent")  # type: ignore[call-arg]
     with pytest.raises(AgentConfigError, match="unknown agent 'gpt'; choose one of"):
-        make_agent("gpt")
+        choose_agent("gpt")
 
 
 def test_command_runs_in_cwd(tmp_path: Path) -> None:
     (tmp_path / "reply.txt").write_text(f"DESCRIPTION: from a file\n```diff\n{DIFF}```\n")
-    proposal = CommandAgent("cat reply.txt", cwd=str(tmp_path)).propose(CONTEXT)
+    proposal = command_agent("cat reply.txt", cwd=str(tmp_path)).propose(CONTEXT)
     assert proposal.description == "from a file"  # and a command that ignores stdin is fine
 
 
 def test_a_huge_reply_is_an_agent_error_not_a_full_memory(tmp_path: Path) -> None:
     code = "import sys\nblock = 'x' * 2**16 + '\\n'\nfor _ in range(1024): sys.stdout.write(block)"  # 64 MiB
     with pytest.raises(AgentError, match=f"printed more than {MAX_AGENT_REPLY_BYTES:,} bytes"):
-        CommandAgent(python(code)).propose(CONTEXT)
+        command_agent(python(code)).propose(CONTEXT)
 
 
 def test_a_grandchild_that_keeps_the_output_open_does_not_hold_the_reply(tmp_path: Path) -> None:
@@ -113,7 +120,7 @@ def test_a_grandchild_that_keeps_the_output_open_does_not_hold_the_reply(tmp_pat
         f"print({REPLY!r})"
     )
     try:
-        proposal = CommandAgent(python(code), timeout=30).propose(CONTEXT)
+        proposal = command_agent(python(code), timeout=30).propose(CONTEXT)
         assert proposal.description == "raise the matrix learning rate"
     finally:
         os.kill(int(pid_file.read_text()), signal.SIGKILL)

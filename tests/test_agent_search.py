@@ -11,8 +11,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from runner.agents.base import AgentError, Context, HistoryRow
-from runner.agents.factory import make_agent
-from runner.agents.search_agent import SearchAgent, _past_trials, hyperparameters, space_for
+from runner.agents.config import SearchConfig
+from runner.agents.factory import choose_agent, make_agent
+from runner.agents.hyperparameters import hyperparameters
+from runner.agents.search_agent import SearchAgent, _past_trials, space_for
 
 TRAIN_PY = '''\
 """A small train.py in the style of the reference."""
@@ -76,7 +78,7 @@ def test_if_expression_with_inverted_test() -> None:
 
 
 def test_proposal_is_a_real_diff_touching_only_literals(tmp_path: Path) -> None:
-    agent = SearchAgent(profile="cpu")
+    agent = SearchAgent(SearchConfig(profile="cpu"))
     for seed in range(12):
         proposal = agent.propose(context(seed=seed))
         new = apply(TRAIN_PY, proposal.diff, tmp_path)
@@ -115,13 +117,13 @@ def _skeleton(line: str) -> str:
 def test_cpu_profile_edits_only_the_cpu_branch(tmp_path: Path) -> None:
     source = "DEPTH = 8 if GPU else 2  # layers\n"
     for profile, expected in (("cpu", r"^DEPTH = 8 if GPU else \d+  # layers\n$"), ("gpu", r"^DEPTH = \d+ if GPU else 2  # layers\n$")):
-        new = apply(source, SearchAgent(profile=profile).propose(context(source)).diff, tmp_path)
+        new = apply(source, SearchAgent(SearchConfig(profile=profile)).propose(context(source)).diff, tmp_path)
         assert re.match(expected, new) and new != source
 
 
 def test_same_context_and_seed_give_the_same_proposal() -> None:
-    agent = SearchAgent(profile="cpu", seed=7)
-    assert agent.propose(context(seed=3)) == SearchAgent(profile="cpu", seed=7).propose(context(seed=3))
+    agent = SearchAgent(SearchConfig(profile="cpu", seed=7))
+    assert agent.propose(context(seed=3)) == SearchAgent(SearchConfig(profile="cpu", seed=7)).propose(context(seed=3))
     proposals = {agent.propose(context(seed=s)).diff for s in range(6)}
     assert len(proposals) > 1
     retries = [agent.propose(context(seed=s, feedback="hunk 1 does not apply")).diff for s in range(4)]
@@ -130,19 +132,19 @@ def test_same_context_and_seed_give_the_same_proposal() -> None:
 
 def test_seed_is_never_changed() -> None:
     source = "SEED = 42\nMATRIX_LR = 0.04\n"
-    agent = SearchAgent(profile="cpu")
+    agent = SearchAgent(SearchConfig(profile="cpu"))
     for seed in range(20):
         assert agent.propose(context(source, seed=seed)).description.startswith("MATRIX_LR 0.04 -> ")
 
 
 def test_only_seed_is_not_searchable() -> None:
     with pytest.raises(AgentError, match="no tunable hyperparameter"):
-        SearchAgent(profile="cpu").propose(context("SEED = 1\nNAME = 'x'\n"))
+        SearchAgent(SearchConfig(profile="cpu")).propose(context("SEED = 1\nNAME = 'x'\n"))
 
 
 def test_history_configs_are_not_proposed_again() -> None:
     source = "HEAD_DIM = 64\n"  # the only possible change is 64 -> 128
-    agent = SearchAgent(profile="cpu")
+    agent = SearchAgent(SearchConfig(profile="cpu"))
     assert agent.propose(context(source)).description == "HEAD_DIM 64 -> 128"
     tried = (HistoryRow("e1", "HEAD_DIM 64 -> 128", "discard", 1.7, 0.1, {"HEAD_DIM": 128}),)
     with pytest.raises(AgentError, match="no untried hyperparameter change"):
@@ -150,7 +152,7 @@ def test_history_configs_are_not_proposed_again() -> None:
 
 
 def test_generic_ints_stay_positive_ints_and_strings_keep_their_quotes(tmp_path: Path) -> None:
-    agent = SearchAgent(profile="cpu")
+    agent = SearchAgent(SearchConfig(profile="cpu"))
     for seed in range(8):
         new = apply("EVAL_EVERY = 1\n", agent.propose(context("EVAL_EVERY = 1\n", seed=seed)).diff, tmp_path)
         value = hyperparameters(new, "cpu")["EVAL_EVERY"]
@@ -160,7 +162,7 @@ def test_generic_ints_stay_positive_ints_and_strings_keep_their_quotes(tmp_path:
 
 
 def test_powers_of_two_stay_powers_of_two_in_their_notation() -> None:
-    agent = SearchAgent(profile="gpu")
+    agent = SearchAgent(SearchConfig(profile="gpu"))
     for seed in range(6):
         description = agent.propose(context("TOTAL_BATCH_SIZE = 2**19\nDEVICE_BATCH_SIZE = 128\n", seed=seed)).description
         for name, _old, new in re.findall(r"(\w+) ([^ ,]+) -> ([^ ,]+)", description):
@@ -172,7 +174,7 @@ def test_powers_of_two_stay_powers_of_two_in_their_notation() -> None:
 
 def test_file_without_final_newline(tmp_path: Path) -> None:
     source = "import torch\nMATRIX_LR = 0.04"
-    proposal = SearchAgent(profile="cpu").propose(context(source))
+    proposal = SearchAgent(SearchConfig(profile="cpu")).propose(context(source))
     assert "\\ No newline at end of file" in proposal.diff
     assert apply(source, proposal.diff, tmp_path).startswith("import torch\nMATRIX_LR = ")
 
@@ -206,8 +208,8 @@ def test_tpe_learns_from_history() -> None:
         values = [hyperparameters(_applied(source, agent, rows, seed), "cpu")["MATRIX_LR"] for seed in range(10)]
         return sum(math.log(v) for v in values) / len(values)
 
-    learned = mean_log_lr(SearchAgent(profile="cpu", min_trials=8), history)
-    local = mean_log_lr(SearchAgent(profile="cpu", min_trials=1000), history)
+    learned = mean_log_lr(SearchAgent(SearchConfig(profile="cpu", min_trials=8)), history)
+    local = mean_log_lr(SearchAgent(SearchConfig(profile="cpu", min_trials=1000)), history)
     assert learned > local
     assert learned > math.log(0.08)
 
@@ -220,6 +222,8 @@ def _applied(source: str, agent: SearchAgent, rows: tuple[HistoryRow, ...], seed
 def test_factory_auto_without_key_is_search_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     with capture_logs() as logs:
-        agent = make_agent("auto", profile="cpu", seed=5, model="ignored", command="ignored")
-    assert isinstance(agent, SearchAgent) and agent.seed == 5 and agent.profile == "cpu"
+        chosen = choose_agent("auto")
+    assert chosen == "search"
     assert [(e["event"], e["agent"]) for e in logs] == [("agent_chosen", "search")]
+    agent = make_agent(SearchConfig(profile="cpu", seed=5))
+    assert isinstance(agent, SearchAgent) and agent.seed == 5 and agent.profile == "cpu"

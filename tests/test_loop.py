@@ -30,14 +30,14 @@ from rich.console import Console
 
 import contract
 from runner import loop
-from runner.agents.base import AgentError, Proposal, Usage
-from runner.agents.factory import AgentConfigError
+from runner.agents.base import AgentConfigError, AgentError, Proposal, Usage
+from runner.agents.prompt import ReplyFormatError
 from runner.cli import main
 from runner.decision import Rule
 from runner.gpus import Gpu
 from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Ledger
 from dataprep.build import read_manifest
-from runner.logging import night_log
+from runner.log_setup import night_log
 from runner.loop import Dataset, Night, NightError
 from runner.overnight import ensure_data
 from runner.settings import Settings, Source
@@ -172,6 +172,11 @@ def agent_error(context):
     raise AgentError("the model is overloaded")
 
 
+def no_diff(context):
+    raise ReplyFormatError("the reply contains no unified diff of train.py", description="think harder",
+                           usage=Usage(input_tokens=10, output_tokens=5))
+
+
 class ScriptedAgent:
     name = "scripted"
 
@@ -298,6 +303,24 @@ def test_invalid_diff_is_fed_back_then_recorded_rejected(project):
     # the next proposal starts fresh; its second try succeeds
     assert agent.contexts[3].feedback == "" and agent.contexts[4].feedback == rejected.reject_reason
     assert (accepted.status, accepted.attempts, accepted.decision) == ("done", 2, "keep")
+
+
+def test_a_reply_without_a_diff_is_fed_back_and_its_cost_counted(project):
+    agent = ScriptedAgent(no_diff, change(LR=0.2))
+    night, ledger = make_night(project, agent, FakeBackend(), max_experiments=1, max_diff_retries=3)
+    night.run()
+    (row,) = experiments(ledger)
+    assert agent.contexts[1].feedback == "the reply contains no unified diff of train.py"
+    assert (row.status, row.attempts, row.input_tokens, row.output_tokens) == ("done", 2, 20, 5)  # both replies
+
+
+def test_replies_without_a_diff_end_rejected(project):
+    agent = ScriptedAgent(no_diff, no_diff)
+    night, ledger = make_night(project, agent, FakeBackend(), max_experiments=1, max_diff_retries=2)
+    night.run()
+    (row,) = experiments(ledger)
+    assert (row.status, row.attempts, row.input_tokens, row.description) == ("rejected", 2, 20, "think harder")
+    assert row.reject_reason == "the reply contains no unified diff of train.py"
 
 
 def test_a_crash_is_recorded_with_its_log_tail_and_shown_to_the_agent(project):
@@ -536,6 +559,20 @@ def test_an_agent_that_cannot_work_is_one_line_before_anything_runs(agent, messa
     assert result.exit_code == 1 and last.startswith("Error: ") and message in last
     assert "Traceback" not in result.output
     assert not (project / "runs" / "t" / "ledger.sqlite").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--agent", "search", "--agent-command", "cat"], "--agent-command is for --agent command only"),
+    (["--sandbox", "auto", "--base-image", "pytorch/pytorch:x"], "--base-image is for the docker sandbox, but no "
+                                                                 "Docker engine answers here"),
+])
+def test_a_setting_that_the_chosen_part_does_not_take_is_one_line(args, message, project, monkeypatch):
+    monkeypatch.setattr("sandbox.backends.docker_unreachable", lambda: "FileNotFoundError: no socket")
+    monkeypatch.chdir(project)
+    result = CliRunner().invoke(main, ["overnight", "--gpus", "none", "--agent", "search", "--tag", "t", *args])
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith("Error: ") and message in last
+    assert not (project / "runs" / "t").exists()  # nothing was started
 
 
 def test_asking_for_docker_without_an_engine_is_one_line(project, monkeypatch):

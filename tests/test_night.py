@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from runner.agents.base import Proposal
+from runner.agents.config import SearchConfig
 from runner.agents.search_agent import SearchAgent
 from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Ledger
 from runner.loop import Night
@@ -112,7 +113,8 @@ def test_a_night_in_miniature(project, docker_client, tmp_path):
     backend = get_backend("auto")
     backend.ensure_ready()
     ledger = Ledger(settings.run_dir / "ledger.sqlite")
-    agent = ScriptedThenSearch([crash, invalid, invalid, restore_learning_rates], SearchAgent(profile="cpu"))
+    search = SearchAgent(SearchConfig(profile="cpu"))
+    agent = ScriptedThenSearch([crash, invalid, invalid, restore_learning_rates], search)
     night = Night(settings, ledger=ledger, backend=backend, agent=agent, gpus=[], data=ensure_data(settings))
     assert night.run() == "max-experiments"
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import backends
 from sandbox.process_backend import HostSupport, ProcessBackend
 from sandbox.sealed_root import runtime_needs, seal
 from sandbox.spec import CancelToken, Killer, Limits, Mount, Phase, RunResult, RunSpec, SandboxUnavailable, Status
@@ -221,17 +220,6 @@ def test_gpu_memory_above_the_cap_is_killed_by_the_watchdog(backend, tmp_path):
     """, gpu_uuid=gpu, limits=Limits(gpu_memory_bytes=512 * 2**20), deadline_s=300.0)
     assert (result.status, result.killed_by) == (Status.GPU_OOM, Killer.WATCHDOG), log
     assert result.peak_gpu_memory_bytes is not None and result.peak_gpu_memory_bytes > 512 * 2**20
-
-
-def test_get_backend_picks_process_without_an_engine(monkeypatch, tmp_path):
-    monkeypatch.setattr(backends, "docker_unreachable", lambda: "FileNotFoundError: no socket")
-    chosen = backends.get_backend("auto", snapshots_root=tmp_path, not_a_process_setting=1)
-    assert isinstance(chosen, ProcessBackend) and chosen.snapshots_root == tmp_path
-    assert isinstance(backends.get_backend("process", snapshots_root=tmp_path), ProcessBackend)
-    with pytest.raises(SandboxUnavailable, match="no Docker engine answers"):
-        backends.get_backend("docker")
-    with pytest.raises(SandboxUnavailable, match="unknown sandbox backend"):
-        backends.get_backend("bwrap")
 
 
 def test_a_run_without_an_enforceable_memory_limit_refuses_to_start(tmp_path):

@@ -224,6 +224,65 @@ def test_review_accept_into_a_train_py_that_is_not_text(night, tmp_path):  # noq
     assert f"train.py {target} is not UTF-8 text" in error
 
 
+# -- one base for every error a user can cause ---------------------------------------------------------
+
+# The project's exceptions that are not the user's to fix, and why: anything else must derive from UserError.
+NOT_THE_USERS = {
+    "runner.agents.base.AgentError": "an agent outage: recorded, waited out, the night goes on",
+    "runner.agents.prompt.ReplyFormatError": "a reply without a diff: sent back to the agent",
+    "contract.ResultError": "phase 2 printed no valid result: the experiment's failure",
+}
+
+
+def _project_exceptions() -> dict[str, type]:
+    import importlib
+    import inspect
+    import pkgutil
+
+    import contract
+    import dataprep
+    import runner
+    import sandbox
+
+    modules = [contract] + [importlib.import_module(info.name) for package in (runner, sandbox, dataprep)
+                            for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+    return {f"{cls.__module__}.{cls.__qualname__}": cls for module in modules
+            for _, cls in inspect.getmembers(module, inspect.isclass)
+            if issubclass(cls, BaseException) and cls.__module__ == module.__name__}
+
+
+def test_every_error_a_user_can_cause_derives_from_the_one_base():
+    from sandbox.errors import MachineError, UserError
+    from sandbox.images import ImageBuildError
+    from sandbox.spec import SandboxUnavailable
+
+    found = _project_exceptions()
+    assert len(found) > 15  # the walk saw the project
+    not_user_errors = sorted(name for name, cls in found.items() if not issubclass(cls, UserError))
+    assert not_user_errors == sorted(NOT_THE_USERS)
+    assert issubclass(SandboxUnavailable, MachineError) and issubclass(ledgers.LedgerUnavailable, MachineError)
+    assert issubclass(ImageBuildError, UserError) and not issubclass(ImageBuildError, MachineError)
+
+
+def test_user_errors_says_the_base_in_one_sentence_and_lets_a_bug_through():
+    import click
+
+    from runner.errors import UserError, user_errors
+    from sandbox.spec import SandboxUnavailable
+
+    @user_errors
+    def command(error: Exception) -> None:
+        raise error
+
+    for error in (UserError("the flag is wrong."), SandboxUnavailable("no engine answers."),
+                  PermissionError(13, "Permission denied", "/runs")):
+        with pytest.raises(click.ClickException) as said:
+            command(error)
+        assert said.value.message in ("the flag is wrong.", "no engine answers.", "permission denied for /runs.")
+    with pytest.raises(KeyError):
+        command(KeyError("a bug"))
+
+
 # -- sentences about rows -----------------------------------------------------------------------------
 
 

@@ -2,9 +2,12 @@
 
 The static part of the prompt (and the current best train.py, which changes only on
 a keep) are marked for prompt caching, so a night of proposals pays full price for
-them roughly once per keep. Transient API trouble is retried here with exponential
-backoff; whatever still fails becomes an `AgentError`, which the runner records
-before going on with the night.
+them roughly once per keep. Transient API trouble (overload, rate limits, server
+errors, timeouts, lost connections) is retried by the SDK itself, with exponential
+backoff and the server's retry-after; whatever still fails becomes an `AgentError`,
+which the runner records before going on with the night. A reply without a diff is a
+`ReplyFormatError` carrying the tokens it cost; the runner sends it back to the agent
+like an invalid diff.
 """
 
 from __future__ import annotations
@@ -13,23 +16,19 @@ import dataclasses
 import functools
 import json
 import os
-import random
-import time
-from collections.abc import Callable
 from typing import Any
 
 import anthropic
 import structlog
 
-from runner.agents.base import AgentError, Context, Proposal, Usage
-from runner.agents.factory import AgentConfigError
-from runner.agents.prompt import ReplyFormatError, dynamic_part, parse_reply, static_part, train_py_part
+from runner.agents.base import AgentConfigError, AgentError, Context, Proposal, Usage
+from runner.agents.config import AnthropicConfig
+from runner.agents.prompt import dynamic_part, parse_reply, static_part, train_py_part
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_MODEL = "claude-sonnet-5-5"
 DEFAULT_MAX_TOKENS = 16_000
-DEFAULT_TIMEOUT = 600.0  # seconds for one request; a long reply takes minutes
 
 # Estimated list prices in $ per million tokens (input, output) by model id prefix,
 # first match wins. Writing the 5-minute prompt cache costs 1.25x input, reading it
@@ -70,74 +69,64 @@ def _price(model: str) -> tuple[float, float]:
 
 
 class AnthropicAgent:
-    """Proposes diffs with a Claude model; settings come from arguments, then env."""
+    """Proposes diffs with a Claude model; what the configuration leaves at None comes from the environment."""
 
     name = "anthropic"
 
-    def __init__(
-        self,
-        *,
-        api_key: str | None = None,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        base_url: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        max_attempts: int = 5,
-        backoff_base: float = 2.0,
-        backoff_max: float = 60.0,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        api_key = api_key or os.environ.get("ANTHROPIC_API_KEY")
+    def __init__(self, config: AnthropicConfig = AnthropicConfig()) -> None:
+        api_key = config.api_key or os.environ.get("ANTHROPIC_API_KEY")
         if not api_key:
             raise AgentConfigError(
                 "ANTHROPIC_API_KEY is not set; export your API key, or use the offline search agent."
             )
-        self.model = model or os.environ.get("AR_ANTHROPIC_MODEL") or DEFAULT_MODEL
-        self.max_tokens = max_tokens or _env_number("AR_ANTHROPIC_MAX_TOKENS", int) or DEFAULT_MAX_TOKENS
+        if config.max_retries < 0:
+            raise AgentConfigError(f"max_retries must not be negative, got {config.max_retries}.")
+        self.model = config.model or os.environ.get("AR_ANTHROPIC_MODEL") or DEFAULT_MODEL
+        self.max_tokens = config.max_tokens or _env_number("AR_ANTHROPIC_MAX_TOKENS", int) or DEFAULT_MAX_TOKENS
         # Sent only when set: current models reject non-default sampling parameters.
-        self.temperature = temperature if temperature is not None else _env_number("AR_ANTHROPIC_TEMPERATURE", float)
-        if max_attempts < 1:
-            raise AgentConfigError(f"max_attempts must be at least 1, got {max_attempts}.")
-        self.max_attempts = max_attempts
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self._sleep = sleep
+        self.temperature = (config.temperature if config.temperature is not None
+                            else _env_number("AR_ANTHROPIC_TEMPERATURE", float))
+        self.max_retries = config.max_retries
         self._client = anthropic.Anthropic(
             api_key=api_key,
-            base_url=base_url or os.environ.get("ANTHROPIC_BASE_URL") or None,
-            max_retries=0,  # retried here, with our own policy and logging
-            timeout=timeout,
+            base_url=config.base_url or os.environ.get("ANTHROPIC_BASE_URL") or None,
+            max_retries=config.max_retries,
+            timeout=config.timeout,
+            http_client=anthropic.DefaultHttpxClient(event_hooks={"response": [_log_error_status]}),
         )
 
     def propose(self, context: Context) -> Proposal:
-        request = self._request(context)
-        usage = Usage()
-        error = ""
-        for attempt in range(1, self.max_attempts + 1):
-            retry_after: float | None = None
-            try:
-                message = self._client.messages.create(**request)
-            except anthropic.APIStatusError as exc:
-                _raise_if_permanent(exc)
-                error = f"HTTP {exc.status_code}: {exc.api_message or exc.message}"
-                retry_after = _retry_after(exc.response.headers)
-            except (anthropic.APIConnectionError, anthropic.APIResponseValidationError, json.JSONDecodeError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            except anthropic.AnthropicError as exc:  # anything else the SDK raises: not worth a retry
-                raise AgentError(f"the Anthropic SDK failed: {type(exc).__name__}: {exc}") from exc
-            else:
-                usage = _add(usage, self._usage(getattr(message, "usage", None)))
-                try:
-                    return parse_reply(_reply_text(message), usage)
-                except ReplyFormatError as exc:
-                    error = f"malformed reply (stop_reason={getattr(message, 'stop_reason', None)}): {exc}"
-            if attempt < self.max_attempts:
-                delay = self._delay(attempt, retry_after)
-                log.warning("anthropic_retry", attempt=attempt, error=error, delay_s=round(delay, 3))
-                self._sleep(delay)
-        log.error("anthropic_failed", attempts=self.max_attempts, error=error, spent_usd=usage.cost_usd)
-        raise AgentError(f"the Anthropic API gave no usable proposal after {self.max_attempts} attempts; last error: {error}")
+        try:
+            message = self._client.messages.create(**self._request(context))
+        except anthropic.APIStatusError as exc:
+            raise self._status_error(exc) from exc
+        except anthropic.APIConnectionError as exc:  # timeouts included
+            raise AgentError(f"the Anthropic API could not be reached after {self._retries}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        except (anthropic.APIResponseValidationError, json.JSONDecodeError) as exc:
+            raise AgentError(f"the Anthropic API answered with something that is not a message "
+                             f"({type(exc).__name__}: {exc}).") from exc
+        except anthropic.AnthropicError as exc:  # anything else the SDK raises
+            raise AgentError(f"the Anthropic SDK failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(message, anthropic.types.Message):  # a body that is no JSON at all (a proxy's page)
+            raise AgentError(f"the Anthropic API answered with something that is not a message: "
+                             f"{str(message)[:200]!r}.")
+        return parse_reply(_reply_text(message), self._usage(message.usage))
+
+    @property
+    def _retries(self) -> str:
+        return f"{self.max_retries} {'retry' if self.max_retries == 1 else 'retries'}"
+
+    def _status_error(self, exc: anthropic.APIStatusError) -> AgentError:
+        """The error for an HTTP error status (the SDK has retried those that another try can fix)."""
+        status = exc.status_code
+        detail = exc.api_message or exc.message
+        if status in (401, 403):
+            return AgentConfigError(f"the Anthropic API refused the key (HTTP {status}: {detail}); "
+                                    "check ANTHROPIC_API_KEY.")
+        if status < 500 and status not in _RETRIED_STATUSES:
+            return AgentError(f"the Anthropic API rejected the request (HTTP {status}: {detail}).")
+        return AgentError(f"the Anthropic API failed after {self._retries}: HTTP {status}: {detail}")
 
     def _request(self, context: Context) -> dict[str, Any]:
         request: dict[str, Any] = {
@@ -159,8 +148,6 @@ class AnthropicAgent:
         return request
 
     def _usage(self, raw: Any) -> Usage:
-        if raw is None:
-            return Usage()
         usage = Usage(
             input_tokens=getattr(raw, "input_tokens", 0) or 0,
             output_tokens=getattr(raw, "output_tokens", 0) or 0,
@@ -169,39 +156,20 @@ class AnthropicAgent:
         )
         return dataclasses.replace(usage, cost_usd=estimate_cost(self.model, usage))
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        """The server's retry-after when it gives one, else exponential backoff with jitter."""
-        if retry_after is not None:
-            return min(retry_after, self.backoff_max)
-        return min(self.backoff_base * 2 ** (attempt - 1), self.backoff_max) * random.uniform(0.5, 1.0)
+
+# The 4xx statuses the SDK retries, as every 5xx (anthropic._base_client: _should_retry).
+_RETRIED_STATUSES = (408, 409, 429)
 
 
-def _raise_if_permanent(exc: anthropic.APIStatusError) -> None:
-    """Errors that another attempt cannot fix end the proposal at once."""
-    status = exc.status_code
-    detail = exc.api_message or exc.message
-    if status in (401, 403):
-        raise AgentConfigError(f"the Anthropic API refused the key (HTTP {status}: {detail}); check ANTHROPIC_API_KEY.") from exc
-    if status < 500 and status not in (408, 409, 429):
-        raise AgentError(f"the Anthropic API rejected the request (HTTP {status}: {detail}).") from exc
+def _log_error_status(response: Any) -> None:
+    """Every error status the API answers goes to the night's log, the ones the SDK then retries included."""
+    if response.status_code >= 400:
+        log.warning("anthropic_http_error", status=response.status_code,
+                    retry_after=response.headers.get("retry-after-ms") or response.headers.get("retry-after"))
 
 
-def _retry_after(headers: Any) -> float | None:
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
-            return max(0.0, float(headers.get(name)) * scale)
-        except (TypeError, ValueError):
-            continue
-    return None
-
-
-def _reply_text(message: Any) -> str:
-    blocks = getattr(message, "content", None) or []
-    return "\n".join(block.text for block in blocks if getattr(block, "type", None) == "text")
-
-
-def _add(a: Usage, b: Usage) -> Usage:
-    return Usage(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(Usage)})
+def _reply_text(message: anthropic.types.Message) -> str:
+    return "\n".join(block.text for block in message.content if block.type == "text")
 
 
 def _env_number(name: str, kind: type[int] | type[float]) -> Any:

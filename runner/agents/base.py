@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from runner.errors import UserError
+
 
 @dataclass(frozen=True)
 class HistoryRow:
@@ -56,6 +58,10 @@ class Proposal:
 
 class AgentError(Exception):
     """The agent could not produce a proposal this time (the night goes on)."""
+
+
+class AgentConfigError(AgentError, UserError):
+    """The agent cannot work with this configuration (retrying will not help)."""
 
 
 class Agent(Protocol):

@@ -15,29 +15,28 @@ from typing import BinaryIO
 
 import structlog
 
-from runner.agents.base import AgentError, Context, Proposal
-from runner.agents.factory import AgentConfigError
+from runner.agents.base import AgentConfigError, AgentError, Context, Proposal
+from runner.agents.config import CommandConfig
 from runner.agents.prompt import full_prompt, parse_reply
 from runner.inputs import MAX_AGENT_REPLY_BYTES
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_TIMEOUT = 900.0
 STDERR_TAIL_CHARS = 2000
 
 
 class CommandAgent:
-    """Runs `command` through the shell once per proposal (env AR_AGENT_COMMAND by default)."""
+    """Runs the configured command through the shell once per proposal (env AR_AGENT_COMMAND by default)."""
 
     name = "command"
 
-    def __init__(self, command: str | None = None, timeout: float = DEFAULT_TIMEOUT, cwd: str | None = None) -> None:
-        command = command or os.environ.get("AR_AGENT_COMMAND", "")
+    def __init__(self, config: CommandConfig = CommandConfig()) -> None:
+        command = config.command or os.environ.get("AR_AGENT_COMMAND", "")
         if not command.strip():
             raise AgentConfigError("no agent command given; pass one (or set AR_AGENT_COMMAND) for --agent command.")
         self.command = command
-        self.timeout = timeout
-        self.cwd = cwd
+        self.timeout = config.timeout
+        self.cwd = config.cwd
 
     def propose(self, context: Context) -> Proposal:
         # Output goes to files, not pipes: memory holds at most the cap, and a grandchild that

@@ -1,51 +1,47 @@
-"""Choosing and configuring an agent by name.
+"""Choosing an agent by name, and building it from its configuration.
 
-Agent modules are imported only when chosen: the anthropic SDK and optuna take a
-while to import and the other agents do not need them.
+Agent modules are imported only when their agent is built: the anthropic SDK and
+optuna take a while to import and the other agents do not need them.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import structlog
 
-from runner.agents.base import Agent, AgentError
-from runner.errors import UserError
+from runner.agents.base import Agent, AgentConfigError
+from runner.agents.config import AgentConfig, AnthropicConfig, CommandConfig, SearchConfig
 
 log = structlog.get_logger(__name__)
 
 AGENT_NAMES = ("anthropic", "command", "search", "auto")
 
 
-class AgentConfigError(AgentError, UserError):
-    """The agent cannot work with this configuration (retrying will not help)."""
+def choose_agent(name: str) -> str:
+    """The agent `name` stands for: "auto" is anthropic when ANTHROPIC_API_KEY is set, else the offline search."""
+    if name not in AGENT_NAMES:
+        raise AgentConfigError(f"unknown agent {name!r}; choose one of {', '.join(AGENT_NAMES)}.")
+    if name != "auto":
+        return name
+    chosen = "anthropic" if os.environ.get("ANTHROPIC_API_KEY") else "search"
+    reason = "ANTHROPIC_API_KEY is set" if chosen == "anthropic" else "ANTHROPIC_API_KEY is not set, offline"
+    log.info("agent_chosen", agent=chosen, reason=reason)
+    return chosen
 
 
-def make_agent(name: str, **settings: object) -> Agent:
-    """Build the agent `name`; settings that its constructor does not take are ignored,
-    so one settings bag can serve every agent."""
-    if name == "auto":
-        name = "anthropic" if os.environ.get("ANTHROPIC_API_KEY") else "search"
-        reason = "ANTHROPIC_API_KEY is set" if name == "anthropic" else "ANTHROPIC_API_KEY is not set, offline"
-        log.info("agent_chosen", agent=name, reason=reason)
-    agent_class = _agent_class(name)
-    accepted = inspect.signature(agent_class).parameters
-    return agent_class(**{key: value for key, value in settings.items() if key in accepted})
-
-
-def _agent_class(name: str) -> type:
-    if name == "anthropic":
+def make_agent(config: AgentConfig) -> Agent:
+    """The agent that `config` configures."""
+    if isinstance(config, AnthropicConfig):
         from runner.agents.anthropic_agent import AnthropicAgent
 
-        return AnthropicAgent
-    if name == "command":
+        return AnthropicAgent(config)
+    if isinstance(config, CommandConfig):
         from runner.agents.command_agent import CommandAgent
 
-        return CommandAgent
-    if name == "search":
+        return CommandAgent(config)
+    if isinstance(config, SearchConfig):
         from runner.agents.search_agent import SearchAgent
 
-        return SearchAgent
-    raise AgentConfigError(f"unknown agent {name!r}; choose one of {', '.join(AGENT_NAMES)}.")
+        return SearchAgent(config)
+    raise TypeError(f"no agent is configured by a {type(config).__name__}")

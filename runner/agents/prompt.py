@@ -66,7 +66,14 @@ to you, with exact context lines and correct line numbers and counts.
 
 
 class ReplyFormatError(AgentError):
-    """The reply holds no usable diff (the agent is asked again)."""
+    """The reply holds no usable diff: the runner sends `reason` back to the agent, as for an invalid
+    diff, and counts what the reply cost (`usage`) toward the proposal."""
+
+    def __init__(self, reason: str, *, description: str, usage: Usage) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.description = description
+        self.usage = usage
 
 
 # ---------------------------------------------------------------------------- prompt
@@ -250,7 +257,8 @@ def parse_reply(text: str, usage: Usage = Usage()) -> Proposal:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     diff = _pick_diff(text)
     if diff is None:
-        raise ReplyFormatError("the reply contains no unified diff of train.py (expected one ```diff block)")
+        raise ReplyFormatError("the reply contains no unified diff of train.py (expected one ```diff block)",
+                               description=_description(text), usage=usage)
     return Proposal(description=_description(text), diff=diff, usage=usage)
 
 

@@ -68,6 +68,11 @@ DETERMINISTIC_ENV = "AR_DETERMINISTIC"  # "1": deterministic algorithms, so that
 # What deterministic cuBLAS needs before its first handle; the host sets it, the harness defaults to it.
 CUBLAS_DETERMINISTIC = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+def profile_name(cuda_available: bool) -> str:
+    """The profile a run uses: $AR_PROFILE when set (the host sets it per phase), else gpu where CUDA is."""
+    return os.environ.get(PROFILE_ENV) or ("gpu" if cuda_available else "cpu")
+
+
 # On the CPU profile the training budget is CPU time: the harness counts its process's CPU
 # seconds divided by the threads it runs (this variable; the host sets it, default: the
 # machine's cores), and the host meters the run's processes against the same figure. Other

@@ -46,7 +46,7 @@ __all__ = ["PROFILE", "DEVICE", "MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "EV
 # -----------------------------------------------------------------------------
 # 1. Constants and the runtime set-up
 
-PROFILE = os.environ.get(contract.PROFILE_ENV) or ("gpu" if torch.cuda.is_available() else "cpu")
+PROFILE = contract.profile_name(torch.cuda.is_available())
 _profile = contract.PROFILES[PROFILE]
 MAX_SEQ_LEN, EVAL_TOKENS, EVAL_BATCH = _profile.max_seq_len, _profile.eval_tokens, _profile.eval_batch
 TIME_BUDGET = float(os.environ.get(contract.TIME_BUDGET_ENV, _profile.time_budget))

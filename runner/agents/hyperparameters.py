@@ -11,8 +11,9 @@ search agent can rewrite exactly that span. This module needs neither optuna nor
 from __future__ import annotations
 
 import ast
-import os
 from dataclasses import dataclass
+
+import contract
 
 Value = int | float | str
 
@@ -32,10 +33,10 @@ class Constant:
 
 
 def default_profile() -> str:
-    """The profile the harness would pick on this machine (same rule as prepare.py)."""
+    """The profile the harness would pick on this machine (its rule, contract.profile_name)."""
     import torch
 
-    return os.environ.get("AR_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
+    return contract.profile_name(torch.cuda.is_available())
 
 
 def hyperparameters(train_py: str, profile: str | None = None) -> dict[str, Value]:

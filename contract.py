@@ -60,6 +60,20 @@ PROFILES = {
 # load on the machine then stretches a run in wall time instead of cutting its training short.
 CPU_THREADS_ENV = "AR_CPU_THREADS"
 
+# -- the environment of a run -----------------------------------------------------------
+# The variables the host sets for the harness (sandbox.experiment builds a run's environment,
+# prepare.py reads it); CPU_THREADS_ENV and RESULT_NONCE_ENV stand beside the facts they carry.
+
+PHASE_ENV = "AR_PHASE"  # "train" or "eval" inside the sandbox; unset standalone
+PROFILE_ENV = "AR_PROFILE"  # a key of PROFILES
+TIME_BUDGET_ENV = "AR_TIME_BUDGET"  # training seconds
+DATA_DIR_ENV, OUT_DIR_ENV = "AR_DATA_DIR", "AR_OUT_DIR"
+SEED_ENV = "AR_SEED"
+DETERMINISTIC_ENV = "AR_DETERMINISTIC"  # "1": deterministic algorithms, with CUBLAS_WORKSPACE_CONFIG below
+DETERMINISTIC_CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to be deterministic
+REPLAY_ENV = "AR_REPLAY"  # phase 1 of rerun --exact: the trace to replay
+GPU_MEMORY_CAP_ENV = "AR_GPU_MEMORY_CAP"  # bytes: the soft in-process limit under the host's NVML watchdog
+
 # -- how a phase ends ----------------------------------------------------------------------
 
 EXIT_CRASH, EXIT_EXPORT_FAILED, EXIT_PROBE_FAILED, EXIT_GPU_OOM = 2, 3, 4, 5

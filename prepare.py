@@ -46,18 +46,18 @@ __all__ = ["PROFILE", "DEVICE", "MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "EV
 # -----------------------------------------------------------------------------
 # 1. Constants and the runtime set-up
 
-PROFILE = os.environ.get("AR_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
+PROFILE = os.environ.get(contract.PROFILE_ENV) or ("gpu" if torch.cuda.is_available() else "cpu")
 _profile = contract.PROFILES[PROFILE]
 MAX_SEQ_LEN, EVAL_TOKENS, EVAL_BATCH = _profile.max_seq_len, _profile.eval_tokens, _profile.eval_batch
-TIME_BUDGET = float(os.environ.get("AR_TIME_BUDGET", _profile.time_budget))
+TIME_BUDGET = float(os.environ.get(contract.TIME_BUDGET_ENV, _profile.time_budget))
 # Untimed first steps, for torch.compile on the GPU; nothing compiles on the CPU profile, so its
 # budget starts at once (a larger model's warm-up would otherwise look like training off the budget).
 WARMUP_STEPS = 3 if PROFILE == "gpu" else 0
-DATA_DIR = Path(os.environ.get("AR_DATA_DIR") or contract.cache_dir() / "offline")
-OUT_DIR = Path(os.environ.get("AR_OUT_DIR") or "runs/standalone")
-PHASE = os.environ.get("AR_PHASE", "")  # "train" or "eval" inside the sandbox; "" standalone
-SEED = int(os.environ.get("AR_SEED", "42"))  # owned by the harness, so a seed change is never "research"
-DETERMINISTIC = os.environ.get("AR_DETERMINISTIC") == "1"
+DATA_DIR = Path(os.environ.get(contract.DATA_DIR_ENV) or contract.cache_dir() / "offline")
+OUT_DIR = Path(os.environ.get(contract.OUT_DIR_ENV) or "runs/standalone")
+PHASE = os.environ.get(contract.PHASE_ENV, "")  # "train" or "eval" inside the sandbox; "" standalone
+SEED = int(os.environ.get(contract.SEED_ENV, "42"))  # owned by the harness, so a seed change is never "research"
+DETERMINISTIC = os.environ.get(contract.DETERMINISTIC_ENV) == "1"
 DEVICE = torch.device("cuda" if PROFILE == "gpu" else "cpu")
 CPU_THREADS = int(os.environ.get(contract.CPU_THREADS_ENV) or os.cpu_count() or 1)  # CPU profile (contract.py)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # bf16 dense
@@ -70,7 +70,7 @@ _STATS = {"data_wait": 0.0}
 
 def _soft_gpu_cap() -> None:
     """Cap the caching allocator at AR_GPU_MEMORY_CAP bytes; the host's NVML watchdog is the hard cap."""
-    cap = os.environ.get("AR_GPU_MEMORY_CAP")
+    cap = os.environ.get(contract.GPU_MEMORY_CAP_ENV)
     if cap and DEVICE.type == "cuda":
         index = torch.cuda.current_device()  # the call needs an index: torch.device("cuda") has none
         total = torch.cuda.get_device_properties(index).total_memory
@@ -90,7 +90,7 @@ def _configure_runtime() -> None:
     """Seeds, determinism and the soft GPU memory cap, set before train.py builds anything."""
     torch.manual_seed(SEED)
     if DETERMINISTIC:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", contract.DETERMINISTIC_CUBLAS_WORKSPACE)
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     if DEVICE.type == "cpu":
@@ -262,7 +262,7 @@ class Budget:
         self.training_seconds = 0.0
         self.step_seconds: list[float] = []
         self.progress_log: list[float] = []
-        replay = os.environ.get("AR_REPLAY")
+        replay = os.environ.get(contract.REPLAY_ENV)
         self.replay = json.loads(Path(replay).read_text()) if replay else None
         self._last = _budget_clock()
         self.first_step_at: float | None = None  # time.time() when the first timed step began

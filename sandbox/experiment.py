@@ -109,24 +109,25 @@ class ExperimentOutcome:
 
 
 def _env(spec: ExperimentSpec, phase: Phase, nonce: str) -> dict[str, str]:
+    """The whole environment the harness is given (the backends add only what they need to run it)."""
     env = {
-        "AR_PHASE": phase.value,
-        "AR_DATA_DIR": "/data",
-        "AR_OUT_DIR": "/out",
-        "AR_PROFILE": spec.profile,
-        "AR_TIME_BUDGET": repr(float(spec.time_budget)),
+        contract.PHASE_ENV: phase.value,
+        contract.DATA_DIR_ENV: "/data",
+        contract.OUT_DIR_ENV: "/out",
+        contract.PROFILE_ENV: spec.profile,
+        contract.TIME_BUDGET_ENV: repr(float(spec.time_budget)),
         "PYTHONUNBUFFERED": "1",
     }
     if spec.deterministic:
-        env.update(AR_DETERMINISTIC="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
+        env.update({contract.DETERMINISTIC_ENV: "1", "CUBLAS_WORKSPACE_CONFIG": contract.DETERMINISTIC_CUBLAS_WORKSPACE})
     if spec.seed is not None:
-        env["AR_SEED"] = str(spec.seed)
+        env[contract.SEED_ENV] = str(spec.seed)
     if spec.cpu_threads:  # threads that wait sleep, so waiting for a descheduled one costs no budget
         env.update({contract.CPU_THREADS_ENV: str(spec.cpu_threads), "OMP_WAIT_POLICY": "PASSIVE"})
     if spec.replay_trace is not None and phase is Phase.TRAIN:
-        env["AR_REPLAY"] = "/out/replay_trace.json"
-    if spec.gpu_uuid and spec.limits.gpu_memory_bytes:
-        env["AR_GPU_MEMORY_CAP"] = str(spec.limits.gpu_memory_bytes)
+        env[contract.REPLAY_ENV] = "/out/replay_trace.json"
+    if spec.gpu_uuid and spec.limits.gpu_memory_bytes:  # the soft limit under the host's watchdog
+        env[contract.GPU_MEMORY_CAP_ENV] = str(spec.limits.gpu_memory_bytes)
     if phase is Phase.EVAL:  # phase 2 alone knows how to sign its result
         env[contract.RESULT_NONCE_ENV] = nonce
     return env

@@ -28,14 +28,15 @@ isolated runs refuse to start (SandboxUnavailable) rather than run unlimited.
 Without root (or where `unshare` fails) the command runs as a plain child process:
 no isolation and no limits at all, which the `isolation` string and the log say loudly.
 
-This module is the host's side: it plans the run, starts the launcher and gives the
-supervisor (sandbox.supervision, the same loop as the docker backend's) the run to
-drive. Who ends a run: the deadline, the cancel token, the budget account and the GPU
-watchdog kill it, through the supervisor (SIGKILL to the cgroup, the run's uid and its
-process tree, the namespace's init among them, until none is left); an OOM is the cgroup's `oom_kill` counter (on cgroup
-v1, where the kernel kills one process, the supervisor then ends the whole run), or,
-where nothing counts it, a SIGKILL that the host did not send (the kernel's OOM killer
-is the only other sender). After any end, whatever the run started is killed too.
+This module is the host's side: it plans the run, starts the launcher and hands the
+run to the supervisor (sandbox.supervision, the same loop as the docker backend's).
+Who ends a run: the deadline, the cancel token, the budget account and the GPU
+watchdog kill it through the supervisor (SIGKILL to the cgroup, the run's uid and its
+process tree, the namespace's init among them, until none is left); an OOM is the
+cgroup's `oom_kill` counter (on cgroup v1, where the kernel kills one process, the
+supervisor then ends the whole run), or, where nothing counts it, a SIGKILL that the
+host did not send (the kernel's OOM killer is the only other sender). After any end,
+whatever the run started is killed too.
 """
 
 from __future__ import annotations

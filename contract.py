@@ -67,6 +67,8 @@ GPU_MEMORY_CAP_ENV = "AR_GPU_MEMORY_CAP"  # bytes: the harness caps its allocato
 DETERMINISTIC_ENV = "AR_DETERMINISTIC"  # "1": deterministic algorithms, so that a rerun is bit-identical
 # What deterministic cuBLAS needs before its first handle; the host sets it, the harness defaults to it.
 CUBLAS_DETERMINISTIC = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# CPU_THREADS_ENV and RESULT_NONCE_ENV stand below, beside the facts they carry.
+
 
 def profile_name(cuda_available: bool) -> str:
     """The profile a run uses: $AR_PROFILE when set (the host sets it per phase), else gpu where CUDA is."""

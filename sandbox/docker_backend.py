@@ -4,9 +4,11 @@ The container has no network, a read-only root filesystem with a tmpfs /tmp, /ou
 from the run directory (read-only in phase 2), data mounts read-only, a non-root user
 without capabilities, and memory (no swap), pids, CPU and shm limits. Its environment
 is the spec's alone (plus the GPU it may see), so no secret of the host can reach it.
-The host enforces the deadline and the cancel token; a `timeout` inside the container is
-the backstop for a runner that died. Whatever the container does ends in a `RunResult`, never an exception;
-an engine that stops answering is `SandboxUnavailable` (no run can go on, none failed).
+The host supervises the container as it does a process run (sandbox.supervision: the
+deadline, the cancel token, the budget account and the GPU watchdog kill it; the engine
+tells an OOM kill); a `timeout` inside the container is the backstop for a runner that
+died. Whatever the container does ends in a `RunResult`, never an exception; an engine
+that stops answering is `SandboxUnavailable` (no run can go on, none failed).
 """
 
 from __future__ import annotations
@@ -14,12 +16,10 @@ from __future__ import annotations
 import math
 import os
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import docker
 import docker.errors
@@ -29,43 +29,21 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, LogConfig, Mount
 
 from sandbox import images
-from sandbox.budget_guard import Account
-from sandbox.gpu_watchdog import GpuWatchdog, Reader
+from sandbox.gpu_watchdog import Reader
 from sandbox.processes import identity_alive, process_identity
-from sandbox.runlog import LineLog, budget_account, classify, settle_budget
-from sandbox.spec import CancelToken, Killer, Phase, RunResult, RunSpec, SandboxUnavailable, Status
+from sandbox.runlog import LineLog
+from sandbox.spec import CancelToken, Phase, RunResult, RunSpec, SandboxUnavailable
+from sandbox.status import Status
+from sandbox.supervision import Ending, Exit, Supervisor
 
 log = structlog.get_logger(__name__)
 
 RUN_LABEL = "autoresearch.run"
 OWNER_LABEL = "autoresearch.owner"  # the runner process that supervises the container
 BACKSTOP_S = 15  # the in-container `timeout` fires this long after the host deadline
-KILL_GRACE_S = 30.0  # how long a killed container may take to stop before the run is given up
-POLL_S = 0.2
-STATS_EVERY_S = 0.5  # memory peak and CPU time (the budget guard's meter on the CPU profile)
+LOG_DRAIN_S = 10.0  # how long the log stream may take to deliver its last lines after the exit
 _ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 _DOCKER_ERRORS = (*_ENGINE_ERRORS, OSError)
-
-
-class _Stopper:
-    """Kills the container once, remembering who asked first (exit code 137 is ambiguous)."""
-
-    def __init__(self, container: Container, line_log: LineLog) -> None:
-        self._container, self._log = container, line_log
-        self._lock = threading.Lock()
-        self.killer = Killer.NONE
-        self.at: float | None = None
-
-    def kill(self, killer: Killer, why: str) -> None:
-        with self._lock:
-            if self.killer is not Killer.NONE:
-                return
-            self.killer, self.at = killer, time.monotonic()
-        self._log.note(why)
-        try:
-            self._container.kill()
-        except docker.errors.APIError:  # it has just exited by itself
-            pass
 
 
 def container_config(spec: RunSpec, owner: str = "") -> dict[str, Any]:
@@ -114,20 +92,6 @@ def _make_writable(out_dir: Path) -> None:
         os.chown(out_dir, images.CONTAINER_UID, images.CONTAINER_UID)
     else:
         out_dir.chmod(0o777)
-
-
-def _host_pids(container: Container) -> Callable[[], set[int]]:
-    """Host PIDs of the container's processes, for the GPU watchdog."""
-
-    def pids() -> set[int]:
-        try:
-            top = container.top()
-            column = top["Titles"].index("PID")
-            return {int(row[column]) for row in top.get("Processes") or []}
-        except (*_DOCKER_ERRORS, KeyError, ValueError):
-            return set()
-
-    return pids
 
 
 class DockerBackend:
@@ -218,107 +182,87 @@ class DockerBackend:
         return len(leftovers)
 
     def run(self, spec: RunSpec, cancel: CancelToken | None = None) -> RunResult:
-        account = budget_account(spec)
-        line_log = LineLog(spec.log_path, on_line=account.on_line if account else None)
-        started = time.monotonic()
         container: Container | None = None
         runtime: str | None = None
-        try:
-            runtime = self._runtime_of(spec.image)
-            if runtime is None:  # never pull: images are built here
-                line_log.note(f"image {spec.image} does not exist on this engine")
-                return self._result(spec, Status.CRASH, None, Killer.NONE, started, line_log)
-            if spec.phase is Phase.TRAIN:
-                _make_writable(spec.out_dir)
-            container = self.client.containers.create(**container_config(spec, process_identity(os.getpid()) or ""))
-            return replace(self._supervise(container, spec, cancel, line_log, account), runtime=runtime)
-        except SandboxUnavailable:
-            line_log.close()
-            raise
-        except _DOCKER_ERRORS as error:
-            line_log.note(f"docker error: {error}")
-            log.warning("docker.run_error", run_id=spec.run_id, error=str(error))
-            if isinstance(error, _ENGINE_ERRORS) and not self._answers():  # the run did not fail: it cannot go on
-                line_log.close()
-                raise _engine_gone(error) from error
-            crashed = self._result(spec, Status.CRASH, None, Killer.NONE, started, line_log)
-            return replace(crashed, runtime=runtime or "")
-        finally:
-            if container is not None:
-                try:
-                    container.remove(force=True)
-                except _DOCKER_ERRORS as error:  # reap() will get it
-                    log.warning("docker.remove_failed", run_id=spec.run_id, error=str(error))
+        with Supervisor(spec) as supervisor:
+            try:
+                runtime = self._runtime_of(spec.image)
+                if runtime is None:  # never pull: images are built here
+                    supervisor.log.note(f"image {spec.image} does not exist on this engine")
+                    return supervisor.result(Ending(Status.CRASH), self.isolation)
+                if spec.phase is Phase.TRAIN:
+                    _make_writable(spec.out_dir)
+                container = self.client.containers.create(**container_config(spec, process_identity(os.getpid()) or ""))
+                ending = supervisor.supervise(_ContainerRun(container, supervisor.log), cancel, self._gpu_reader)
+                return supervisor.result(ending, self.isolation, runtime)
+            except _DOCKER_ERRORS as error:
+                supervisor.log.note(f"docker error: {error}")
+                log.warning("docker.run_error", run_id=spec.run_id, error=str(error))
+                if isinstance(error, _ENGINE_ERRORS) and not self._answers():  # the run did not fail: it cannot go on
+                    raise _engine_gone(error) from error
+                return supervisor.result(Ending(Status.CRASH), self.isolation, runtime or "")
+            finally:
+                if container is not None:
+                    try:
+                        container.remove(force=True)
+                    except _DOCKER_ERRORS as error:  # reap() will get it
+                        log.warning("docker.remove_failed", run_id=spec.run_id, error=str(error))
 
-    def _supervise(self, container: Container, spec: RunSpec, cancel: CancelToken | None, line_log: LineLog,
-                   account: Account | None) -> RunResult:
-        stopper = _Stopper(container, line_log)
-        container.start()
-        started = time.monotonic()
-        if account is not None:
-            account.process_started = started
-        exited = threading.Event()
-        threading.Thread(target=_wait, args=(container, exited), daemon=True).start()
-        pump = threading.Thread(target=_pump_logs, args=(container, line_log), daemon=True)
-        pump.start()
-        watchdog = self._watchdog(container, spec, stopper, account)
-        peak_memory, next_stats = 0, started
-        try:
-            while not exited.wait(POLL_S):
-                now = time.monotonic()
-                if cancel is not None and cancel.cancelled:
-                    stopper.kill(Killer.CANCEL, "cancelled by the runner")
-                elif now - started >= spec.deadline_s:
-                    stopper.kill(Killer.DEADLINE, f"deadline of {spec.deadline_s:g} s reached")
-                elif account is not None and (overdue := account.overdue(now)):
-                    stopper.kill(Killer.BUDGET, f"over budget: {overdue}")
-                if stopper.at is not None and now - stopper.at > KILL_GRACE_S:
-                    raise docker.errors.DockerException(f"the container did not stop {KILL_GRACE_S:g} s after SIGKILL")
-                if now >= next_stats:
-                    memory, cpu_seconds = _stats(container)
-                    peak_memory, next_stats = max(peak_memory, memory), now + STATS_EVERY_S
-                    if account is not None and cpu_seconds is not None:
-                        account.on_cpu_total(cpu_seconds, now)
-        finally:
-            if watchdog is not None:
-                watchdog.stop()
-        exited_at = time.monotonic()
-        pump.join(timeout=10)
-        container.reload()
-        state = container.attrs["State"]
-        status, killer = classify(stopper.killer, state.get("ExitCode"), bool(state.get("OOMKilled")))
-        status, killer = settle_budget(account, exited_at, status, killer, line_log)
-        if status is Status.OOM:
-            line_log.note(f"killed by the kernel: memory limit of {spec.limits.memory_bytes} bytes")
-        return self._result(
-            spec, status, state.get("ExitCode"), killer, started, line_log,
-            peak_host=peak_memory or None, peak_gpu=watchdog.peak_bytes if watchdog is not None else None,
-            budget=account.report() if account is not None else None,
-        )
 
-    def _watchdog(self, container: Container, spec: RunSpec, stopper: _Stopper,
-                  account: Account | None) -> GpuWatchdog | None:
-        """With a GPU: track its peak memory and busy time, kill the run above the cap (if one is set)."""
-        if not spec.gpu_uuid:
+class _ContainerRun:
+    """One container, as the supervisor drives it (sandbox.supervision.Supervised)."""
+
+    def __init__(self, container: Container, line_log: LineLog) -> None:
+        self._container = container
+        self._exited = threading.Event()
+        self._pump = threading.Thread(target=_pump_logs, args=(container, line_log), daemon=True)
+        self._peak_memory = 0
+
+    def start(self) -> None:
+        self._container.start()
+        threading.Thread(target=_wait, args=(self._container, self._exited), daemon=True).start()
+        self._pump.start()
+
+    def wait(self, timeout_s: float) -> bool:
+        return self._exited.wait(timeout_s)
+
+    def kill(self) -> None:
+        try:
+            self._container.kill()
+        except docker.errors.APIError:  # it has just exited by itself
+            pass
+
+    def pids(self) -> set[int]:
+        try:
+            top = self._container.top()
+            column = top["Titles"].index("PID")
+            return {int(row[column]) for row in top.get("Processes") or []}
+        except (*_DOCKER_ERRORS, KeyError, ValueError):
+            return set()
+
+    def meter(self) -> float | None:
+        """CPU seconds from the engine's stats, which also give the memory peak (cgroup v1 `max_usage`;
+        current usage on v2); none once the container has exited (the engine has no figures then)."""
+        if self._exited.is_set():
             return None
-        watchdog = GpuWatchdog(
-            spec.gpu_uuid, spec.limits.gpu_memory_bytes, pids=_host_pids(container),
-            on_exceed=lambda used: stopper.kill(Killer.WATCHDOG, f"GPU memory {used} bytes above the cap"),
-            reader=self._gpu_reader, on_busy=account.on_gpu_busy if account is not None else None,
-        )
-        watchdog.start()
-        return watchdog
+        try:
+            stats = self._container.stats(stream=False, one_shot=True)
+        except _DOCKER_ERRORS:
+            return None
+        memory = stats.get("memory_stats") or {}
+        self._peak_memory = max(self._peak_memory, int(memory.get("max_usage") or memory.get("usage") or 0))
+        cpu = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
+        return cpu / 1e9 if cpu else None
 
-    def _result(
-        self, spec: RunSpec, status: Status, exit_code: int | None, killer: Killer, started: float,
-        line_log: LineLog, peak_host: int | None = None, peak_gpu: int | None = None, budget: dict | None = None,
-    ) -> RunResult:
-        line_log.close()
-        return RunResult(
-            status=status, exit_code=exit_code, killed_by=killer, wall_seconds=time.monotonic() - started,
-            log_path=spec.log_path, peak_host_memory_bytes=peak_host, peak_gpu_memory_bytes=peak_gpu,
-            isolation=self.isolation, log_tail="\n".join(line_log.tail), budget=budget,
-        )
+    def oom_seen(self) -> bool:
+        return False  # the engine tells an OOM kill only at the exit (State.OOMKilled)
+
+    def report(self) -> Exit:
+        self._pump.join(timeout=LOG_DRAIN_S)
+        self._container.reload()
+        state = self._container.attrs["State"]
+        exit_code = None if state.get("Running") else state.get("ExitCode")  # still running: it survived the kill
+        return Exit(exit_code, bool(state.get("OOMKilled")), self._peak_memory or None)
 
 
 def _engine_gone(error: Exception) -> SandboxUnavailable:
@@ -339,14 +283,3 @@ def _pump_logs(container: Container, line_log: LineLog) -> None:
             line_log.feed(chunk)
     except (*_DOCKER_ERRORS, ValueError):  # the container is gone, or the log was closed
         pass
-
-
-def _stats(container: Container) -> tuple[int, float | None]:
-    """The container's peak memory so far (cgroup v1 `max_usage`; current usage on v2) and its CPU seconds."""
-    try:
-        stats = container.stats(stream=False, one_shot=True)
-    except _DOCKER_ERRORS:
-        return 0, None
-    memory = stats.get("memory_stats") or {}
-    cpu = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
-    return int(memory.get("max_usage") or memory.get("usage") or 0), cpu / 1e9 if cpu else None

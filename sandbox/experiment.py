@@ -110,6 +110,7 @@ class ExperimentOutcome:
 
 
 def _env(spec: ExperimentSpec, phase: Phase, nonce: str) -> dict[str, str]:
+    """The whole environment the harness is given (the backends add only what they need to run it)."""
     env = {
         contract.PHASE_ENV: phase.value,
         contract.DATA_DIR_ENV: "/data",
@@ -127,7 +128,7 @@ def _env(spec: ExperimentSpec, phase: Phase, nonce: str) -> dict[str, str]:
         env.update({contract.CPU_THREADS_ENV: str(spec.cpu_threads), "OMP_WAIT_POLICY": "PASSIVE"})
     if spec.replay_trace is not None and phase is Phase.TRAIN:
         env[contract.REPLAY_ENV] = f"/out/{REPLAY_FILE}"
-    if spec.gpu_uuid and spec.limits.gpu_memory_bytes:
+    if spec.gpu_uuid and spec.limits.gpu_memory_bytes:  # the soft limit under the host's watchdog
         env[contract.GPU_MEMORY_CAP_ENV] = str(spec.limits.gpu_memory_bytes)
     if phase is Phase.EVAL:  # phase 2 alone knows how to sign its result
         env[contract.RESULT_NONCE_ENV] = nonce

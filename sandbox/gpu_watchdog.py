@@ -2,7 +2,7 @@
 
 CUDA has no per-process memory limit that the process cannot lift itself, so the
 host watches what the run holds on its GPU and reports the first sample above the
-cap; the backend then kills the run (status gpu_oom). What the run holds is the
+cap; the supervisor then kills the run (status gpu_oom). What the run holds is the
 larger of its processes' own figures and the growth of the whole GPU's used memory
 since the run started: every experiment has its GPU to itself, so memory taken by
 any allocator (the caching allocator, cudaMalloc, cuBLAS workspaces, a process NVML

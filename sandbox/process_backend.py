@@ -1,8 +1,8 @@
 """The process isolation backend, for hosts without a Docker engine (DESIGN §3.4).
 
 Each run is a child of the `unshare` command in new network, mount and (where the
-kernel allows) PID namespaces. Inside, a small launcher running as root builds a
-sealed root filesystem on a tmpfs (sandbox.sealed_root):
+kernel allows) PID namespaces. Inside, a small launcher running as root
+(sandbox.namespace_init) builds a sealed root filesystem on a tmpfs (sandbox.sealed_root):
 
 - only the host's runtime, read-only: the Python interpreter and the packages the
   harness imports, the system libraries, the few programs torch.compile and Triton run,
@@ -28,21 +28,23 @@ isolated runs refuse to start (SandboxUnavailable) rather than run unlimited.
 Without root (or where `unshare` fails) the command runs as a plain child process:
 no isolation and no limits at all, which the `isolation` string and the log say loudly.
 
-Who ended a run: the deadline, the cancel token and the GPU watchdog kill it
-(SIGKILL to the namespace, the cgroup, the run's uid and its process tree); an
-OOM is the cgroup's `oom_kill` counter (on cgroup v1, where the kernel kills one
-process, the backend then ends the whole run), or, where nothing counts it, a SIGKILL
-that the host did not send (the kernel's OOM killer is the only other sender).
+This module is the host's side: it plans the run, starts the launcher and hands the
+run to the supervisor (sandbox.supervision, the same loop as the docker backend's).
+Who ends a run: the deadline, the cancel token, the budget account and the GPU
+watchdog kill it through the supervisor (SIGKILL to the cgroup, the run's uid and its
+process tree, the namespace's init among them, until none is left); an OOM is the
+cgroup's `oom_kill` counter (on cgroup v1, where the kernel kills one process, the
+supervisor then ends the whole run), or, where nothing counts it, a SIGKILL that the
+host did not send (the kernel's OOM killer is the only other sender). After any end,
+whatever the run started is killed too.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
 import re
-import resource
 import select
 import shutil
 import signal
@@ -53,30 +55,30 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import structlog
 
 from contract import cache_dir
-from sandbox.budget_guard import Account
+from sandbox import namespace_init
 from sandbox.cgroups import Cgroup, CgroupHost, find_cgroup_host
-from sandbox.gpu_watchdog import GpuWatchdog
+from sandbox.gpu_watchdog import Reader
 from sandbox.harness import HARNESS_FILES, PROJECT_ROOT, harness_files
-from sandbox.sealed_root import RunMounts, SealedRoot, build_root, runtime_needs, seal
-from sandbox.runlog import LineLog, budget_account, classify, settle_budget
-from sandbox.spec import CancelToken, Killer, Limits, Phase, RunResult, RunSpec, SandboxUnavailable, Status
+from sandbox.namespace_init import LaunchPlan
+from sandbox.runlog import LineLog
+from sandbox.sealed_root import RunMounts, runtime_needs, seal, under
+from sandbox.spec import CancelToken, Phase, RunResult, RunSpec, SandboxUnavailable
+from sandbox.status import Status
+from sandbox.supervision import KILL_GRACE_S, Ending, Exit, Supervisor
 
 log = structlog.get_logger(__name__)
 
 UID_BASE = 3_000_000  # runs get uids UID_BASE + hash(run_id) % UID_SPAN: never a real user's
 UID_SPAN = 2**24
-POLL_S = 0.1
-CPU_SAMPLE_S = 0.5  # how often the run's CPU time is read for the budget guard
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-KILL_GRACE_S = 30.0  # a killed run that has not ended after this is reported and left to reap()
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# the launcher imports this module, so it sees what this process sees (never the child's business)
+# the launcher is imported from this project, so it sees what this process sees (never the child's business)
 _LAUNCHER_PATH = os.pathsep.join(dict.fromkeys([str(PROJECT_ROOT), *filter(None, sys.path)]))
 RUN_RECORD = "run.json"  # per-run state under <snapshots>/.runs/<run_id>/, read by reap()
 
@@ -261,6 +263,10 @@ class _RunHandle:
         log.error("process_backend.unkillable", run_id=self.run_id, pids=sorted(self.pids()))
         return False
 
+    def save(self, state_dir: Path) -> None:
+        """Write the record that lets reap() find the run after a runner restart."""
+        (state_dir / RUN_RECORD).write_text(json.dumps(asdict(self)))
+
     def clean_up(self, state_dir: Path) -> None:
         group = self.group()
         if group is not None:
@@ -273,73 +279,6 @@ class _RunHandle:
             except OSError as error:
                 log.warning("process_backend.root_left", path=self.new_root, error=str(error))
         shutil.rmtree(state_dir, ignore_errors=True)
-
-
-# -----------------------------------------------------------------------------
-# The launcher: runs as root inside the namespaces, builds the root, starts the child
-
-_PR_SET_NO_NEW_PRIVS = 38
-
-
-@dataclass
-class _LaunchPlan:
-    """What the launcher does; written by the backend as JSON, read by the launcher."""
-
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str
-    status_path: str  # the launcher writes {"returncode": n} or {"setup_error": why} here
-    rlimits: dict[str, int] = field(default_factory=dict)
-    cgroup_procs: list[str] = field(default_factory=list)  # the run's cgroup.procs files (one per hierarchy)
-    new_root: str | None = None  # None: no namespaces, run in place
-    uid: int | None = None
-    sealed: dict | None = None  # SealedRoot, the host's part of the new root
-    mounts: dict | None = None  # RunMounts, the run's own part
-
-
-def _exec_child(plan: _LaunchPlan) -> None:
-    """In the forked child: enter the new root, drop to the run's uid, exec. Never returns."""
-    try:
-        if plan.new_root is not None:
-            os.chroot(plan.new_root)
-        os.chdir(plan.cwd)
-        for name, value in plan.rlimits.items():
-            resource.setrlimit(getattr(resource, name), (value, value))
-        if plan.uid is not None:
-            os.setgroups([])
-            os.setresgid(plan.uid, plan.uid, plan.uid)
-            os.setresuid(plan.uid, plan.uid, plan.uid)
-            if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-        os.umask(0o022)
-        os.execve(plan.argv[0], plan.argv, plan.env)
-    except BaseException as error:  # the child must never return into the launcher's code
-        os.write(2, f"[sandbox] cannot start {plan.argv[0]}: {error}\n".encode())
-    os._exit(127)
-
-
-def _launch(plan_path: str) -> int:
-    """The launcher's main: join the cgroup, build the root, run the child, reap everything."""
-    plan = _LaunchPlan(**json.loads(Path(plan_path).read_text()))
-    status = Path(plan.status_path)
-    try:
-        if plan.new_root:
-            build_root(plan.new_root, SealedRoot(**plan.sealed), RunMounts(**plan.mounts))
-        for procs in plan.cgroup_procs:  # after the root is built (not the run's cost), before the fork
-            Path(procs).write_text("0")
-    except OSError as error:
-        status.write_text(json.dumps({"setup_error": str(error)}))
-        return 125
-    child = os.fork()
-    if child == 0:
-        _exec_child(plan)
-    while True:  # as the PID namespace's init, orphans are ours to reap
-        pid, wait_status = os.wait()
-        if pid == child:
-            break
-    returncode = os.waitstatus_to_exitcode(wait_status)
-    status.write_text(json.dumps({"returncode": returncode}))
-    return returncode if returncode >= 0 else 128 - returncode
 
 
 # -----------------------------------------------------------------------------
@@ -388,17 +327,6 @@ class _Waiter(threading.Thread):
         return self.process.returncode, usage.ru_maxrss * 1024
 
 
-@dataclass
-class _Ending:
-    """How a run ended, as the backend saw it."""
-
-    status: Status
-    exit_code: int | None = None
-    killer: Killer = Killer.NONE
-    peak_host: int | None = None
-    peak_gpu: int | None = None
-
-
 def _pump(stream, line_log: LineLog, stop: threading.Event) -> None:
     """Copy the child's output into the log until EOF (or until stopped and quiet)."""
     fd = stream.fileno()
@@ -414,16 +342,77 @@ def _pump(stream, line_log: LineLog, stop: threading.Event) -> None:
         line_log.feed(chunk)
 
 
+class _ProcessRun:
+    """The launcher process of one run, as the supervisor drives it (sandbox.supervision.Supervised)."""
+
+    def __init__(self, command: list[str], state_dir: Path, handle: _RunHandle, plan: LaunchPlan,
+                 line_log: LineLog) -> None:
+        self._command, self._state_dir, self._handle, self._plan = command, state_dir, handle, plan
+        self._log = line_log
+        self._process: subprocess.Popen | None = None
+        self._waiter: _Waiter | None = None
+        self._pump: threading.Thread | None = None
+        self._stop_pump = threading.Event()
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            self._command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={"PATH": CHILD_PATH, "PYTHONPATH": _LAUNCHER_PATH}, cwd=self._state_dir, start_new_session=True,
+        )
+        root = _read_proc(self._process.pid)
+        self._handle.root_pid, self._handle.root_start = self._process.pid, root.start if root else None
+        self._handle.save(self._state_dir)
+        self._waiter = _Waiter(self._process)
+        self._waiter.start()
+        self._pump = threading.Thread(target=_pump, args=(self._process.stdout, self._log, self._stop_pump),
+                                      daemon=True)
+        self._pump.start()
+
+    def wait(self, timeout_s: float) -> bool:
+        return self._waiter.done.wait(timeout_s)
+
+    def kill(self) -> None:
+        self._handle.kill()
+
+    def pids(self) -> set[int]:
+        return self._handle.pids()
+
+    def meter(self) -> float | None:
+        return self._handle.cpu_seconds()
+
+    def oom_seen(self) -> bool:  # cgroup v1's OOM killer kills one process: the supervisor then ends them all
+        group = self._handle.group()
+        return group is not None and bool(group.oom_killed())
+
+    def report(self) -> Exit:
+        self._handle.kill()  # also after a clean exit: nothing the run started outlives it
+        self._waiter.done.wait(KILL_GRACE_S)
+        self.close_output()
+        returncode, max_rss = self._waiter.reap()
+        child_returncode, setup_error = namespace_init.read_status(self._plan.status_path)
+        if setup_error is not None:
+            raise SandboxUnavailable(f"the process sandbox could not be set up: {setup_error}.")
+        returncode = returncode if child_returncode is None else child_returncode  # the child's own, not the launcher's
+        group = self._handle.group()
+        oom, peak = (group.oom_killed(), group.peak_bytes()) if group is not None else (None, max_rss)
+        return Exit(None if returncode is None else namespace_init.exit_code(returncode), oom, peak)
+
+    def close_output(self) -> None:
+        """Stop copying the run's output (its last lines are in the log) and close the pipe; again: nothing."""
+        if self._pump is None:
+            return
+        self._stop_pump.set()
+        self._pump.join(KILL_GRACE_S)
+        self._process.stdout.close()
+        self._pump = None
+
+
 def _translate(value: str, views: dict[str, str]) -> str:
     """A sandbox path (/app, /data/..., /out/...) as the host path it stands for."""
     for inside, host in views.items():
-        if value == inside or value.startswith(inside + "/"):
+        if under(value, inside):
             return host + value[len(inside) :]
     return value
-
-
-def _under(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 class ProcessBackend:
@@ -443,6 +432,7 @@ class ProcessBackend:
         python: str = sys.executable,
         hide: tuple[Path, ...] = (),
         support: HostSupport | None = None,
+        gpu_reader: Reader | None = None,
     ) -> None:
         self.snapshots_root = Path(snapshots_root or default_snapshots_root())
         self.state_root = self.snapshots_root / ".runs"
@@ -450,6 +440,7 @@ class ProcessBackend:
         self.python = shutil.which(python) or python
         self._hide = tuple(hide) + (self.snapshots_root.parent,)
         self._support = support
+        self._gpu_reader = gpu_reader  # None: NVML
         self._active: set[str] = set()
         self._lock = threading.Lock()
 
@@ -547,26 +538,15 @@ class ProcessBackend:
     # -- runs -----------------------------------------------------------------
 
     def run(self, spec: RunSpec, cancel: CancelToken | None = None) -> RunResult:
-        started = time.monotonic()
-        account = budget_account(spec)
-        line_log = LineLog(spec.log_path, on_line=account.on_line if account else None)
-        try:
+        with Supervisor(spec) as supervisor:
             if self.image_exists(spec.image):
-                ending = self._run(spec, cancel, line_log, account)
+                ending = self._run(spec, cancel, supervisor)
             else:
-                line_log.note(f"snapshot {spec.image} does not exist")
-                ending = _Ending(Status.CRASH)
-        finally:
-            line_log.close()
-        return RunResult(
-            status=ending.status, exit_code=ending.exit_code, killed_by=ending.killer,
-            wall_seconds=time.monotonic() - started, log_path=spec.log_path,
-            peak_host_memory_bytes=ending.peak_host, peak_gpu_memory_bytes=ending.peak_gpu,
-            isolation=self.isolation, log_tail="\n".join(line_log.tail),
-            budget=account.report() if account is not None else None,
-        )
+                supervisor.log.note(f"snapshot {spec.image} does not exist")
+                ending = Ending(Status.CRASH)
+            return supervisor.result(ending, self.isolation)
 
-    def _run(self, spec: RunSpec, cancel: CancelToken | None, line_log: LineLog, account: Account | None) -> _Ending:
+    def _run(self, spec: RunSpec, cancel: CancelToken | None, supervisor: Supervisor) -> Ending:
         if refusal := self.support.refusal():  # never a run without the memory limit it was given
             raise SandboxUnavailable(refusal)
         state_dir = self.state_root / spec.run_id
@@ -580,85 +560,16 @@ class ProcessBackend:
             if support.cgroups is not None:
                 handle.cgroup = self._cgroup(support.cgroups, spec, state_dir).record()
             plan = self._plan(spec, handle, state_dir)
-            process = subprocess.Popen(
-                self._command(state_dir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, env={"PATH": CHILD_PATH, "PYTHONPATH": _LAUNCHER_PATH},
-                cwd=state_dir, start_new_session=True,
-            )
-            spawned = time.monotonic()
-            if account is not None:
-                account.process_started = spawned
-            root = _read_proc(process.pid)
-            handle.root_pid, handle.root_start = process.pid, root.start if root else None
-            self._record(handle, state_dir)
-            waiter = _Waiter(process)
-            waiter.start()
-            stop_pump = threading.Event()
-            pump = threading.Thread(target=_pump, args=(process.stdout, line_log, stop_pump), daemon=True)
-            pump.start()
-            watchdog = self._watchdog(spec, handle, account)
+            run = _ProcessRun(self._command(state_dir), state_dir, handle, plan, supervisor.log)
             try:
-                killer, why = self._wait(spec, waiter, watchdog, cancel, spawned, account, handle)
-                exited_at = time.monotonic()
-                if account is not None and handle.group() is not None:  # the cgroup still holds the final figure
-                    account.on_cpu_total(handle.cpu_seconds(), exited_at)
-                handle.kill()  # also after a clean exit: nothing the run started outlives it
-                waiter.done.wait(KILL_GRACE_S)
+                return supervisor.supervise(run, cancel, self._gpu_reader)
             finally:
-                stop_pump.set()
-                pump.join(KILL_GRACE_S)
-                if watchdog is not None:
-                    watchdog.stop()
-            process.stdout.close()
-            if why:
-                line_log.note(why)
-            returncode, max_rss = waiter.reap()
-            ending = self._ending(spec, plan, handle, killer, returncode, max_rss, watchdog, line_log)
-            ending.status, ending.killer = settle_budget(account, exited_at, ending.status, ending.killer, line_log)
-            return ending
+                run.close_output()
         finally:
             handle.kill()
             handle.clean_up(state_dir)
             with self._lock:
                 self._active.discard(spec.run_id)
-
-    @staticmethod
-    def _wait(spec: RunSpec, waiter: _Waiter, watchdog: GpuWatchdog | None, cancel: CancelToken | None,
-              spawned: float, account: Account | None, handle: _RunHandle) -> tuple[Killer, str]:
-        """Until the run exits (Killer.NONE) or someone must stop it: who, and why."""
-        next_sample = spawned
-        while not waiter.done.wait(POLL_S):
-            if account is not None and time.monotonic() >= next_sample:
-                account.on_cpu_total(handle.cpu_seconds())
-                next_sample = time.monotonic() + CPU_SAMPLE_S
-            if cancel is not None and cancel.cancelled:
-                return Killer.CANCEL, "cancelled by the runner"
-            if time.monotonic() - spawned >= spec.deadline_s:
-                return Killer.DEADLINE, f"deadline of {spec.deadline_s:g} s reached"
-            if account is not None and (overdue := account.overdue()):
-                return Killer.BUDGET, f"over budget: {overdue}"
-            if watchdog is not None and watchdog.exceeded:
-                return Killer.WATCHDOG, f"GPU memory above the cap of {spec.limits.gpu_memory_bytes} bytes"
-            if (group := handle.group()) is not None and group.oom_killed():  # cgroup v1 kills one process: end them all
-                return Killer.OOM_KILLER, ""
-        return Killer.NONE, ""
-
-    def _ending(self, spec: RunSpec, plan: _LaunchPlan, handle: _RunHandle, killer: Killer, returncode: int | None,
-                max_rss: int | None, watchdog: GpuWatchdog | None, line_log: LineLog) -> _Ending:
-        status_path = Path(plan.status_path)
-        exit_info = json.loads(status_path.read_text()) if status_path.exists() else {}
-        if "setup_error" in exit_info:
-            raise SandboxUnavailable(f"the process sandbox could not be set up: {exit_info['setup_error']}.")
-        returncode = exit_info.get("returncode", returncode)  # the child's own, not the launcher's
-        group = handle.group()
-        oom, peak = (group.oom_killed(), group.peak_bytes()) if group is not None else (None, max_rss)
-        if oom is None:  # not counted: a SIGKILL the host did not send came from the kernel's OOM killer
-            oom = killer is Killer.NONE and returncode == -signal.SIGKILL
-        exit_code = None if returncode is None else (returncode if returncode >= 0 else 128 - returncode)
-        status, killer = classify(killer, exit_code, oom)
-        if status is Status.OOM:
-            line_log.note(f"killed by the kernel's OOM killer (memory limit {spec.limits.memory_bytes} bytes)")
-        return _Ending(status, exit_code, killer, peak, watchdog.peak_bytes if watchdog is not None else None)
 
     @staticmethod
     def _uid(state_dir: Path) -> int:
@@ -673,32 +584,30 @@ class ProcessBackend:
         except OSError as error:
             raise SandboxUnavailable(f"the process sandbox cannot make the run's cgroup: {error}.") from error
 
-    def _plan(self, spec: RunSpec, handle: _RunHandle, state_dir: Path) -> _LaunchPlan:
+    def _plan(self, spec: RunSpec, handle: _RunHandle, state_dir: Path) -> LaunchPlan:
         support = self.support
         env = {"PATH": self.child_path, "HOME": "/tmp", "TMPDIR": "/tmp",
                "USER": "sandbox", "LOGNAME": "sandbox", **spec.env,  # USER: getpass (torch.compile) needs a name
                "CUDA_VISIBLE_DEVICES": spec.gpu_uuid or ""}
-        if spec.gpu_uuid and spec.limits.gpu_memory_bytes:
-            env.setdefault("AR_GPU_MEMORY_CAP", str(spec.limits.gpu_memory_bytes))
         argv = list(spec.command)
         if argv and argv[0] in ("python", "python3"):
             argv[0] = self.python
         elif argv and "/" not in argv[0]:
             argv[0] = shutil.which(argv[0], path=CHILD_PATH) or argv[0]
         group = handle.group()
-        plan = _LaunchPlan(argv=argv, env=env, cwd="/app", status_path=str(state_dir / "exit.json"),
+        plan = LaunchPlan(argv=argv, env=env, cwd="/app", status_path=str(state_dir / "exit.json"),
                      rlimits={"RLIMIT_CORE": 0}, cgroup_procs=group.join_files() if group is not None else [])
         if support.isolated:
             self._isolate(plan, spec, handle, state_dir)
         else:
             self._run_in_place(plan, spec, state_dir)
-        self._record(handle, state_dir)
+        handle.save(state_dir)
         plan_path = state_dir / "plan.json"
         plan_path.write_text(json.dumps(asdict(plan)))
         plan_path.chmod(0o600)
         return plan
 
-    def _isolate(self, plan: _LaunchPlan, spec: RunSpec, handle: _RunHandle, state_dir: Path) -> None:
+    def _isolate(self, plan: LaunchPlan, spec: RunSpec, handle: _RunHandle, state_dir: Path) -> None:
         """Fill the plan for a namespaced run: the new root's mounts, the uid, the pid limit."""
         assert handle.uid is not None
         handle.new_root = tempfile.mkdtemp(prefix="autoresearch-root-", dir="/tmp")  # /tmp: never bound inside
@@ -720,10 +629,10 @@ class ProcessBackend:
         mounts.binds += [(os.path.realpath(m.source), m.target, True) for m in spec.mounts]
         hide = {os.path.realpath(path) for path in
                 (*self._hide, self.snapshots_root, spec.out_dir.parent, *(m.source.parent for m in spec.mounts))}
-        mounts.hide = sorted(path for path in hide if any(_under(path, bound) for bound in sealed.binds))
+        mounts.hide = sorted(path for path in hide if any(under(path, bound) for bound in sealed.binds))
         plan.sealed, plan.mounts = asdict(sealed), asdict(mounts)
 
-    def _run_in_place(self, plan: _LaunchPlan, spec: RunSpec, state_dir: Path) -> None:
+    def _run_in_place(self, plan: LaunchPlan, spec: RunSpec, state_dir: Path) -> None:
         """Fill the plan for a run without namespaces: sandbox paths become host paths."""
         view = state_dir / "view"
         views = {"/app": os.path.realpath(spec.image), "/out": os.path.realpath(spec.out_dir)}
@@ -740,26 +649,13 @@ class ProcessBackend:
         plan.argv = [_translate(arg, views) for arg in plan.argv]
         plan.cwd = views["/app"]
 
-    def _record(self, handle: _RunHandle, state_dir: Path) -> None:
-        (state_dir / RUN_RECORD).write_text(json.dumps(asdict(handle)))
-
     def _command(self, state_dir: Path) -> list[str]:
-        launcher = [sys.executable, "-m", "sandbox.process_backend", str(state_dir / "plan.json")]
+        launcher = [sys.executable, "-m", namespace_init.__name__, str(state_dir / "plan.json")]
         if not self.support.isolated:
             return launcher
         unshare = shutil.which("unshare")
         assert unshare is not None
         return [unshare, *_unshare_flags(self.support.namespaces), *launcher]
-
-    @staticmethod
-    def _watchdog(spec: RunSpec, handle: _RunHandle, account: Account | None) -> GpuWatchdog | None:
-        """Tracks the run's GPU memory (the peak is reported) and busy time; `_wait` kills it above the cap."""
-        if not spec.gpu_uuid:
-            return None
-        watchdog = GpuWatchdog(spec.gpu_uuid, spec.limits.gpu_memory_bytes, pids=handle.pids,
-                               on_exceed=lambda used: None, on_busy=account.on_gpu_busy if account is not None else None)
-        watchdog.start()
-        return watchdog
 
     # -- leftovers ------------------------------------------------------------
 
@@ -779,6 +675,3 @@ class ProcessBackend:
             log.info("process_backend.reaped", runs=reaped)
         return reaped
 
-
-if __name__ == "__main__":
-    sys.exit(_launch(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""What both backends do with a run's output and its end: line logs and status classification."""
+"""What both backends do with a run's output: a log of lines, written as they come, and its tail."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ import threading
 from collections import deque
 from pathlib import Path
 from typing import Callable
-
-from sandbox.budget_guard import Account
-from sandbox.spec import Killer, RunSpec, Status
 
 LOG_TAIL_LINES = 40
 MAX_LOG_BYTES = 64 * 2**20  # a run that prints more is cut there on disk; its tail is still kept
@@ -47,6 +44,9 @@ class LineLog:
             self._write(line)
 
     def close(self) -> None:
+        """Write what is left of the last line and close the file (again: nothing)."""
+        if self._file.closed:
+            return
         rest = (self._pending + self._decoder.decode(b"", final=True)).rstrip("\r")
         if rest:
             self._write(rest)
@@ -64,36 +64,6 @@ class LineLog:
             self._written += len(line) + 1
             self._file.write(line + "\n" if self._written <= self._max_bytes else f"[log cut at {self._max_bytes} bytes]\n")
             self._file.flush()
-
-
-def classify(killer: Killer, exit_code: int | None, oom_killed: bool) -> tuple[Status, Killer]:
-    """How a run ended, from who stopped it, its exit code and the kernel's OOM flag."""
-    by_killer = {Killer.CANCEL: Status.CANCELLED, Killer.DEADLINE: Status.TIMEOUT, Killer.WATCHDOG: Status.GPU_OOM,
-                 Killer.BUDGET: Status.OVER_BUDGET}
-    if killer in by_killer:
-        return by_killer[killer], killer
-    if exit_code == 0:
-        return Status.OK, Killer.NONE
-    if oom_killed:
-        return Status.OOM, Killer.OOM_KILLER
-    return Status.CRASH, Killer.NONE
-
-
-def budget_account(spec: RunSpec) -> Account | None:
-    """The host's budget account of a run that has a training budget (phase 1), else None."""
-    return Account(spec.budget) if spec.budget is not None else None
-
-
-def settle_budget(account: Account | None, exited_at: float, status: Status, killer: Killer,
-                  line_log: LineLog) -> tuple[Status, Killer]:
-    """After the process ended: a run that exited by itself but spent compute off its budget is over_budget."""
-    if account is None:
-        return status, killer
-    why = account.finish(exited_at)
-    if why and killer is Killer.NONE and status is Status.OK:  # a crash scores nothing anyway: it stays a crash
-        line_log.note(f"over budget: {why}")
-        return Status.OVER_BUDGET, Killer.BUDGET
-    return status, killer
 
 
 def tail(text: str, lines: int = LOG_TAIL_LINES) -> str:

@@ -122,9 +122,9 @@ def _python_needs(python: str, harness_root: Path, child_path: str) -> list[str]
         needs += [str(venv_config)] if venv_config.is_file() else []
     entries = sorted(found["path"], key=len, reverse=True)  # the longest entry a module's file lies under holds it
     for name in found["files"]:
-        needs += [next((entry for entry in entries if _under(name, entry)), os.path.dirname(name))]
+        needs += [next((entry for entry in entries if under(name, entry)), os.path.dirname(name))]
     needs += [os.path.dirname(name) for name in found["mapped"]
-              if name.startswith("/") and os.path.isfile(name) and not any(_under(name, top) for top in MADE_BY_THE_SANDBOX)]
+              if name.startswith("/") and os.path.isfile(name) and not any(under(name, top) for top in MADE_BY_THE_SANDBOX)]
     return [path for path in needs if os.path.exists(path)]
 
 
@@ -211,7 +211,7 @@ def _host_part(needs: tuple[str, ...]) -> SealedRoot:
     for path in needs:
         reals.add(resolve(os.path.abspath(path), root.links))
     for real in sorted(reals):
-        if os.path.exists(real) and not any(_under(real, kept) for kept in root.binds):
+        if os.path.exists(real) and not any(under(real, kept) for kept in root.binds):
             root.binds.append(real)
     for name in os.listdir("/"):  # merged /usr and the like: /bin -> usr/bin, /lib64 -> usr/lib64, ...
         if os.path.islink(f"/{name}"):
@@ -220,17 +220,18 @@ def _host_part(needs: tuple[str, ...]) -> SealedRoot:
         for link in (os.path.join(folder, name) for name in names):
             found: dict[str, str] = {}
             try:
-                if os.path.islink(link) and any(_under(resolve(link, found), kept) for kept in root.binds):
+                if os.path.islink(link) and any(under(resolve(link, found), kept) for kept in root.binds):
                     root.links.update(found)
             except OSError:  # a loop of links
                 continue
-    root.links = {path: target for path, target in root.links.items() if not any(_under(path, kept) for kept in root.binds)}
+    root.links = {path: target for path, target in root.links.items() if not any(under(path, kept) for kept in root.binds)}
     root.devices = [path for path in DEVICES if os.path.exists(path)] + sorted(glob.glob("/dev/nvidia*"))
     root.links.update(DEVICE_LINKS)
     return root
 
 
-def _under(path: str, folder: str) -> bool:
+def under(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies in it (by name: links are not followed)."""
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 

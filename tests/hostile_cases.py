@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 from runner.ledger import outcome_fields
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
-from sandbox.spec import Backend, Limits, Mount, Phase, RunSpec, Status
+from sandbox.spec import Backend, Limits, Mount, Phase, RunSpec
 from sandbox.status import Status
 
 FAKE_SECRET = "sk-ant-api03-hostile-test-fake-key-0000"  # see secret_on_host()

@@ -18,8 +18,9 @@ from docker.models.containers import _create_container_args
 
 from sandbox.docker_backend import OWNER_LABEL, RUN_LABEL, DockerBackend, container_config, process_identity
 from sandbox.gpu_watchdog import GpuSample
-from sandbox.runlog import LineLog, classify
-from sandbox.spec import CancelToken, Killer, Limits, Mount, Phase, RunSpec, Status
+from sandbox.runlog import LineLog
+from sandbox.spec import CancelToken, Killer, Limits, Mount, Phase, RunSpec
+from sandbox.status import Status
 from tests import hostile_cases as hostile
 
 FAKE_SECRET = "sk-ant-fake-secret-for-the-sandbox-test"
@@ -69,24 +70,6 @@ def test_line_log_cuts_the_file_but_keeps_the_tail(tmp_path):
     assert lines[0] == "line 0" and lines[-1] == "[log cut at 100 bytes]"
     assert sum(len(line) + 1 for line in lines[:-1]) <= 100
     assert tail == [f"line {i}" for i in range(995, 1000)]
-
-
-@pytest.mark.parametrize(
-    ("killer", "exit_code", "oom", "expected"),
-    [
-        (Killer.NONE, 0, False, (Status.OK, Killer.NONE)),
-        (Killer.NONE, 0, True, (Status.OK, Killer.NONE)),
-        (Killer.NONE, 1, False, (Status.CRASH, Killer.NONE)),
-        (Killer.NONE, 137, True, (Status.OOM, Killer.OOM_KILLER)),
-        (Killer.NONE, 137, False, (Status.CRASH, Killer.NONE)),
-        (Killer.DEADLINE, 137, False, (Status.TIMEOUT, Killer.DEADLINE)),
-        (Killer.DEADLINE, 137, True, (Status.TIMEOUT, Killer.DEADLINE)),
-        (Killer.WATCHDOG, 137, False, (Status.GPU_OOM, Killer.WATCHDOG)),
-        (Killer.CANCEL, 137, False, (Status.CANCELLED, Killer.CANCEL)),
-    ],
-)
-def test_classify(killer, exit_code, oom, expected):
-    assert classify(killer, exit_code, oom) == expected
 
 
 def test_container_config_locks_the_container_down(tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ from runner.ledger import (
     write_tsv,
 )
 from sandbox.experiment import ExperimentOutcome
-from sandbox.spec import Killer, RunResult, Status
+from sandbox.spec import Killer, RunResult
+from sandbox.status import Status
 
 
 @pytest.fixture

@@ -41,7 +41,8 @@ from runner.log_setup import night_log
 from runner.loop import Dataset, Night, NightError
 from runner.overnight import ensure_data
 from runner.settings import Settings, Source
-from sandbox.spec import Killer, Phase, RunResult, Status
+from sandbox.spec import Killer, Phase, RunResult
+from sandbox.status import Status
 from tests.corpus import stand_in_data
 
 ROOT = Path(__file__).resolve().parent.parent

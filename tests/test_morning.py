@@ -27,7 +27,8 @@ from runner.ledger import EXPERIMENT, Ledger
 from runner.loop import NightError
 from runner.morning import COMMANDS, register
 from runner.settings import Settings
-from sandbox.spec import Killer, Phase, Status
+from sandbox.spec import Killer, Phase
+from sandbox.status import Status
 from tests.test_loop import (SEED_NOISE, FakeBackend, ScriptedAgent, change, fake_result_line, garbage,  # noqa: F401
                              make_night, project)
 

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from sandbox import backends
+from sandbox.gpu_watchdog import GpuSample
 from sandbox.process_backend import HostSupport, ProcessBackend
 from sandbox.sealed_root import runtime_needs, seal
-from sandbox.spec import CancelToken, Killer, Limits, Mount, Phase, RunResult, RunSpec, SandboxUnavailable, Status
+from sandbox.spec import CancelToken, Killer, Limits, Mount, Phase, RunResult, RunSpec, SandboxUnavailable
+from sandbox.status import Status
 from tests.hostile_cases import FAKE_SECRET, leftover_processes, make_fake_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,6 +210,23 @@ def first_gpu_uuid() -> str:
 
 
 needs_gpu = pytest.mark.skipif(not os.path.exists("/dev/nvidiactl"), reason="needs an NVIDIA GPU")
+
+
+def test_gpu_watchdog_kill_is_gpu_oom(backend, tmp_path):
+    """The watchdog's wiring, with a fake NVML reader in which every host process holds 1 GiB:
+    only the run's own processes count against the cap."""
+
+    def every_process_holds_a_gib(gpu_uuid: str) -> GpuSample:
+        return GpuSample({int(pid): 2**30 for pid in os.listdir("/proc") if pid.isdigit()})
+
+    gpu_backend = ProcessBackend(snapshots_root=backend.snapshots_root, gpu_reader=every_process_holds_a_gib)
+    result, log = run(gpu_backend, tmp_path, """
+        import time
+        print("started", flush=True)
+        time.sleep(600)
+    """, gpu_uuid="GPU-fake", limits=Limits(gpu_memory_bytes=2**29), deadline_s=30.0)
+    assert (result.status, result.killed_by) == (Status.GPU_OOM, Killer.WATCHDOG), log
+    assert result.peak_gpu_memory_bytes >= 2**30 and "above the cap" in result.log_tail
 
 
 @needs_gpu

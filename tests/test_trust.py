@@ -17,7 +17,8 @@ from sandbox.experiment import _phase_status, read_reported
 from sandbox.harness import HARNESS_FILES, harness_files
 from sandbox.images import base_tag
 from sandbox.process_backend import snapshot_id
-from sandbox.spec import Killer, RunResult, Status
+from sandbox.spec import Killer, RunResult
+from sandbox.status import Status
 from tests.conftest import ROOT
 
 NONCE = "a" * 32

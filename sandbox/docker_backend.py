@@ -32,7 +32,7 @@ from sandbox import images
 from sandbox.gpu_watchdog import Reader
 from sandbox.processes import identity_alive, process_identity
 from sandbox.runlog import LineLog
-from sandbox.spec import CancelToken, Phase, RunResult, RunSpec, SandboxUnavailable
+from sandbox.spec import OUT_DIR, CancelToken, Phase, RunResult, RunSpec, SandboxUnavailable
 from sandbox.status import Status
 from sandbox.supervision import Ending, Exit, Supervisor
 
@@ -53,7 +53,7 @@ def container_config(spec: RunSpec, owner: str = "") -> dict[str, Any]:
     the containers of a live runner alone."""
     limits = spec.limits
     out_read_only = spec.phase is Phase.EVAL
-    mounts = [Mount("/out", str(spec.out_dir.resolve()), type="bind", read_only=out_read_only)]
+    mounts = [Mount(OUT_DIR, str(spec.out_dir.resolve()), type="bind", read_only=out_read_only)]
     mounts += [Mount(m.target, str(m.source.resolve()), type="bind", read_only=True) for m in spec.mounts]
     config: dict[str, Any] = dict(
         image=spec.image,

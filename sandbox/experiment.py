@@ -29,7 +29,7 @@ import structlog
 import contract
 from sandbox.budget_guard import CPU_WALL_STRETCH, Allowance, BudgetRule
 from sandbox.runlog import tail
-from sandbox.spec import Backend, CancelToken, Limits, Mount, Phase, RunResult, RunSpec
+from sandbox.spec import DATA_DIR, OUT_DIR, Backend, CancelToken, Limits, Mount, Phase, RunResult, RunSpec
 from sandbox.status import EXIT_STATUSES, Status
 
 log = structlog.get_logger(__name__)
@@ -113,8 +113,8 @@ def _env(spec: ExperimentSpec, phase: Phase, nonce: str) -> dict[str, str]:
     """The whole environment the harness is given (the backends add only what they need to run it)."""
     env = {
         contract.PHASE_ENV: phase.value,
-        contract.DATA_DIR_ENV: "/data",
-        contract.OUT_DIR_ENV: "/out",
+        contract.DATA_DIR_ENV: DATA_DIR,
+        contract.OUT_DIR_ENV: OUT_DIR,
         contract.PROFILE_ENV: spec.profile,
         contract.TIME_BUDGET_ENV: repr(float(spec.time_budget)),
         "PYTHONUNBUFFERED": "1",
@@ -127,7 +127,7 @@ def _env(spec: ExperimentSpec, phase: Phase, nonce: str) -> dict[str, str]:
     if spec.cpu_threads:  # threads that wait sleep, so waiting for a descheduled one costs no budget
         env.update({contract.CPU_THREADS_ENV: str(spec.cpu_threads), "OMP_WAIT_POLICY": "PASSIVE"})
     if spec.replay_trace is not None and phase is Phase.TRAIN:
-        env[contract.REPLAY_ENV] = f"/out/{REPLAY_FILE}"
+        env[contract.REPLAY_ENV] = f"{OUT_DIR}/{REPLAY_FILE}"
     if spec.gpu_uuid and spec.limits.gpu_memory_bytes:  # the soft limit under the host's watchdog
         env[contract.GPU_MEMORY_CAP_ENV] = str(spec.limits.gpu_memory_bytes)
     if phase is Phase.EVAL:  # phase 2 alone knows how to sign its result
@@ -138,9 +138,9 @@ def _env(spec: ExperimentSpec, phase: Phase, nonce: str) -> dict[str, str]:
 def _run_spec(spec: ExperimentSpec, phase: Phase, attempt: str, nonce: str) -> RunSpec:
     split = "train" if phase is Phase.TRAIN else "val"
     mounts = (
-        Mount(spec.data_dir / split, f"/data/{split}"),
-        Mount(spec.data_dir / "tokenizer", "/data/tokenizer"),
-        Mount(spec.data_dir / "manifest.json", "/data/manifest.json"),
+        Mount(spec.data_dir / split, f"{DATA_DIR}/{split}"),
+        Mount(spec.data_dir / "tokenizer", f"{DATA_DIR}/tokenizer"),
+        Mount(spec.data_dir / "manifest.json", f"{DATA_DIR}/manifest.json"),
     )
     command = ["python3", "train.py"] if phase is Phase.TRAIN else ["python3", "prepare.py", "evaluate"]
     rule = spec.budget_rule

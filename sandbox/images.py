@@ -47,6 +47,7 @@ from docker.utils import parse_repository_tag
 
 from sandbox.errors import UserError
 from sandbox.harness import PROJECT_ROOT, harness_files
+from sandbox.spec import APP_DIR
 
 log = structlog.get_logger(__name__)
 
@@ -415,7 +416,7 @@ def build_experiment_image(client: docker.DockerClient, base_id: str, train_py: 
     container = client.containers.create(base_id, command=EXPERIMENT_COMMAND, labels=labels, network_mode="none",
                                          name=build_container_name(owner, exp_id) if owner else None)
     try:
-        container.put_archive("/app", _tar({"train.py": (train_py.encode(), 0o444)}))
+        container.put_archive(APP_DIR, _tar({"train.py": (train_py.encode(), 0o444)}))
         repository, _, version = tag.partition(":")
         return container.commit(repository=repository, tag=version).id
     finally:

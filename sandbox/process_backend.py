@@ -66,9 +66,10 @@ from sandbox.cgroups import Cgroup, CgroupHost, find_cgroup_host
 from sandbox.gpu_watchdog import Reader
 from sandbox.harness import HARNESS_FILES, PROJECT_ROOT, harness_files
 from sandbox.namespace_init import LaunchPlan
+from sandbox.processes import stat_fields
 from sandbox.runlog import LineLog
 from sandbox.sealed_root import RunMounts, runtime_needs, seal, under
-from sandbox.spec import CancelToken, Phase, RunResult, RunSpec, SandboxUnavailable
+from sandbox.spec import APP_DIR, OUT_DIR, CancelToken, Phase, RunResult, RunSpec, SandboxUnavailable
 from sandbox.status import Status
 from sandbox.supervision import KILL_GRACE_S, Ending, Exit, Supervisor
 
@@ -174,24 +175,21 @@ class _Proc:
 
 
 def _read_proc(pid: int) -> _Proc | None:
+    fields = stat_fields(pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
+    if fields is None:
+        return None
     uid = re.search(r"^Uid:\s+(\d+)", status, re.M)
     return _Proc(pid, int(fields[1]), int(fields[3]), int(uid[1]) if uid else -1, int(fields[19]), fields[0] == "Z")
 
 
 def _cpu_seconds_of(pid: int) -> float:
     """utime + stime + cutime + cstime of a process, in seconds (0 when it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return sum(int(tick) for tick in fields[11:15]) / _CLOCK_TICKS
+    fields = stat_fields(pid)
+    return 0.0 if fields is None else sum(int(tick) for tick in fields[11:15]) / _CLOCK_TICKS
 
 
 def _processes() -> list[_Proc]:
@@ -595,7 +593,7 @@ class ProcessBackend:
         elif argv and "/" not in argv[0]:
             argv[0] = shutil.which(argv[0], path=CHILD_PATH) or argv[0]
         group = handle.group()
-        plan = LaunchPlan(argv=argv, env=env, cwd="/app", status_path=str(state_dir / "exit.json"),
+        plan = LaunchPlan(argv=argv, env=env, cwd=APP_DIR, status_path=str(state_dir / "exit.json"),
                      rlimits={"RLIMIT_CORE": 0}, cgroup_procs=group.join_files() if group is not None else [])
         if support.isolated:
             self._isolate(plan, spec, handle, state_dir)
@@ -625,7 +623,7 @@ class ProcessBackend:
         for folder, _, files in os.walk(out_dir):  # /out belongs to the run's uid
             for path in [folder, *(os.path.join(folder, name) for name in files)]:
                 os.lchown(path, handle.uid, handle.uid)
-        mounts.binds = [(os.path.realpath(spec.image), "/app", True), (out_dir, "/out", spec.phase is Phase.EVAL)]
+        mounts.binds = [(os.path.realpath(spec.image), APP_DIR, True), (out_dir, OUT_DIR, spec.phase is Phase.EVAL)]
         mounts.binds += [(os.path.realpath(m.source), m.target, True) for m in spec.mounts]
         hide = {os.path.realpath(path) for path in
                 (*self._hide, self.snapshots_root, spec.out_dir.parent, *(m.source.parent for m in spec.mounts))}
@@ -635,7 +633,7 @@ class ProcessBackend:
     def _run_in_place(self, plan: LaunchPlan, spec: RunSpec, state_dir: Path) -> None:
         """Fill the plan for a run without namespaces: sandbox paths become host paths."""
         view = state_dir / "view"
-        views = {"/app": os.path.realpath(spec.image), "/out": os.path.realpath(spec.out_dir)}
+        views = {APP_DIR: os.path.realpath(spec.image), OUT_DIR: os.path.realpath(spec.out_dir)}
         for mount in spec.mounts:
             link = view / mount.target.lstrip("/")
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -647,7 +645,7 @@ class ProcessBackend:
         plan.env.update(HOME=str(home), TMPDIR=str(home))
         plan.env = {key: _translate(value, views) for key, value in plan.env.items()}
         plan.argv = [_translate(arg, views) for arg in plan.argv]
-        plan.cwd = views["/app"]
+        plan.cwd = views[APP_DIR]
 
     def _command(self, state_dir: Path) -> list[str]:
         launcher = [sys.executable, "-m", namespace_init.__name__, str(state_dir / "plan.json")]

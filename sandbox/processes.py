@@ -10,13 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def process_identity(pid: int) -> str | None:
-    """`pid:start time` of a live process, None if there is none (the start time tells a reused pid apart)."""
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (which may hold spaces and parentheses):
+    [0] state, [1] ppid, [3] session, [11:15] CPU ticks, [19] start time; None when there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def process_identity(pid: int) -> str | None:
+    """`pid:start time` of a live process, None if there is none (the start time tells a reused pid apart)."""
+    fields = stat_fields(pid)
+    return None if fields is None else f"{pid}:{fields[19]}"
 
 
 def identity_alive(identity: str) -> bool:

@@ -42,7 +42,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox.spec import SandboxUnavailable
+from sandbox.spec import APP_DIR, DATA_DIR, OUT_DIR, SandboxUnavailable
 
 # the harness's imports, and where they came from, as the child's Python sees them (run by it)
 _PYTHON_PROBE = r"""
@@ -82,7 +82,7 @@ DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 DEVICE_LINKS = {"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0", "/dev/stdout": "/proc/self/fd/1",
                 "/dev/stderr": "/proc/self/fd/2"}
 LOADER_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d")
-MADE_BY_THE_SANDBOX = ("/proc", "/sys", "/dev", "/tmp", "/app", "/data", "/out", "/etc", "/run")
+MADE_BY_THE_SANDBOX = ("/proc", "/sys", "/dev", "/tmp", APP_DIR, DATA_DIR, OUT_DIR, "/etc", "/run")
 
 
 @dataclass

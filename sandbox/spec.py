@@ -33,6 +33,12 @@ class Killer(str, enum.Enum):
     CANCEL = "cancel"
 
 
+# Where things are inside every sandbox, whichever backend builds it (the base image's WORKDIR is APP_DIR).
+APP_DIR = "/app"  # the harness and train.py, read-only; the working directory of a run
+DATA_DIR = "/data"  # the split a phase may read, the tokenizer and the manifest, read-only
+OUT_DIR = "/out"  # what phase 1 leaves for phase 2: writable in phase 1, read-only in phase 2
+
+
 @dataclass(frozen=True)
 class Mount:
     """A host path made visible inside the sandbox at `target`."""

@@ -32,6 +32,10 @@ log = structlog.get_logger(__name__)
 # Kinds of rows.
 BASELINE, EXPERIMENT, CONFIRM, RERUN = "baseline", "experiment", "confirm", "rerun"
 
+# The morning review of a kept experiment (a keep enters the queue as pending).
+PENDING, ACCEPTED, REJECTED = "pending", "accepted", "rejected"
+REVIEW_STATES = (PENDING, ACCEPTED, REJECTED)
+
 # How a row reads in a sentence: "e0003 is an experiment that was discarded".
 KIND_NOUNS = {BASELINE: "a baseline run", EXPERIMENT: "an experiment", CONFIRM: "a confirmation run",
               RERUN: "a rerun"}
@@ -500,11 +504,11 @@ class Ledger:
         self._write(exp, {
             "decision": decision, "decision_value": value, "best_before": best_before,
             "threshold": threshold, "decided_at": now(), "estimate_json": json.dumps(estimate),
-            "review_state": "pending" if decision == "keep" else None,
+            "review_state": PENDING if decision == "keep" else None,
         })
 
     def review(self, exp: str, state: str, note: str = "") -> None:
-        if state not in ("pending", "accepted", "rejected"):
+        if state not in REVIEW_STATES:
             raise LedgerError(f"unknown review state {state!r}")
         self._write(exp, {"review_state": state, "review_note": note})
 

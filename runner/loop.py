@@ -504,7 +504,7 @@ class Night:
             gpu_name=gpu.name if gpu else None, gpu_driver=gpu.driver if gpu else None, error=None,
         )
 
-        def on_phase(status: str) -> None:  # called before each phase starts on the machine
+        def on_phase(status: Status) -> None:  # called before each phase starts on the machine
             self.ledger.transition(row.id, status)
             slot.show(row.id, status)
 

@@ -31,7 +31,7 @@ from runner import review as reviews
 from runner import verify as verifies
 from runner import views
 from runner.errors import UserError, user_errors
-from runner.ledger import Ledger, write_tsv
+from runner.ledger import PENDING, Ledger, write_tsv
 from runner.options import DEFAULT_RUNS_DIR, RUNS_DIR_ENV, runs_dir_option
 
 LEDGER_FILE = "ledger.sqlite"
@@ -238,7 +238,7 @@ def review(ctx: click.Context, runs_dir: Path | None, tag: str | None, train_py:
 def _walk(night: RecordedNight, items: list[reviews.Item], train_py: Path) -> None:
     out = console()
     for position, it in enumerate(items, 1):
-        if night.ledger.get(it.row.id).review_state != reviews.PENDING:
+        if night.ledger.get(it.row.id).review_state != PENDING:
             continue  # accepted along with a change reviewed before it
         out.print(*views.review_card(it, position, len(items)))
         key = click.prompt("[a]ccept, [r]eject, [s]kip, [q]uit", type=click.Choice(["a", "r", "s", "q"]),

@@ -26,7 +26,7 @@ from runner.decision import DISCARD, KEEP
 from runner.errors import UserError
 from runner.heartbeat import is_running, last_seen, ran_seconds
 from runner.judge import code_key, runs_of
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Experiment, Ledger
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, PENDING, Experiment, Ledger
 from runner.review import baseline_mean, item
 from sandbox.runlog import tail
 from sandbox.status import Status
@@ -110,7 +110,7 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
             "failed": sum(r.status.is_fault() for r in rows if r.kind != CONFIRM),
             "cancelled": sum(r.status == Status.CANCELLED for r in experiments),
             "rejected": sum(r.status == Status.REJECTED for r in experiments),
-            "pending_review": sum(r.review_state == "pending" for r in experiments),
+            "pending_review": sum(r.review_state == PENDING for r in experiments),
             "baseline_runs": sum(r.kind == BASELINE and r.status == Status.DONE for r in rows),
             "confirm_runs": sum(r.kind == CONFIRM and not r.status.is_unfinished() for r in rows),
             "disturbed": sum(r.disturbed is not None for r in rows),

@@ -27,11 +27,10 @@ from runner.decision import KEEP
 from runner.diffs import DiffRejected, validate_and_apply
 from runner.errors import UserError
 from runner.inputs import MAX_TRAIN_PY_BYTES, read_text
-from runner.ledger import BASELINE, EXPERIMENT, Experiment, Ledger, describe, outcome_phrase
+from runner.ledger import (ACCEPTED, BASELINE, EXPERIMENT, PENDING, REJECTED, Experiment, Ledger, describe,
+                           outcome_phrase)
 
 log = structlog.get_logger(__name__)
-
-PENDING, ACCEPTED, REJECTED = "pending", "accepted", "rejected"
 
 
 class ReviewError(UserError):

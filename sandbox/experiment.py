@@ -212,7 +212,7 @@ def read_reported(out: Path) -> dict[str, float]:
 
 
 def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken | None = None,
-                   on_phase: Callable[[str], None] | None = None) -> ExperimentOutcome:
+                   on_phase: Callable[[Status], None] | None = None) -> ExperimentOutcome:
     """Run both phases of one experiment; the outcome's status is DONE or why it failed."""
     out = spec.run_dir / "out"
     if out.exists():  # a previous attempt (the runner was killed): start clean
@@ -224,7 +224,7 @@ def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken |
     seconds: dict[str, float] = {}
 
     if on_phase:
-        on_phase("training")
+        on_phase(Status.TRAINING)
     train = backend.run(_run_spec(spec, Phase.TRAIN, attempt, nonce), cancel)
     seconds["train"] = train.wall_seconds
     reported = read_reported(out)
@@ -234,7 +234,7 @@ def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken |
         return ExperimentOutcome(Status.EXPORT_FAILED, None, {}, reported, train, None, seconds)
 
     if on_phase:
-        on_phase("evaluating")
+        on_phase(Status.EVALUATING)
     evaluation = backend.run(_run_spec(spec, Phase.EVAL, attempt, nonce), cancel)
     seconds["eval"] = evaluation.wall_seconds
     if evaluation.status is not Status.OK:

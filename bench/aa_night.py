@@ -37,8 +37,8 @@ AGENT = ROOT / "bench" / "agents" / "nudge.py"
 sys.path.insert(0, str(ROOT))
 
 from bench.agents.nudge import float_constants, literal, set_constant  # noqa: E402
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Ledger  # noqa: E402
-from sandbox.status import Status
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, Ledger  # noqa: E402
+from sandbox.status import Status  # noqa: E402
 
 PROJECT_FILES = ("train.py", "prepare.py", "contract.py", "program.md")  # what a night reads from its root
 DEGRADED, FACTOR = "MATRIX_LR", 4
@@ -62,22 +62,23 @@ def ran(row) -> bool:
 def summary(ledger: Ledger, mode: str) -> list[str]:
     """The night's figures, from its ledger rows only."""
     night = ledger.nights()[-1]
-    wall = (datetime.fromisoformat(night["ended_at"]) - datetime.fromisoformat(night["started_at"])).total_seconds()
+    ended = night["ended_at"] or night["heartbeat_at"] or night["started_at"]  # a night stopped by a kill has no end
+    wall = (datetime.fromisoformat(ended) - datetime.fromisoformat(night["started_at"])).total_seconds()
     rows = ledger.experiments(night_id=night["id"])
     experiments = [r for r in rows if r.kind == EXPERIMENT]
     decided = [r for r in experiments if r.decision in ("keep", "discard")]
     kept = [r for r in decided if r.decision == "keep"]
-    runs = [r for r in rows if r.kind in (EXPERIMENT, CONFIRM) and ran(r)]
+    runs = [r for r in rows if r.kind in (EXPERIMENT, CONFIRM, REFERENCE) and ran(r)]
     baseline = [r.val_bpb for r in rows if r.kind == BASELINE and r.status == Status.DONE]
     mean = f"{statistics.fmean(baseline):.6f}" if baseline else "-"
     lines = [
         f"night {night['tag']} ({night['stop_reason']}): {wall:.0f} s wall, "
-        f"{3600 * len(decided) / wall:.1f} experiments/hour",
+        f"{3600 * len(decided) / wall:.1f} experiments/hour" if wall > 0 else "no time recorded",
         f"baseline: {len(baseline)} runs, mean val_bpb {mean}",
         f"proposals: {len(experiments)}, rejected {sum(r.status == Status.REJECTED for r in experiments)}, "
         f"failed {sum(r.status.is_failure() for r in experiments)}",
         f"decided: {len(decided)}, kept {len(kept)}, discarded {len(decided) - len(kept)}",
-        f"runs: {len(runs)} (experiment + confirm rows), "
+        f"runs: {len(runs)} (experiment, confirmation and reference rows), "
         + (f"{len(runs) / len(decided):.2f} per decision" if decided else "no decision"),
     ]
     lines += [f"  rejected {r.id}: {r.reject_reason}" for r in experiments if r.status == Status.REJECTED]

@@ -16,7 +16,14 @@ best on the same sequence of harness seeds, one run at a time:
 Each of the max_runs − 1 looks that can keep spends at most α/(max_runs − 1) of false
 keep probability, so an effect-free change is kept with probability at most α
 (Bonferroni); a night of N experiments expects at most N·α false keeps (0.5 for
-100 at the default α). docs/decisions.md shows the arithmetic and the simulated
+100 at the default α).
+
+That bound assumes the machine is the same all night. It is not always: other load
+comes and goes, a GPU warms up, and then every candidate measured later looks better
+(or worse) than a best measured at dusk. So a keep must hold twice: against every run
+of the best, and then against as many runs of the best made in the candidate's own
+window, on the candidate's seeds (`judge_in_window`). Requiring both can only lower
+the chance of a false keep; a drift the two windows share cancels in the second. docs/decisions.md shows the arithmetic and the simulated
 power. Pure functions only: the judge owns the state.
 """
 
@@ -130,3 +137,10 @@ def judge(rule: Rule, est: Estimate) -> str:
     if est.runs >= 2 and est.gain > keep_bound(rule, est):
         return KEEP
     return DISCARD if est.runs >= rule.max_runs else MORE
+
+
+def judge_in_window(rule: Rule, est: Estimate) -> str:
+    """KEEP or DISCARD for a candidate `judge` would keep, against the best's runs of its window."""
+    if est.runs >= 2 and est.gain > rule.min_delta and est.gain > keep_bound(rule, est):
+        return KEEP
+    return DISCARD

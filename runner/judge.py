@@ -7,6 +7,10 @@ experiment and its confirmations), and the noise is pooled from every code run m
 than once. Everything is recomputed from the ledger at each look, so a resumed night
 decides exactly as an uninterrupted one.
 
+A candidate the rule would keep is kept only after the best's train.py has run again
+on the candidate's seeds (reference rows) and the keep holds against those runs too:
+the machine may have changed since the best was measured (decision.judge_in_window).
+
 A run that trained far fewer steps than the same code did before was disturbed (other
 load, a throttled GPU): it is flagged, left out of every estimate, and its seed is run
 again. Several workers finish runs at once, so deciding is serialised: a candidate is
@@ -21,7 +25,7 @@ import threading
 import structlog
 
 from runner import decision
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Experiment, Ledger
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, Experiment, Ledger
 from runner.proposals import Best
 from runner.records import Records
 from sandbox.status import Status
@@ -34,10 +38,18 @@ DISTURBED_RERUNS = 2  # extra runs a candidate may spend on replacing disturbed 
 
 
 def code_key(row: Experiment) -> str:
-    """Rows with the same key ran the same train.py: all baselines, or an experiment and its confirmations."""
+    """Rows with the same key ran the same train.py: all baselines, an experiment and its confirmations,
+    or the reference runs made beside one candidate (the best's train.py, measured in that window)."""
     if row.kind == BASELINE:
         return BASELINE
+    if row.kind == REFERENCE:
+        return f"{REFERENCE}:{row.target_id}"
     return row.target_id if row.kind == CONFIRM and row.target_id else row.id
+
+
+def candidate_id(row: Experiment) -> str:
+    """The experiment a run was made for: itself, the one it confirms, or the one it is a reference beside."""
+    return row.target_id if row.kind in (CONFIRM, REFERENCE) and row.target_id else row.id
 
 
 def runs_of(ledger: Ledger, key: str) -> list[Experiment]:
@@ -89,7 +101,7 @@ class Judge:
     def noise(self) -> decision.Noise:
         """σ pooled over every code with repeats (undisturbed finished runs of the night's kinds)."""
         groups: dict[str, list[float]] = {}
-        for row in self.ledger.experiments(kinds=[BASELINE, EXPERIMENT, CONFIRM], statuses=[Status.DONE]):
+        for row in self.ledger.experiments(kinds=[BASELINE, EXPERIMENT, CONFIRM, REFERENCE], statuses=[Status.DONE]):
             if row.counts:
                 groups.setdefault(code_key(row), []).append(row.val_bpb)
         return decision.pooled_noise(list(groups.values()))
@@ -97,9 +109,9 @@ class Judge:
     def after(self, exp_id: str, *, may_confirm: bool = True) -> Experiment | None:
         """Look at the candidate of a row that just ended; returns its next run, if it needs one."""
         row = self.ledger.get(exp_id)
-        if row.kind not in (EXPERIMENT, CONFIRM):
+        if row.kind not in (EXPERIMENT, CONFIRM, REFERENCE):
             return None
-        return self._look(self.ledger.get(code_key(row)), may_confirm)
+        return self._look(self.ledger.get(candidate_id(row)), may_confirm)
 
     def settle_undecided(self) -> list[Experiment]:
         """Resume: look at every candidate left undecided by a kill; returns the runs they need next."""
@@ -124,11 +136,33 @@ class Judge:
                 verdict = decision.DISCARD if failed else decision.judge(self.rule, est)
             if verdict == decision.MORE and len(rows) >= self.rule.max_runs + DISTURBED_RERUNS:
                 verdict = decision.DISCARD  # too many of its runs were disturbed to tell
-            if verdict != decision.MORE:
+            reference_seed: list[int | None] = []  # the seed a reference run is needed on, if one is
+            if verdict == decision.KEEP:
+                references = self._references(candidate, best)
+                if any(r.status.is_unfinished() for r in references):
+                    return None  # a reference run is owed; it decides when it ends
+                missing = self._seeds_without_reference(rows, references)
+                if not missing:  # the second test: against the best measured in the candidate's window
+                    est = decision.estimate(values, [r.val_bpb for r in references if r.counts], self.noise())
+                    verdict = decision.judge_in_window(self.rule, est)
+                elif len(references) >= self.rule.max_runs + DISTURBED_RERUNS:
+                    verdict = decision.DISCARD  # too many reference runs were disturbed to tell
+                else:
+                    reference_seed = missing[:1]
+            if verdict != decision.MORE and not reference_seed:
                 self._settle(candidate, verdict, est, statistics.fmean(values) if values else None)
                 return None
         if not may_confirm:
             return None  # left undecided: the next resume asks for the run
+        if reference_seed:
+            (seed,) = reference_seed
+            log.info("experiment.reference", exp=candidate.id, best=best.exp_id, estimate=est.record(),
+                     seed=decision.seed_label(seed))
+            return self.records.add(kind=REFERENCE, status=Status.BUILT, train_py=best.train_py,
+                                    target_id=candidate.id, parent_id=best.exp_id,
+                                    image=self.ledger.get(best.exp_id).image, seed=seed,
+                                    description=f"the best ({best.exp_id}) beside {candidate.id} "
+                                                f"(seed {decision.seed_label(seed)})")
         seed = next_seed(rows)
         log.info("experiment.ambiguous", exp=candidate.id, estimate=est.record() if est else None, next_seed=seed)
         return self.records.add(kind=CONFIRM, status=Status.BUILT, train_py=self.records.train_py(candidate),
@@ -136,11 +170,23 @@ class Judge:
                                 seed=seed, diff=candidate.diff,
                                 description=f"confirm {candidate.id} (seed {decision.seed_label(seed)})")
 
+    def _references(self, candidate: Experiment, best: Best) -> list[Experiment]:
+        """The reference runs of the current best beside `candidate` (those of an earlier best do not count)."""
+        rows = [r for r in self.ledger.references_of(candidate.id) if r.parent_id == best.exp_id]
+        return flag_disturbed(self.ledger, rows)
+
+    @staticmethod
+    def _seeds_without_reference(rows: list[Experiment], references: list[Experiment]) -> list[int | None]:
+        """The seeds of the candidate's counted runs that have no counted reference run yet, in order."""
+        have = {seed_index(r.seed) for r in references if r.counts}
+        return [r.seed for r in rows if r.counts and seed_index(r.seed) not in have]
+
     def _settle(self, row: Experiment, verdict: str, est: decision.Estimate | None, value: float | None) -> None:
         """Record the decision and its estimate; a keep makes this row the best (the caller holds the lock).
 
-        `value` is the mean of the candidate's counted runs (None when none counted); the best
-        is compared by the mean of all its counted runs, which becomes best_before."""
+        `value` is the mean of the candidate's counted runs (None when none counted); the best is
+        compared by the mean of its counted runs (those of the candidate's window when the keep was
+        checked there), which becomes best_before."""
         best_before = value + est.gain if est else self._best.value
         self.ledger.decide(row.id, verdict, value=value, best_before=best_before,
                            threshold=decision.keep_bound(self.rule, est) if est else None,

@@ -31,6 +31,9 @@ log = structlog.get_logger(__name__)
 
 # Kinds of rows.
 BASELINE, EXPERIMENT, CONFIRM, RERUN = "baseline", "experiment", "confirm", "rerun"
+# The best's train.py run again beside a candidate about to be kept (target_id: the candidate,
+# parent_id: the best), so that a keep is checked against the best measured in the same window.
+REFERENCE = "reference"
 
 # The morning review of a kept experiment (a keep enters the queue as pending).
 PENDING, ACCEPTED, REJECTED = "pending", "accepted", "rejected"
@@ -38,6 +41,7 @@ REVIEW_STATES = (PENDING, ACCEPTED, REJECTED)
 
 # How a row reads in a sentence: "e0003 is an experiment that was discarded".
 KIND_NOUNS = {BASELINE: "a baseline run", EXPERIMENT: "an experiment", CONFIRM: "a confirmation run",
+              REFERENCE: "a reference run of the best",
               RERUN: "a rerun"}
 DECISION_PHRASES = {"keep": "was kept", "discard": "was discarded", None: "finished"}
 
@@ -575,9 +579,16 @@ class Ledger:
 
     def confirmations_of(self, exp: str) -> list[Experiment]:
         """The repeat runs of an experiment under further seeds, in order."""
+        return self._runs_for(CONFIRM, exp)
+
+    def references_of(self, exp: str) -> list[Experiment]:
+        """The runs of the best made beside a candidate about to be kept, in order."""
+        return self._runs_for(REFERENCE, exp)
+
+    def _runs_for(self, kind: str, exp: str) -> list[Experiment]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM experiments WHERE kind=? AND target_id=? ORDER BY seq",
-                                    (CONFIRM, exp)).fetchall()
+                                    (kind, exp)).fetchall()
         return [Experiment(**dict(r)) for r in rows]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import structlog
 
 from runner.decision import DISCARD
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE
 from sandbox.spec import Backend
 from sandbox.status import Status
 
@@ -58,7 +58,8 @@ def _needed(rows: list[_Row]) -> set[str]:
             return True
         if row.kind == EXPERIMENT:
             return row.id not in settled
-        return row.kind == CONFIRM and row.target_id not in settled  # a finished rerun needs nothing more
+        # a confirmation or a reference run of an undecided candidate may run again; a finished rerun needs nothing
+        return row.kind in (CONFIRM, REFERENCE) and row.target_id not in settled
 
     return {r.image for r in rows if r.image and needs(r)}
 

@@ -26,12 +26,12 @@ from runner.decision import DISCARD, KEEP
 from runner.errors import UserError
 from runner.heartbeat import is_running, last_seen, ran_seconds
 from runner.judge import code_key, runs_of
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, PENDING, Experiment, Ledger
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, PENDING, REFERENCE, Experiment, Ledger
 from runner.review import baseline_mean, item
 from sandbox.runlog import tail
 from sandbox.status import Status
 
-NIGHT_KINDS = (BASELINE, EXPERIMENT, CONFIRM)  # reruns are morning work, not the night's
+NIGHT_KINDS = (BASELINE, EXPERIMENT, CONFIRM, REFERENCE)  # reruns are morning work, not the night's
 SELECTION_NOTE = ("Gains are estimates at the time of each decision; a change was kept because its estimate "
                   "cleared the bar, so kept gains tend to be overstated: `autoresearch verify` measures the "
                   "night's gain afresh on new seeds.")
@@ -107,12 +107,13 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
         counts={
             "kept": sum(r.decision == KEEP for r in experiments),
             "discarded": sum(r.decision == DISCARD for r in experiments),
-            "failed": sum(r.status.is_fault() for r in rows if r.kind != CONFIRM),
+            "failed": sum(r.status.is_fault() for r in rows if r.kind not in (CONFIRM, REFERENCE)),
             "cancelled": sum(r.status == Status.CANCELLED for r in experiments),
             "rejected": sum(r.status == Status.REJECTED for r in experiments),
             "pending_review": sum(r.review_state == PENDING for r in experiments),
             "baseline_runs": sum(r.kind == BASELINE and r.status == Status.DONE for r in rows),
             "confirm_runs": sum(r.kind == CONFIRM and not r.status.is_unfinished() for r in rows),
+            "reference_runs": sum(r.kind == REFERENCE and not r.status.is_unfinished() for r in rows),
             "disturbed": sum(r.disturbed is not None for r in rows),
         },
         experiments_per_hour=len(finished) / (wall / 3600) if wall > 0 else None,

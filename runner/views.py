@@ -58,7 +58,8 @@ def status_panel(fig: Figures) -> Panel:
         f"kept {counts['kept']}  discarded {counts['discarded']}  failed {counts['failed']}  "
         f"rejected {counts['rejected']}  cancelled {counts['cancelled']}  "
         f"(pending review {counts['pending_review']}, baseline runs {counts['baseline_runs']}, "
-        f"confirmation runs {counts['confirm_runs']}, disturbed {counts['disturbed']})"
+        f"confirmation runs {counts['confirm_runs']}, reference runs {counts['reference_runs']}, "
+        f"disturbed {counts['disturbed']})"
     ))
     rate = "-" if fig.experiments_per_hour is None else f"{fig.experiments_per_hour:.2f}"
     duty = "-" if fig.duty_cycle is None else f"{100 * fig.duty_cycle:.1f} %"

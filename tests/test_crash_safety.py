@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, MIGRATIONS, SCHEMA_VERSION, Ledger
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, MIGRATIONS, REFERENCE, SCHEMA_VERSION, Ledger
 from runner.review import lineage
 from sandbox.images import BUILD_PREFIX
 from sandbox.processes import process_identity
@@ -100,7 +100,7 @@ def assert_consistent(run_dir: Path, experiments: int) -> Ledger:
     assert ledger.unfinished() == [] and ledger.undecided() == []
     rows = ledger.experiments()
     assert len([r for r in rows if r.kind == EXPERIMENT]) == experiments
-    assert all((r.status == Status.DONE or r.status.is_failure()) for r in rows if r.kind in (BASELINE, CONFIRM))
+    assert all((r.status == Status.DONE or r.status.is_failure()) for r in rows if r.kind in (BASELINE, CONFIRM, REFERENCE))
     log = events(run_dir)
     trained = collections.Counter(e["exp"] for e in log if e["event"] == "experiment.status" and e["status"] == "training")
     assert trained == collections.Counter(r.id for r in rows if r.status != "rejected")  # each run once

@@ -236,17 +236,24 @@ def test_baseline_measures_the_noise_then_keeps_replicate_and_advance_the_best(p
     assert record["threshold"] > 0.004 and record["stop_reason"] == "max-experiments"
 
     first, second, third = experiments(ledger)
-    # a clear gain is kept after two seeds, credited with the mean of both, against the mean of all baselines
+    # a clear gain passes against the mean of all baselines after two seeds; the baseline then runs again on
+    # those seeds beside it, and the keep is credited against the best as measured in its own window
     assert runs_of(ledger, first) == [(None, 0.8), (1, pytest.approx(0.801))]
+    references = ledger.references_of(first.id)
+    assert [(r.seed, r.val_bpb, r.parent_id) for r in references] == [(None, 0.9, "e0001"), (1, 0.901, "e0001")]
+    baseline_py = (night.settings.run_dir / baseline[0].id / "train.py").read_text()
+    assert all((night.settings.run_dir / r.id / "train.py").read_text() == baseline_py and r.image == baseline[0].image
+               for r in references)
+    window = (0.9 + 0.901) / 2
     assert (first.decision, first.decision_value, first.best_before) == ("keep", pytest.approx(0.8005),
-                                                                        pytest.approx(base_mean))
+                                                                        pytest.approx(window))
     estimate = first.estimate
-    assert estimate["gain"] == pytest.approx(base_mean - 0.8005) and estimate["runs"] == 2
-    assert estimate["best_runs"] == 4 and estimate["low95"] < estimate["gain"] < estimate["high95"]
+    assert estimate["gain"] == pytest.approx(window - 0.8005) and estimate["runs"] == 2
+    assert estimate["best_runs"] == 2 and estimate["low95"] < estimate["gain"] < estimate["high95"]
     # 0.001 better on every seed is inside the noise: more seeds up to the cap, then discarded
     assert [seed for seed, _ in runs_of(ledger, second)] == [None, 1, 2, 3]
     assert (second.decision, second.best_before) == ("discard", pytest.approx(0.8005))
-    assert second.estimate["runs"] == 4
+    assert second.estimate["runs"] == 4 and ledger.references_of(second.id) == []  # never near a keep
     assert (third.decision, third.parent_id) == ("keep", first.id)
     assert night.best.exp_id == third.id and night.best.value == pytest.approx(0.7005)
     # the parent recorded is the train.py each proposal was made from (prefetched from the best of its moment)

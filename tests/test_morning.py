@@ -191,9 +191,15 @@ def test_every_command_has_help():
 def test_the_night_keeps_what_replicates(night):
     """The layout every other test reads: each candidate ran seed after seed until it was decided."""
     ids, rows = night.ids, {r.id: r for r in rows_of(night)}
-    runs = {name: [r.seed for r in rows.values() if r.id == i or r.target_id == i] for name, i in ids.items()}
+    runs = {name: [r.seed for r in rows.values() if r.id == i or (r.target_id == i and r.kind == "confirm")]
+            for name, i in ids.items()}
     assert runs == {"first": [None, 1], "unproven": [None, 1, 2, 3], "crash": [None], "rejected": [None],
                     "best": [None, 1], "no_export": [None], "noisy": [None]}
+    # a keep is checked against the best run again on its seeds: the baseline beside `first`, `first` beside `best`
+    references = {name: [(r.seed, r.parent_id) for r in rows.values() if r.target_id == i and r.kind == "reference"]
+                  for name, i in ids.items()}
+    assert references == {"first": [(None, "e0001"), (1, "e0001")], "best": [(None, ids["first"]), (1, ids["first"])],
+                          **{name: [] for name in ("unproven", "crash", "rejected", "no_export", "noisy")}}
     decided = {name: (rows[i].decision, rows[i].estimate.get("runs")) for name, i in ids.items()}
     assert decided == {"first": ("keep", 2), "unproven": ("discard", 4), "crash": (None, None),
                        "rejected": (None, None), "best": ("keep", 2), "no_export": (None, None),
@@ -212,13 +218,15 @@ def test_status_reports_the_night(night):
     assert (fig["tag"], fig["state"], fig["best_id"]) == ("t", "ended", night.ids["best"])
     assert fig["best_value"] == pytest.approx(0.7005) and fig["best_estimate"]["gain"] == pytest.approx(0.1)
     assert fig["counts"] == {"kept": 2, "discarded": 2, "failed": 2, "cancelled": 0, "rejected": 1,
-                             "pending_review": 2, "baseline_runs": 4, "confirm_runs": 5, "disturbed": 0}
+                             "pending_review": 2, "baseline_runs": 4, "confirm_runs": 5, "reference_runs": 4,
+                             "disturbed": 0}
     assert (fig["sigma"], fig["noise_df"], fig["baseline_runs"]) == (pytest.approx(NOISE.sigma), 3, 4)
     assert fig["threshold"] == pytest.approx(decision.smallest_keepable_gain(decision.Rule(), NOISE, 4))
     assert (fig["alpha"], fig["max_runs"], fig["min_delta"]) == (0.005, 4, 0.0)
     assert "k" not in fig and "confirm" not in fig
-    # 14 runs trained (4 baselines, 5 confirmations, 5 experiments: the one whose export failed trained too)
-    assert fig["training_seconds"] == 14 * TRAINING_SECONDS
+    # 18 runs trained (4 baselines, 5 confirmations, 4 reference runs, 5 experiments: the one whose export
+    # failed trained too)
+    assert fig["training_seconds"] == 18 * TRAINING_SECONDS
     assert fig["duty_cycle"] == pytest.approx(fig["training_seconds"] / fig["wall_seconds"])
     assert fig["experiments_per_hour"] == pytest.approx(6 / (fig["wall_seconds"] / 3600))  # rejected never ran
 
@@ -255,7 +263,7 @@ def test_status_while_the_night_runs_and_after_a_kill(project):  # noqa: F811
 def test_list_shows_every_row_in_order(night):
     ids = night.ids
     rows = json.loads(invoke(night.runs, "list", "--json").output)
-    assert [r["id"] for r in rows] == [f"e{n:04d}" for n in range(1, 17)]
+    assert [r["id"] for r in rows] == [f"e{n:04d}" for n in range(1, 21)]
     by_id = {r["id"]: r for r in rows}
     assert (by_id[ids["best"]]["parent"], by_id[ids["best"]]["vs_parent"]) == (ids["first"], pytest.approx(-0.1))
     assert by_id[ids["first"]]["vs_baseline"] == pytest.approx(0.8005 - 0.900125)
@@ -273,7 +281,7 @@ def test_show_tells_the_whole_story_of_one_experiment(night):
     out = flat(result.output)
     assert f"{ids['best']} <- {ids['first']} <- e0001 (baseline)" in out
     assert "vs parent -0.100000" in out and "vs baseline -0.199625" in out
-    assert "gain +0.100000 bpb (95 % interval [+0.098110, +0.101890]) from 2 runs against 2 of the best" in out
+    assert "gain +0.100000 bpb (95 % interval [+0.098221, +0.101779]) from 2 runs against 2 of the best" in out
     assert "a keep needed a gain above 0.00" in out and "autoresearch verify" in out  # kept: the selection note
     assert "runs of this train.py (seeds)" in out  # the experiment and its confirmation
     assert night.data_hash[:12] in out and "img-" in out and "exit 0" in out
@@ -302,7 +310,7 @@ def test_a_disturbed_run_is_shown_and_left_out(project):  # noqa: F811
     assert data["runs"][1]["disturbed"] == "trained 10 steps where the same code trained 20"
     assert (data["decision"], data["estimate"]["runs"]) == ("keep", 2)
     out = flat(invoke(recorded.runs, "show", exp).output)
-    assert "from 2 runs (3 spent) against 4 of the best" in out and "trained 10 steps where" in out
+    assert "from 2 runs (3 spent) against 2 of the best" in out and "trained 10 steps where" in out
     assert json.loads(invoke(recorded.runs, "status", "--json").output)["counts"]["disturbed"] == 1
     disturbed = data["runs"][1]["id"]
     assert "done (disturbed)" in invoke(recorded.runs, "list").output

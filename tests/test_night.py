@@ -14,6 +14,7 @@ import json
 import re
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ import pytest
 from runner.agents.base import Proposal
 from runner.agents.config import SearchConfig
 from runner.agents.search_agent import SearchAgent
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Ledger
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, Ledger
 from runner.loop import Night
 from runner.overnight import ensure_data
 from runner.settings import Settings, Source
@@ -132,7 +133,12 @@ def test_a_night_in_miniature(project, docker_client, tmp_path):
     assert (rejected.status, rejected.attempts, rejected.image) == ("rejected", 2, None)
     assert "train.py" in rejected.reject_reason
     assert (good.status, good.decision, good.review_state) == ("done", "keep", "pending")
-    assert good.val_bpb < baseline[0].val_bpb and good.best_before == pytest.approx(night.baseline_mean)
+    assert good.val_bpb < baseline[0].val_bpb
+    # kept against the baseline run again beside it, on its seeds (the machine may have changed since dusk)
+    references = ledger.references_of(good.id)
+    assert [r.seed for r in references if r.counts] == [r.seed for r in [good, *ledger.confirmations_of(good.id)]
+                                                        if r.counts]
+    assert good.best_before == pytest.approx(statistics.fmean(r.val_bpb for r in references if r.counts))
     assert good.num_steps and good.training_seconds and good.total_seconds and good.metrics["val_bpb"] == good.val_bpb
     assert searched.parent_id in (baseline[0].id, good.id) and searched.agent == "scripted+search"
     assert searched.status in ("done", "crash", "timeout", "oom", "export_failed") and searched.diff
@@ -173,8 +179,9 @@ def test_a_night_in_miniature(project, docker_client, tmp_path):
     newer = [r for r in rows if r.id > killed]
     (added,) = [r for r in newer if r.kind == EXPERIMENT]  # one new proposal: the night's sixth
     assert added.status != "proposed"
-    # besides it, only the runs the keep rule asked for: confirmations of the killed experiment or of the new one
-    assert all(r.kind == CONFIRM and r.target_id in (killed, added.id) for r in newer if r is not added)
+    # besides it, only the runs the keep rule asked for: confirmations of the killed experiment or of the new one,
+    # or reference runs of the best beside one of them
+    assert all(r.kind in (CONFIRM, REFERENCE) and r.target_id in (killed, added.id) for r in newer if r is not added)
     events = [json.loads(line) for line in (settings.run_dir / "events.jsonl").read_text().splitlines()]
     finished = [e for e in events if e["event"] == "experiment.finished" and e.get("exp") == killed]
     assert len(finished) == 1  # night 2 died before the end, night 3 ran it once

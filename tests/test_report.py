@@ -67,16 +67,17 @@ def test_json_export_holds_every_column_and_the_settings(night):  # noqa: F811
                                                                            "min_delta": 0.0}
     assert (data["nights"][0]["sigma"], data["nights"][0]["noise_df"]) == (pytest.approx(NOISE.sigma), 3)
     rows = {r["id"]: r for r in data["experiments"]}
-    assert len(rows) == 16 and rows[ids["best"]]["parent_id"] == ids["first"]
+    assert len(rows) == 20 and rows[ids["best"]]["parent_id"] == ids["first"]
     assert "+LR = 0.3" in rows[ids["best"]]["diff"]
     assert rows[ids["rejected"]]["reject_reason"] and "RuntimeError: shape mismatch" in rows[ids["crash"]]["log_tail"]
     # the kept changes: the estimate each keep rested on, and what it cost
     first, best = data["kept"]
-    assert (first["id"], first["runs"], first["best_runs"], first["runs_spent"]) == (ids["first"], 2, 4, 2)
-    assert first["gain"] == pytest.approx(0.099625) and first["low95"] < first["gain"] < first["high95"]
+    # against the best of its window: the two reference runs of the baseline beside it
+    assert (first["id"], first["runs"], first["best_runs"], first["runs_spent"]) == (ids["first"], 2, 2, 2)
+    assert first["gain"] == pytest.approx(0.9005 - 0.8005) and first["low95"] < first["gain"] < first["high95"]
     assert (best["id"], best["val_bpb"], best["best_before"]) == (ids["best"], pytest.approx(0.7005),
                                                                   pytest.approx(0.8005))
-    assert (best["low95"], best["high95"]) == (pytest.approx(0.098110, abs=1e-6), pytest.approx(0.101890, abs=1e-6))
+    assert (best["low95"], best["high95"]) == (pytest.approx(0.098221, abs=1e-6), pytest.approx(0.101779, abs=1e-6))
     assert "autoresearch verify" in data["kept_note"]
 
 
@@ -93,7 +94,7 @@ def test_the_html_report_is_self_contained_and_complete(night):  # noqa: F811
     # kept changes with their gain, interval and runs, the selection note once, and their coloured diffs
     assert '<span class="add">+LR = 0.3</span>' in page and '<span class="del">-LR = 0.2</span>' in page
     assert (f"<td>{night.ids['best']}</td><td class=n>0.700500</td><td class=n>+0.100000</td>"
-            "<td class=n>[+0.098110, +0.101890]</td><td>2 runs against 2 of the best</td>"
+            "<td class=n>[+0.098221, +0.101779]</td><td>2 runs against 2 of the best</td>"
             "<td class=n>-0.199625</td>") in page
     assert page.count(html.escape(report.SELECTION_NOTE)) == 1
     # failures grouped by status, with their log tails
@@ -126,4 +127,4 @@ def test_a_kept_change_shows_the_runs_it_spent(project):  # noqa: F811
     recorded = record_night(project, script=(change(LR=0.2, SLOW="1"),))  # its first seed-1 run is disturbed
     assert invoke(recorded.runs, "report").exit_code == 0
     page = (recorded.run_dir / "report.html").read_text()
-    assert "<td>2 runs (3 spent) against 4 of the best</td>" in page
+    assert "<td>2 runs (3 spent) against 2 of the best</td>" in page

@@ -139,6 +139,8 @@ def show_dict(ledger: Ledger, run_dir: Path, row: Experiment) -> dict[str, Any]:
         "data_hash": row.data_hash,
         "seed": row.seed, "gpu": row.gpu_name, "gpu_driver": row.gpu_driver,
         "runs": [_run_dict(r) for r in code_runs(ledger, row)] if row.kind != "rerun" else [],
+        # the best run again beside a candidate about to be kept: what its recorded estimate compares with
+        "reference_runs": [_run_dict(r) for r in ledger.references_of(row.id)],
         "reject_reason": row.reject_reason, "error": row.error, "review_note": row.review_note,
         "logs": {name: log_tail(run_dir, row, name) for name in ("train.log", "eval.log")},
         "diff": row.diff,
@@ -150,9 +152,9 @@ def _run_dict(row: Experiment) -> dict[str, Any]:
             "steps": row.num_steps, "counted": row.counts, "disturbed": row.disturbed}
 
 
-def _runs_table(runs: list[dict[str, Any]], shown: str) -> Table:
-    """The runs of one train.py under its seeds, and which of them the estimates count."""
-    table = Table(title="runs of this train.py (seeds)", title_justify="left", box=box.SIMPLE_HEAD)
+def _runs_table(runs: list[dict[str, Any]], shown: str, title: str = "runs of this train.py (seeds)") -> Table:
+    """Runs under their seeds, and which of them the estimates count."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     for name in ("id", "kind", "seed", "status", "val_bpb", "steps", "counted"):
         table.add_column(name, justify="right" if name in ("val_bpb", "steps") else "left", no_wrap=True)
     table.add_column("disturbed", overflow="fold")
@@ -223,6 +225,8 @@ def show_renderables(ledger: Ledger, run_dir: Path, row: Experiment) -> list[Ren
     parts: list[RenderableType] = [Panel(head, title=f"{row.id} ({row.kind})", title_align="left")]
     if len(data["runs"]) > 1:
         parts.append(_runs_table(data["runs"], row.id))
+    if data["reference_runs"]:
+        parts.append(_runs_table(data["reference_runs"], row.id, "runs of the best beside it (seeds)"))
     for title, figures in (("measured (phase 2 and the host)", row.metrics),
                            ("reported by train.py (untrusted)", row.reported)):
         if figures:

@@ -81,6 +81,8 @@ class FakeBackend:
         self.on_hang = on_hang
         self.images: dict[str, str] = {}
         self.slowed: set[tuple[str, str | None]] = set()  # (image, seed) whose run was disturbed once
+        self.drift: tuple[int, float] | None = None  # (evaluations, d): every later one scores d lower
+        self.evaluations = 0
         self.runs: list[tuple[str, Phase, str | None]] = []
         self.builds: list[str] = []
         self._active: collections.Counter[str] = collections.Counter()
@@ -144,6 +146,10 @@ class FakeBackend:
             return self._result(spec, Status.OK, 0)
         seed = spec.env.get("AR_SEED")
         value = 1.0 - constants["LR"] - (constants["LUCK"] if seed is None else 0.0) + SEED_NOISE[seed]
+        with self._lock:
+            self.evaluations += 1
+            if self.drift and self.evaluations > self.drift[0]:
+                value -= self.drift[1]
         spec.log_path.write_text(f"evaluating\n{fake_result_line(spec.env[contract.RESULT_NONCE_ENV], value)}\n")
         return self._result(spec, Status.OK, 0)
 
@@ -269,6 +275,27 @@ def test_baseline_measures_the_noise_then_keeps_replicate_and_advance_the_best(p
     assert first.train_sha256 == hashlib.sha256((night.settings.run_dir / first.id / "train.py").read_bytes()).hexdigest()
     assert first.image and first.backend == "fake" and first.data_hash == night.data.manifest_hash
     assert json.loads(first.metrics_json)["val_bpb"] == 0.8
+
+
+def effect_free(context):
+    """A change that cannot matter: a constant nothing reads."""
+    new = context.train_py + "UNUSED = 1\n"
+    lines = difflib.unified_diff(context.train_py.splitlines(True), new.splitlines(True), "a/train.py", "b/train.py")
+    return Proposal("add a constant nothing reads", "".join(lines), Usage(input_tokens=10))
+
+
+def test_a_machine_that_drifts_after_the_baselines_keeps_no_effect_free_change(project):
+    backend = FakeBackend()
+    backend.drift = (4, 0.05)  # after the four baselines, every run scores 0.05 lower (the machine changed)
+    night, ledger = make_night(project, ScriptedAgent(effect_free), backend)
+    night.run()
+    (row,) = experiments(ledger)
+    # against the baselines of dusk it looks 0.05 better on both seeds; beside it, the baseline does too
+    assert [round(value, 6) for _, value in runs_of(ledger, row)] == [0.85, 0.851]
+    references = ledger.references_of(row.id)
+    assert [(r.seed, round(r.val_bpb, 6)) for r in references] == [(None, 0.85), (1, 0.851)]
+    assert row.decision == "discard" and row.estimate["best_runs"] == 2
+    assert abs(row.estimate["gain"]) < 1e-9 and night.best.exp_id == "e0001"
 
 
 def test_a_clear_loser_costs_one_run(project):

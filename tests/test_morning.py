@@ -284,6 +284,7 @@ def test_show_tells_the_whole_story_of_one_experiment(night):
     assert "gain +0.100000 bpb (95 % interval [+0.098221, +0.101779]) from 2 runs against 2 of the best" in out
     assert "a keep needed a gain above 0.00" in out and "autoresearch verify" in out  # kept: the selection note
     assert "runs of this train.py (seeds)" in out  # the experiment and its confirmation
+    assert "runs of the best beside it (seeds)" in out  # what its estimate compares with
     assert night.data_hash[:12] in out and "img-" in out and "exit 0" in out
     assert "num_params_M" in out and "val_bpb_hex" in out  # metrics table and the eval.log tail
     assert "step 00020" in out  # train.log tail
@@ -292,7 +293,7 @@ def test_show_tells_the_whole_story_of_one_experiment(night):
     data = json.loads(invoke(night.runs, "show", ids["unproven"], "--json").output)
     assert [(r["seed"], r["counted"], r["disturbed"]) for r in data["runs"]] == [
         (None, True, None), (1, True, None), (2, True, None), (3, True, None)]
-    assert data["estimate"]["runs"] == 4 and data["estimate"]["low95"] < 0
+    assert data["estimate"]["runs"] == 4 and data["estimate"]["low95"] < 0 and data["reference_runs"] == []
     discarded = flat(invoke(night.runs, "show", ids["unproven"]).output)
     assert "from 4 runs against 2 of the best" in discarded and "autoresearch verify" not in discarded
 

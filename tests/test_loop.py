@@ -374,7 +374,12 @@ def test_a_crash_is_recorded_with_its_log_tail_and_shown_to_the_agent(project):
 def test_ctrl_c_cancels_the_running_experiment_and_records_it(project):
     backend = FakeBackend(on_hang=lambda: os.kill(os.getpid(), signal.SIGINT))
     night, ledger = make_night(project, ScriptedAgent(change(BEHAVIOUR="hang")), backend)
-    assert night.run() == "interrupted"
+    # Ctrl-C is KeyboardInterrupt, also where the shell that started the tests ignores SIGINT (a background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert night.run() == "interrupted"
+    finally:
+        signal.signal(signal.SIGINT, previous)
     (row,) = experiments(ledger)
     assert (row.status, row.train_killed_by, row.decision) == ("cancelled", "cancel", None)
     assert ledger.nights()[0]["stop_reason"] == "interrupted"

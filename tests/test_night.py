@@ -38,6 +38,7 @@ BUDGET_S = 5.0
 LEARNING_RATES = ("MATRIX_LR", "EMBEDDING_LR", "UNEMBEDDING_LR")
 AUTORESEARCH = Path(sys.executable).parent / "autoresearch"
 KILL_WAIT_S = 600  # bound on waiting for the second night to start training
+HONEST_ENDS = ("done", "crash", "timeout", "oom", "export_failed", "over_budget")  # of a change nobody has run
 
 
 def _set(train_py: str, **constants: str) -> str:
@@ -141,7 +142,9 @@ def test_a_night_in_miniature(project, docker_client, tmp_path):
     assert good.best_before == pytest.approx(statistics.fmean(r.val_bpb for r in references if r.counts))
     assert good.num_steps and good.training_seconds and good.total_seconds and good.metrics["val_bpb"] == good.val_bpb
     assert searched.parent_id in (baseline[0].id, good.id) and searched.agent == "scripted+search"
-    assert searched.status in ("done", "crash", "timeout", "oom", "export_failed") and searched.diff
+    # the search agent's change is untested: any recorded end will do. over_budget too: at this 5 s budget the
+    # slack for a larger model's export (5 % of the budget's compute, sandbox.budget_guard) is half a CPU second
+    assert searched.status in HONEST_ENDS and searched.diff
     if searched.status == "done":
         assert searched.decision in ("keep", "discard")
     (record,) = ledger.nights()
@@ -174,7 +177,7 @@ def test_a_night_in_miniature(project, docker_client, tmp_path):
     assert [r.id for r in rows if r.kind == BASELINE] == [r.id for r in baseline]  # not measured again
     assert ledger.unfinished() == []
     resumed = ledger.get(killed)
-    assert resumed.status in ("done", "crash", "timeout", "oom", "export_failed")
+    assert resumed.status in HONEST_ENDS
     assert resumed.decision in (("keep", "discard") if resumed.status == "done" else (None,))
     newer = [r for r in rows if r.id > killed]
     (added,) = [r for r in newer if r.kind == EXPERIMENT]  # one new proposal: the night's sixth

@@ -23,8 +23,9 @@ comes and goes, a GPU warms up, and then every candidate measured later looks be
 (or worse) than a best measured at dusk. So a keep must hold twice: against every run
 of the best, and then against as many runs of the best made in the candidate's own
 window, on the candidate's seeds (`judge_in_window`). Requiring both can only lower
-the chance of a false keep; a drift the two windows share cancels in the second. docs/decisions.md shows the arithmetic and the simulated
-power. Pure functions only: the judge owns the state.
+the chance of a false keep; a drift the two windows share cancels in the second.
+docs/decisions.md shows the arithmetic and the simulated power. Pure functions only:
+the judge owns the state.
 """
 
 from __future__ import annotations
@@ -140,7 +141,6 @@ def judge(rule: Rule, est: Estimate) -> str:
 
 
 def judge_in_window(rule: Rule, est: Estimate) -> str:
-    """KEEP or DISCARD for a candidate `judge` would keep, against the best's runs of its window."""
-    if est.runs >= 2 and est.gain > rule.min_delta and est.gain > keep_bound(rule, est):
-        return KEEP
-    return DISCARD
+    """KEEP or DISCARD for a candidate `judge` would keep, against the best's runs of its window: the same
+    test, with no further runs to ask for."""
+    return KEEP if judge(rule, est) == KEEP else DISCARD

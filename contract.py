@@ -31,6 +31,9 @@ BOS = "<|bos|>"  # the only special token: starts every document
 DATA_FILES = ("tokenizer/tokenizer.pkl", "tokenizer/token_bytes.npy", "train/tokens.bin",
               "train/docs.npy", "val/tokens.bin", "val/docs.npy")  # everything manifest.json vouches for
 MODEL_FILE, TRACE_FILE, REPORT_FILE = "model.pt2", "trace.json", "summary.json"  # what phase 1 leaves in /out
+# Phase 1 also leaves the compiled kernels it used (torch's portable compile cache) in /out; the host
+# takes the file out and may hand it, read-only, to later runs of the same code or of its descendants.
+COMPILE_CACHE_FILE = "compile_cache.bin"
 # The harness prints this line when the timed budget starts; the host starts its own budget clock on it.
 BUDGET_START_MARK = "[harness] training budget started"
 
@@ -64,6 +67,7 @@ DATA_DIR_ENV, OUT_DIR_ENV = "AR_DATA_DIR", "AR_OUT_DIR"  # /data and /out in the
 SEED_ENV = "AR_SEED"  # the harness's seed (confirmation and verification runs draw fresh ones)
 REPLAY_ENV = "AR_REPLAY"  # phase 1 of `rerun --exact`: the recorded trace to replay
 GPU_MEMORY_CAP_ENV = "AR_GPU_MEMORY_CAP"  # bytes: the harness caps its allocator below the host's watchdog
+COMPILE_CACHE_ENV = "AR_COMPILE_CACHE"  # phase 1: an earlier run's COMPILE_CACHE_FILE to start from
 DETERMINISTIC_ENV = "AR_DETERMINISTIC"  # "1": deterministic algorithms, so that a rerun is bit-identical
 # What deterministic cuBLAS needs before its first handle; the host sets it, the harness defaults to it.
 CUBLAS_DETERMINISTIC = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

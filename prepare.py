@@ -86,8 +86,34 @@ def _exit_on_gpu_oom(kind, error, trace) -> None:
         os._exit(contract.EXIT_GPU_OOM)
 
 
+def _load_compile_cache() -> None:
+    """Start from an earlier run's compiled kernels, if the host mounted one (it is only a cache:
+    torch checks each entry against the graph, torch/Triton versions and device; a miss compiles)."""
+    path = os.environ.get(contract.COMPILE_CACHE_ENV)
+    if not path:
+        return
+    t0 = time.time()
+    try:
+        info = torch.compiler.load_cache_artifacts(Path(path).read_bytes())
+    except Exception as error:  # a stale or damaged cache costs a cold compile, never the run
+        print(f"[harness] compile cache not loaded: {type(error).__name__}: {error}", flush=True)
+        return
+    if info is None:
+        print("[harness] compile cache not loaded: it is not a torch compile cache", flush=True)
+        return
+    entries = sum(len(keys) for keys in info.artifacts.values())
+    print(f"[harness] compile cache: {entries} entries loaded in {time.time() - t0:.1f}s", flush=True)
+
+
+def _save_compile_cache() -> None:
+    """Leave the compiled kernels this run used (built or loaded) in OUT_DIR for the host."""
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is not None:
+        (OUT_DIR / contract.COMPILE_CACHE_FILE).write_bytes(artifacts[0])
+
+
 def _configure_runtime() -> None:
-    """Seeds, determinism and the soft GPU memory cap, set before train.py builds anything."""
+    """Seeds, determinism, the soft GPU memory cap and the compile cache, set before train.py builds anything."""
     torch.manual_seed(SEED)
     if DETERMINISTIC:
         os.environ.setdefault(*contract.CUBLAS_DETERMINISTIC)
@@ -96,6 +122,7 @@ def _configure_runtime() -> None:
     if DEVICE.type == "cpu":
         torch.set_num_threads(CPU_THREADS)
     _soft_gpu_cap()
+    _load_compile_cache()
     sys.excepthook = _exit_on_gpu_oom
 
 
@@ -330,6 +357,7 @@ def finish(model: torch.nn.Module, budget: Budget, *, depth: int | None = None, 
     with torch.no_grad():
         program = torch.export.export(model, (example,))
     torch.export.save(program, OUT_DIR / contract.MODEL_FILE)
+    _save_compile_cache()
     num_params = sum(p.numel() for p in model.parameters())
     flops = flops_per_token or 6 * num_params
     peak = _peak_flops()

@@ -37,6 +37,7 @@ import structlog
 
 from runner import decision
 from runner.agents.base import Agent, AgentConfigError, AgentError
+from runner.compile_cache import start_from
 from runner.console import NightView, WorkerView
 from runner.errors import UserError, low_on_space, machine_problem
 from runner.gpus import Gpu
@@ -514,6 +515,7 @@ class Night:
             deterministic=self.settings.deterministic, allowance=self.allowance,
             limits=Limits(gpu_memory_bytes=gpu_cap_bytes(self.settings.gpu_memory_cap, gpu.memory_bytes)
                           if gpu else None),
+            compile_cache=start_from(self.ledger, self.records.run_dir, self.ledger.get(row.id)),
         )
         return self._run(self.backend, spec, self._cancel, on_phase=on_phase)
 

@@ -27,6 +27,7 @@ import structlog
 from dataprep.build import read_manifest, verify_manifest
 from dataprep.errors import PrepareError
 from runner import gpus as gpu_inventory
+from runner.compile_cache import start_from
 from runner.errors import UserError
 from runner.ledger import RERUN, Experiment, Ledger, LedgerError, outcome_fields, outcome_phrase
 from runner.settings import DEFAULT_GPU_MEMORY_CAP, gpu_cap_bytes
@@ -234,6 +235,7 @@ def _run(ledger: Ledger, backend: Backend, plan: _RerunPlan, rerun_row: Experime
         exp_id=rerun_row.id, image=plan.row.image, data_dir=plan.data_dir, run_dir=directory,
         time_budget=plan.time_budget, gpu_uuid=plan.gpu.uuid if plan.gpu else None,
         deterministic=True, replay_trace=plan.trace, seed=plan.seed, allowance=plan.allowance, limits=plan.limits,
+        compile_cache=start_from(ledger, directory.parent, rerun_row),
     )
     try:
         outcome = run_experiment(backend, spec, on_phase=lambda phase: ledger.transition(rerun_row.id, phase))

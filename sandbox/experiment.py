@@ -19,6 +19,7 @@ import math
 import os
 import secrets
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import structlog
 import contract
 from sandbox.budget_guard import CPU_WALL_STRETCH, Allowance, BudgetRule
 from sandbox.runlog import tail
-from sandbox.spec import DATA_DIR, OUT_DIR, Backend, CancelToken, Limits, Mount, Phase, RunResult, RunSpec
+from sandbox.spec import CACHE_DIR, DATA_DIR, OUT_DIR, Backend, CancelToken, Limits, Mount, Phase, RunResult, RunSpec
 from sandbox.status import EXIT_STATUSES, Status
 
 log = structlog.get_logger(__name__)
@@ -40,6 +41,7 @@ BACKSTOP_S = 30.0  # the hard deadline of phase 1 lies this far beyond everythin
 EVAL_DEADLINE_S = {"gpu": 120.0, "cpu": 120.0 * CPU_WALL_STRETCH}
 REPLAY_FILE = "replay_trace.json"  # in /out: the trace phase 1 of `rerun --exact` replays
 MAX_REPORT_BYTES = 2**20  # a larger summary.json or trace.json from phase 1 is not read at all
+MAX_COMPILE_CACHE_BYTES = 2**30  # a larger compile cache from phase 1 is not kept
 
 
 @dataclass
@@ -56,6 +58,7 @@ class ExperimentSpec:
     seed: int | None = None  # the harness seed (AR_SEED), e.g. for confirmation runs
     allowance: Allowance | None = None  # what phase 1 may spend beside its budget; None: the profile's defaults
     eval_deadline_s: float | None = None  # None: EVAL_DEADLINE_S of the profile
+    compile_cache: Path | None = None  # an earlier run's compile cache, read-only in phase 1 (runner.compile_cache)
 
     @property
     def profile(self) -> str:
@@ -128,6 +131,8 @@ def _env(spec: ExperimentSpec, phase: Phase, nonce: str) -> dict[str, str]:
         env.update({contract.CPU_THREADS_ENV: str(spec.cpu_threads), "OMP_WAIT_POLICY": "PASSIVE"})
     if spec.replay_trace is not None and phase is Phase.TRAIN:
         env[contract.REPLAY_ENV] = f"{OUT_DIR}/{REPLAY_FILE}"
+    if spec.compile_cache is not None and phase is Phase.TRAIN:
+        env[contract.COMPILE_CACHE_ENV] = f"{CACHE_DIR}/{contract.COMPILE_CACHE_FILE}"
     if spec.gpu_uuid and spec.limits.gpu_memory_bytes:  # the soft limit under the host's watchdog
         env[contract.GPU_MEMORY_CAP_ENV] = str(spec.limits.gpu_memory_bytes)
     if phase is Phase.EVAL:  # phase 2 alone knows how to sign its result
@@ -142,6 +147,8 @@ def _run_spec(spec: ExperimentSpec, phase: Phase, attempt: str, nonce: str) -> R
         Mount(spec.data_dir / "tokenizer", f"{DATA_DIR}/tokenizer"),
         Mount(spec.data_dir / "manifest.json", f"{DATA_DIR}/manifest.json"),
     )
+    if spec.compile_cache is not None and phase is Phase.TRAIN:
+        mounts += (Mount(spec.compile_cache, f"{CACHE_DIR}/{contract.COMPILE_CACHE_FILE}"),)
     command = ["python3", "train.py"] if phase is Phase.TRAIN else ["python3", "prepare.py", "evaluate"]
     rule = spec.budget_rule
     if phase is Phase.TRAIN:
@@ -211,6 +218,37 @@ def read_reported(out: Path) -> dict[str, float]:
     return reported
 
 
+def take_compile_cache(out: Path, run_dir: Path) -> Path | None:
+    """Move phase 1's compile cache out of its /out into the run directory, where later runs may be
+    given it read-only. Only a regular file is taken, never a link (train.py could point one at a
+    host file), and only up to MAX_COMPILE_CACHE_BYTES; phase 2 does not need it."""
+    source, target = out / contract.COMPILE_CACHE_FILE, run_dir / contract.COMPILE_CACHE_FILE
+    target.unlink(missing_ok=True)
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None  # none was written (or it is a link)
+    partial = target.with_suffix(".partial")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_COMPILE_CACHE_BYTES:
+            os.close(fd)
+            log.warning("experiment.compile_cache_refused", size=info.st_size, regular=stat.S_ISREG(info.st_mode))
+            return None
+        with os.fdopen(fd, "rb") as f, open(partial, "wb") as g:
+            shutil.copyfileobj(f, g)
+        if partial.stat().st_size > MAX_COMPILE_CACHE_BYTES:  # it grew while it was copied
+            return None
+        os.replace(partial, target)
+        return target
+    finally:
+        for leftover in (partial, source):
+            try:
+                leftover.unlink()
+            except OSError:  # gone already, or a directory: train.py's run may leave in /out what it likes
+                pass
+
+
 def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken | None = None,
                    on_phase: Callable[[Status], None] | None = None) -> ExperimentOutcome:
     """Run both phases of one experiment; the outcome's status is DONE or why it failed."""
@@ -228,6 +266,7 @@ def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken |
     train = backend.run(_run_spec(spec, Phase.TRAIN, attempt, nonce), cancel)
     seconds["train"] = train.wall_seconds
     reported = read_reported(out)
+    take_compile_cache(out, spec.run_dir)
     if train.status is not Status.OK:
         return ExperimentOutcome(_phase_status(train), None, {}, reported, train, None, seconds)
     if not (out / contract.MODEL_FILE).exists():  # the backend already kept the log's tail

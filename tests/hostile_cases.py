@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import contract
 from runner.ledger import outcome_fields
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
@@ -784,10 +785,27 @@ TRAINS_BEFORE_BUDGET = _harness_case("trains_before_budget", """
     prepare.finish(model, train(model))
 """, Status.OVER_BUDGET, _check_over_budget, budget_s=10.0, measured=True)
 
+def _check_no_cache_taken(outcome: ExperimentOutcome) -> None:
+    run_dir = outcome.train.log_path.parent
+    assert not (run_dir / contract.COMPILE_CACHE_FILE).exists(), "the host kept a compile cache that is a link"
+
+
+# A compile cache that is a link to a host file: were the host to follow it, it would copy the file into
+# the run directory and later mount it into another run.
+COMPILE_CACHE_LINK = _harness_case("compile_cache_link", """
+    model = Bigram()
+    prepare.finish(model, train(model))
+    cache = os.path.join(os.environ["AR_OUT_DIR"], "compile_cache.bin")
+    if os.path.lexists(cache):
+        os.remove(cache)
+    os.symlink("/etc/passwd", cache)
+""", Status.DONE, check_outcome=_check_no_cache_taken)
+
+
 CASES: tuple[HostileCase, ...] = (
     NETWORK_INTERFACES, NETWORK_CONNECT, NETWORK_DNS, HOST_ENDPOINTS, HOST_FILES, WRITE_OUTSIDE_OUT, WRITE_OUT_IN_EVAL,
     READ_VAL_IN_TRAIN, READ_TRAIN_IN_EVAL, FORK_BOMB, MEMORY_HOG, SLEEP_PAST_DEADLINE, DETACHED_SURVIVOR,
     FILL_TMP, FAKE_VAL_BPB, ENV_SECRETS, NON_CAUSAL_MODEL, FORGED_TRAINING_OUTPUT, STATEFUL_MODEL,
     INPUT_WRITING_MODEL, POSITION_AWARE_LOOKAHEAD, SPARSE_LOOKAHEAD, BATCH_MIXING, CRAFTED_ARCHIVE, ARCHIVE_WITH_CODE,
-    TRAINS_AFTER_BUDGET, TRAINS_BEFORE_BUDGET,
+    TRAINS_AFTER_BUDGET, TRAINS_BEFORE_BUDGET, COMPILE_CACHE_LINK,
 )

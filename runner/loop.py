@@ -46,7 +46,7 @@ from runner.judge import Judge, flag_disturbed, next_seed
 from runner.ledger import BASELINE, EXPERIMENT, Experiment, Ledger, LedgerUnavailable, budget_account, outcome_fields
 from runner.limits import NightLimits, proposals
 from runner.proposals import Best, Proposer
-from runner.pruning import prune_images
+from runner.pruning import prune_compile_caches, prune_images
 from runner.records import Records
 from runner.settings import Settings, gpu_cap_bytes, project_text
 from sandbox.budget_guard import Allowance
@@ -473,6 +473,7 @@ class Night:
         if self.settings.prune_images:
             with self._images:
                 prune_images(self.backend, self.ledger.path)
+            prune_compile_caches(self.ledger.path)
 
     def _execute(self, slot: Slot, row: Experiment | None) -> None:
         """Run one experiment on `slot`, record it, decide it; run its confirmation if any."""

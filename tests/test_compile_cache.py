@@ -14,7 +14,8 @@ import pytest
 
 import contract
 from runner.compile_cache import compile_cache_for, kept_ancestors
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, RERUN, Ledger
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, RERUN, Ledger
+from runner.pruning import prune_compile_caches
 from sandbox import experiment
 from sandbox.experiment import ExperimentSpec, _run_spec, run_experiment, take_compile_cache
 from sandbox.spec import CACHE_DIR, Limits, Phase
@@ -83,6 +84,21 @@ def test_no_cache_from_another_gpu_model_backend_or_an_unfinished_run(night):
     add(BASELINE, "a", backend="docker")
     add(BASELINE, "a", status=Status.CRASH)
     assert start(night, add(BASELINE, "a", status=Status.PROPOSED, cache=False)) is None
+
+
+def test_the_caches_of_discarded_and_failed_experiments_are_pruned_the_others_stay(night):
+    ledger, run_dir, add = night
+    base = add(BASELINE, "a")
+    kept = add(EXPERIMENT, "b", parent=base.id, decision="keep")
+    reference = add(REFERENCE, "a", parent=base.id, target_id=kept.id)
+    discarded = add(EXPERIMENT, "c", parent=kept.id, decision="discard")
+    its_confirmation = add(CONFIRM, "c", target_id=discarded.id)
+    failed = add(EXPERIMENT, "d", parent=kept.id, status=Status.CRASH)
+    undecided = add(EXPERIMENT, "e", parent=kept.id)
+    assert sorted(prune_compile_caches(ledger.path)) == sorted([discarded.id, its_confirmation.id, failed.id])
+    left = {p.parent.name for p in run_dir.glob(f"*/{contract.COMPILE_CACHE_FILE}")}
+    assert left == {base.id, kept.id, reference.id, undecided.id}
+    assert prune_compile_caches(ledger.path) == []
 
 
 def test_phase_one_alone_is_given_the_cache_read_only(tmp_path):

@@ -88,7 +88,15 @@ def _exit_on_gpu_oom(kind, error, trace) -> None:
 
 def _load_compile_cache() -> None:
     """Start from an earlier run's compiled kernels, if the host mounted one (it is only a cache:
-    torch checks each entry against the graph, torch/Triton versions and device; a miss compiles)."""
+    torch checks each entry against the graph, torch/Triton versions and device; a miss compiles).
+
+    Only inductor's own cache is used, keyed by the graph after autograd, where the attention
+    kernel is already chosen. torch's autograd cache is off: its key misses global settings such
+    as the attention backends allowed, so a child changing only those would train its parent's graph.
+    """
+    import torch._functorch.config
+
+    torch._functorch.config.enable_autograd_cache = False
     path = os.environ.get(contract.COMPILE_CACHE_ENV)
     if not path:
         return

@@ -10,9 +10,10 @@ night's ledger afterwards.
 
 - aa: the night runs in this repository (runs/<tag>); the number that matters is
   `kept`, ideally 0.
-- power: the night runs in a copy of the project whose train.py has MATRIX_LR
-  (Muon's rate, which trains every matrix of the blocks) multiplied by 4; the
-  agent's first proposal restores it. The bench reports whether that repair was
+- power: the night runs in a copy of the project whose train.py has one learning rate
+  multiplied by --factor (default: MATRIX_LR, Muon's rate, 4x too high; on the CPU
+  profile, where a few dozen steps are too few for Muon's rate to matter, use
+  `--degrade UNEMBEDDING_LR`); the agent's first proposal restores it. The bench reports whether that repair was
   kept, at what value against the degraded baseline, and at what cost in runs,
   and how many effect-free changes were kept after it.
 """
@@ -41,16 +42,15 @@ from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, Ledger  # no
 from sandbox.status import Status  # noqa: E402
 
 PROJECT_FILES = ("train.py", "prepare.py", "contract.py", "program.md")  # what a night reads from its root
-DEGRADED, FACTOR = "MATRIX_LR", 4
 
 
-def degraded_project(directory: Path) -> str:
-    """Copy the project into `directory` with DEGRADED multiplied by FACTOR; return the original literal."""
-    for name in PROJECT_FILES:
-        shutil.copy2(ROOT / name, directory / name)
+def degraded_project(directory: Path, name: str, factor: float) -> str:
+    """Copy the project into `directory` with the constant `name` multiplied by `factor`; return its original literal."""
+    for file in PROJECT_FILES:
+        shutil.copy2(ROOT / file, directory / file)
     source = (ROOT / "train.py").read_text()
-    node = float_constants(source)[DEGRADED]
-    (directory / "train.py").write_text(set_constant(source, DEGRADED, literal(node.value * FACTOR)))
+    node = float_constants(source)[name]
+    (directory / "train.py").write_text(set_constant(source, name, literal(node.value * factor)))
     return ast.get_source_segment(source, node)
 
 
@@ -104,6 +104,8 @@ def main() -> int:
     parser.add_argument("--sandbox", default="docker")
     parser.add_argument("--source", default="offline")
     parser.add_argument("--gpus", default="all")
+    parser.add_argument("--degrade", default="MATRIX_LR", help="power: the float constant to degrade")
+    parser.add_argument("--factor", type=float, default=4.0, help="power: what it is multiplied by")
     parser.add_argument("--tag", default=None, help="default: bench-<mode>-<date-time>")
     parser.add_argument("extra", nargs="*", help="more `autoresearch overnight` options (after --)")
     args = parser.parse_args()
@@ -112,7 +114,7 @@ def main() -> int:
     project, agent = ROOT, [sys.executable, str(AGENT)]
     if args.mode == "power":
         project = work
-        agent += ["--repair", f"{DEGRADED}={degraded_project(work)}"]
+        agent += ["--repair", f"{args.degrade}={degraded_project(work, args.degrade, args.factor)}"]
     command = [sys.executable, "-c", "from runner.cli import main; main()", "overnight", "--agent", "command",
                "--agent-command", shlex.join(agent), "--sandbox", args.sandbox, "--budget", str(args.budget),
                "--max-experiments", str(args.max_experiments), "--baseline-runs", str(args.baseline_runs),

@@ -41,7 +41,9 @@ COMPUTE_MARGIN, MIN_COMPUTE_S = 1.5, 3.0  # compute allowances: the measured fig
 # taken for a cheat. It is also the slack a cheat has: 5 % of the budget's compute.
 SCALE_SHARE = 0.05
 REPLAY_STRETCH = 1.25  # a replayed rerun stops at the recorded step count, which may take a little longer
-CPU_WALL_STRETCH = 4.0  # CPU profile: the wall time a budget of CPU time may take on a loaded machine
+# CPU profile: the wall time a budget of CPU time may take on a loaded machine (a liveness bound only:
+# three nights on two cores gave one run a sixth of the machine).
+CPU_WALL_STRETCH = 10.0
 
 
 @dataclass(frozen=True)
@@ -146,12 +148,19 @@ class Account:
             return self.budget_ended
         return self.budget_started + self.rule.budget_wall_s
 
+    def _window_end(self) -> float:
+        """Where the budget's period ends in the account: on the CPU profile when its CPU time is used up,
+        however long the wall clock says that took (only liveness uses the wall there); else at _budget_end."""
+        if self.rule.budget_cpu_s is not None:
+            return self.budget_ended if self.budget_ended is not None else math.inf
+        return self._budget_end()
+
     def _spread(self, amount: float, start: float, end: float, into: dict[str, float]) -> None:
         """Share `amount`, spent evenly over [start, end], among the periods before, during and after the budget."""
         if self.budget_started is None:
             into["before"] += amount
             return
-        edges = (self.budget_started, self._budget_end())
+        edges = (self.budget_started, self._window_end())
         windows = {"before": (-math.inf, edges[0]), "during": edges, "after": (edges[1], math.inf)}
         length = end - start
         for period, (low, high) in windows.items():

@@ -208,6 +208,19 @@ def test_on_the_cpu_profile_the_budget_is_cpu_time_so_other_load_stretches_it():
     assert acc.finish(exited=1236.0) is None and acc.report()["exited_after_s"] == 6.0
 
 
+def test_a_run_that_gets_a_sixth_of_a_two_core_machine_is_not_taken_for_a_cheat():
+    """Three nights on two cores (seen here): a 100 s budget of two threads took six times its wall time.
+    Its training must stay inside the budget's window, so its export alone counts after it."""
+    acc = account(cpu_threads=2)
+    start(acc, 1020.0)
+    acc.on_cpu_total(0.0, at=1020.0)
+    for second in range(60, 601, 60):  # 200 CPU seconds over 600 wall seconds
+        acc.on_cpu_total(second / 3, at=1020.0 + second)
+    acc.on_cpu_total(205.0, at=1640.0)  # export
+    assert acc.finish(exited=1641.0) is None
+    assert (acc.cpu["during"], acc.cpu["after"]) == (200.0, 5.0)
+
+
 def test_a_cpu_budget_that_is_never_used_up_ends_at_the_wall_stretch():
     acc = account(cpu_threads=2)
     start(acc, 1020.0)

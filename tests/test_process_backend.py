@@ -14,7 +14,7 @@ import pytest
 from sandbox import backends
 from sandbox.gpu_watchdog import GpuSample
 from sandbox.process_backend import HostSupport, ProcessBackend
-from sandbox.sealed_root import runtime_needs, seal
+from sandbox.sealed_root import runtime_needs, seal, under
 from sandbox.spec import CancelToken, Killer, Limits, Mount, Phase, RunResult, RunSpec, SandboxUnavailable
 from sandbox.status import Status
 from tests.hostile_cases import FAKE_SECRET, leftover_processes, make_fake_data
@@ -333,6 +333,23 @@ def test_reap_takes_the_record_of_a_runner_from_before_cgroup_v1(backend, tmp_pa
     (state / "run.json").write_text(json.dumps({"run_id": "old-record", "uid": None, "cgroup": str(tmp_path / "ar-gone")}))
     assert ProcessBackend(snapshots_root=backend.snapshots_root).reap() == 1
     assert not state.exists()
+
+
+def test_a_runtime_inside_the_project_is_bound_but_never_the_project(tmp_path):
+    """A checkout with its .venv inside (uv's default): the venv's pure-Python packages come in; the project
+    holding the harness (its runs, anything beside it) does not, nor a folder above it."""
+    import subprocess
+    import sys
+
+    project = tmp_path / "project"
+    project.mkdir()
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(project / ".venv")], check=True)
+    site_dir = next((project / ".venv").glob("lib/python*/site-packages"))
+    (site_dir / "ar_pure_dependency.py").write_text("VALUE = 1\n")  # no shared library: only its file tells
+    (project / "prepare.py").write_text("import ar_pure_dependency\n")
+    needs = runtime_needs(str(project / ".venv" / "bin" / "python"), project, "/usr/bin:/bin")
+    assert str(site_dir) in needs
+    assert not any(under(str(project), os.path.realpath(path)) for path in needs)
 
 
 def test_a_runtime_that_lives_under_tmp_is_still_seen(tmp_path):

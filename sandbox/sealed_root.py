@@ -121,16 +121,14 @@ def _python_needs(python: str, harness_root: Path, child_path: str) -> list[str]
     for venv_config in (Path(found["executable"]).parent / "pyvenv.cfg", Path(found["executable"]).parent.parent / "pyvenv.cfg"):
         needs += [str(venv_config)] if venv_config.is_file() else []
     entries = sorted(found["path"], key=len, reverse=True)  # the longest entry a module's file lies under holds it
-    harness = os.path.realpath(harness_root)
     for name in found["files"]:
-        entry = next((entry for entry in entries if under(name, entry)), os.path.dirname(name))
-        # never the project holding the harness, nor a folder above it (the harness comes in at /app); a
-        # runtime inside it (its .venv) is bound like any other
-        if not under(harness, os.path.realpath(entry)):
-            needs.append(entry)
+        needs += [next((entry for entry in entries if under(name, entry)), os.path.dirname(name))]
     needs += [os.path.dirname(name) for name in found["mapped"]
               if name.startswith("/") and os.path.isfile(name) and not any(under(name, top) for top in MADE_BY_THE_SANDBOX)]
-    return [path for path in needs if os.path.exists(path)]
+    # never the project holding the harness, nor a folder above it (the harness comes in at /app); a
+    # runtime inside it (its .venv) is bound like any other
+    harness = os.path.realpath(harness_root)
+    return [path for path in needs if os.path.exists(path) and not under(harness, os.path.realpath(path))]
 
 
 def _loader_needs(child_path: str) -> list[str]:

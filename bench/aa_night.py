@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +38,7 @@ AGENT = ROOT / "bench" / "agents" / "nudge.py"
 sys.path.insert(0, str(ROOT))
 
 from bench.agents.nudge import float_constants, literal, set_constant  # noqa: E402
+from runner.heartbeat import ran_seconds  # noqa: E402
 from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, Ledger  # noqa: E402
 from sandbox.status import Status  # noqa: E402
 
@@ -62,8 +63,7 @@ def ran(row) -> bool:
 def summary(ledger: Ledger, mode: str) -> list[str]:
     """The night's figures, from its ledger rows only."""
     night = ledger.nights()[-1]
-    ended = night["ended_at"] or night["heartbeat_at"] or night["started_at"]  # a night stopped by a kill has no end
-    wall = (datetime.fromisoformat(ended) - datetime.fromisoformat(night["started_at"])).total_seconds()
+    wall = ran_seconds(night, datetime.now(timezone.utc))  # a night stopped by a kill ends at its last heartbeat
     rows = ledger.experiments(night_id=night["id"])
     experiments = [r for r in rows if r.kind == EXPERIMENT]
     decided = [r for r in experiments if r.decision in ("keep", "discard")]

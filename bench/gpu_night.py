@@ -20,12 +20,13 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from runner.heartbeat import ran_seconds  # noqa: E402
 from runner.ledger import Ledger  # noqa: E402
 from sandbox.status import Status
 
@@ -72,8 +73,7 @@ def compile_cache_sources(run_dir: Path) -> dict[str, str]:
 def report(run_dir: Path, budget: float) -> None:
     ledger = Ledger(run_dir / "ledger.sqlite")
     night = ledger.nights()[-1]
-    ended = night["ended_at"] or night["heartbeat_at"]
-    wall = (datetime.fromisoformat(ended) - datetime.fromisoformat(night["started_at"])).total_seconds()
+    wall = ran_seconds(night, datetime.now(timezone.utc))
     rows = [r for r in ledger.experiments() if r.train_seconds]
     sources = compile_cache_sources(run_dir)
     print(f"{'run':6s} {'kind':10s} {'status':10s} {'val_bpb':>9s} {'steps':>6s} {'start-up s':>10s} "

@@ -70,10 +70,13 @@ def main(ctx: click.Context) -> None:
 @click.option("--prune-images/--keep-images", default=True, show_default=True,
               help="Remove the images of discarded and failed experiments as the night goes; the baseline's, "
                    "kept and undecided ones stay for review, rerun and verify.")
+@click.option("--cluster", envvar="AR_CLUSTER", default=None,
+              help="Run the experiments on a Ray cluster: its address (ray://HOST:10001, HOST:6379, or auto); "
+                   "this machine keeps the ledger. Needs `uv sync --extra ray`.")
 @user_errors
 def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, runs_dir, budget, source,
               baseline_runs, alpha, max_runs, min_delta, max_diff_retries, deterministic, gpu_memory_cap, base_image,
-              prune_images) -> None:
+              prune_images, cluster) -> None:
     """Run the experiment loop for the night (resume with the same --tag)."""
     from runner.overnight import run_overnight
 
@@ -82,7 +85,7 @@ def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, 
         agent_command=agent_command, sandbox=sandbox, gpus=gpus, budget=budget, source=Source.parse(source),
         baseline_runs=baseline_runs, rule=Rule(alpha=alpha, max_runs=max_runs, min_delta=min_delta),
         max_diff_retries=max_diff_retries, deterministic=deterministic, gpu_memory_cap=gpu_memory_cap,
-        runs_dir=runs_dir, base_image=base_image, prune_images=prune_images,
+        runs_dir=runs_dir, base_image=base_image, prune_images=prune_images, cluster=cluster,
     )
     try:
         run_overnight(settings)

@@ -164,6 +164,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE nights ADD COLUMN heartbeat_at TEXT;
     ALTER TABLE nights ADD COLUMN runner TEXT;
     """,
+    # 7: where each run ran: the base's machine-independent recipe, the cluster node and the run's attempt.
+    """
+    ALTER TABLE experiments ADD COLUMN recipe TEXT;
+    ALTER TABLE experiments ADD COLUMN node TEXT;
+    ALTER TABLE experiments ADD COLUMN run_attempt INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE nights ADD COLUMN cluster_json TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_S = 10.0  # how long a statement waits for another process's lock before the ledger counts as locked
@@ -278,6 +285,9 @@ class Experiment:
     disturbed: str | None  # why this run is not comparable with the same code's other runs (None: it is)
     estimate_json: str | None  # decided rows: the gain estimate the decision rests on (runner.decision.Estimate)
     runtime: str | None  # what the image's runtime was built from: upstream image@digest, or the offline runtime's tag
+    recipe: str | None  # the backend's recipe (Backend.recipe): equal wherever the image is built from the same inputs
+    node: str | None  # the cluster node the run ran on ("host/node id"); None: the runner's own machine
+    run_attempt: int  # how many times the run was started (a node lost mid-run, a resumed night)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -447,6 +457,12 @@ class Ledger:
                 "UPDATE nights SET baseline_mean=?, sigma=?, noise_df=?, baseline_runs=?, threshold=? WHERE id=?",
                 (mean, sigma, df, runs, threshold, night_id),
             )
+
+    def set_cluster(self, night_id: int, inventory: dict[str, Any]) -> None:
+        """The cluster the night runs on: its nodes, their GPUs and slots, and the nodes refused (runner.cluster)."""
+        with self._lock:
+            self._db.execute("UPDATE nights SET cluster_json=? WHERE id=?",
+                             (json.dumps(inventory, sort_keys=True), night_id))
 
     def set_allowance(self, night_id: int, allowance: dict[str, Any]) -> None:
         """What phase 1 may spend beside its budget, as measured on the night's baselines."""

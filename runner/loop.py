@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import functools
 import os
 import shutil
 import statistics
@@ -37,6 +38,8 @@ import structlog
 
 from runner import decision
 from runner.agents.base import Agent, AgentConfigError, AgentError
+from runner.cluster import Cluster, Node, NodeLost, slot_gpu
+from runner.cluster_node import Job
 from runner.compile_cache import start_from
 from runner.console import NightView, WorkerView
 from runner.errors import UserError, low_on_space, machine_problem
@@ -73,9 +76,11 @@ class Dataset:
 
 @dataclass
 class Slot:
-    """A place to run one experiment at a time: one GPU, or the CPU."""
+    """A place to run one experiment at a time: one GPU, or the CPU; here or on a cluster node."""
 
     gpu: Gpu | None
+    node: Node | None = None  # a cluster night: the node, which gives the run a GPU (or CPU slot) of its own
+    index: int = 0  # which of the node's slots
     strikes: int = 0  # infrastructure failures in a row
     retired: bool = False
     exp_id: str | None = None
@@ -83,7 +88,14 @@ class Slot:
     since: float = field(default_factory=time.monotonic)
 
     @property
+    def place(self) -> str:
+        """Where a failure belongs: the node on a cluster (its other slots share its faults), else the slot."""
+        return self.node.name if self.node is not None else self.name
+
+    @property
     def name(self) -> str:
+        if self.node is not None:
+            return f"{self.node.name}#{self.index}"
         return f"gpu{self.gpu.index}" if self.gpu else "cpu"
 
     def show(self, exp_id: str | None, phase: str) -> None:
@@ -128,15 +140,21 @@ class Night:
         gpus: list[Gpu],
         data: Dataset,
         run: RunFn = run_experiment,
+        cluster: Cluster | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
-        self.backend = backend
+        self.backend = backend  # a cluster night: this machine's, whose recipe the nodes must have
         self.agent = agent
         self.data = data
         self._run = run
-        self.profile = "gpu" if gpus else "cpu"
-        self.slots = [Slot(gpu) for gpu in gpus] or [Slot(None)]
+        self.cluster = cluster
+        if cluster is not None:
+            self.profile = cluster.profile
+            self.slots = [Slot(None, node, k) for node in cluster.nodes for k in range(node.slots)]
+        else:
+            self.profile = "gpu" if gpus else "cpu"
+            self.slots = [Slot(gpu) for gpu in gpus] or [Slot(None)]
         self.records = Records(ledger, settings.run_dir, self.profile)
         self.proposer = Proposer(agent, self.records, settings.root, settings.max_diff_retries)
         self.judge: Judge | None = None  # once the baseline has measured the noise
@@ -172,6 +190,8 @@ class Night:
             self._tick = on_tick
         self.night_id = self.records.night_id = self.ledger.start_night(self.settings.tag, self._record(),
                                                                          runner=this_runner())
+        if self.cluster is not None:
+            self.ledger.set_cluster(self.night_id, self.cluster.record())
         reason = "interrupted"
         try:
             with Heartbeat(self.ledger, self.night_id):
@@ -244,6 +264,7 @@ class Night:
             "gpus": [s.gpu.uuid for s in self.slots if s.gpu],
             "backend": self.backend.name,
             "isolation": self.backend.isolation,
+            "cluster": self.cluster.address if self.cluster else None,
             "agent": self.agent.name,
             "data_dir": str(self.data.path),
             "data_manifest_hash": self.data.manifest_hash,
@@ -397,10 +418,10 @@ class Night:
     def _take(self, slot: Slot) -> Experiment | None:
         """The next owed row, but not one that just failed on this slot while others could run it."""
         with self._lock:
-            active = {s.name for s in self.slots if not s.retired}
+            active = {s.place for s in self.slots if not s.retired}
             for row in self._pending:
                 tried = self._failed_on.get(row.id, set())
-                if slot.name not in tried or active <= tried:
+                if slot.place not in tried or active <= tried:
                     self._pending.remove(row)
                     return row
             return None
@@ -456,7 +477,12 @@ class Night:
         self._stop.wait(wait)
 
     def _build(self, row: Experiment) -> Experiment:
-        """Bake the row's train.py into an image (again, if the recorded one is gone)."""
+        """Bake the row's train.py into an image (again, if the recorded one is gone). On a cluster
+        the node that runs it builds it: the row is only marked built here."""
+        if self.cluster is not None:
+            if row.status == Status.PROPOSED:
+                self.ledger.transition(row.id, Status.BUILT)
+            return self.ledger.get(row.id)
         if row.status != Status.PROPOSED and row.image and self.backend.image_exists(row.image):
             return row
         with self._images:  # recorded before a prune may look: an image in use is never pruned
@@ -498,18 +524,26 @@ class Night:
             row = self.judge.after(row.id, may_confirm=not self._stop.is_set()) if self.judge else None
         self._prune()
 
+    @functools.cached_property
+    def recipe(self) -> str:
+        """What this machine's images are built from (a cluster's nodes must build from the same)."""
+        return self.backend.recipe()
+
     def _run_phases(self, slot: Slot, row: Experiment) -> ExperimentOutcome:
         gpu = slot.gpu
         self.ledger.update(
             row.id, night_id=self.night_id, backend=self.backend.name, isolation=self.backend.isolation,
             data_hash=self.data.manifest_hash, gpu_uuid=gpu.uuid if gpu else None,
             gpu_name=gpu.name if gpu else None, gpu_driver=gpu.driver if gpu else None, error=None,
+            recipe=self.recipe, node=slot.node.name if slot.node else None, run_attempt=row.run_attempt + 1,
         )
 
         def on_phase(status: Status) -> None:  # called before each phase starts on the machine
             self.ledger.transition(row.id, status)
             slot.show(row.id, status)
 
+        if slot.node is not None:
+            return self._run_on_node(slot, self.ledger.get(row.id), on_phase)
         spec = ExperimentSpec(
             exp_id=row.id, image=row.image, data_dir=self.data.path, run_dir=self.records.dir(row.id),
             time_budget=self.settings.time_budget(self.profile), gpu_uuid=gpu.uuid if gpu else None, seed=row.seed,
@@ -519,6 +553,24 @@ class Night:
             compile_cache=start_from(self.ledger, self.records.run_dir, self.ledger.get(row.id)),
         )
         return self._run(self.backend, spec, self._cancel, on_phase=on_phase)
+
+    def _run_on_node(self, slot: Slot, row: Experiment, on_phase: Callable[[Status], None]) -> ExperimentOutcome:
+        """The experiment as a task on the slot's node, which records what it ran on once it starts."""
+        cache = start_from(self.ledger, self.records.run_dir, row)
+        job = Job(exp_id=row.id, train_py=self.records.train_py(row), sandbox=self.cluster.sandbox, recipe=self.recipe,
+                  source=self.data.path.name, data_hash=self.data.manifest_hash,
+                  time_budget=self.settings.time_budget(self.profile), deterministic=self.settings.deterministic,
+                  gpu_memory_cap=self.settings.gpu_memory_cap, seed=row.seed, allowance=self.allowance,
+                  compile_cache=cache.read_bytes() if cache else None)
+
+        def on_start(started: dict) -> None:
+            gpu = slot_gpu(started)
+            self.ledger.update(row.id, backend=started["backend"], isolation=started["isolation"],
+                               image=started["image"], build_seconds=started["build_seconds"],
+                               gpu_uuid=gpu.uuid if gpu else None, gpu_name=gpu.name if gpu else None,
+                               gpu_driver=gpu.driver if gpu else None)
+
+        return self.cluster.run(slot.node, job, self.records.dir(row.id), self._cancel, on_start, on_phase)
 
     def _check_space(self, outcome: ExperimentOutcome | None = None) -> None:
         """No run starts while the runs directory's disk is (nearly) full, and a run that failed (or
@@ -537,7 +589,7 @@ class Night:
         error = f"{type(exc).__name__}: {exc}"
         slot.strikes += 1
         with self._lock:
-            self._failed_on[row.id].add(slot.name)
+            self._failed_on[row.id].add(slot.place)
             failures = len(self._failed_on[row.id])
         log.error("experiment.infrastructure_error", exp=row.id, slot=slot.name, error=error, strikes=slot.strikes)
         if failures >= limit:
@@ -545,14 +597,19 @@ class Night:
         else:
             self.ledger.update(row.id, error=error)
             self._queue([self.ledger.get(row.id)])
-        if slot.strikes >= limit:
-            slot.retired = True
+        if slot.strikes >= limit or (isinstance(exc, NodeLost) and exc.node_gone):
             self._last_infra_error = error
-            log.warning("night.slot_retired", slot=slot.name, gpu=slot.gpu.uuid if slot.gpu else None,
-                        failures_in_a_row=slot.strikes, last_error=error)
+            for each in self._slots_of(slot):
+                each.retired = True
+                log.warning("night.slot_retired", slot=each.name, gpu=each.gpu.uuid if each.gpu else None,
+                            failures_in_a_row=slot.strikes, last_error=error)
+
+    def _slots_of(self, slot: Slot) -> list[Slot]:
+        """The slots that leave rotation with `slot`: those of its node on a cluster (the node is at fault)."""
+        return [s for s in self.slots if s.node is slot.node] if slot.node is not None else [slot]
 
     def _retired_message(self) -> str:
-        what = "every GPU" if self.slots[0].gpu else "the CPU worker"
+        what = "every node" if self.cluster else "every GPU" if self.slots[0].gpu else "the CPU worker"
         return (f"{what} failed {self.settings.gpu_failures} times in a row with infrastructure errors "
                 f"(last: {self._last_infra_error}); see events.jsonl.")
 

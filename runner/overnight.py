@@ -22,6 +22,7 @@ from runner import gpus as gpu_inventory
 from runner.agents.base import Agent
 from runner.agents.config import AnthropicConfig, CommandConfig, SearchConfig
 from runner.agents.factory import choose_agent, make_agent
+from runner.cluster import Cluster
 from runner.console import StatusLine, summary_table
 from runner.gpus import Gpu
 from runner.ledger import Ledger
@@ -61,7 +62,10 @@ def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, con
 
     A start that fails before the night begins leaves no run directory behind unless one was there before.
     """
-    gpus = gpu_inventory.select(gpu_inventory.discover() if inventory is None else inventory, settings.gpus)
+    if settings.cluster is not None:  # the nodes give each run its GPU
+        gpus = []
+    else:
+        gpus = gpu_inventory.select(gpu_inventory.discover() if inventory is None else inventory, settings.gpus)
     console = console or Console(stderr=True)
     run_dir = settings.run_dir
     ledger_path = run_dir / "ledger.sqlite"
@@ -81,19 +85,31 @@ def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, con
 
 
 def _start(settings: Settings, gpus: list[Gpu]) -> Night:
-    """Everything a night needs, the cheap checks first: agent, ledger, sandbox, then data and image."""
-    if not gpus:
+    """Everything a night needs, the cheap checks first: agent, ledger, sandbox, then data and image.
+    A cluster night then asks the cluster's nodes what they are, and learns its profile from them."""
+    if not gpus and settings.cluster is None:
         log.info("night.cpu", note="no GPU selected: CPU profile, one worker")
-    agent = open_agent(settings, profile="gpu" if gpus else "cpu")
+    agent = open_agent(settings, profile="gpu" if gpus else "cpu") if settings.cluster is None else None
     ledger = Ledger(settings.run_dir / "ledger.sqlite")  # a damaged or locked ledger fails here, in seconds
     try:
         backend = open_backend(settings)
         data = ensure_data(settings)
         backend.ensure_ready()
-        return Night(settings, ledger=ledger, backend=backend, agent=agent, gpus=gpus, data=data)
+        cluster = open_cluster(settings, backend, data) if settings.cluster is not None else None
+        agent = agent or open_agent(settings, profile=cluster.profile)
+        return Night(settings, ledger=ledger, backend=backend, agent=agent, gpus=gpus, data=data, cluster=cluster)
     except BaseException:
         ledger.close()
         raise
+
+
+def open_cluster(settings: Settings, backend: Backend, data: Dataset) -> Cluster:
+    """The Ray cluster of `--cluster`, with the nodes that build from this machine's recipe and hold its data."""
+    cluster = Cluster(settings.cluster, sandbox=backend.name, source=data.path.name, data_hash=data.manifest_hash,
+                      recipe=backend.recipe(), cpu_profile=settings.gpus == "none")
+    cluster.connect()
+    cluster.take_inventory()
+    return cluster
 
 
 def open_agent(settings: Settings, profile: str) -> Agent:

@@ -73,6 +73,8 @@ class Figures:
     gpu_memory_cap: str | None  # as the night was told (a share of the card, GiB or none)
     peak_gpu_mb: float | None  # the largest GPU memory any run of the night held (host-measured)
     allowance: dict | None  # what phase 1 may spend beside its budget (measured on the baselines)
+    nodes: list[dict]  # a cluster night: each node, its GPUs, what it runs and its experiments per hour
+    refused_nodes: dict[str, str]  # a cluster night: the nodes left out, and why
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,7 +89,8 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
     budget = settings.get("time_budget")
     state, note = _state(nights, now, run_dir.name)
     wall = sum(ran_seconds(night, now) for night in nights)
-    slots = max(len(settings.get("gpus") or ()), 1)
+    cluster = _cluster(nights)
+    slots = sum(n["slots"] for n in cluster.get("nodes", ())) or max(len(settings.get("gpus") or ()), 1)
     training = sum(r.training_seconds or 0.0 for r in rows)
     finished = [r for r in experiments if r.status.is_conclusive()]
     mfu = [r.mfu_percent for r in rows if r.status == Status.DONE and r.mfu_percent is not None]
@@ -124,7 +127,23 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
         gpu_memory_cap=settings.get("gpu_memory_cap") if settings.get("gpus") else None,
         peak_gpu_mb=max((r.peak_gpu_memory_bytes / 2**20 for r in rows if r.peak_gpu_memory_bytes), default=None),
         allowance=json.loads(record["allowance_json"]) if record.get("allowance_json") else None,
+        nodes=[_node_figures(node, rows, wall) for node in cluster.get("nodes", ())],
+        refused_nodes=cluster.get("refused", {}),
     )
+
+
+def _cluster(nights: list[dict]) -> dict:
+    """The inventory of the latest invocation that ran on a cluster ({} for a night on one machine)."""
+    recorded = [n["cluster_json"] for n in nights if n.get("cluster_json")]
+    return json.loads(recorded[-1]) if recorded else {}
+
+
+def _node_figures(node: dict, rows: list[Experiment], wall: float) -> dict:
+    """One node of a cluster night: its GPUs, what runs on it now, and how many experiments it finished."""
+    mine = [r for r in rows if r.node == node["name"]]
+    return {**node, "running": [r.id for r in mine if r.status in (Status.TRAINING, Status.EVALUATING)],
+            "finished": sum(r.status.is_conclusive() for r in mine),
+            "per_hour": sum(r.status.is_conclusive() for r in mine) / (wall / 3600) if wall > 0 else None}
 
 
 def _first_baseline(rows: list[Experiment]) -> str | None:

@@ -115,6 +115,7 @@ class Settings:
     gpu_memory_cap: str = DEFAULT_GPU_MEMORY_CAP  # see parse_gpu_memory_cap
     base_image: str | None = None  # the docker runtime's upstream (name:tag); None: the pinned default
     prune_images: bool = True  # remove discarded and failed experiments' images (runner.pruning)
+    cluster: str | None = None  # a Ray cluster's address (runner.cluster); None: this machine's GPUs
 
     def __post_init__(self) -> None:
         checks = [
@@ -134,6 +135,10 @@ class Settings:
              "--base-image must be an image reference such as pytorch/pytorch:TAG"),
             (self.base_image is None or self.sandbox != "process",
              "--base-image is for the docker sandbox, not process"),
+            (self.cluster is None or (self.cluster.strip() and not any(c.isspace() for c in self.cluster)),
+             "--cluster takes a Ray address such as ray://HOST:10001, HOST:6379 or auto"),
+            (self.cluster is None or self.gpus in ("all", "none"),
+             "--gpus on a cluster is all or none: the nodes give each run its GPU"),
         ]
         for ok, message in checks:
             if not ok:

@@ -67,6 +67,14 @@ def status_panel(fig: Figures) -> Panel:
     lines.append(Text(f"{rate} experiments/hour   duty cycle {duty} "
                       f"(training {fig.training_seconds / 60:.1f} min / wall {fig.wall_seconds / 60:.1f} min"
                       f" x {fig.slots} slot{'s' if fig.slots > 1 else ''}){mfu}"))
+    for node in fig.nodes:
+        gpus = ", ".join(f"{g['name']} {g['uuid']}" for g in node["gpus"]) or "no GPU (CPU profile)"
+        rate = "-" if node["per_hour"] is None else f"{node['per_hour']:.2f}/h"
+        running = ", ".join(node["running"]) or "idle"
+        lines.append(Text(f"node {node['name']} ({node['backend']}, {node['slots']} slot{'s' if node['slots'] > 1 else ''};"
+                          f" {gpus}): {running}; {node['finished']} runs finished, {rate}"))
+    for name, why in fig.refused_nodes.items():
+        lines.append(Text(f"node {name} left out: {why}", style="yellow"))
     if fig.sigma is None:
         lines.append(Text("noise: not measured yet (baseline runs first)", style="dim"))
     else:

@@ -109,6 +109,7 @@ class DockerBackend:
         self._base_image = base_image  # the online runtime's upstream; None: $AR_BASE_IMAGE, else the pinned tag
         self._gpu_reader = gpu_reader  # None: NVML
         self.base_id: str | None = None
+        self._recipe: str | None = None
 
     @property
     def client(self) -> docker.DockerClient:
@@ -124,8 +125,14 @@ class DockerBackend:
     def ensure_ready(self) -> None:
         try:
             self.base_id = images.ensure_base_image(self.client, self._runtime_source, self._base_image)
+            self._recipe = images.recipe(self.client, self._runtime_source, self._base_image)
         except images.ImageBuildError as error:
             raise SandboxUnavailable(str(error)) from error
+
+    def recipe(self) -> str:
+        if self._recipe is None:
+            self.ensure_ready()
+        return self._recipe
 
     @contextmanager
     def _engine_errors(self) -> Iterator[None]:

@@ -318,9 +318,11 @@ def _host_lock() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Runtime:
-    """A runtime image: its id and what it was built from (the RUNTIME_LABEL of every image above it)."""
+    """A runtime image: its id, its tag (the hash of its inputs) and what it was built from (the
+    RUNTIME_LABEL of every image above it)."""
 
     id: str
+    tag: str
     origin: str
 
 
@@ -341,14 +343,14 @@ def ensure_runtime_image(client: docker.DockerClient, source: str, upstream: str
         tag = f"{RUNTIME_REPO}:online-{_digest(*recipe)}"
         origin, build = str(pin), lambda: _build_online_runtime(client, tag, requirements, pin)
     if image := _find(client, tag):
-        return Runtime(image.id, origin)
+        return Runtime(image.id, tag, origin)
     log.info("image.step", step=f"building the {source} runtime image (minutes, once)", tag=tag, origin=origin)
     started = time.monotonic()
     build()
     if (image := _find(client, tag)) is None:
         raise ImageBuildError(f"the {source} runtime build finished without producing {tag}")
     log.info("image.built", tag=tag, seconds=round(time.monotonic() - started, 1), size_mb=image.attrs["Size"] // 2**20)
-    return Runtime(image.id, origin)
+    return Runtime(image.id, tag, origin)
 
 
 def ensure_base_image(client: docker.DockerClient, source: str | None = None, upstream: str | None = None) -> str:
@@ -356,19 +358,39 @@ def ensure_base_image(client: docker.DockerClient, source: str | None = None, up
 
     `source` defaults to $AR_RUNTIME, `upstream` to $AR_BASE_IMAGE; a base image given
     means the online runtime, else the offline one."""
-    upstream = upstream or os.environ.get("AR_BASE_IMAGE") or None
-    source = source or os.environ.get("AR_RUNTIME") or ("online" if upstream else "offline")
     with _host_lock():
-        return _ensure_base_image(client, source, upstream)
+        return _ensure_base_image(client, *_runtime_choice(source, upstream))
+
+
+def _runtime_choice(source: str | None, upstream: str | None) -> tuple[str, str | None]:
+    """(source, upstream) with the defaults filled in: $AR_BASE_IMAGE, then $AR_RUNTIME, else offline."""
+    upstream = upstream or os.environ.get("AR_BASE_IMAGE") or None
+    return source or os.environ.get("AR_RUNTIME") or ("online" if upstream else "offline"), upstream
+
+
+def _base_inputs(root: Path) -> list[str | bytes]:
+    """What the base image adds to its runtime: the harness files, base.Dockerfile and the container uid."""
+    harness = harness_files(root)
+    parts: list[str | bytes] = [part for name in sorted(harness) for part in (name, harness[name])]
+    return [*parts, (root / "images" / "base.Dockerfile").read_bytes(), str(CONTAINER_UID)]
 
 
 def base_tag(runtime_id: str, root: Path = PROJECT_ROOT) -> str:
     """The base image's tag: a hash of everything that goes into it (never of the data builder).
 
     The runtime's origin label is not hashed: the runtime id already tells origins apart."""
-    harness = harness_files(root)
-    parts = [part for name in sorted(harness) for part in (name, harness[name])]
-    return f"{BASE_REPO}:{_digest(runtime_id, *parts, (root / 'images' / 'base.Dockerfile').read_bytes(), str(CONTAINER_UID))}"
+    return f"{BASE_REPO}:{_digest(runtime_id, *_base_inputs(root))}"
+
+
+def base_recipe(runtime_tag: str, root: Path = PROJECT_ROOT) -> str:
+    """The same hash over what the base is built *from* rather than over the runtime's local id: equal on
+    every machine that builds it from the same pinned inputs (a cluster node's base is checked by it)."""
+    return f"docker-{_digest(runtime_tag, *_base_inputs(root))}"
+
+
+def recipe(client: docker.DockerClient, source: str | None = None, upstream: str | None = None) -> str:
+    """The base_recipe of the base image `ensure_base_image` gives for the same arguments."""
+    return base_recipe(ensure_runtime_image(client, *_runtime_choice(source, upstream)).tag)
 
 
 def _ensure_base_image(client: docker.DockerClient, source: str, upstream: str | None) -> str:

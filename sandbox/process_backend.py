@@ -81,6 +81,9 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # the launcher is imported from this project, so it sees what this process sees (never the child's business)
 _LAUNCHER_PATH = os.pathsep.join(dict.fromkeys([str(PROJECT_ROOT), *filter(None, sys.path)]))
+# Prints what a run's runtime is: the child's Python and the packages the harness imports, with versions.
+RUNTIME_VERSIONS = ("import sys, importlib.metadata as m; print(sys.version.split()[0], "
+                    "*(f'{p}=={m.version(p)}' for p in ('torch', 'numpy', 'tiktoken')))")
 RUN_RECORD = "run.json"  # per-run state under <snapshots>/.runs/<run_id>/, read by reap()
 
 
@@ -503,6 +506,15 @@ class ProcessBackend:
         if result.status is not Status.OK:
             raise SandboxUnavailable(f"the process sandbox cannot run its Python ({result.status.value}): "
                                      f"{result.log_tail.strip()[-500:]}")
+
+    def recipe(self) -> str:
+        """The harness files and the runtime the child imports: its Python and the packages the harness
+        needs, at the versions installed for the child's interpreter (asked of that interpreter)."""
+        versions = subprocess.run([self.python, "-c", RUNTIME_VERSIONS], capture_output=True, text=True, timeout=60)
+        if versions.returncode != 0:
+            raise SandboxUnavailable(f"the process sandbox's Python {self.python} cannot name its packages: "
+                                     f"{versions.stderr.strip()[-300:]}")
+        return f"process-{snapshot_id({**harness_files(self.harness_root), 'runtime': versions.stdout.encode()})}"
 
     def build_image(self, train_py: str, exp_id: str) -> str:
         files = {**harness_files(self.harness_root), "train.py": train_py.encode()}

@@ -121,6 +121,11 @@ class Backend(Protocol):
         """Build or check what every run needs (the base image); idempotent, may be slow once."""
         ...
 
+    def recipe(self) -> str:
+        """What every image of this backend is built from, as a hash that is equal on every machine with
+        the same pinned inputs (runtime, harness): a cluster node whose recipe differs is refused."""
+        ...
+
     def build_image(self, train_py: str, exp_id: str) -> str:
         """Bake train.py into a new image for `exp_id`; return its id (content-addressed)."""
         ...

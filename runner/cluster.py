@@ -1,0 +1,295 @@
+"""Nights on a Ray cluster (`overnight --cluster ADDRESS`): the runner stays here, experiments run on nodes.
+
+The runner remains the single writer of the ledger on the machine where it runs. Each
+experiment (its phase pair) is one Ray task pinned to a node, holding one GPU there (one
+CPU slot on the CPU profile), in a worker process that is never reused: a reused worker
+would keep the GPU memory of the run before. The task is runner.cluster_node.run, from
+the node's own installation of the project: it builds the image through the node's own
+sandbox, from the same pinned inputs (the recipe) and the same data (the manifest hash),
+or the node is refused with one sentence. Its logs stream back while it runs and its
+run directory comes back at the end, so the morning commands read it as any other run.
+
+A node that dies or is cut off mid-run fails its task; the night puts the experiment on
+another node (runner.loop's infrastructure failures, the ledger counting its attempts),
+and a node that keeps failing, or is gone, leaves rotation. Results of different GPU
+models are never compared: the night runs on one model only (the one most GPUs have).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import structlog
+
+import contract
+from runner.cluster_node import LOG_FILES, Job, NodeRefused, describe
+from runner.cluster_node import run as run_on_node
+from runner.errors import MachineError, UserError
+from runner.gpus import Gpu
+from sandbox.experiment import ExperimentOutcome
+from sandbox.spec import CancelToken, Killer, RunResult
+from sandbox.status import Status
+
+log = structlog.get_logger(__name__)
+
+PROBE_TIMEOUT_S = 1800.0  # a node's first probe may build its base image (an online pull: many minutes)
+WAIT_S = 0.5  # how often a waiting worker looks at its cancel token
+CPU_PROFILE = "cpu"  # the model name of a slot without a real GPU (a logical GPU, or a node's CPUs)
+
+
+class ClusterUnavailable(MachineError):
+    """No usable cluster: Ray missing, no cluster at the address, or no node that can serve the night."""
+
+
+class NodeLost(Exception):
+    """A run failed because of its node (it died, was cut off, or refused): put the experiment elsewhere."""
+
+    def __init__(self, message: str, *, node_gone: bool = False) -> None:
+        super().__init__(message)
+        self.node_gone = node_gone
+
+
+@dataclass
+class Node:
+    """A node the night runs on: its Ray id, what it said of itself, and the Ray resources of one slot."""
+
+    id: str
+    host: str
+    slots: int
+    request: dict[str, Any]  # Ray options of one experiment task there: num_gpus / num_cpus
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}/{self.id[:8]}"
+
+
+def _ray():
+    """The ray module, imported only for cluster nights (it is an optional extra)."""
+    # A driver started by `uv run` would otherwise make every worker `uv run` the runner's project; a node
+    # must run its own installation, so that its recipe says what it really runs.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    try:
+        import ray
+    except ImportError:
+        raise ClusterUnavailable("a cluster night needs Ray, which is not installed: `uv sync --extra ray`.") from None
+    return ray
+
+
+class Cluster:
+    """A connection to a Ray cluster, the inventory of its nodes, and experiments run on them."""
+
+    def __init__(self, address: str, *, sandbox: str, source: str, data_hash: str, recipe: str,
+                 cpu_profile: bool = False) -> None:
+        self.address = address
+        self.sandbox, self.source, self.data_hash, self.recipe = sandbox, source, data_hash, recipe
+        self.cpu_profile = cpu_profile  # --gpus none: run the CPU profile even where nodes have GPUs
+        self.nodes: list[Node] = []
+        self.refused: dict[str, str] = {}  # node name -> why
+        self.model = CPU_PROFILE
+        self._gone: set[str] = set()
+
+    # -- connecting and the inventory -------------------------------------------------------------
+
+    def connect(self) -> None:
+        ray = _ray()
+        try:
+            ray.init(address=self.address, namespace="autoresearch", log_to_driver=False,
+                     logging_level="warning", configure_logging=False)
+        except Exception as error:  # ConnectionError, a bad address, a version mismatch: all one sentence
+            raise ClusterUnavailable(f"no Ray cluster answers at {self.address} ({type(error).__name__}: "
+                                     f"{str(error).splitlines()[0] if str(error) else ''}).") from None
+        log.info("cluster.connected", address=self.address, nodes=len(ray.nodes()))
+
+    def take_inventory(self) -> None:
+        """Ask every live node what it is; keep those that can serve the night, say why of the others."""
+        ray = _ray()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        probe = ray.remote(describe)
+        probes = {n["NodeID"]: probe.options(num_cpus=0, max_retries=0,
+                                             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                  .remote(self.sandbox, self.source) for n in alive}
+        facts: dict[str, dict] = {}
+        for info in alive:
+            node_id = info["NodeID"]
+            try:
+                facts[node_id] = ray.get(probes[node_id], timeout=PROBE_TIMEOUT_S)
+            except Exception as error:  # died, or too slow to say what it is
+                self.refused[f"{info['NodeManagerAddress']}/{node_id[:8]}"] = f"it did not answer ({type(error).__name__})"
+        self.model = self._pick_model(facts)
+        for info in alive:
+            if info["NodeID"] in facts:
+                self._admit(info, facts[info["NodeID"]])
+        for name, why in self.refused.items():
+            log.warning("cluster.node_refused", node=name, why=why)
+        if not self.nodes:
+            reasons = "; ".join(f"{name}: {why}" for name, why in self.refused.items()) or "it has no live node"
+            raise ClusterUnavailable(f"no node of the cluster at {self.address} can run the night ({reasons}).")
+        log.info("cluster.inventory", model=self.model, nodes=[n.name for n in self.nodes],
+                 slots=sum(n.slots for n in self.nodes))
+
+    def _pick_model(self, facts: dict[str, dict]) -> str:
+        """The GPU model the night runs on: the one most usable GPUs have (the CPU profile if none has one)."""
+        if self.cpu_profile:
+            return CPU_PROFILE
+        models = collections.Counter(g["name"] for f in facts.values() if not f["problem"] for g in f["gpus"])
+        return min(models, key=lambda m: (-models[m], m)) if models else CPU_PROFILE
+
+    def _admit(self, info: dict, facts: dict) -> None:
+        name = f"{facts['host']}/{info['NodeID'][:8]}"
+        resources = info.get("Resources", {})
+        why = facts["problem"]
+        if why is None and facts.get("data_hash") != self.data_hash:
+            why = f"its data for --source {self.source} differs from the runner's (manifest {facts['data_hash'][:12]})"
+        if why is None and facts["recipe"] != self.recipe:
+            why = (f"its {facts['backend']} sandbox builds from other inputs ({facts['recipe']}, the runner's: "
+                   f"{self.recipe}); install the same version of the project there, or choose --sandbox")
+        gpus = [g for g in facts["gpus"] if g["name"] == self.model]
+        if why is None and self.model != CPU_PROFILE and not gpus:
+            seen = ", ".join(sorted({g["name"] for g in facts["gpus"]})) or "none"
+            why = f"its GPUs ({seen}) are not the night's model ({self.model}); runs on two models are not compared"
+        if why is not None:
+            self.refused[name] = why
+            return
+        logical = int(resources.get("GPU", 0))
+        if self.model != CPU_PROFILE:
+            slots, request = min(len(gpus), logical), {"num_gpus": 1, "num_cpus": 0}
+        elif logical:  # GPU resources without a usable GPU (or --gpus none): each stands for one CPU slot
+            slots, request = logical, {"num_gpus": 1, "num_cpus": 0}
+        else:
+            slots, request = 1, {"num_cpus": max(1, int(resources.get("CPU", 1)))}
+        if slots < 1:
+            self.refused[name] = "Ray offers none of its GPUs (start it with --num-gpus)"
+            return
+        self.nodes.append(Node(info["NodeID"], facts["host"], slots, request, facts))
+
+    @property
+    def profile(self) -> str:
+        return "cpu" if self.model == CPU_PROFILE else "gpu"
+
+    def record(self) -> dict[str, Any]:
+        """The inventory as the ledger keeps it (status shows it)."""
+        return {"address": self.address, "model": self.model, "recipe": self.recipe,
+                "nodes": [{"id": n.id, "name": n.name, "host": n.host, "slots": n.slots, "backend": n.facts["backend"],
+                           "gpus": [{"uuid": g["uuid"], "name": g["name"]} for g in n.facts["gpus"]]}
+                          for n in self.nodes],
+                "refused": self.refused}
+
+    def gone(self, node: Node) -> bool:
+        """Whether Ray counts `node` dead (it stays dead: a node that comes back joins with a new id)."""
+        if node.id not in self._gone:
+            alive = {n["NodeID"] for n in _ray().nodes() if n.get("Alive")}
+            if node.id not in alive:
+                self._gone.add(node.id)
+        return node.id in self._gone
+
+    # -- one experiment ---------------------------------------------------------------------------
+
+    def run(self, node: Node, job: Job, run_dir: Path, cancel: CancelToken,
+            on_start: Callable[[dict], None], on_phase: Callable[[Status], None]) -> ExperimentOutcome:
+        """Run `job` on `node`, writing its logs into `run_dir` as they come and its files at the end."""
+        ray = _ray()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        _clear(run_dir)
+        task = ray.remote(max_calls=1, max_retries=0)(run_on_node).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.id, soft=False), **node.request)
+        stream = task.remote(job)
+        outcome: ExperimentOutcome | None = None
+        asked_to_stop = False
+        try:
+            while True:
+                if cancel.cancelled and not asked_to_stop:
+                    ray.cancel(stream)
+                    asked_to_stop = True
+                ready, _ = ray.wait([stream], timeout=WAIT_S)
+                if not ready:
+                    continue
+                try:
+                    event = ray.get(next(stream))
+                except StopIteration:
+                    break
+                outcome = _take(event, run_dir, on_start, on_phase) or outcome
+        except ray.exceptions.TaskCancelledError:
+            return _cancelled(run_dir)
+        except ray.exceptions.RayTaskError as error:
+            if cancel.cancelled:
+                return _cancelled(run_dir)
+            cause = error.cause if isinstance(error.cause, BaseException) else error
+            if isinstance(cause, NodeRefused):
+                raise NodeLost(str(cause)) from None
+            raise NodeLost(f"the run on {node.name} failed there: {type(cause).__name__}: {cause}") from None
+        except ray.exceptions.RayError as error:  # the node or its worker died, or the node was cut off
+            if cancel.cancelled:
+                return _cancelled(run_dir)
+            raise NodeLost(f"{node.name} was lost mid-run ({type(error).__name__})", node_gone=self.gone(node)) from None
+        if outcome is None:
+            raise NodeLost(f"the run on {node.name} ended without an outcome")
+        return outcome
+
+
+def _take(event: tuple, run_dir: Path, on_start: Callable[[dict], None],
+          on_phase: Callable[[Status], None]) -> ExperimentOutcome | None:
+    """Record one event of a node's run; the outcome (with its paths made local) when it is the last."""
+    kind = event[0]
+    if kind == "started":
+        on_start(event[1])
+    elif kind == "phase":
+        on_phase(event[1])
+    elif kind == "log":
+        with open(run_dir / event[1], "ab") as f:
+            f.write(event[2])
+    elif kind == "file":
+        _, relative, offset, chunk = event
+        target = _inside(run_dir, relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "r+b" if offset else "wb") as f:
+            f.seek(offset)
+            f.write(chunk)
+    elif kind == "outcome":
+        outcome: ExperimentOutcome = event[1]
+        for result in (outcome.train, outcome.eval):
+            if result is not None:
+                result.log_path = run_dir / result.log_path.name
+        return outcome
+    return None
+
+
+def _inside(run_dir: Path, relative: str) -> Path:
+    """`relative` under `run_dir`, refusing a path that leaves it."""
+    target = (run_dir / relative).resolve()
+    if not target.is_relative_to(run_dir.resolve()):
+        raise NodeLost(f"a node sent a file outside its run directory ({relative!r})")
+    return target
+
+
+def _clear(run_dir: Path) -> None:
+    """Start an attempt from nothing: what an attempt on a lost node left goes."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in (*LOG_FILES, "out", contract.COMPILE_CACHE_FILE):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _cancelled(run_dir: Path) -> ExperimentOutcome:
+    result = RunResult(Status.CANCELLED, None, Killer.CANCEL, 0.0, run_dir / "train.log")
+    return ExperimentOutcome(Status.CANCELLED, None, {}, {}, result, None, {})
+
+
+def slot_gpu(started: dict) -> Gpu | None:
+    """The GPU a node gave a run, as the ledger records it."""
+    return Gpu(**started["gpu"]) if started.get("gpu") else None
+
+
+def user_sentence(error: Exception) -> str:
+    return str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"

@@ -29,7 +29,7 @@ import structlog
 import contract
 from runner.cluster_node import LOG_FILES, Job, NodeRefused, describe
 from runner.cluster_node import run as run_on_node
-from runner.errors import MachineError, UserError
+from runner.errors import MachineError
 from runner.gpus import Gpu
 from sandbox.experiment import ExperimentOutcome
 from sandbox.spec import CancelToken, Killer, RunResult
@@ -56,17 +56,22 @@ class NodeLost(Exception):
 
 @dataclass
 class Node:
-    """A node the night runs on: its Ray id, what it said of itself, and the Ray resources of one slot."""
+    """A node the night runs on: its Ray id and name, what it said of itself, and the Ray resources of one slot."""
 
     id: str
-    host: str
+    ray_name: str  # Ray's name of the node: its IP address unless started with --node-name
     slots: int
     request: dict[str, Any]  # Ray options of one experiment task there: num_gpus / num_cpus
     facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return f"{self.host}/{self.id[:8]}"
+        return node_name(self.ray_name, self.id)
+
+
+def node_name(ray_name: str, node_id: str) -> str:
+    """How the ledger and `status` name a node: Ray's name and the start of its id (unique per start)."""
+    return f"{ray_name}/{node_id[:8]}"
 
 
 def _ray():
@@ -122,7 +127,7 @@ class Cluster:
             try:
                 facts[node_id] = ray.get(probes[node_id], timeout=PROBE_TIMEOUT_S)
             except Exception as error:  # died, or too slow to say what it is
-                self.refused[f"{info['NodeManagerAddress']}/{node_id[:8]}"] = f"it did not answer ({type(error).__name__})"
+                self.refused[node_name(info.get("NodeName", ""), node_id)] = f"it did not answer ({type(error).__name__})"
         self.model = self._pick_model(facts)
         for info in alive:
             if info["NodeID"] in facts:
@@ -143,7 +148,7 @@ class Cluster:
         return min(models, key=lambda m: (-models[m], m)) if models else CPU_PROFILE
 
     def _admit(self, info: dict, facts: dict) -> None:
-        name = f"{facts['host']}/{info['NodeID'][:8]}"
+        name = node_name(info.get("NodeName", ""), info["NodeID"])
         resources = info.get("Resources", {})
         why = facts["problem"]
         if why is None and facts.get("data_hash") != self.data_hash:
@@ -163,12 +168,13 @@ class Cluster:
             slots, request = min(len(gpus), logical), {"num_gpus": 1, "num_cpus": 0}
         elif logical:  # GPU resources without a usable GPU (or --gpus none): each stands for one CPU slot
             slots, request = logical, {"num_gpus": 1, "num_cpus": 0}
-        else:
-            slots, request = 1, {"num_cpus": max(1, int(resources.get("CPU", 1)))}
+        else:  # one run at a time, with all the CPUs Ray offers there
+            cpus = int(resources.get("CPU", 0))
+            slots, request = min(cpus, 1), {"num_cpus": cpus}
         if slots < 1:
-            self.refused[name] = "Ray offers none of its GPUs (start it with --num-gpus)"
+            self.refused[name] = "Ray offers no GPU and no CPU of it to tasks (see ray start --num-gpus, --num-cpus)"
             return
-        self.nodes.append(Node(info["NodeID"], facts["host"], slots, request, facts))
+        self.nodes.append(Node(info["NodeID"], info.get("NodeName", ""), slots, request, facts))
 
     @property
     def profile(self) -> str:
@@ -177,7 +183,7 @@ class Cluster:
     def record(self) -> dict[str, Any]:
         """The inventory as the ledger keeps it (status shows it)."""
         return {"address": self.address, "model": self.model, "recipe": self.recipe,
-                "nodes": [{"id": n.id, "name": n.name, "host": n.host, "slots": n.slots, "backend": n.facts["backend"],
+                "nodes": [{"id": n.id, "name": n.name, "host": n.facts["host"], "slots": n.slots, "backend": n.facts["backend"],
                            "gpus": [{"uuid": g["uuid"], "name": g["name"]} for g in n.facts["gpus"]]}
                           for n in self.nodes],
                 "refused": self.refused}
@@ -290,6 +296,3 @@ def slot_gpu(started: dict) -> Gpu | None:
     """The GPU a node gave a run, as the ledger records it."""
     return Gpu(**started["gpu"]) if started.get("gpu") else None
 
-
-def user_sentence(error: Exception) -> str:
-    return str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"

@@ -136,13 +136,14 @@ def rerun(ledger: Ledger, run_dir: Path, exp_id: str, *, exact: bool, seed: int 
         raise RerunRefused("an exact rerun replays the recorded seed; another seed needs a timed rerun.")
     plan = _plan(ledger, run_dir, ledger.get(exp_id), exact, inventory, seed)
     backend = backend or open_backend(plan.row.backend or "auto")
-    _check_image(plan.row, backend)
-    rerun_row = _add_row(ledger, run_dir, plan, exact, backend)
+    image = _image(plan.row, backend, run_dir, build=True)
+    rerun_row = _add_row(ledger, run_dir, plan, exact, backend, image)
     how = "replaying its recorded schedule" if exact else "as a fresh timed run"
     if seed is not None:
         how += f" on seed {seed}"
-    on_start(f"rerunning {exp_id} as {rerun_row.id} from {plan.row.image}, {how} ({backend.name} sandbox) ...")
-    outcome = _run(ledger, backend, plan, rerun_row, run_dir / rerun_row.id)
+    source = "" if image == plan.row.image else " (rebuilt here from its recipe and train.py)"
+    on_start(f"rerunning {exp_id} as {rerun_row.id} from {image}{source}, {how} ({backend.name} sandbox) ...")
+    outcome = _run(ledger, backend, plan, rerun_row, run_dir / rerun_row.id, image)
     verdict = _verdict(ledger, run_dir, plan, rerun_row.id, outcome, exact, backend)
     ledger.update(rerun_row.id, description=f"{rerun_row.description}: {_short(verdict)}")
     log.info("rerun.verdict", exp=exp_id, rerun=rerun_row.id, identical=verdict.identical, status=verdict.status)
@@ -154,14 +155,24 @@ def check(ledger: Ledger, run_dir: Path, exp_id: str, backend: Backend,
     """Refuse a timed rerun of `exp_id` for what `rerun` would refuse it, before anything runs
     (a caller about to rerun several rows checks them all first)."""
     plan = _plan(ledger, run_dir, ledger.get(exp_id), False, inventory, None)
-    _check_image(plan.row, backend)
+    _image(plan.row, backend, run_dir, build=False)
 
 
-def _check_image(row: Experiment, backend: Backend) -> None:
-    if not row.image or not backend.image_exists(row.image):
-        raise RerunRefused(f"the image of {row.id} ({row.image or 'none recorded'}) no longer exists; "
-                           "a rerun needs the exact image the experiment ran from (a night removes those of "
-                           "discarded experiments unless it runs with --keep-images).")
+def _image(row: Experiment, backend: Backend, run_dir: Path, *, build: bool) -> str:
+    """The image the rerun runs: the recorded one where this machine has it, else the same image built
+    again here, when this machine's recipe is the recorded one (a run on a cluster node, or a pruned
+    image) and the recorded train.py is intact. `build=False` only checks that it could be."""
+    if row.image and backend.image_exists(row.image):
+        return row.image
+    train_py = run_dir / row.id / "train.py"
+    intact = train_py.is_file() and hashlib.sha256(train_py.read_bytes()).hexdigest() == row.train_sha256
+    if row.recipe and intact and backend.recipe() == row.recipe:
+        return backend.build_image(train_py.read_text(), row.id) if build else row.image
+    why = ("this machine builds from other inputs" if row.recipe and intact else
+           "its train.py is missing or changed" if row.recipe else "no recipe was recorded to build it again")
+    raise RerunRefused(f"the image of {row.id} ({row.image or 'none recorded'}) is not on this machine and cannot "
+                       f"be rebuilt exactly ({why}); a night removes the images of discarded experiments unless "
+                       "it runs with --keep-images.")
 
 
 def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
@@ -212,14 +223,14 @@ def _gpu(row: Experiment, inventory: Callable[[], list[gpu_inventory.Gpu]]) -> g
     return next((g for g in found if g.uuid == row.gpu_uuid), found[0])
 
 
-def _add_row(ledger: Ledger, run_dir: Path, plan: _RerunPlan, exact: bool, backend: Backend) -> Experiment:
+def _add_row(ledger: Ledger, run_dir: Path, plan: _RerunPlan, exact: bool, backend: Backend, image: str) -> Experiment:
     row, gpu = plan.row, plan.gpu
     on_seed = f" on seed {plan.seed}" if plan.seed != row.seed else ""
     new = ledger.add(
         kind=RERUN, status=Status.BUILT, night_id=row.night_id, target_id=row.id, parent_id=row.parent_id,
         description=f"rerun {'--exact ' if exact else ''}of {row.id}{on_seed}", diff=row.diff,
-        train_sha256=row.train_sha256, params_json=row.params_json, image=row.image, seed=plan.seed,
-        backend=backend.name, isolation=backend.isolation, data_hash=row.data_hash,
+        train_sha256=row.train_sha256, params_json=row.params_json, image=image, seed=plan.seed,
+        recipe=row.recipe, backend=backend.name, isolation=backend.isolation, data_hash=row.data_hash,
         gpu_uuid=gpu.uuid if gpu else None, gpu_name=gpu.name if gpu else None, gpu_driver=gpu.driver if gpu else None,
     )
     directory = run_dir / new.id
@@ -230,9 +241,9 @@ def _add_row(ledger: Ledger, run_dir: Path, plan: _RerunPlan, exact: bool, backe
 
 
 def _run(ledger: Ledger, backend: Backend, plan: _RerunPlan, rerun_row: Experiment,
-         directory: Path) -> ExperimentOutcome:
+         directory: Path, image: str) -> ExperimentOutcome:
     spec = ExperimentSpec(
-        exp_id=rerun_row.id, image=plan.row.image, data_dir=plan.data_dir, run_dir=directory,
+        exp_id=rerun_row.id, image=image, data_dir=plan.data_dir, run_dir=directory,
         time_budget=plan.time_budget, gpu_uuid=plan.gpu.uuid if plan.gpu else None,
         deterministic=True, replay_trace=plan.trace, seed=plan.seed, allowance=plan.allowance, limits=plan.limits,
         compile_cache=start_from(ledger, directory.parent, rerun_row),

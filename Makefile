@@ -18,10 +18,13 @@ prepare: setup
 image: setup
 	$(UV) run python -m sandbox.images
 
-test: setup
+# The tests need the optional Ray extra (a real multi-node cluster night); the default install stays without it.
+test: $(UV)
+	$(UV) sync --frozen --extra ray
 	$(UV) run pytest -ra
 
-test-fast: setup
+test-fast: $(UV)
+	$(UV) sync --frozen --extra ray
 	$(UV) run pytest -ra -m "not slow"
 
 overnight: setup

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import os
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +39,7 @@ from sandbox.status import Status
 log = structlog.get_logger(__name__)
 
 PROBE_TIMEOUT_S = 1800.0  # a node's first probe may build its base image (an online pull: many minutes)
+CONNECT_TIMEOUT_S = 10.0
 WAIT_S = 0.5  # how often a waiting worker looks at its cancel token
 CPU_PROFILE = "cpu"  # the model name of a slot without a real GPU (a logical GPU, or a node's CPUs)
 
@@ -103,6 +105,7 @@ class Cluster:
 
     def connect(self) -> None:
         ray = _ray()
+        _check_reachable(self.address)
         try:
             ray.init(address=self.address, namespace="autoresearch", log_to_driver=False,
                      logging_level="warning", configure_logging=False)
@@ -235,10 +238,28 @@ class Cluster:
         except ray.exceptions.RayError as error:  # the node or its worker died, or the node was cut off
             if cancel.cancelled:
                 return _cancelled(run_dir)
-            raise NodeLost(f"{node.name} was lost mid-run ({type(error).__name__})", node_gone=self.gone(node)) from None
+            # a dead node is said so before Ray's node table knows it; one a task cannot be placed on is gone too
+            gone = isinstance(error, (ray.exceptions.NodeDiedError, ray.exceptions.TaskUnschedulableError))
+            if gone:
+                self._gone.add(node.id)
+            raise NodeLost(f"{node.name} was lost mid-run ({type(error).__name__})",
+                           node_gone=gone or self.gone(node)) from None
         if outcome is None:
             raise NodeLost(f"the run on {node.name} ended without an outcome")
         return outcome
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse in seconds an address where nothing listens (Ray itself would retry for minutes)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except ValueError:
+        raise ClusterUnavailable(f"--cluster {address} is not a Ray address (HOST:PORT, ray://HOST:PORT or auto).") from None
+    except OSError as error:
+        raise ClusterUnavailable(f"no Ray cluster answers at {address} ({error.strerror or error}).") from None
 
 
 def _take(event: tuple, run_dir: Path, on_start: Callable[[dict], None],

@@ -92,6 +92,9 @@ class FakeBackend:
     def ensure_ready(self):
         pass
 
+    def recipe(self):
+        return "fake-recipe"
+
     def reap(self):
         return 0
 

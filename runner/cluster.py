@@ -129,8 +129,11 @@ class Cluster:
             node_id = info["NodeID"]
             try:
                 facts[node_id] = ray.get(probes[node_id], timeout=PROBE_TIMEOUT_S)
-            except Exception as error:  # died, or too slow to say what it is
-                self.refused[node_name(info.get("NodeName", ""), node_id)] = f"it did not answer ({type(error).__name__})"
+            except Exception as error:  # died, too slow, or its installation cannot run the probe
+                cause = getattr(error, "cause", None) or error
+                said = str(cause).strip().splitlines()[-1][:200] if str(cause).strip() else ""
+                self.refused[node_name(info.get("NodeName", ""), node_id)] = (
+                    f"it could not say what it is ({type(cause).__name__}{': ' + said if said else ''})")
         self.model = self._pick_model(facts)
         for info in alive:
             if info["NodeID"] in facts:

@@ -136,12 +136,12 @@ def rerun(ledger: Ledger, run_dir: Path, exp_id: str, *, exact: bool, seed: int 
         raise RerunRefused("an exact rerun replays the recorded seed; another seed needs a timed rerun.")
     plan = _plan(ledger, run_dir, ledger.get(exp_id), exact, inventory, seed)
     backend = backend or open_backend(plan.row.backend or "auto")
-    image = _image(plan.row, backend, run_dir, build=True)
+    image, rebuilt = _image(plan.row, backend, run_dir, build=True)
     rerun_row = _add_row(ledger, run_dir, plan, exact, backend, image)
     how = "replaying its recorded schedule" if exact else "as a fresh timed run"
     if seed is not None:
         how += f" on seed {seed}"
-    source = "" if image == plan.row.image else " (rebuilt here from its recipe and train.py)"
+    source = " (rebuilt here from its recipe and train.py)" if rebuilt else ""
     on_start(f"rerunning {exp_id} as {rerun_row.id} from {image}{source}, {how} ({backend.name} sandbox) ...")
     outcome = _run(ledger, backend, plan, rerun_row, run_dir / rerun_row.id, image)
     verdict = _verdict(ledger, run_dir, plan, rerun_row.id, outcome, exact, backend)
@@ -158,16 +158,17 @@ def check(ledger: Ledger, run_dir: Path, exp_id: str, backend: Backend,
     _image(plan.row, backend, run_dir, build=False)
 
 
-def _image(row: Experiment, backend: Backend, run_dir: Path, *, build: bool) -> str:
+def _image(row: Experiment, backend: Backend, run_dir: Path, *, build: bool) -> tuple[str, bool]:
     """The image the rerun runs: the recorded one where this machine has it, else the same image built
     again here, when this machine's recipe is the recorded one (a run on a cluster node, or a pruned
-    image) and the recorded train.py is intact. `build=False` only checks that it could be."""
+    image) and the recorded train.py is intact. `build=False` only checks that it could be.
+    Returns the image and whether it was built again."""
     if row.image and backend.image_exists(row.image):
-        return row.image
+        return row.image, False
     train_py = run_dir / row.id / "train.py"
     intact = train_py.is_file() and hashlib.sha256(train_py.read_bytes()).hexdigest() == row.train_sha256
     if row.recipe and intact and backend.recipe() == row.recipe:
-        return backend.build_image(train_py.read_text(), row.id) if build else row.image
+        return (backend.build_image(train_py.read_text(), row.id) if build else row.image), True
     why = ("this machine builds from other inputs" if row.recipe and intact else
            "its train.py is missing or changed" if row.recipe else "no recipe was recorded to build it again")
     raise RerunRefused(f"the image of {row.id} ({row.image or 'none recorded'}) is not on this machine and cannot "

@@ -109,7 +109,10 @@ def remove_image(night, backend, name):  # noqa: F811
 
 
 @pytest.mark.parametrize("damage, exp, message", [
-    (lambda n, b: remove_image(n, b, "best"), "best", "the image of {best} (img-"),
+    (lambda n, b: (remove_image(n, b, "best"), setattr(b, "recipe", lambda: "another-recipe")), "best",
+     "is not on this machine and cannot be rebuilt exactly (this machine builds from other inputs)"),
+    (lambda n, b: (remove_image(n, b, "best"), (n.run_dir / n.ids["best"] / "train.py").write_text("# edited\n")),
+     "best", "cannot be rebuilt exactly (its train.py is missing or changed)"),
     (lambda n, b: rebuilt_data(n), "best", "the data in {data} changed since {best} ran (manifest {new}, recorded {old})"),
     (lambda n, b: (n.data / "val" / "tokens.bin").write_bytes(b"tampered"), "best",
      "the data of {best} is damaged ({data}/val/tokens.bin does not match the hash in its manifest)"),
@@ -124,6 +127,15 @@ def test_refusals_are_one_line_and_run_nothing(night, sandbox, damage, exp, mess
     error = one_line_error(invoke(night.runs, "rerun", night.ids.get(exp, exp), "--exact"))
     assert message.format(**night.ids, data=night.data, old=night.data_hash[:12], new=getattr(night, "new", "")) in error
     assert (len(sandbox.runs), len(rows_of(night))) == (runs_before, rows_before)
+
+
+def test_an_image_gone_from_this_machine_is_built_again_from_its_recipe(night, sandbox):  # noqa: F811
+    """A pruned image, or one that ran on a cluster node: the same recipe and train.py make the same image."""
+    best = night.ids["best"]
+    remove_image(night, sandbox, "best")
+    result = invoke(night.runs, "rerun", best, "--exact")
+    assert "rebuilt here from its recipe and train.py" in result.output and "BIT-IDENTICAL" in result.output
+    assert rows_of(night)[-1].recipe == "fake-recipe"
 
 
 def test_gpu_reruns_name_the_hardware(project):  # noqa: F811

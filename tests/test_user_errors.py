@@ -231,6 +231,8 @@ NOT_THE_USERS = {
     "runner.agents.base.AgentError": "an agent outage: recorded, waited out, the night goes on",
     "runner.agents.prompt.ReplyFormatError": "a reply without a diff: sent back to the agent",
     "contract.ResultError": "phase 2 printed no valid result: the experiment's failure",
+    "runner.cluster.NodeLost": "one cluster node failed a run: the run goes to another node, the night goes on",
+    "runner.cluster_node.NodeRefused": "raised on a node, reaches the runner as a NodeLost",
 }
 
 

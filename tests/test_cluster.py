@@ -46,14 +46,28 @@ class LocalCluster:
     """A Ray head and worker nodes on this machine, each node in a process group of its own."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.env = {**env, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+        # a local cluster of the test's own, unauthenticated whatever ~/.ray holds (a token file there turns
+        # token authentication on for `ray start`)
+        self.env = {**env, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_AUTH_MODE": "disabled"}
         self.temp = tempfile.mkdtemp(prefix="ar-ray-", dir="/tmp")  # Ray's socket paths must stay short
         self.address = f"127.0.0.1:{_free_port()}"
         self.nodes: dict[str, subprocess.Popen] = {}
+
+    def start(self) -> None:
         # the head runs nothing of the night's (no CPU, no GPU for tasks): the runner's driver connects to it
         self._start("head", ["--head", "--port", self.address.split(":")[1], "--temp-dir", self.temp,
                              "--include-dashboard", "false", "--ray-client-server-port", str(_free_port()),
                              "--num-cpus", "0", "--num-gpus", "0"], self.env)
+        host, port = self.address.split(":")
+        deadline = time.monotonic() + JOIN_WAIT_S
+        while True:  # a driver that connects before the head listens can wait for minutes
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Ray head never listened"
+                time.sleep(0.5)
         self.wait_for(1)
 
     def add(self, name: str, env: dict[str, str] | None = None) -> None:
@@ -69,8 +83,10 @@ class LocalCluster:
 
     def wait_for(self, count: int) -> None:
         """Until `count` nodes are alive (asked from a separate driver, so this process never becomes one)."""
-        probe = (f"import ray, time\nray.init(address={self.address!r}, logging_level='error')\n"
-                 f"end = time.time() + {JOIN_WAIT_S}\n"
+        probe = (f"import ray, time\nend = time.time() + {JOIN_WAIT_S}\n"
+                 f"while True:\n"  # the head may still be starting: its address does not answer yet
+                 f"    try:\n        ray.init(address={self.address!r}, logging_level='error'); break\n"
+                 f"    except Exception:\n        assert time.time() < end, 'the head never answered'; time.sleep(1)\n"
                  f"while sum(n['Alive'] for n in ray.nodes()) < {count} and time.time() < end: time.sleep(0.5)\n"
                  f"print(sum(n['Alive'] for n in ray.nodes()))\n")
         done = subprocess.run([sys.executable, "-c", probe], env=self.env, capture_output=True, text=True,
@@ -107,9 +123,10 @@ def cluster(tiny_cache, tmp_path, docker_base_image):
     env = {**os.environ, "AR_CACHE": str(tiny_cache)}
     local = LocalCluster(env)
     try:
+        local.start()
         local.add("n1")
         local.add("n2")
-        local.add("other", {**env, "PYTHONPATH": str(_other_harness(tmp_path))})
+        local.add("other", {**local.env, "PYTHONPATH": str(_other_harness(tmp_path))})
         yield local
     finally:
         local.stop()
@@ -135,7 +152,7 @@ def test_a_cluster_night_survives_a_killed_node(cluster, tiny_cache, tmp_path, d
     for name in ("train.py", "prepare.py", "program.md"):
         shutil.copyfile(ROOT / name, project / name)
     runs = tmp_path / "runs"
-    env = {**os.environ, "AR_CACHE": str(tiny_cache), "AR_RUNS_DIR": str(runs)}
+    env = {**cluster.env, "AR_RUNS_DIR": str(runs)}
     night = [str(BIN / "autoresearch"), "overnight", "--cluster", cluster.address, "--sandbox", "docker",
              "--agent", "search", "--budget", "3", "--source", "local", "--baseline-runs", "2",
              "--max-experiments", "3", "--tag", TAG]
@@ -190,6 +207,33 @@ def test_a_cluster_night_survives_a_killed_node(cluster, tiny_cache, tmp_path, d
     assert "node n2/" in status and "left out" in status
     assert killed in morning("show", killed)
     assert "BIT-IDENTICAL" in morning("rerun", killed, "--exact")
+
+    # the runner itself killed while a run trains on n2, then resumed: the run is done again, once
+    last = rows[-1].id
+    again = [*night[:-4], "--max-experiments", "4", "--tag", TAG]
+    with output.open("w") as out:
+        process = subprocess.Popen(again, cwd=project, env=env, stdout=out, stderr=out)
+    runner_killed = None
+    try:
+        deadline = time.monotonic() + KILL_WAIT_S
+        while runner_killed is None and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            found = _running_on(run_dir / "ledger.sqlite", "n2", run_dir)
+            runner_killed = found if found and found > last else None
+    finally:
+        process.kill()
+        process.wait()
+    assert runner_killed is not None, "nothing trained after the resume:\n" + output.read_text()[-3000:]
+    done = subprocess.run(again, cwd=project, env=env, capture_output=True, text=True, timeout=KILL_WAIT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ledger = Ledger(run_dir / "ledger.sqlite")
+    assert ledger.unfinished() == []
+    resumed = ledger.get(runner_killed)
+    assert resumed.status.is_finished() and resumed.run_attempt == 2 and resumed.node.startswith("n2/")
+    ledger.close()
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert len([e for e in events if e["event"] == "experiment.finished" and e.get("exp") == runner_killed]) == 1
+    assert docker_client.containers.list(all=True, filters={"label": f"autoresearch.exp={runner_killed}"}) == []
 
 
 def test_no_cluster_at_the_address_is_one_sentence(tmp_path, tiny_cache):

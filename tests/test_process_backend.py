@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import textwrap
 import threading
 import time
@@ -288,8 +289,14 @@ def test_the_root_holds_the_runtime_and_nothing_else_of_the_host(backend, tmp_pa
     assert result.status is Status.OK, log
     assert "OUTSIDE" not in log and "walked" in log, log[-3000:]
     assert not any(str(ROOT) == bound or str(ROOT).startswith(bound + "/") for bound in sealed.binds)  # the project is not runtime
-    outside_usr = [bound for bound in sealed.binds if bound.split("/")[1] in ("home", "var", "opt", "run", "srv", "mnt", "media")]
-    assert not outside_usr, f"binds outside the usual runtime places: {outside_usr}"
+    # Outside /usr, only the interpreter's own installation may be bound (a venv in /opt/... is a runtime; /opt,
+    # /home, /run or /var themselves, or anything else in them, are not).
+    prefixes = subprocess.run([backend.python, "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
+                              capture_output=True, text=True, check=True).stdout.split()
+    within = lambda path, top: path == top or path.startswith(top.rstrip("/") + "/")
+    elsewhere = [bound for bound in sealed.binds if bound.split("/")[1] in ("home", "var", "opt", "run", "srv", "mnt", "media")
+                 and not any(within(bound, prefix) and prefix.count("/") >= 2 for prefix in prefixes)]
+    assert not elsewhere, f"binds outside the runtime's own installation: {elsewhere}"
 
 
 def test_torch_dataloader_workers_share_tensors_in_the_sealed_root(backend, tmp_path):

@@ -21,6 +21,8 @@ import collections
 import os
 import shutil
 import socket
+import sqlite3
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +30,7 @@ from typing import Any, Callable
 import structlog
 
 import contract
-from runner.cluster_node import LOG_FILES, Job, NodeRefused, describe
+from runner.cluster_node import LOG_FILES, Job, NodeRefused, describe, remove_images
 from runner.cluster_node import run as run_on_node
 from runner.errors import MachineError
 from runner.gpus import Gpu
@@ -202,6 +204,10 @@ class Cluster:
                 self._gone.add(node.id)
         return node.id in self._gone
 
+    def images(self, ledger_path: Path) -> "NodeImages":
+        """The night's experiment images where they are, on the nodes (for runner.pruning)."""
+        return NodeImages(self, ledger_path)
+
     # -- one experiment ---------------------------------------------------------------------------
 
     def run(self, node: Node, job: Job, run_dir: Path, cancel: CancelToken,
@@ -263,6 +269,33 @@ def _check_reachable(address: str) -> None:
         raise ClusterUnavailable(f"--cluster {address} is not a Ray address (HOST:PORT, ray://HOST:PORT or auto).") from None
     except OSError as error:
         raise ClusterUnavailable(f"no Ray cluster answers at {address} ({error.strerror or error}).") from None
+
+
+class NodeImages:
+    """The images of a cluster night's runs, on the nodes that built them: what runner.pruning removes from.
+    An image goes from every node of this invocation that ran a row with it; a node gone keeps its own."""
+
+    def __init__(self, cluster: Cluster, ledger_path: Path) -> None:
+        self.cluster = cluster
+        with closing(sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)) as db:
+            ran = db.execute("SELECT image, node FROM experiments WHERE image IS NOT NULL AND node IS NOT NULL")
+            self._where: dict[str, set[str]] = collections.defaultdict(set)
+            for image, node in ran:
+                self._where[image].add(node)
+
+    def image_exists(self, image: str) -> bool:
+        return bool(self._where.get(image))
+
+    def remove_image(self, image: str) -> None:
+        ray = _ray()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        task = ray.remote(remove_images)
+        for node in self.cluster.nodes:
+            if node.name in self._where.get(image, ()) and not self.cluster.gone(node):
+                ray.get(task.options(num_cpus=0, max_retries=0,
+                                     scheduling_strategy=NodeAffinitySchedulingStrategy(node.id, soft=False))
+                        .remote(self.cluster.sandbox, [image]), timeout=PROBE_TIMEOUT_S)
 
 
 def _take(event: tuple, run_dir: Path, on_start: Callable[[dict], None],

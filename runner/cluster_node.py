@@ -83,6 +83,17 @@ def describe(sandbox: str, source: str) -> dict[str, Any]:
     return facts
 
 
+def remove_images(sandbox: str, images: list[str]) -> list[str]:
+    """Remove these experiment images from this node's sandbox (those it has); return the ones removed."""
+    backend = get_backend(sandbox)
+    removed = []
+    for image in images:
+        if backend.image_exists(image):
+            backend.remove_image(image)
+            removed.append(image)
+    return removed
+
+
 def assigned_gpu() -> gpu_inventory.Gpu | None:
     """The GPU the cluster gave this process (CUDA_VISIBLE_DEVICES: an index or a UUID), or None."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()

@@ -20,16 +20,24 @@ import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
 import contract
 from runner.decision import DISCARD
 from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE
-from sandbox.spec import Backend
 from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
+
+
+class ImageStore(Protocol):
+    """Where a night's images are: its backend here, or the nodes of its cluster (runner.cluster.NodeImages)."""
+
+    def image_exists(self, image: str) -> bool: ...
+
+    def remove_image(self, image: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ def _needed(rows: list[_Row]) -> set[str]:
     return {r.image for r in rows if r.image and needs(r)}
 
 
-def prune_images(backend: Backend, ledger_path: Path) -> list[str]:
+def prune_images(backend: ImageStore, ledger_path: Path) -> list[str]:
     """Remove the images of the night's settled experiments that no night under its runs directory needs."""
     own = _rows(ledger_path)
     settled = _settled(own)

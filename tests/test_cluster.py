@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import docker.errors
 import pytest
 
 from runner.ledger import BASELINE, EXPERIMENT, Ledger
@@ -195,6 +196,13 @@ def test_a_cluster_night_survives_a_killed_node(cluster, tiny_cache, tmp_path, d
     assert {n["name"].split("/")[0] for n in record["nodes"]} == {"n1", "n2"}
     ledger.close()
     assert docker_client.containers.list(all=True, filters={"label": f"autoresearch.exp={killed}"}) == []
+    # the images of discarded and failed experiments were removed where they were built: on the nodes
+    # (they share this machine's engine here; the night itself prunes nothing of its own machine)
+    settled = [r for r in rows if r.kind == EXPERIMENT and (r.decision == "discard" or r.status.is_failure()) and r.image]
+    assert settled
+    for row in settled:
+        with pytest.raises(docker.errors.ImageNotFound):
+            docker_client.images.get(row.image)
 
     # the morning reads the cluster's results as any other night's
     def morning(*args: str) -> str:

@@ -133,18 +133,33 @@ def cluster(tiny_cache, tmp_path, docker_base_image):
         local.stop()
 
 
-def _running_on(db: Path, prefix: str, run_dir: Path) -> str | None:
-    """A row training on the node `prefix` whose log has begun to stream back."""
+def _running_on(db: Path, prefix: str, run_dir: Path, after: str) -> str | None:
+    """A row after `after` training on the node `prefix` whose log has begun to stream back."""
     if not db.exists():
         return None
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            rows = conn.execute("SELECT id FROM experiments WHERE status='training' AND node LIKE ?",
-                                (f"{prefix}/%",)).fetchall()
+            rows = conn.execute("SELECT id FROM experiments WHERE status='training' AND node LIKE ? AND id > ?",
+                                (f"{prefix}/%", after)).fetchall()
     except sqlite3.Error:  # the night is creating it
         return None
     return next((r[0] for r in rows if (run_dir / r[0] / "train.log").is_file()
                  and (run_dir / r[0] / "train.log").stat().st_size > 0), None)
+
+
+def _night_until_a_run_on(node: str, command: list[str], project: Path, env: dict[str, str], output: Path,
+                          run_dir: Path, after: str = "") -> tuple[subprocess.Popen, str]:
+    """Start a night; return it once a row after `after` trains on `node` (the night is killed if none does)."""
+    with output.open("w") as out:
+        process = subprocess.Popen(command, cwd=project, env=env, stdout=out, stderr=out)
+    deadline = time.monotonic() + KILL_WAIT_S
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        if found := _running_on(run_dir / "ledger.sqlite", node, run_dir, after):
+            return process, found
+    process.kill()
+    process.wait()
+    raise AssertionError(f"nothing trained on {node}:\n" + output.read_text()[-3000:])
 
 
 def test_a_cluster_night_survives_a_killed_node(cluster, tiny_cache, tmp_path, docker_client):
@@ -158,15 +173,8 @@ def test_a_cluster_night_survives_a_killed_node(cluster, tiny_cache, tmp_path, d
              "--agent", "search", "--budget", "3", "--source", "local", "--baseline-runs", "2",
              "--max-experiments", "3", "--tag", TAG]
     run_dir, output = runs / TAG, tmp_path / "night.log"
-    with output.open("w") as out:
-        process = subprocess.Popen(night, cwd=project, env=env, stdout=out, stderr=out)
-    killed = None
+    process, killed = _night_until_a_run_on("n1", night, project, env, output, run_dir)
     try:
-        deadline = time.monotonic() + KILL_WAIT_S
-        while killed is None and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-            killed = _running_on(run_dir / "ledger.sqlite", "n1", run_dir)
-        assert killed is not None, "nothing trained on n1:\n" + output.read_text()[-3000:]
         cluster.kill("n1")
         assert process.wait(timeout=KILL_WAIT_S) == 0, output.read_text()[-3000:]
     finally:
@@ -217,21 +225,10 @@ def test_a_cluster_night_survives_a_killed_node(cluster, tiny_cache, tmp_path, d
     assert "BIT-IDENTICAL" in morning("rerun", killed, "--exact")
 
     # the runner itself killed while a run trains on n2, then resumed: the run is done again, once
-    last = rows[-1].id
     again = [*night[:-4], "--max-experiments", "4", "--tag", TAG]
-    with output.open("w") as out:
-        process = subprocess.Popen(again, cwd=project, env=env, stdout=out, stderr=out)
-    runner_killed = None
-    try:
-        deadline = time.monotonic() + KILL_WAIT_S
-        while runner_killed is None and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-            found = _running_on(run_dir / "ledger.sqlite", "n2", run_dir)
-            runner_killed = found if found and found > last else None
-    finally:
-        process.kill()
-        process.wait()
-    assert runner_killed is not None, "nothing trained after the resume:\n" + output.read_text()[-3000:]
+    process, runner_killed = _night_until_a_run_on("n2", again, project, env, output, run_dir, after=rows[-1].id)
+    process.kill()
+    process.wait()
     done = subprocess.run(again, cwd=project, env=env, capture_output=True, text=True, timeout=KILL_WAIT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ledger = Ledger(run_dir / "ledger.sqlite")

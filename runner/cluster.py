@@ -21,8 +21,6 @@ import collections
 import os
 import shutil
 import socket
-import sqlite3
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +32,7 @@ from runner.cluster_node import LOG_FILES, Job, NodeRefused, describe, remove_im
 from runner.cluster_node import run as run_on_node
 from runner.errors import MachineError
 from runner.gpus import Gpu
+from runner.ledger import Experiment
 from sandbox.experiment import ExperimentOutcome
 from sandbox.spec import CancelToken, Killer, RunResult
 from sandbox.status import Status
@@ -204,9 +203,9 @@ class Cluster:
                 self._gone.add(node.id)
         return node.id in self._gone
 
-    def images(self, ledger_path: Path) -> "NodeImages":
+    def images(self, rows: list[Experiment]) -> "NodeImages":
         """The night's experiment images where they are, on the nodes (for runner.pruning)."""
-        return NodeImages(self, ledger_path)
+        return NodeImages(self, rows)
 
     # -- one experiment ---------------------------------------------------------------------------
 
@@ -275,13 +274,12 @@ class NodeImages:
     """The images of a cluster night's runs, on the nodes that built them: what runner.pruning removes from.
     An image goes from every node of this invocation that ran a row with it; a node gone keeps its own."""
 
-    def __init__(self, cluster: Cluster, ledger_path: Path) -> None:
+    def __init__(self, cluster: Cluster, rows: list[Experiment]) -> None:
         self.cluster = cluster
-        with closing(sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)) as db:
-            ran = db.execute("SELECT image, node FROM experiments WHERE image IS NOT NULL AND node IS NOT NULL")
-            self._where: dict[str, set[str]] = collections.defaultdict(set)
-            for image, node in ran:
-                self._where[image].add(node)
+        self._where: dict[str, set[str]] = collections.defaultdict(set)
+        for row in rows:
+            if row.image and row.node:
+                self._where[row.image].add(row.node)
 
     def image_exists(self, image: str) -> bool:
         return bool(self._where.get(image))

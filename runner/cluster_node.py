@@ -27,7 +27,7 @@ import contract
 from dataprep.build import read_manifest, verify_manifest
 from dataprep.errors import PrepareError
 from runner import gpus as gpu_inventory
-from runner.settings import gpu_cap_bytes
+from runner.settings import gpu_cap_bytes, prepared_data
 from sandbox.backends import get_backend
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
@@ -50,7 +50,7 @@ class Job:
 
     exp_id: str
     train_py: str
-    sandbox: str  # the runner's --sandbox choice, resolved on the node ("auto": docker where an engine answers)
+    sandbox: str  # the sandbox the runner resolved --sandbox to here (docker or process): the node uses the same
     recipe: str  # what the night's images are built from; a node whose backend differs refuses
     source: str  # the data source's name under the node's cache
     data_hash: str  # the night's data manifest hash
@@ -59,23 +59,18 @@ class Job:
     gpu_memory_cap: str  # --gpu-memory-cap, applied to the card the node gives the run
     seed: int | None = None
     allowance: Allowance | None = None
-    replay_trace: bytes | None = None  # rerun --exact: the trace to replay
     compile_cache: bytes | None = None  # an earlier run's compile cache (runner.compile_cache)
-
-
-def data_dir(source: str) -> Path:
-    return contract.cache_dir() / source
 
 
 def describe(sandbox: str, source: str) -> dict[str, Any]:
     """What this node is: host, sandbox and its recipe, data, GPUs, CPUs; `problem` says why it cannot serve."""
-    facts: dict[str, Any] = {"host": socket.gethostname(), "cpus": os.cpu_count() or 1,
-                             "gpus": [vars(gpu) for gpu in gpu_inventory.discover()], "problem": None}
+    facts: dict[str, Any] = {"host": socket.gethostname(), "gpus": [vars(gpu) for gpu in gpu_inventory.discover()],
+                             "problem": None}
     try:
         backend = get_backend(sandbox)
         backend.ensure_ready()
-        facts.update(backend=backend.name, isolation=backend.isolation, recipe=backend.recipe())
-        facts["data_hash"] = verify_manifest(data_dir(source))
+        facts.update(backend=backend.name, recipe=backend.recipe())
+        facts["data_hash"] = verify_manifest(prepared_data(source))
     except PrepareError as error:
         facts["problem"] = f"its data for --source {source} does not check out ({error})"
     except Exception as error:  # no sandbox can work here: the node is refused, the night goes on elsewhere
@@ -130,30 +125,25 @@ def run(job: Job) -> Iterator[tuple]:
 
 def _check(job: Job, backend: Backend) -> None:
     """The node's base and data must be the night's: else its val_bpb would not be comparable."""
-    host = socket.gethostname()
-    if backend.recipe() != job.recipe:
-        raise NodeRefused(f"node {host} builds its {backend.name} images from other inputs ({backend.recipe()}, "
+    host, recipe = socket.gethostname(), backend.recipe()
+    if recipe != job.recipe:
+        raise NodeRefused(f"node {host} builds its {backend.name} images from other inputs ({recipe}, "
                           f"the night's are {job.recipe}): install the same version of the project there.")
-    manifest = read_manifest(data_dir(job.source))
+    manifest = read_manifest(prepared_data(job.source))
     if manifest is None or manifest["hash"] != job.data_hash:
         raise NodeRefused(f"node {host} has {'other' if manifest else 'no'} prepared data for --source {job.source} "
                           f"(the night's manifest is {job.data_hash[:12]}): run prepare.py there.")
 
 
 def _spec(job: Job, backend: Backend, image: str, gpu: gpu_inventory.Gpu | None, run_dir: Path) -> ExperimentSpec:
-    cache = replay = None
+    cache = None
     if job.compile_cache is not None:
-        cache = run_dir / "given" / contract.COMPILE_CACHE_FILE
-        cache.parent.mkdir()
+        cache = run_dir / contract.COMPILE_CACHE_FILE
         cache.write_bytes(job.compile_cache)
-    if job.replay_trace is not None:
-        replay = run_dir / "given" / "replay_trace.json"
-        replay.parent.mkdir(exist_ok=True)
-        replay.write_bytes(job.replay_trace)
     return ExperimentSpec(
-        exp_id=job.exp_id, image=image, data_dir=data_dir(job.source), run_dir=run_dir / "run",
+        exp_id=job.exp_id, image=image, data_dir=prepared_data(job.source), run_dir=run_dir / "run",
         time_budget=job.time_budget, gpu_uuid=gpu.uuid if gpu else None, seed=job.seed,
-        deterministic=job.deterministic, allowance=job.allowance, replay_trace=replay, compile_cache=cache,
+        deterministic=job.deterministic, allowance=job.allowance, compile_cache=cache,
         limits=Limits(gpu_memory_bytes=gpu_cap_bytes(job.gpu_memory_cap, gpu.memory_bytes) if gpu else None),
     )
 

@@ -498,7 +498,8 @@ class Night:
     def _prune(self) -> None:
         if self.settings.prune_images:
             with self._images:  # a cluster night's images are on the nodes that ran them
-                prune_images(self.cluster.images(self.ledger.path) if self.cluster else self.backend, self.ledger.path)
+                store = self.cluster.images(self.ledger.experiments()) if self.cluster else self.backend
+                prune_images(store, self.ledger.path)
             prune_compile_caches(self.ledger.path)
 
     def _execute(self, slot: Slot, row: Experiment | None) -> None:

@@ -29,7 +29,7 @@ from runner.ledger import Ledger
 from runner.limits import NightLimits
 from runner.log_setup import night_log
 from runner.loop import Dataset, Night, NightError
-from runner.settings import Settings, SettingsError, cache_dir
+from runner.settings import Settings, SettingsError, prepared_data
 from runner.verify import hint as verify_hint
 from sandbox.backends import DockerConfig, ProcessConfig, choose_backend, make_backend
 from sandbox.spec import Backend
@@ -40,7 +40,7 @@ log = structlog.get_logger(__name__)
 def ensure_data(settings: Settings) -> Dataset:
     """The prepared data of `settings.source`, built with prepare.py when missing, and checked file by
     file against its manifest: a night never measures on damaged or silently changed data."""
-    path = cache_dir() / settings.source.name
+    path = prepared_data(settings.source.name)
     if not is_built(path):
         command = [sys.executable, str(settings.root / "prepare.py"), *settings.source.prepare_args()]
         log.info("data.prepare", source=str(settings.source), into=str(path))

@@ -62,6 +62,11 @@ def parse_gpu_memory_cap(text: str) -> tuple[float | None, int | None]:
     return None, int(amount * 2**30)
 
 
+def prepared_data(source_name: str) -> Path:
+    """Where prepare.py put the data of a source: $AR_CACHE/<name> (contract.cache_dir)."""
+    return cache_dir() / source_name
+
+
 def project_text(root: Path, name: str) -> str:
     """The text of the project file `name` ("" for a missing program.md); InputError when it is no usable text."""
     path = root / name

@@ -193,7 +193,9 @@ def test_a_cluster_night_survives_a_killed_node(cluster, tiny_cache, tmp_path, d
     lost = [e for e in events if e["event"] == "experiment.infrastructure_error"]
     assert lost and all(e["exp"] == killed and e["slot"].startswith("n1/") for e in lost)
     # nothing lost, nothing doubled: two counted baselines, three proposals, every row run where it says
-    assert [r.status for r in rows if r.kind == BASELINE] == ["done", "done"]
+    # (a baseline run that two runs on two cores made slower than the other is run again on its seed, as on one machine)
+    assert [r.status for r in rows if r.kind == BASELINE and r.counts] == ["done", "done"]
+    assert all(r.disturbed for r in rows if r.kind == BASELINE and not r.counts)
     assert len([r for r in rows if r.kind == EXPERIMENT]) == 3
     assert all(r.node.split("/")[0] in ("n1", "n2") for r in rows if r.status == "done")
     assert all(r.run_attempt == (2 if r.id == killed else 1) for r in rows if r.status == "done")

@@ -18,6 +18,7 @@ models are never compared: the night runs on one model only (the one most GPUs h
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import shutil
 import socket
@@ -89,6 +90,20 @@ def _ray():
     return ray
 
 
+@functools.cache
+def _remote(function: Callable, max_calls: int = 0):
+    """`function` as a Ray remote function, made once: Ray exports every new wrapper to the cluster again."""
+    return _ray().remote(max_calls=max_calls)(function)
+
+
+def _on_node(function: Callable, node_id: str, *, max_calls: int = 0, **options):
+    """`function` as a task that runs on node `node_id` alone and that Ray never retries (the night does)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return _remote(function, max_calls).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False), max_retries=0, **options)
+
+
 class Cluster:
     """A connection to a Ray cluster, the inventory of its nodes, and experiments run on them."""
 
@@ -118,13 +133,9 @@ class Cluster:
     def take_inventory(self) -> None:
         """Ask every live node what it is; keep those that can serve the night, say why of the others."""
         ray = _ray()
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         alive = [n for n in ray.nodes() if n.get("Alive")]
-        probe = ray.remote(describe)
-        probes = {n["NodeID"]: probe.options(num_cpus=0, max_retries=0,
-                                             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                  .remote(self.sandbox, self.source) for n in alive}
+        probes = {n["NodeID"]: _on_node(describe, n["NodeID"], num_cpus=0).remote(self.sandbox, self.source)
+                  for n in alive}
         facts: dict[str, dict] = {}
         for info in alive:
             node_id = info["NodeID"]
@@ -187,6 +198,11 @@ class Cluster:
     def profile(self) -> str:
         return "cpu" if self.model == CPU_PROFILE else "gpu"
 
+    @property
+    def gpu_model(self) -> str | None:
+        """The GPU model every run of the night gets (None on the CPU profile)."""
+        return None if self.model == CPU_PROFILE else self.model
+
     def record(self) -> dict[str, Any]:
         """The inventory as the ledger keeps it (status shows it)."""
         return {"address": self.address, "model": self.model, "recipe": self.recipe,
@@ -213,12 +229,8 @@ class Cluster:
             on_start: Callable[[dict], None], on_phase: Callable[[Status], None]) -> ExperimentOutcome:
         """Run `job` on `node`, writing its logs into `run_dir` as they come and its files at the end."""
         ray = _ray()
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         _clear(run_dir)
-        task = ray.remote(max_calls=1, max_retries=0)(run_on_node).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node.id, soft=False), **node.request)
-        stream = task.remote(job)
+        stream = _on_node(run_on_node, node.id, max_calls=1, **node.request).remote(job)
         outcome: ExperimentOutcome | None = None
         asked_to_stop = False
         try:
@@ -285,15 +297,10 @@ class NodeImages:
         return bool(self._where.get(image))
 
     def remove_image(self, image: str) -> None:
-        ray = _ray()
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        task = ray.remote(remove_images)
         for node in self.cluster.nodes:
             if node.name in self._where.get(image, ()) and not self.cluster.gone(node):
-                ray.get(task.options(num_cpus=0, max_retries=0,
-                                     scheduling_strategy=NodeAffinitySchedulingStrategy(node.id, soft=False))
-                        .remote(self.cluster.sandbox, [image]), timeout=PROBE_TIMEOUT_S)
+                _ray().get(_on_node(remove_images, node.id, num_cpus=0).remote(self.cluster.sandbox, [image]),
+                           timeout=PROBE_TIMEOUT_S)
 
 
 def _take(event: tuple, run_dir: Path, on_start: Callable[[dict], None],

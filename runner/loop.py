@@ -532,10 +532,13 @@ class Night:
 
     def _run_phases(self, slot: Slot, row: Experiment) -> ExperimentOutcome:
         gpu = slot.gpu
+        # A node's run records its GPU once it starts there; until then the night's model stands for it,
+        # so that the run is given the compile cache of earlier runs on that model.
+        gpu_name = gpu.name if gpu else self.cluster.gpu_model if slot.node else None
         self.ledger.update(
             row.id, night_id=self.night_id, backend=self.backend.name, isolation=self.backend.isolation,
             data_hash=self.data.manifest_hash, gpu_uuid=gpu.uuid if gpu else None,
-            gpu_name=gpu.name if gpu else None, gpu_driver=gpu.driver if gpu else None, error=None,
+            gpu_name=gpu_name, gpu_driver=gpu.driver if gpu else None, error=None,
             recipe=self.recipe, node=slot.node.name if slot.node else None, run_attempt=row.run_attempt + 1,
         )
 

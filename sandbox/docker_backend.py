@@ -124,8 +124,8 @@ class DockerBackend:
 
     def ensure_ready(self) -> None:
         try:
-            self.base_id = images.ensure_base_image(self.client, self._runtime_source, self._base_image)
-            self._recipe = images.recipe(self.client, self._runtime_source, self._base_image)
+            base = images.ensure_base_image(self.client, self._runtime_source, self._base_image)
+            self.base_id, self._recipe = base.id, base.recipe
         except images.ImageBuildError as error:
             raise SandboxUnavailable(str(error)) from error
 

@@ -353,8 +353,16 @@ def ensure_runtime_image(client: docker.DockerClient, source: str, upstream: str
     return Runtime(image.id, tag, origin)
 
 
-def ensure_base_image(client: docker.DockerClient, source: str | None = None, upstream: str | None = None) -> str:
-    """The base image id (runtime + the harness, user, workdir, env), built once per input.
+@dataclass(frozen=True)
+class BaseImage:
+    """The base image here (its local id) and its recipe: what it is built from, the same on every machine."""
+
+    id: str
+    recipe: str
+
+
+def ensure_base_image(client: docker.DockerClient, source: str | None = None, upstream: str | None = None) -> BaseImage:
+    """The base image (runtime + the harness, user, workdir, env), built once per input.
 
     `source` defaults to $AR_RUNTIME, `upstream` to $AR_BASE_IMAGE; a base image given
     means the online runtime, else the offline one."""
@@ -388,23 +396,18 @@ def base_recipe(runtime_tag: str, root: Path = PROJECT_ROOT) -> str:
     return f"docker-{_digest(runtime_tag, *_base_inputs(root))}"
 
 
-def recipe(client: docker.DockerClient, source: str | None = None, upstream: str | None = None) -> str:
-    """The base_recipe of the base image `ensure_base_image` gives for the same arguments."""
-    return base_recipe(ensure_runtime_image(client, *_runtime_choice(source, upstream)).tag)
-
-
-def _ensure_base_image(client: docker.DockerClient, source: str, upstream: str | None) -> str:
+def _ensure_base_image(client: docker.DockerClient, source: str, upstream: str | None) -> BaseImage:
     runtime = ensure_runtime_image(client, source, upstream)
-    tag = base_tag(runtime.id)
+    tag, recipe = base_tag(runtime.id), base_recipe(runtime.tag)
     if image := _find(client, tag):
-        return image.id
+        return BaseImage(image.id, recipe)
     log.info("image.step", step="building the base image (runtime + harness)", tag=tag)
     files = {"Dockerfile": (BASE_DOCKERFILE.read_bytes(), 0o644),
              **{name: (content, 0o444) for name, content in harness_files().items()}}
     image = _build(client, files, tag,
                    buildargs={"RUNTIME": runtime.id, "RUNTIME_ORIGIN": runtime.origin, "UID": str(CONTAINER_UID)})
     log.info("image.built", tag=tag)
-    return image.id
+    return BaseImage(image.id, recipe)
 
 
 def experiment_tag(base_id: str, train_py: str) -> str:
@@ -447,6 +450,6 @@ def build_experiment_image(client: docker.DockerClient, base_id: str, train_py: 
 
 if __name__ == "__main__":
     try:
-        print(ensure_base_image(docker.from_env(timeout=600)))
+        print(ensure_base_image(docker.from_env(timeout=600)).id)
     except ImageBuildError as error:
         raise SystemExit(str(error)) from None

@@ -59,4 +59,4 @@ def docker_base_image(docker_client) -> str:
     """The sandbox base image id: built once (minutes the first time), then found by its tag."""
     from sandbox.images import ensure_base_image
 
-    return ensure_base_image(docker_client)
+    return ensure_base_image(docker_client).id

@@ -14,14 +14,19 @@ import pytest
 
 import contract
 from runner.compile_cache import compile_cache_for, kept_ancestors
+from runner.cluster import Node
 from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, RERUN, Ledger
+from runner.loop import Dataset, Night
 from runner.pruning import prune_compile_caches
+from runner.settings import Settings
 from sandbox import experiment
 from sandbox.experiment import ExperimentSpec, _run_spec, run_experiment, take_compile_cache
 from sandbox.spec import CACHE_DIR, Limits, Phase
 from sandbox.status import Status
 from tests.conftest import ROOT
+from tests.corpus import stand_in_data
 from tests.hostile_cases import HONEST_TRAINER
+from tests.test_loop import BASE_TRAIN_PY, FakeBackend, ScriptedAgent, change
 
 MACHINE = {"backend": "process", "gpu_name": "NVIDIA H200"}
 
@@ -84,6 +89,64 @@ def test_no_cache_from_another_gpu_model_backend_or_an_unfinished_run(night):
     add(BASELINE, "a", backend="docker")
     add(BASELINE, "a", status=Status.CRASH)
     assert start(night, add(BASELINE, "a", status=Status.PROPOSED, cache=False)) is None
+
+
+class CachingBackend(FakeBackend):
+    """The loop tests' stand-in sandbox, whose phase 1 leaves a compile cache in /out as the harness does."""
+
+    def run(self, spec, cancel=None):
+        result = super().run(spec, cancel)
+        if spec.phase is Phase.TRAIN:
+            (spec.out_dir / contract.COMPILE_CACHE_FILE).write_bytes(f"kernels of {spec.image}".encode())
+        return result
+
+
+class OneGpuNode:
+    """A cluster of one node with one H200, running each job through the stand-in sandbox as a node
+    does: the node learns its GPU only when the run starts there."""
+
+    profile, model, gpu_model, sandbox, address = "gpu", "NVIDIA H200", "NVIDIA H200", "fake", "127.0.0.1:6379"
+
+    def __init__(self, backend, data):
+        self.backend, self.data = backend, data
+        self.nodes = [Node("f" * 56, "node1", 1, {"num_gpus": 1})]
+        self.given = {}  # exp id -> the compile cache its job carried
+
+    def record(self):
+        return {"address": self.address}
+
+    def images(self, rows):
+        return self.backend
+
+    def run(self, node, job, run_dir, cancel, on_start, on_phase):
+        self.given[job.exp_id] = job.compile_cache
+        image = self.backend.build_image(job.train_py, job.exp_id)
+        on_start({"backend": self.backend.name, "isolation": self.backend.isolation, "image": image,
+                  "build_seconds": 0.0, "gpu": {"index": 0, "uuid": "GPU-1", "name": self.model, "driver": "580"}})
+        spec = ExperimentSpec(exp_id=job.exp_id, image=image, data_dir=self.data, run_dir=run_dir,
+                              time_budget=job.time_budget, gpu_uuid="GPU-1", seed=job.seed, allowance=job.allowance)
+        return run_experiment(self.backend, spec, cancel, on_phase=on_phase)
+
+
+def test_on_a_gpu_cluster_a_baseline_repeat_starts_from_the_first_runs_cache(tmp_path):
+    (tmp_path / "train.py").write_text(BASE_TRAIN_PY)
+    (tmp_path / "prepare.py").write_text('"""A stand-in harness."""\nTIME_BUDGET = 1.0\n')
+    settings = Settings(root=tmp_path, runs_dir=tmp_path / "runs", tag="t", budget=1.0, max_experiments=1,
+                        baseline_runs=2)
+    data = tmp_path / "data"
+    backend = CachingBackend()
+    cluster = OneGpuNode(backend, data)
+    ledger = Ledger(settings.run_dir / "ledger.sqlite")
+    night = Night(settings, ledger=ledger, backend=backend, agent=ScriptedAgent(change(LR=0.2)), gpus=[],
+                  data=Dataset(data, stand_in_data(data)), cluster=cluster)
+    night.run()
+    first, repeat = ledger.experiments(kinds=[BASELINE])
+    [child] = ledger.experiments(kinds=[EXPERIMENT])
+    assert [r.status for r in ledger.experiments()] == [Status.DONE] * len(ledger.experiments())
+    assert {r.gpu_name for r in ledger.experiments()} == {"NVIDIA H200"}
+    baseline_kernels = f"kernels of {first.image}".encode()
+    assert [cluster.given[r.id] for r in (first, repeat, child)] == [None, baseline_kernels, baseline_kernels]
+    assert all(cluster.given[r.id] for r in ledger.experiments() if r.id != first.id)  # confirmations too
 
 
 def test_the_caches_of_discarded_and_failed_experiments_are_pruned_the_others_stay(night):

@@ -219,7 +219,7 @@ def _run(client, image: str, code: str) -> str:
 
 @pytest.mark.docker
 def test_base_image_is_built_once(docker_client, docker_base_image, monkeypatch):
-    base = images.ensure_base_image(docker_client)  # the session's, unless prepare.py was edited since
+    base = images.ensure_base_image(docker_client).id  # the session's, unless prepare.py was edited since
     before = _image_ids(docker_client)
 
     def no_build(*args, **kwargs):
@@ -227,7 +227,7 @@ def test_base_image_is_built_once(docker_client, docker_base_image, monkeypatch)
 
     monkeypatch.setattr(images, "_build", no_build)
     monkeypatch.setattr(images, "_build_offline_runtime", no_build)
-    assert images.ensure_base_image(docker_client) == base
+    assert images.ensure_base_image(docker_client).id == base
     assert _image_ids(docker_client) == before
 
 

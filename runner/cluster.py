@@ -115,6 +115,7 @@ class Cluster:
         self.nodes: list[Node] = []
         self.refused: dict[str, str] = {}  # node name -> why
         self.model = CPU_PROFILE
+        self.pruned: set[str] = set()  # images this invocation removed from the nodes (runner.pruning)
         self._gone: set[str] = set()
 
     # -- connecting and the inventory -------------------------------------------------------------
@@ -230,6 +231,11 @@ class Cluster:
         """Run `job` on `node`, writing its logs into `run_dir` as they come and its files at the end."""
         ray = _ray()
         _clear(run_dir)
+
+        def started(facts: dict) -> None:
+            self.pruned.discard(facts["image"])  # the same train.py built again: its image may be pruned again
+            on_start(facts)
+
         stream = _on_node(run_on_node, node.id, max_calls=1, **node.request).remote(job)
         outcome: ExperimentOutcome | None = None
         asked_to_stop = False
@@ -245,7 +251,7 @@ class Cluster:
                     event = ray.get(next(stream))
                 except StopIteration:
                     break
-                outcome = _take(event, run_dir, on_start, on_phase) or outcome
+                outcome = _take(event, run_dir, started, on_phase) or outcome
         except ray.exceptions.TaskCancelledError:
             return _cancelled(run_dir)
         except ray.exceptions.RayTaskError as error:
@@ -294,13 +300,14 @@ class NodeImages:
                 self._where[row.image].add(row.node)
 
     def image_exists(self, image: str) -> bool:
-        return bool(self._where.get(image))
+        return bool(self._where.get(image)) and image not in self.cluster.pruned
 
     def remove_image(self, image: str) -> None:
         for node in self.cluster.nodes:
             if node.name in self._where.get(image, ()) and not self.cluster.gone(node):
                 _ray().get(_on_node(remove_images, node.id, num_cpus=0).remote(self.cluster.sandbox, [image]),
                            timeout=PROBE_TIMEOUT_S)
+        self.cluster.pruned.add(image)
 
 
 def _take(event: tuple, run_dir: Path, on_start: Callable[[dict], None],

@@ -213,6 +213,8 @@ def test_a_cluster_night_survives_a_killed_node(cluster, tiny_cache, tmp_path, d
     for row in settled:
         with pytest.raises(docker.errors.ImageNotFound):
             docker_client.images.get(row.image)
+    pruned = [image for e in events if e["event"] == "images.pruned" for image in e["images"]]
+    assert set(pruned) >= {row.image for row in settled} and len(pruned) == len(set(pruned))  # each once
 
     # the morning reads the cluster's results as any other night's
     def morning(*args: str) -> str:

@@ -89,7 +89,9 @@ def _start(settings: Settings, gpus: list[Gpu]) -> Night:
     A cluster night then asks the cluster's nodes what they are, and learns its profile from them."""
     if not gpus and settings.cluster is None:
         log.info("night.cpu", note="no GPU selected: CPU profile, one worker")
-    agent = open_agent(settings, profile="gpu" if gpus else "cpu") if settings.cluster is None else None
+    # Only the search agent's moves depend on the profile, which a cluster's nodes decide: it alone waits for them.
+    waits = settings.cluster is not None and choose_agent(settings.agent) == "search"
+    agent = None if waits else open_agent(settings, profile="gpu" if gpus else "cpu")
     ledger = Ledger(settings.run_dir / "ledger.sqlite")  # a damaged or locked ledger fails here, in seconds
     try:
         backend = open_backend(settings)

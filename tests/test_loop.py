@@ -593,11 +593,12 @@ def test_events_go_to_the_json_lines_file_and_concisely_to_the_console(project):
     ("command", "no agent command given"),
     ("anthropic", "ANTHROPIC_API_KEY is not set"),
 ])
-def test_an_agent_that_cannot_work_is_one_line_before_anything_runs(agent, message, project, monkeypatch):
+@pytest.mark.parametrize("where", [[], ["--cluster", "127.0.0.1:9"]], ids=["here", "cluster"])
+def test_an_agent_that_cannot_work_is_one_line_before_anything_runs(agent, message, where, project, monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.delenv("AR_AGENT_COMMAND", raising=False)
     monkeypatch.chdir(project)
-    result = CliRunner().invoke(main, ["overnight", "--gpus", "none", "--agent", agent, "--tag", "t"])
+    result = CliRunner().invoke(main, ["overnight", "--gpus", "none", "--agent", agent, "--tag", "t", *where])
     last = result.output.strip().splitlines()[-1]
     assert result.exit_code == 1 and last.startswith("Error: ") and message in last
     assert "Traceback" not in result.output

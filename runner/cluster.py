@@ -127,8 +127,12 @@ class Cluster:
             ray.init(address=self.address, namespace="autoresearch", log_to_driver=False,
                      logging_level="warning", configure_logging=False)
         except Exception as error:  # ConnectionError, a bad address, a version mismatch: all one sentence
-            raise ClusterUnavailable(f"no Ray cluster answers at {self.address} ({type(error).__name__}: "
-                                     f"{str(error).splitlines()[0] if str(error) else ''}).") from None
+            said = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            # Something listens there (checked above) but Ray could not join: a cluster with token authentication
+            # turned on answers a runner without its token so, and Ray's own error does not say why.
+            hint = ("; if its nodes were started with RAY_AUTH_MODE=token, the runner needs RAY_AUTH_MODE=token "
+                    "and the cluster's token too" if os.environ.get("RAY_AUTH_MODE", "disabled") != "token" else "")
+            raise ClusterUnavailable(f"no Ray cluster answers at {self.address} ({said}){hint}.") from None
         log.info("cluster.connected", address=self.address, nodes=len(ray.nodes()))
 
     def take_inventory(self) -> None:

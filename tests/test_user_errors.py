@@ -285,6 +285,33 @@ def test_user_errors_says_the_base_in_one_sentence_and_lets_a_bug_through():
         command(KeyError("a bug"))
 
 
+@pytest.mark.parametrize("auth_mode", [None, "token"])
+def test_a_cluster_that_refuses_the_runner_names_token_authentication(auth_mode, monkeypatch):
+    """Ray refuses a driver without the cluster's token with a bare ConnectionError (after retries that take
+    ~20 s against a real token-auth head); the sentence says what to set, unless it is set already."""
+    ray = pytest.importorskip("ray")
+    from runner.cluster import Cluster, ClusterUnavailable
+
+    def refused(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:6379.")
+
+    monkeypatch.setattr(ray, "init", refused)
+    if auth_mode:
+        monkeypatch.setenv("RAY_AUTH_MODE", auth_mode)
+    else:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with socket.socket() as listener:  # something answers at the address: the check before Ray passes
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(ClusterUnavailable) as said:
+            Cluster(address, sandbox="docker", source="local", data_hash="h", recipe="r").connect()
+    sentence = str(said.value)
+    assert sentence.startswith(f"no Ray cluster answers at {address} (ConnectionError: Failed to connect")
+    assert ("RAY_AUTH_MODE=token" in sentence) == (auth_mode is None) and sentence.endswith(".")
+    assert sentence.count(". ") == 0  # one sentence
+
+
 # -- sentences about rows -----------------------------------------------------------------------------
 
 

@@ -29,7 +29,8 @@ from typing import Any, Callable
 import structlog
 
 import contract
-from runner.cluster_node import LOG_FILES, Job, NodeRefused, describe, remove_images
+from runner.cluster_node import LOG_FILES, Job, NodeRefused, describe
+from runner.cluster_node import remove_image as remove_image_on_node
 from runner.cluster_node import run as run_on_node
 from runner.errors import MachineError
 from runner.gpus import Gpu
@@ -309,7 +310,7 @@ class NodeImages:
     def remove_image(self, image: str) -> None:
         for node in self.cluster.nodes:
             if node.name in self._where.get(image, ()) and not self.cluster.gone(node):
-                _ray().get(_on_node(remove_images, node.id, num_cpus=0).remote(self.cluster.sandbox, [image]),
+                _ray().get(_on_node(remove_image_on_node, node.id, num_cpus=0).remote(self.cluster.sandbox, image),
                            timeout=PROBE_TIMEOUT_S)
         self.cluster.pruned.add(image)
 

@@ -78,15 +78,11 @@ def describe(sandbox: str, source: str) -> dict[str, Any]:
     return facts
 
 
-def remove_images(sandbox: str, images: list[str]) -> list[str]:
-    """Remove these experiment images from this node's sandbox (those it has); return the ones removed."""
+def remove_image(sandbox: str, image: str) -> None:
+    """Remove this experiment image from this node's sandbox, if the node has it."""
     backend = get_backend(sandbox)
-    removed = []
-    for image in images:
-        if backend.image_exists(image):
-            backend.remove_image(image)
-            removed.append(image)
-    return removed
+    if backend.image_exists(image):
+        backend.remove_image(image)
 
 
 def assigned_gpu() -> gpu_inventory.Gpu | None:

@@ -60,6 +60,10 @@ SEED = int(os.environ.get(contract.SEED_ENV, "42"))  # owned by the harness, so 
 DETERMINISTIC = os.environ.get(contract.DETERMINISTIC_ENV) == "1"
 DEVICE = torch.device("cuda" if PROFILE == "gpu" else "cpu")
 CPU_THREADS = int(os.environ.get(contract.CPU_THREADS_ENV) or os.cpu_count() or 1)  # CPU profile (contract.py)
+# The precision a model is exported, and so scored, in: bf16 autocast on the GPU, the precision train.py
+# trains in (phase 2 then runs at bf16 speed), full precision on the CPU. A model that needs float32
+# somewhere disables autocast inside its own forward; the export keeps that.
+EXPORT_AUTOCAST = torch.bfloat16 if PROFILE == "gpu" else None
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # bf16 dense
 PROBE_TOLERANCE = 1e-4  # largest change (nats) of a probed log-probability allowed
 PROBES_PER_BATCH = 4  # probe batches checked against every probed scored batch
@@ -127,6 +131,9 @@ def _configure_runtime() -> None:
         os.environ.setdefault(*contract.CUBLAS_DETERMINISTIC)
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+        # A bit-for-bit rerun needs deterministic kernels, not new tensors filled with NaN (which only
+        # matters to code that reads memory no kernel wrote, and costs about 2 % of the GPU's tokens/s).
+        torch.utils.deterministic.fill_uninitialized_memory = False
     if DEVICE.type == "cpu":
         torch.set_num_threads(CPU_THREADS)
     _soft_gpu_cap()
@@ -348,13 +355,26 @@ def _peak_flops() -> float | None:
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
+class _Autocast(torch.nn.Module):
+    """A model run under autocast. torch.export keeps autocast only where forward enters it
+    (as a wrap_with_autocast region); around the export call it would trace dtypes it cannot replay."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, idx):
+        with torch.autocast(idx.device.type, dtype=self.dtype):
+            return self.model(idx)
+
+
 def finish(model: torch.nn.Module, budget: Budget, *, depth: int | None = None, flops_per_token: float | None = None) -> dict:
     """End of training: export the model for phase 2 and write the training summary.
 
     The model is exported with torch.export at the evaluation shape
-    [EVAL_BATCH, MAX_SEQ_LEN] -> logits [EVAL_BATCH, MAX_SEQ_LEN, vocab]; it must be
-    causal and must not need train.py to run. Standalone (outside the sandbox) the
-    model is also evaluated here and the summary block printed.
+    [EVAL_BATCH, MAX_SEQ_LEN] -> logits [EVAL_BATCH, MAX_SEQ_LEN, vocab], under
+    EXPORT_AUTOCAST; it must be causal and must not need train.py to run. Standalone
+    (outside the sandbox) the model is also evaluated here and the summary block printed.
     """
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     model.eval()
@@ -363,7 +383,7 @@ def finish(model: torch.nn.Module, budget: Budget, *, depth: int | None = None, 
     t0 = time.time()
     example = torch.zeros(EVAL_BATCH, MAX_SEQ_LEN, dtype=torch.long, device=next(model.parameters()).device)
     with torch.no_grad():
-        program = torch.export.export(model, (example,))
+        program = torch.export.export(_Autocast(model, EXPORT_AUTOCAST) if EXPORT_AUTOCAST else model, (example,))
     torch.export.save(program, OUT_DIR / contract.MODEL_FILE)
     _save_compile_cache()
     num_params = sum(p.numel() for p in model.parameters())

@@ -8,9 +8,8 @@ Two parts, on the machine's first GPU:
 2. the default train.py itself, once per variant in a fresh process with an empty inductor cache
    (cold compile), on random tokens (speed does not depend on the text): tokens/s and MFU as the
    harness counts them, start-up seconds, and the ten kernels that took most GPU time over three
-   profiled steps. A variant is MODE/ATTENTION: MODE fast, det (the harness's deterministic mode)
-   or det-nofill (deterministic, but new tensors are not filled with NaN first), ATTENTION auto
-   (torch's own choice) or one backend forced for the whole run (cudnn, flash, efficient). The variant `fast/auto+cache` runs again from the compile cache the first
+   profiled steps. A variant is MODE/ATTENTION: MODE fast or det (the harness's deterministic
+   mode), ATTENTION auto (torch's own choice) or one backend forced for the whole run (cudnn, flash, efficient). The variant `fast/auto+cache` runs again from the compile cache the first
    `fast/auto` run left, as a night's later runs do.
 """
 
@@ -74,9 +73,6 @@ def random_loader(batch_size, seq_len=prepare.MAX_SEQ_LEN, split="train"):
         yield batch[:, :-1], batch[:, 1:]
 prepare.make_dataloader = random_loader
 
-if os.environ.get("BENCH_NOFILL"):
-    torch.utils.deterministic.fill_uninitialized_memory = False
-
 attention = os.environ["BENCH_ATTENTION"]
 if attention != "auto":
     wanted = {"efficient": "mem_efficient"}.get(attention, attention)
@@ -85,7 +81,7 @@ if attention != "auto":
             getattr(torch.backends.cuda, f"enable_{name}_sdp")(only is None or name == only)
     allow(wanted)
     finish = prepare.finish
-    def finish_with_every_backend(*args, **kwargs):  # the export traces in fp32, which cuDNN does not run
+    def finish_with_every_backend(*args, **kwargs):  # the export may trace attention where the forced backend refuses
         allow(None)
         return finish(*args, **kwargs)
     prepare.finish = finish_with_every_backend
@@ -120,8 +116,6 @@ def run_variant(variant: str, budget: float, work: Path, cache_from: Path | None
            "BENCH_ATTENTION": attention, "TORCHINDUCTOR_CACHE_DIR": str(out / "inductor"), "PYTHONUNBUFFERED": "1"}
     if mode.startswith("det"):
         env.update(AR_DETERMINISTIC="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
-    if mode == "det-nofill":
-        env["BENCH_NOFILL"] = "1"
     if cache_from is not None:
         env["AR_COMPILE_CACHE"] = str(cache_from)
     done = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -145,13 +139,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=10.0)
     parser.add_argument("--variant", action="append",
-                        help="MODE/ATTENTION (default: fast/auto fast/auto+cache fast/cudnn det/auto det-nofill/auto)")
+                        help="MODE/ATTENTION (default: fast/auto fast/auto+cache fast/cudnn det/auto)")
     parser.add_argument("--attention-only", action="store_true")
     args = parser.parse_args()
     attention_table()
     if args.attention_only:
         return 0
-    variants = args.variant or ["fast/auto", "fast/auto+cache", "fast/cudnn", "det/auto", "det-nofill/auto"]
+    variants = args.variant or ["fast/auto", "fast/auto+cache", "fast/cudnn", "det/auto"]
     work = Path(tempfile.mkdtemp(prefix="step-profile-"))
     results = {}
     for variant in variants:

@@ -253,6 +253,39 @@ def test_finish_exports_and_evaluate_reads_it(harness, capsys):
     assert result["val_bpb"] > 0 and "depth" not in result  # phase 2 prints its own figures only
 
 
+class Factored(Bigram):
+    """A bigram through a narrow matmul, so that the precision it runs in shows in its logits."""
+
+    def __init__(self, vocab: int):
+        super().__init__(vocab)
+        self.table = torch.nn.Embedding(vocab, 16)
+        self.head = torch.nn.Linear(16, vocab, bias=False)
+
+    def forward(self, idx):
+        return self.head(self.table(idx)).float()
+
+
+def test_the_model_is_exported_and_scored_in_the_precision_it_trains_in(harness, monkeypatch):
+    """On the GPU the model is exported under bf16 autocast (EXPORT_AUTOCAST) and phase 2 runs it so; the same
+    mechanism is exercised here on the CPU. The region survives the export, and the probes still see no change."""
+    vocab = harness.get_tokenizer().vocab_size
+    torch.manual_seed(0)
+    model = Factored(vocab)
+    budget = harness.Budget(seconds=0.0)
+    results, regions = {}, {}
+    for dtype in (None, torch.bfloat16):
+        monkeypatch.setattr(harness, "EXPORT_AUTOCAST", dtype)
+        harness.finish(model, budget)
+        program = torch.export.load(harness.OUT_DIR / "model.pt2")
+        regions[dtype] = [node.args[:2] for node in program.graph.nodes
+                          if getattr(node.target, "__name__", "") == "wrap_with_autocast"]
+        results[dtype] = harness.evaluate(harness.OUT_DIR / "model.pt2")
+    assert regions == {None: [], torch.bfloat16: [("cpu", torch.bfloat16)]}
+    full, half = (float.fromhex(results[d]["val_bpb_hex"]) for d in (None, torch.bfloat16))
+    assert full != half and abs(full - half) < 0.01 * full  # the bf16 matmul ran, and scores about the same
+    assert results[torch.bfloat16]["probe_max_change"] == 0.0  # rows stay independent of each other in bf16
+
+
 def test_evaluate_main_statuses(harness, tmp_path):
     assert harness.evaluate_main(["--model", str(tmp_path / "missing.pt2")]) == contract.EXIT_EXPORT_FAILED
     (tmp_path / "junk.pt2").write_bytes(b"not a model")

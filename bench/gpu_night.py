@@ -9,6 +9,7 @@ of bench/agents/nudge.py, which needs no agent library) with the baseline repeat
 wall seconds, experiments per hour, how the rest of the wall time splits into startup
 (compile), export, evaluation, image/snapshot builds and the remainder (agent, ledger,
 process start-up), and per run its start-up and which earlier run's compile cache it started from.
+Reruns (`rerun` after the night) are left out: they ran outside the night's wall time.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runner.heartbeat import ran_seconds  # noqa: E402
-from runner.ledger import Ledger  # noqa: E402
+from runner.ledger import RERUN, Ledger  # noqa: E402
 from sandbox.status import Status
 
 
@@ -74,7 +75,7 @@ def report(run_dir: Path, budget: float) -> None:
     ledger = Ledger(run_dir / "ledger.sqlite")
     night = ledger.nights()[-1]
     wall = ran_seconds(night, datetime.now(timezone.utc))
-    rows = [r for r in ledger.experiments() if r.train_seconds]
+    rows = [r for r in ledger.experiments() if r.train_seconds and r.kind != RERUN]  # reruns come after the night
     sources = compile_cache_sources(run_dir)
     print(f"{'run':6s} {'kind':10s} {'status':10s} {'val_bpb':>9s} {'steps':>6s} {'start-up s':>10s} "
           f"{'phase 1 s':>9s} {'phase 2 s':>9s}  compile cache from")

@@ -61,7 +61,7 @@ def main(ctx: click.Context) -> None:
 @click.option("--max-diff-retries", type=int, default=3, show_default=True,
               help="Tries for the agent to send a valid diff before the proposal is rejected.")
 @click.option("--deterministic/--no-deterministic", default=True, show_default=True,
-              help="Deterministic kernels, so `rerun --exact` is bit-identical (about 19% slower on a GPU).")
+              help="Deterministic kernels, so `rerun --exact` is bit-identical (about 15% slower on a GPU).")
 @click.option("--gpu-memory-cap", default=DEFAULT_GPU_MEMORY_CAP, show_default=True,
               help="GPU memory one experiment may hold: a share of the card (0.9), GiB (40GiB) or none.")
 @click.option("--base-image", envvar="AR_BASE_IMAGE", default=None,

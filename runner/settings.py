@@ -115,7 +115,7 @@ class Settings:
     rule: Rule = Rule()
     max_diff_retries: int = 3
     gpu_failures: int = 3  # infrastructure failures in a row that take a GPU out of rotation
-    deterministic: bool = True  # bit-for-bit reruns; costs ~19 % of GPU throughput (docs/benchmarks.md)
+    deterministic: bool = True  # bit-for-bit reruns, at a cost in GPU throughput (docs/benchmarks.md)
     runs_dir: Path | None = None  # None: root / DEFAULT_RUNS_DIR
     gpu_memory_cap: str = DEFAULT_GPU_MEMORY_CAP  # see parse_gpu_memory_cap
     base_image: str | None = None  # the docker runtime's upstream (name:tag); None: the pinned default

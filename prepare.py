@@ -61,7 +61,7 @@ DETERMINISTIC = os.environ.get(contract.DETERMINISTIC_ENV) == "1"
 DEVICE = torch.device("cuda" if PROFILE == "gpu" else "cpu")
 CPU_THREADS = int(os.environ.get(contract.CPU_THREADS_ENV) or os.cpu_count() or 1)  # CPU profile (contract.py)
 # The precision a model is exported, and so scored, in: bf16 autocast on the GPU, the precision train.py
-# trains in (phase 2 then runs at bf16 speed), full precision on the CPU. A model that needs float32
+# trains in (it also makes phase 2 faster), full precision on the CPU. A model that needs float32
 # somewhere disables autocast inside its own forward; the export keeps that.
 EXPORT_AUTOCAST = torch.bfloat16 if PROFILE == "gpu" else None
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # bf16 dense

@@ -219,6 +219,22 @@ def test_probe_positions_come_from_fresh_entropy(harness):
     assert first["probe_rows"] >= harness.PROBES_PER_BATCH * harness.EVAL_BATCH // 2
 
 
+def test_phase_2_always_scores_with_deterministic_algorithms(tiny_data):
+    """Phase 2 compares calls of the model bit for bit (probes, the repeat check), so it runs deterministic
+    algorithms even in a night without AR_DETERMINISTIC, where a kernel without a deterministic version warns."""
+    show = ("import prepare, torch; print(torch.are_deterministic_algorithms_enabled(), "
+            "torch.is_deterministic_algorithms_warn_only_enabled())")
+    seen = {}
+    for phase, deterministic in (("eval", ""), ("eval", "1"), ("train", ""), ("train", "1")):
+        env = {**os.environ, "AR_DATA_DIR": str(tiny_data), "AR_PROFILE": "cpu", "AR_PHASE": phase,
+               "AR_DETERMINISTIC": deterministic}
+        run = subprocess.run([sys.executable, "-c", show], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        seen[phase, deterministic] = run.stdout.split()
+    assert seen == {("eval", ""): ["True", "True"], ("eval", "1"): ["True", "False"],
+                    ("train", ""): ["False", "False"], ("train", "1"): ["True", "False"]}
+
+
 def test_soft_gpu_cap_names_a_device_index(harness, monkeypatch):
     """set_per_process_memory_fraction rejects torch.device("cuda") (no index): the cap must pass an index."""
     calls = []

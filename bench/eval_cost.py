@@ -31,7 +31,7 @@ def full_precision_copy(model: Path, out: Path) -> Path:
         if not isinstance(graph_module, torch.fx.GraphModule):
             continue
         for node in list(graph_module.graph.nodes):
-            if getattr(node.target, "__name__", "") == "wrap_with_autocast":
+            if node.target is torch.ops.higher_order.wrap_with_autocast:
                 node.args = (node.args[0], node.args[1], False, *node.args[3:])
             elif node.target is torch.ops.aten._assert_tensor_metadata.default:
                 graph_module.graph.erase_node(node)

@@ -114,7 +114,7 @@ def run_variant(variant: str, budget: float, work: Path, cache_from: Path | None
     out = work / variant.replace("/", "-")
     env = {**os.environ, "AR_PROFILE": "gpu", "AR_PHASE": "train", "AR_OUT_DIR": str(out), "AR_TIME_BUDGET": str(budget),
            "BENCH_ATTENTION": attention, "TORCHINDUCTOR_CACHE_DIR": str(out / "inductor"), "PYTHONUNBUFFERED": "1"}
-    if mode.startswith("det"):
+    if mode == "det":
         env.update(AR_DETERMINISTIC="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
     if cache_from is not None:
         env["AR_COMPILE_CACHE"] = str(cache_from)

@@ -302,6 +302,37 @@ def test_the_model_is_exported_and_scored_in_the_precision_it_trains_in(harness,
     assert results[torch.bfloat16]["probe_max_change"] == 0.0  # rows stay independent of each other in bf16
 
 
+class CountsCalls(Bigram):
+    """Writes a buffer on every call: state that could tell probes from scored calls."""
+
+    def __init__(self, vocab: int):
+        super().__init__(vocab)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, idx):
+        self.calls += 1
+        return self.table(idx) * self.calls
+
+
+class WritesItsInput(Bigram):
+    def forward(self, idx):
+        idx.clamp_(0, self.table.num_embeddings - 1)
+        return self.table(idx)
+
+
+def test_the_autocast_region_hides_no_state(harness, monkeypatch):
+    """The bf16 export puts the whole model inside a wrap_with_autocast region; a model that writes its buffers
+    or its input there is refused as it is without the region."""
+    monkeypatch.setattr(harness, "EXPORT_AUTOCAST", torch.bfloat16)
+    vocab = harness.get_tokenizer().vocab_size
+    for model in (CountsCalls(vocab), WritesItsInput(vocab)):
+        with pytest.raises(harness.EvaluationError, match="not a pure function") as refused:
+            harness.finish(model, harness.Budget(seconds=0.0))  # standalone: finish exports, then evaluates
+        assert refused.value.exit_code == contract.EXIT_EXPORT_FAILED
+        program = torch.export.load(harness.OUT_DIR / "model.pt2")
+        assert any(node.target is torch.ops.higher_order.wrap_with_autocast for node in program.graph.nodes)
+
+
 def test_evaluate_main_statuses(harness, tmp_path):
     assert harness.evaluate_main(["--model", str(tmp_path / "missing.pt2")]) == contract.EXIT_EXPORT_FAILED
     (tmp_path / "junk.pt2").write_bytes(b"not a model")

@@ -11,7 +11,7 @@ A candidate the rule would keep is kept only after the best's train.py has run a
 on the candidate's seeds (reference rows) and the keep holds against those runs too:
 the machine may have changed since the best was measured (decision.judge_in_window).
 
-A run that trained far fewer steps than the same code did before was disturbed (other
+A run that trained far fewer steps than the same code usually does was disturbed (other
 load, a throttled GPU): it is flagged, left out of every estimate, and its seed is run
 again. Several workers finish runs at once, so deciding is serialised: a candidate is
 compared with the best of the moment it is looked at.
@@ -32,7 +32,7 @@ from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
 
-DISTURBED_SHORTFALL = 0.1  # fewer steps than this share below the same code's most: disturbed ...
+DISTURBED_SHORTFALL = 0.1  # fewer steps than this share below the same code's usual count: disturbed ...
 DISTURBED_MIN_STEPS = 3  # ... and at least this many fewer (a short CPU run's steps jitter by one or two)
 DISTURBED_RERUNS = 2  # extra runs a candidate may spend on replacing disturbed ones
 
@@ -65,17 +65,24 @@ def seed_index(seed: int | None) -> int:
 
 
 def flag_disturbed(ledger: Ledger, rows: list[Experiment]) -> list[Experiment]:
-    """Flag the finished runs of one code that trained far fewer steps than its best-paced run;
-    returns the rows as they are now. Steps are the ones comparable figure of throughput
-    across seeds of one code (same shapes, same budget)."""
+    """Flag the finished runs of one code that trained far fewer steps than the code usually does;
+    returns the rows as they are now. Steps are the one comparable figure of throughput
+    across seeds of one code (same shapes, same budget).
+
+    "Usually" is the upper median of the finished runs' steps: of two runs the faster one, of
+    more the middle one. Against the fastest run instead, one run that happened to be fast (a
+    CPU budget's step count varies by a quarter on a busy machine) would make every later run
+    of the code look disturbed, and its seeds would be run again without end."""
     done = [r for r in rows if r.status == Status.DONE and r.num_steps]
-    most = max((r.num_steps for r in done), default=0)
+    if not done:
+        return rows
+    usual = statistics.median_high(r.num_steps for r in done)
     for row in done:
-        short = most - row.num_steps
-        if row.disturbed is None and short > DISTURBED_SHORTFALL * most and short >= DISTURBED_MIN_STEPS:
-            reason = f"trained {row.num_steps} steps where the same code trained {most}"
+        short = usual - row.num_steps
+        if row.disturbed is None and short > DISTURBED_SHORTFALL * usual and short >= DISTURBED_MIN_STEPS:
+            reason = f"trained {row.num_steps} steps where the same code usually trains {usual}"
             ledger.update(row.id, disturbed=reason)
-            log.warning("experiment.disturbed", exp=row.id, steps=row.num_steps, most=most)
+            log.warning("experiment.disturbed", exp=row.id, steps=row.num_steps, usual=usual)
     return [ledger.get(r.id) for r in rows]
 
 

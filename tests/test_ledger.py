@@ -172,7 +172,7 @@ def test_a_decision_keeps_its_estimate_and_a_disturbed_run_does_not_count(ledger
     ledger.decide(row.id, "keep", value=0.9, best_before=1.0, threshold=0.05,
                   estimate={"gain": 0.1, "low95": 0.02, "high95": 0.18})
     assert ledger.get(row.id).estimate == {"gain": 0.1, "low95": 0.02, "high95": 0.18}
-    ledger.update(row.id, disturbed="trained 5 steps where the same code trained 10")
+    ledger.update(row.id, disturbed="trained 5 steps where the same code usually trains 10")
     assert not ledger.get(row.id).counts
 
 

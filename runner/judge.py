@@ -72,7 +72,7 @@ def flag_disturbed(ledger: Ledger, rows: list[Experiment]) -> list[Experiment]:
     "Usually" is the upper median of the finished runs' steps: of two runs the faster one, of
     more the middle one. Against the fastest run instead, one run that happened to be fast (a
     CPU budget's step count varies by a quarter on a busy machine) would make every later run
-    of the code look disturbed, and its seeds would be run again without end."""
+    of the code look disturbed, and its seeds would be run again until the rerun limit gave up."""
     done = [r for r in rows if r.status == Status.DONE and r.num_steps]
     if not done:
         return rows

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny prepared dataset and the Docker engine (when there is one)."""
+"""Shared fixtures: an empty ledger, a tiny prepared dataset and the Docker engine (when there is one)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from runner.ledger import Ledger
 from tests.corpus import write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_VOCAB = 512
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    """An empty ledger of the test's own."""
+    db = Ledger(tmp_path / "ledger.sqlite")
+    yield db
+    db.close()
 
 
 @pytest.fixture(scope="session")

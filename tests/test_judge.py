@@ -3,15 +3,8 @@
 import pytest
 
 from runner.judge import flag_disturbed
-from runner.ledger import BASELINE, Ledger
+from runner.ledger import BASELINE
 from sandbox.status import Status
-
-
-@pytest.fixture
-def ledger(tmp_path):
-    db = Ledger(tmp_path / "ledger.sqlite")
-    yield db
-    db.close()
 
 
 def finish(ledger, steps):
@@ -20,7 +13,6 @@ def finish(ledger, steps):
     for status in (Status.TRAINING, Status.EVALUATING):
         ledger.transition(row.id, status)
     ledger.transition(row.id, Status.DONE, val_bpb=1.0, num_steps=steps)
-    return ledger.get(row.id)
 
 
 def flags(ledger):

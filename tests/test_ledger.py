@@ -15,13 +15,6 @@ from sandbox.spec import Killer, RunResult
 from sandbox.status import Status
 
 
-@pytest.fixture
-def ledger(tmp_path):
-    db = Ledger(tmp_path / "ledger.sqlite")
-    yield db
-    db.close()
-
-
 def _other_connection(ledger):
     return sqlite3.connect(ledger.path)
 

@@ -31,9 +31,6 @@ BOS = "<|bos|>"  # the only special token: starts every document
 DATA_FILES = ("tokenizer/tokenizer.pkl", "tokenizer/token_bytes.npy", "train/tokens.bin",
               "train/docs.npy", "val/tokens.bin", "val/docs.npy")  # everything manifest.json vouches for
 MODEL_FILE, TRACE_FILE, REPORT_FILE = "model.pt2", "trace.json", "summary.json"  # what phase 1 leaves in /out
-# Phase 1 also leaves the compiled kernels it used (torch's portable compile cache) in /out; the host
-# takes the file out and may hand it, read-only, to later runs of the same code or of its descendants.
-COMPILE_CACHE_FILE = "compile_cache.bin"
 # The harness prints this line when the timed budget starts; the host starts its own budget clock on it.
 BUDGET_START_MARK = "[harness] training budget started"
 
@@ -65,9 +62,8 @@ PROFILE_ENV = "AR_PROFILE"  # a key of PROFILES
 TIME_BUDGET_ENV = "AR_TIME_BUDGET"  # training seconds (repr of a float)
 DATA_DIR_ENV, OUT_DIR_ENV = "AR_DATA_DIR", "AR_OUT_DIR"  # /data and /out in the sandbox
 SEED_ENV = "AR_SEED"  # the harness's seed (confirmation and verification runs draw fresh ones)
-REPLAY_ENV = "AR_REPLAY"  # phase 1 of `rerun --exact`: the recorded trace to replay
+REPLAY_ENV = "AR_REPLAY"  # phase 1 of `rerun --exact`: the schedule to replay (replay_schedule below)
 GPU_MEMORY_CAP_ENV = "AR_GPU_MEMORY_CAP"  # bytes: the harness caps its allocator below the host's watchdog
-COMPILE_CACHE_ENV = "AR_COMPILE_CACHE"  # phase 1: an earlier run's COMPILE_CACHE_FILE to start from
 DETERMINISTIC_ENV = "AR_DETERMINISTIC"  # "1": deterministic algorithms, so that a rerun is bit-identical
 # What deterministic cuBLAS needs before its first handle; the host sets it, the harness defaults to it.
 CUBLAS_DETERMINISTIC = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -141,6 +137,75 @@ def parse_result(text: str, nonce: str) -> dict:
     if not (math.isfinite(val_bpb) and val_bpb > 0):
         raise ResultError(f"val_bpb {val_bpb!r} is not a positive finite number")
     return {**result, "val_bpb": val_bpb}
+
+
+# -- the budget trace (written in phase 1, so untrusted) ---------------------------------------
+# The harness's budget moves its progress on a grid of 1/PROGRESS_GRID and records it at every step
+# (TRACE_FILE). `rerun --exact` replays a run's schedule: the host parses the trace strictly and
+# writes a schedule of its own holding the step count and the progress values alone. Whatever
+# train.py wrote into its trace, a schedule is a non-decreasing sequence on that grid of at most
+# MAX_TRACE_STEPS values, which holds at most log2 C(MAX_TRACE_STEPS + PROGRESS_GRID, PROGRESS_GRID)
+# bits, under 6 KiB: far too little to carry trained weights from a run to its rerun.
+PROGRESS_GRID = 10_000  # 1e-4 of the budget: 30 ms of a 300 s budget, below any schedule's resolution
+MAX_TRACE_STEPS = 100_000
+MAX_TRACE_BYTES = 2**23
+
+
+class TraceError(ValueError):
+    """A budget trace that is not what the harness writes."""
+
+
+@dataclass(frozen=True)
+class Trace:
+    time_budget: float
+    warmup_steps: int
+    progress: tuple[float, ...]  # the budget's progress during each step, on the grid
+    step_seconds: tuple[float, ...]  # each step's seconds by the budget's clock
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.progress)
+
+    @property
+    def training_seconds(self) -> float:
+        return sum(self.step_seconds[self.warmup_steps:])
+
+
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise TraceError(f"{what} is not a finite number >= 0")
+    return float(value)
+
+
+def parse_trace(text: str) -> Trace:
+    """A budget trace, checked key by key and number by number; raises TraceError."""
+    if len(text) > MAX_TRACE_BYTES:
+        raise TraceError(f"the trace is larger than {MAX_TRACE_BYTES} bytes")
+    try:
+        trace = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise TraceError(f"the trace is not JSON ({error})") from None
+    keys = {"time_budget", "warmup_steps", "num_steps", "progress", "step_seconds"}
+    if not isinstance(trace, dict) or set(trace) != keys:
+        raise TraceError(f"the trace does not hold exactly the keys {sorted(keys)}")
+    steps, warmup = trace["num_steps"], trace["warmup_steps"]
+    if type(steps) is not int or type(warmup) is not int or not (0 <= warmup and 0 <= steps <= MAX_TRACE_STEPS):
+        raise TraceError(f"num_steps and warmup_steps are not whole numbers from 0 to {MAX_TRACE_STEPS}")
+    progress, seconds = trace["progress"], trace["step_seconds"]
+    if not isinstance(progress, list) or not isinstance(seconds, list) or not len(progress) == len(seconds) == steps:
+        raise TraceError("progress and step_seconds are not lists of num_steps values")
+    progress = tuple(_number(value, "a progress value") for value in progress)
+    if any(value > 1 or round(value * PROGRESS_GRID) / PROGRESS_GRID != value for value in progress):
+        raise TraceError(f"a progress value is not on the grid of 1/{PROGRESS_GRID} in [0, 1]")
+    if any(later < earlier for earlier, later in zip(progress, progress[1:])):
+        raise TraceError("the progress values go backwards")
+    budget = _number(trace["time_budget"], "time_budget")
+    return Trace(budget, warmup, progress, tuple(_number(value, "a step's seconds") for value in seconds))
+
+
+def replay_schedule(trace: Trace) -> str:
+    """The schedule a rerun replays (REPLAY_ENV), written by the host: step count and progress only."""
+    return json.dumps({"num_steps": trace.num_steps, "progress": list(trace.progress)})
 
 
 # -- what train.py reports (untrusted) ---------------------------------------------------------

@@ -7,8 +7,9 @@ The agent never edits this file; it is baked read-only into every experiment ima
      split of the current phase, the time `Budget`, and `finish()`, which exports the
      model with torch.export;
   3. phase 2, `python prepare.py evaluate`: load the exported program without running
-     any code from the archive, refuse programs that keep state or reach outside
-     their tensors, score val_bpb from the model's own logits, and probe scored
+     any code from the archive, refuse programs that reach outside their tensors, call
+     it on fresh copies of its state every time (no call sees what another did), score
+     val_bpb from the model's own logits, and probe scored
      batches, positions and rows drawn from fresh entropy (a model that knows this
      file cannot know where it is probed). It prints one result line that only it
      can sign (contract.py).
@@ -22,6 +23,7 @@ import argparse
 import bisect
 import json
 import math
+import operator
 import os
 import pickle
 import queue
@@ -90,42 +92,8 @@ def _exit_on_gpu_oom(kind, error, trace) -> None:
         os._exit(contract.EXIT_GPU_OOM)
 
 
-def _load_compile_cache() -> None:
-    """Start from an earlier run's compiled kernels, if the host mounted one (it is only a cache:
-    torch checks each entry against the graph, torch/Triton versions and device; a miss compiles).
-
-    Only inductor's own cache is used, keyed by the graph after autograd, where the attention
-    kernel is already chosen. torch's autograd cache is off: its key misses global settings such
-    as the attention backends allowed, so a child changing only those would train its parent's graph.
-    """
-    import torch._functorch.config
-
-    torch._functorch.config.enable_autograd_cache = False
-    path = os.environ.get(contract.COMPILE_CACHE_ENV)
-    if not path:
-        return
-    t0 = time.time()
-    try:
-        info = torch.compiler.load_cache_artifacts(Path(path).read_bytes())
-    except Exception as error:  # a stale or damaged cache costs a cold compile, never the run
-        print(f"[harness] compile cache not loaded: {type(error).__name__}: {error}", flush=True)
-        return
-    if info is None:
-        print("[harness] compile cache not loaded: it is not a torch compile cache", flush=True)
-        return
-    entries = sum(len(keys) for keys in info.artifacts.values())
-    print(f"[harness] compile cache: {entries} entries loaded in {time.time() - t0:.1f}s", flush=True)
-
-
-def _save_compile_cache() -> None:
-    """Leave the compiled kernels this run used (built or loaded) in OUT_DIR for the host."""
-    artifacts = torch.compiler.save_cache_artifacts()
-    if artifacts is not None:
-        (OUT_DIR / contract.COMPILE_CACHE_FILE).write_bytes(artifacts[0])
-
-
 def _configure_runtime() -> None:
-    """Seeds, determinism, the soft GPU memory cap and the compile cache, set before train.py builds anything."""
+    """Seeds, determinism and the soft GPU memory cap, set before train.py builds anything."""
     torch.manual_seed(SEED)
     if DETERMINISTIC or PHASE == "eval":
         # Phase 2 always scores deterministically: its probes and its repeat check compare calls in bf16 on
@@ -136,11 +104,11 @@ def _configure_runtime() -> None:
         torch.backends.cudnn.benchmark = False
         # A bit-for-bit rerun needs deterministic kernels, not new tensors filled with NaN (which only
         # matters to code that reads memory no kernel wrote, and costs about 2 % of the GPU's tokens/s).
-        torch.utils.deterministic.fill_uninitialized_memory = False
+        # Phase 2 fills them: memory a call leaves behind must not reach the next call's empty tensors.
+        torch.utils.deterministic.fill_uninitialized_memory = PHASE == "eval"
     if DEVICE.type == "cpu":
         torch.set_num_threads(CPU_THREADS)
     _soft_gpu_cap()
-    _load_compile_cache()
     sys.excepthook = _exit_on_gpu_oom
 
 
@@ -296,8 +264,10 @@ class Budget:
     and from then on the host keeps its own clock: a run still going once the budget
     and the export allowance are over is stopped (sandbox/budget_guard.py). Each
     step's progress and seconds are recorded and written to OUT_DIR/trace.json by
-    finish(); with AR_REPLAY=<trace> the recorded progress values and step count are
+    finish(); with AR_REPLAY=<schedule> the recorded progress values and step count are
     replayed, so a rerun follows the exact same schedule and stops at the same step.
+    Progress moves on a grid of 1/contract.PROGRESS_GRID, which is what keeps a replayed
+    schedule too small to carry anything else from the run that wrote it (contract.py).
     """
 
     def __init__(self, seconds: float = TIME_BUDGET):
@@ -320,7 +290,8 @@ class Budget:
         if self.replay is not None:
             recorded = self.replay["progress"]
             return recorded[self.step_count] if self.step_count < len(recorded) else 1.0
-        return min(1.0, self.training_seconds / self.seconds)
+        used = math.floor(self.training_seconds / self.seconds * contract.PROGRESS_GRID)
+        return min(used, contract.PROGRESS_GRID) / contract.PROGRESS_GRID
 
     @property
     def done(self) -> bool:
@@ -388,7 +359,6 @@ def finish(model: torch.nn.Module, budget: Budget, *, depth: int | None = None, 
     with torch.no_grad():
         program = torch.export.export(_Autocast(model, EXPORT_AUTOCAST) if EXPORT_AUTOCAST else model, (example,))
     torch.export.save(program, OUT_DIR / contract.MODEL_FILE)
-    _save_compile_cache()
     num_params = sum(p.numel() for p in model.parameters())
     flops = flops_per_token or 6 * num_params
     peak = _peak_flops()
@@ -433,15 +403,19 @@ _PURE_HIGHER_ORDER_OPS = {"wrap_with_autocast", "wrap_with_set_grad_enabled"}
 # Operators of ATen that reach outside the tensors: reading a file (the val split is mounted
 # in phase 2, so a lookup would score perfectly and still be causal) and printing.
 _OUTSIDE_OPS = {"aten::from_file", "aten::_print"}
+_STATE_KINDS = {"PARAMETER", "BUFFER", "CONSTANT_TENSOR"}  # what a program owns, given to it afresh at each call
 
 
 def _check_pure(program) -> None:
-    """Refuse exported programs that could behave differently from one call to the next.
+    """Refuse exported programs that are not functions of (weights, tokens) made of ATen operators.
 
-    A program that writes its buffers, its constants or its inputs, threads effect
-    tokens, or holds non-tensor objects could count its calls and change behaviour
-    after the probes; one that reads files could look the answers up in the val
-    split. Only pure functions of (weights, tokens) made of ATen operators are scored.
+    What a call could leave for the next one is removed by construction (_PureProgram: every
+    call runs on fresh copies of the program's tensors from a freshly seeded generator; phase 2
+    fills new memory). What is refused here is what that cannot cover: a graph that reads files
+    (the val split is mounted), threads effect tokens, holds non-tensor objects, or reaches
+    Python beyond indexing an operator's outputs.
+    Programs that declare writes to their buffers or their input are refused too, with a
+    plainer reason than the scores an honest model would get without the writes.
     """
     def refuse(why: str):
         raise EvaluationError(f"the exported model is not a pure function of its input: {why}", contract.EXIT_EXPORT_FAILED)
@@ -453,22 +427,61 @@ def _check_pure(program) -> None:
         refuse("it has side effects (effect tokens)")
     if any(not isinstance(value, torch.Tensor) for value in program.constants.values()):
         refuse("it holds non-tensor constants (custom objects)")
-    graphs = [m.graph for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
-    for node in (node for graph in graphs for node in graph.nodes):  # subgraphs of higher-order ops too
+    inputs = [spec.kind.name for spec in signature.input_specs]
+    if inputs.count("USER_INPUT") != 1 or any(kind not in _STATE_KINDS | {"USER_INPUT"} for kind in inputs):
+        refuse(f"it must take the token batch and its own tensors only, not {inputs}")
+    if [spec.kind.name for spec in signature.output_specs] != ["USER_OUTPUT"]:
+        refuse("it must return the logits and nothing else")
+    owners = [m for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
+    for owner, node in ((owner, node) for owner in owners for node in owner.graph.nodes):  # subgraphs of HOPs too
         target = node.target
+        if node.op in ("call_module", "call_method"):
+            refuse(f"it calls {node.op.split('_')[1]} {target}")
+        if node.op == "get_attr" and not isinstance(_attribute(owner, target), torch.fx.GraphModule):
+            refuse(f"it reads the attribute {target}, which is not one of its lifted tensors")
         if node.op != "call_function":
             continue
-        if isinstance(target, torch._ops.HigherOrderOperator) and target.name() not in _PURE_HIGHER_ORDER_OPS:
-            refuse(f"it calls the higher-order operator {target.name()}")
-        if isinstance(target, torch._ops.OpOverload) and (target.namespace not in ("aten", "prims")
-                                                          or target._schema.name in _OUTSIDE_OPS):
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            if target.name() not in _PURE_HIGHER_ORDER_OPS:
+                refuse(f"it calls the higher-order operator {target.name()}")
+        elif not isinstance(target, torch._ops.OpOverload):
+            if target is not operator.getitem:
+                refuse(f"it calls the Python function {getattr(target, '__qualname__', target)}")
+        elif target.namespace not in ("aten", "prims") or target._schema.name in _OUTSIDE_OPS:
             refuse(f"it calls {target}, which reaches outside its input and weights")
-        if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
+        elif target._schema.is_mutable:
             written = [arg.name for arg, schema in zip(node.args, target._schema.arguments)
                        if schema.alias_info is not None and schema.alias_info.is_write
                        and isinstance(arg, torch.fx.Node) and arg.op == "placeholder"]
             if written:
                 refuse(f"{target} writes its input {written[0]}")
+
+
+def _attribute(module: torch.nn.Module, dotted: str) -> object:
+    for name in dotted.split("."):
+        module = getattr(module, name, None)
+    return module
+
+
+class _PureProgram:
+    """An exported program called as a pure function: each call gets fresh copies of the tensors the
+    program owns (parameters, buffers, constants) and of its input, and whatever it writes into
+    them, through any alias, view or out= argument, is dropped with the copies. The random
+    generators start from the same seed at every call, so their state carries nothing either.
+    No call can see what an earlier call did, whatever the graph holds. The copies cost one
+    pass over the weights per call, small beside the forward pass they feed."""
+
+    def __init__(self, program):
+        owned = {**program.state_dict, **program.constants}
+        self.graph = program.graph_module
+        self.tensors = [None if spec.kind.name == "USER_INPUT" else owned[spec.target]
+                        for spec in program.graph_signature.input_specs]
+        self.device = next((t.device for t in self.tensors if t is not None), torch.device("cpu"))
+
+    def __call__(self, x: torch.Tensor):
+        torch.manual_seed(0)
+        (logits,) = self.graph(*(x.clone() if t is None else t.clone() for t in self.tensors))
+        return logits
 
 
 def _json_keys(value) -> Iterator[str]:
@@ -501,7 +514,7 @@ def _check_archive(path: Path) -> None:
 
 
 def _load_exported(path: Path):
-    """The exported program as a module, loaded without running anything from the archive.
+    """The exported program as a pure function, loaded without running anything from the archive.
 
     torch.export.load falls back to a full pickle load for some payloads, which would run
     code from the archive; TORCH_FORCE_WEIGHTS_ONLY_LOAD makes every torch.load inside it
@@ -517,10 +530,8 @@ def _load_exported(path: Path):
     except Exception as e:
         raise EvaluationError(f"cannot load the exported model {path}: {type(e).__name__}: {e}", contract.EXIT_EXPORT_FAILED)
     _check_pure(program)
-    module = program.module()
-    tensors = list(module.parameters()) + list(module.buffers())
-    num_params = sum(t.numel() for t in program.state_dict.values())
-    return module, (tensors[0].device if tensors else torch.device("cpu")), num_params
+    model = _PureProgram(program)
+    return model, model.device, sum(t.numel() for t in program.state_dict.values())
 
 
 def _logits(model, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -541,8 +552,7 @@ class Probe:
     """Checks, on PROBED_BATCHES scored batches, that a row's logits depend on nothing but its own past.
 
     Which batches are probed is drawn from fresh entropy; a model cannot keep state
-    between calls (phase 2 refuses programs that could), so it cannot tell a probed
-    batch from another. Around the scored call, PROBES_PER_BATCH probe batches are built from it with draws
+    between calls (_PureProgram), so it cannot tell a probed batch from another. Around the scored call, PROBES_PER_BATCH probe batches are built from it with draws
     from fresh entropy: each row is either *causal* (it keeps its tokens up to a random
     cut and gets another real text after it: its logits up to the cut must not move) or
     *replaced* (swapped for another real row). Every compared logit must stay where the

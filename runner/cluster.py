@@ -28,7 +28,6 @@ from typing import Any, Callable
 
 import structlog
 
-import contract
 from runner.cluster_node import LOG_FILES, Job, NodeRefused, describe
 from runner.cluster_node import remove_image as remove_image_on_node
 from runner.cluster_node import run as run_on_node
@@ -353,7 +352,7 @@ def _inside(run_dir: Path, relative: str) -> Path:
 def _clear(run_dir: Path) -> None:
     """Start an attempt from nothing: what an attempt on a lost node left goes."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in (*LOG_FILES, "out", contract.COMPILE_CACHE_FILE):
+    for name in (*LOG_FILES, "out"):
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)

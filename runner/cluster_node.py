@@ -23,7 +23,6 @@ from typing import Any, Iterator
 
 import structlog
 
-import contract
 from dataprep.build import read_manifest, verify_manifest
 from dataprep.errors import PrepareError
 from runner import gpus as gpu_inventory
@@ -59,7 +58,6 @@ class Job:
     gpu_memory_cap: str  # --gpu-memory-cap, applied to the card the node gives the run
     seed: int | None = None
     allowance: Allowance | None = None
-    compile_cache: bytes | None = None  # an earlier run's compile cache (runner.compile_cache)
 
 
 def describe(sandbox: str, source: str) -> dict[str, Any]:
@@ -132,14 +130,10 @@ def _check(job: Job, backend: Backend) -> None:
 
 
 def _spec(job: Job, backend: Backend, image: str, gpu: gpu_inventory.Gpu | None, run_dir: Path) -> ExperimentSpec:
-    cache = None
-    if job.compile_cache is not None:
-        cache = run_dir / contract.COMPILE_CACHE_FILE
-        cache.write_bytes(job.compile_cache)
     return ExperimentSpec(
         exp_id=job.exp_id, image=image, data_dir=prepared_data(job.source), run_dir=run_dir / "run",
         time_budget=job.time_budget, gpu_uuid=gpu.uuid if gpu else None, seed=job.seed,
-        deterministic=job.deterministic, allowance=job.allowance, compile_cache=cache,
+        deterministic=job.deterministic, allowance=job.allowance,
         limits=Limits(gpu_memory_bytes=gpu_cap_bytes(job.gpu_memory_cap, gpu.memory_bytes) if gpu else None),
     )
 

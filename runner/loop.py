@@ -40,7 +40,6 @@ from runner import decision
 from runner.agents.base import Agent, AgentConfigError, AgentError
 from runner.cluster import Cluster, Node, NodeLost, slot_gpu
 from runner.cluster_node import Job
-from runner.compile_cache import start_from
 from runner.console import NightView, WorkerView
 from runner.errors import UserError, low_on_space, machine_problem
 from runner.gpus import Gpu
@@ -49,7 +48,7 @@ from runner.judge import Judge, flag_disturbed, next_seed
 from runner.ledger import BASELINE, EXPERIMENT, Experiment, Ledger, LedgerUnavailable, budget_account, outcome_fields
 from runner.limits import NightLimits, proposals
 from runner.proposals import Best, Proposer
-from runner.pruning import prune_compile_caches, prune_images
+from runner.pruning import prune_images
 from runner.records import Records
 from runner.settings import Settings, gpu_cap_bytes, project_text
 from sandbox.budget_guard import Allowance
@@ -500,7 +499,6 @@ class Night:
             with self._images:  # a cluster night's images are on the nodes that ran them
                 store = self.cluster.images(self.ledger.experiments()) if self.cluster else self.backend
                 prune_images(store, self.ledger.path)
-            prune_compile_caches(self.ledger.path)
 
     def _execute(self, slot: Slot, row: Experiment | None) -> None:
         """Run one experiment on `slot`, record it, decide it; run its confirmation if any."""
@@ -554,18 +552,15 @@ class Night:
             deterministic=self.settings.deterministic, allowance=self.allowance,
             limits=Limits(gpu_memory_bytes=gpu_cap_bytes(self.settings.gpu_memory_cap, gpu.memory_bytes)
                           if gpu else None),
-            compile_cache=start_from(self.ledger, self.records.run_dir, self.ledger.get(row.id)),
         )
         return self._run(self.backend, spec, self._cancel, on_phase=on_phase)
 
     def _run_on_node(self, slot: Slot, row: Experiment, on_phase: Callable[[Status], None]) -> ExperimentOutcome:
         """The experiment as a task on the slot's node, which records what it ran on once it starts."""
-        cache = start_from(self.ledger, self.records.run_dir, row)
         job = Job(exp_id=row.id, train_py=self.records.train_py(row), sandbox=self.cluster.sandbox, recipe=self.recipe,
                   source=self.data.path.name, data_hash=self.data.manifest_hash,
                   time_budget=self.settings.time_budget(self.profile), deterministic=self.settings.deterministic,
-                  gpu_memory_cap=self.settings.gpu_memory_cap, seed=row.seed, allowance=self.allowance,
-                  compile_cache=cache.read_bytes() if cache else None)
+                  gpu_memory_cap=self.settings.gpu_memory_cap, seed=row.seed, allowance=self.allowance)
 
         def on_start(started: dict) -> None:
             gpu = slot_gpu(started)

@@ -8,10 +8,6 @@ Identical train.py files share one image, also across nights, so an image goes o
 no row of any night under the same runs directory needs it (while one of their ledgers
 cannot be read, nothing is pruned). Removing is idempotent: a resumed night first prunes
 what a killed invocation left.
-
-The compile caches of the same settled experiments (and of their confirmation runs, which ran
-the same code) go with their images: only a rerun of such an experiment could read them
-(runner.compile_cache), and it has no image to run from.
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ from typing import Protocol
 
 import structlog
 
-import contract
 from runner.decision import DISCARD
 from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE
 from sandbox.status import Status
@@ -103,20 +98,4 @@ def prune_images(backend: ImageStore, ledger_path: Path) -> list[str]:
         removed.append(image)
     if removed:
         log.info("images.pruned", images=removed)
-    return removed
-
-
-def prune_compile_caches(ledger_path: Path) -> list[str]:
-    """Remove the compile caches of the night's settled experiments and of their confirmation runs."""
-    rows = _rows(ledger_path)
-    settled = _settled(rows)
-    removed = []
-    for row in rows:
-        if row.id in settled or (row.kind == CONFIRM and row.target_id in settled):
-            path = ledger_path.parent / row.id / contract.COMPILE_CACHE_FILE
-            if path.is_file():
-                path.unlink()
-                removed.append(row.id)
-    if removed:
-        log.info("compile_caches.pruned", runs=removed)
     return removed

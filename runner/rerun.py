@@ -4,7 +4,13 @@
 deterministic, and replays the phase-1 budget trace, so the schedule and the step
 count are those of the original whatever the speed of the machine. The rerun is
 bit-identical when phase 2 printed the same `val_bpb_hex` and the exported models
-have the same sha256. A timed rerun (no replay) measures run-to-run noise instead;
+have the same sha256.
+
+A rerun starts from nothing the original wrote but its schedule: the trace, which
+train.py's process could have written anything into, is parsed strictly and the
+host writes the rerun a schedule of its own, the step count and the progress values
+on the harness's grid (contract.replay_schedule, under 6 KiB of information), so a
+train.py cannot store its weights in one run and "reproduce" them in the next. A timed rerun (no replay) measures run-to-run noise instead;
 given another seed, it is a fresh sample of the code (what `autoresearch verify` runs).
 
 A rerun that differs is a finding about the experiment, not a failure of the
@@ -24,21 +30,21 @@ from pathlib import Path
 
 import structlog
 
+import contract
 from dataprep.build import read_manifest, verify_manifest
 from dataprep.errors import PrepareError
 from runner import gpus as gpu_inventory
-from runner.compile_cache import start_from
 from runner.errors import UserError
 from runner.ledger import RERUN, Experiment, Ledger, LedgerError, outcome_fields, outcome_phrase
 from runner.settings import DEFAULT_GPU_MEMORY_CAP, gpu_cap_bytes
 from sandbox.budget_guard import Allowance
-from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
+from sandbox.experiment import ExperimentOutcome, ExperimentSpec, read_trace, run_experiment
 from sandbox.spec import Backend, Limits
 from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
 
-TRACE, MODEL = "out/trace.json", "out/model.pt2"
+TRACE, MODEL = f"out/{contract.TRACE_FILE}", f"out/{contract.MODEL_FILE}"
 
 
 class RerunRefused(UserError):
@@ -111,7 +117,7 @@ class _RerunPlan:
     settings: dict
     data_dir: Path
     gpu: gpu_inventory.Gpu | None
-    trace: Path | None
+    schedule: str | None  # rerun --exact: the host-written schedule to replay
     time_budget: float
     seed: int | None  # the harness seed the rerun runs under
     allowance: Allowance | None  # what the night measured on its baselines
@@ -185,19 +191,18 @@ def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
     settings = json.loads(night["settings_json"]) if night else {}
     data_dir = Path(settings.get("data_dir", ""))
     _check_data(row, data_dir)
-    trace = run_dir / row.id / TRACE
-    budget = settings.get("time_budget")
+    budget, schedule = settings.get("time_budget"), None
     if exact:
-        try:
-            budget = json.loads(trace.read_text())["time_budget"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise RerunRefused(
-                f"--exact needs the recorded budget trace {trace}, which is missing or unreadable."
-            ) from None
+        trace = read_trace(run_dir / row.id / TRACE)
+        if trace is None:
+            raise RerunRefused(f"--exact needs the recorded budget trace {run_dir / row.id / TRACE}, which is missing "
+                               "or not a trace the harness writes.")
+        budget = trace.time_budget if budget is None else budget  # the night's own figure wins over train.py's
+        schedule = contract.replay_schedule(trace)
     if budget is None:
         raise RerunRefused(f"the night of {row.id} recorded no time budget; rerun it with --exact.")
     allowance = json.loads(night["allowance_json"]) if night and night.get("allowance_json") else None
-    return _RerunPlan(row, settings, data_dir, _gpu(row, inventory), trace if exact else None, float(budget),
+    return _RerunPlan(row, settings, data_dir, _gpu(row, inventory), schedule, float(budget),
                       row.seed if seed is None else seed, Allowance(**allowance) if allowance else None)
 
 
@@ -246,8 +251,8 @@ def _run(ledger: Ledger, backend: Backend, plan: _RerunPlan, rerun_row: Experime
     spec = ExperimentSpec(
         exp_id=rerun_row.id, image=image, data_dir=plan.data_dir, run_dir=directory,
         time_budget=plan.time_budget, gpu_uuid=plan.gpu.uuid if plan.gpu else None,
-        deterministic=True, replay_trace=plan.trace, seed=plan.seed, allowance=plan.allowance, limits=plan.limits,
-        compile_cache=start_from(ledger, directory.parent, rerun_row),
+        deterministic=True, replay_schedule=plan.schedule, seed=plan.seed, allowance=plan.allowance,
+        limits=plan.limits,
     )
     try:
         outcome = run_experiment(backend, spec, on_phase=lambda phase: ledger.transition(rerun_row.id, phase))
@@ -307,11 +312,9 @@ def _reasons(plan: _RerunPlan, verdict: Verdict, backend: Backend, original_dir:
     return reasons
 
 
-def _steps(trace: Path) -> int | None:
-    try:
-        return int(json.loads(trace.read_text())["num_steps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def _steps(path: Path) -> int | None:
+    trace = read_trace(path)
+    return None if trace is None else trace.num_steps
 
 
 def _sha256(path: Path) -> str | None:

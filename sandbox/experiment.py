@@ -30,7 +30,7 @@ import structlog
 import contract
 from sandbox.budget_guard import CPU_WALL_STRETCH, Allowance, BudgetRule
 from sandbox.runlog import tail
-from sandbox.spec import CACHE_DIR, DATA_DIR, OUT_DIR, Backend, CancelToken, Limits, Mount, Phase, RunResult, RunSpec
+from sandbox.spec import DATA_DIR, OUT_DIR, Backend, CancelToken, Limits, Mount, Phase, RunResult, RunSpec
 from sandbox.status import EXIT_STATUSES, Status
 
 log = structlog.get_logger(__name__)
@@ -39,9 +39,8 @@ BACKSTOP_S = 30.0  # the hard deadline of phase 1 lies this far beyond everythin
 # Phase 2 is the harness's own fixed work; its deadline is a liveness bound. A CPU shared with
 # other load stretches it (the CPU profile's budget is CPU time for the same reason).
 EVAL_DEADLINE_S = {"gpu": 120.0, "cpu": 120.0 * CPU_WALL_STRETCH}
-REPLAY_FILE = "replay_trace.json"  # in /out: the trace phase 1 of `rerun --exact` replays
-MAX_REPORT_BYTES = 2**20  # a larger summary.json or trace.json from phase 1 is not read at all
-MAX_COMPILE_CACHE_BYTES = 2**30  # a larger compile cache from phase 1 is not kept
+REPLAY_FILE = "replay_schedule.json"  # in /out: the schedule phase 1 of `rerun --exact` replays
+MAX_REPORT_BYTES = 2**20  # a larger summary.json from phase 1 is not read at all
 
 
 @dataclass
@@ -54,11 +53,10 @@ class ExperimentSpec:
     gpu_uuid: str | None = None
     limits: Limits = field(default_factory=Limits)
     deterministic: bool = True
-    replay_trace: Path | None = None  # rerun --exact: replay this phase-1 trace
+    replay_schedule: str | None = None  # rerun --exact: the schedule to replay (contract.replay_schedule)
     seed: int | None = None  # the harness seed (AR_SEED), e.g. for confirmation runs
     allowance: Allowance | None = None  # what phase 1 may spend beside its budget; None: the profile's defaults
     eval_deadline_s: float | None = None  # None: EVAL_DEADLINE_S of the profile
-    compile_cache: Path | None = None  # an earlier run's compile cache, read-only in phase 1 (runner.compile_cache)
 
     @property
     def profile(self) -> str:
@@ -74,7 +72,7 @@ class ExperimentSpec:
     @property
     def budget_rule(self) -> BudgetRule:
         return BudgetRule(self.time_budget, self.allowance or Allowance.default(self.profile),
-                          replay=self.replay_trace is not None, cpu_threads=self.cpu_threads)
+                          replay=self.replay_schedule is not None, cpu_threads=self.cpu_threads)
 
 
 @dataclass
@@ -129,10 +127,8 @@ def _env(spec: ExperimentSpec, phase: Phase, nonce: str) -> dict[str, str]:
         env[contract.SEED_ENV] = str(spec.seed)
     if spec.cpu_threads:  # threads that wait sleep, so waiting for a descheduled one costs no budget
         env.update({contract.CPU_THREADS_ENV: str(spec.cpu_threads), "OMP_WAIT_POLICY": "PASSIVE"})
-    if spec.replay_trace is not None and phase is Phase.TRAIN:
+    if spec.replay_schedule is not None and phase is Phase.TRAIN:
         env[contract.REPLAY_ENV] = f"{OUT_DIR}/{REPLAY_FILE}"
-    if spec.compile_cache is not None and phase is Phase.TRAIN:
-        env[contract.COMPILE_CACHE_ENV] = f"{CACHE_DIR}/{contract.COMPILE_CACHE_FILE}"
     if spec.gpu_uuid and spec.limits.gpu_memory_bytes:  # the soft limit under the host's watchdog
         env[contract.GPU_MEMORY_CAP_ENV] = str(spec.limits.gpu_memory_bytes)
     if phase is Phase.EVAL:  # phase 2 alone knows how to sign its result
@@ -147,8 +143,6 @@ def _run_spec(spec: ExperimentSpec, phase: Phase, attempt: str, nonce: str) -> R
         Mount(spec.data_dir / "tokenizer", f"{DATA_DIR}/tokenizer"),
         Mount(spec.data_dir / "manifest.json", f"{DATA_DIR}/manifest.json"),
     )
-    if spec.compile_cache is not None and phase is Phase.TRAIN:
-        mounts += (Mount(spec.compile_cache, f"{CACHE_DIR}/{contract.COMPILE_CACHE_FILE}"),)
     command = ["python3", "train.py"] if phase is Phase.TRAIN else ["python3", "prepare.py", "evaluate"]
     rule = spec.budget_rule
     if phase is Phase.TRAIN:
@@ -179,13 +173,30 @@ def _phase_status(run: RunResult) -> Status:
     return run.status
 
 
+def _read_phase1_file(path: Path, limit: int) -> str | None:
+    """A file phase 1 left in /out, as text, or None when it is missing, not a regular file (a link could
+    point at a host file, a FIFO would never end), larger than `limit` or not UTF-8."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        data = f.read(limit + 1)
+    try:
+        return data.decode("utf-8") if len(data) <= limit else None
+    except UnicodeDecodeError:
+        return None
+
+
 def _read_json(path: Path) -> object:
     """A phase-1 JSON file, or None when it is missing, too large or not JSON."""
+    text = _read_phase1_file(path, MAX_REPORT_BYTES)
     try:
-        if path.stat().st_size > MAX_REPORT_BYTES:
-            return None
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return None if text is None else json.loads(text)
+    except (ValueError, RecursionError):
         return None
 
 
@@ -193,6 +204,18 @@ def _finite(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+def read_trace(path: Path) -> contract.Trace | None:
+    """Phase 1's budget trace, parsed strictly (contract.parse_trace), or None when it is missing or malformed."""
+    text = _read_phase1_file(path, contract.MAX_TRACE_BYTES)
+    if text is None:
+        return None
+    try:
+        return contract.parse_trace(text)
+    except contract.TraceError as error:
+        log.warning("experiment.trace_refused", path=str(path), error=str(error))
+        return None
 
 
 def read_reported(out: Path) -> dict[str, float]:
@@ -206,47 +229,13 @@ def read_reported(out: Path) -> dict[str, float]:
             dropped.append(str(key)[:40])
         else:
             reported[key] = number
-    trace = _read_json(out / contract.TRACE_FILE)
-    if isinstance(trace, dict) and isinstance(trace.get("step_seconds"), list):
-        seconds = [_finite(s) for s in trace["step_seconds"]]
-        warmup = _finite(trace.get("warmup_steps"))
-        if all(s is not None and s >= 0 for s in seconds) and warmup is not None:
-            reported["num_steps"] = float(len(seconds))
-            reported["training_seconds"] = sum(seconds[int(warmup):])
+    trace = read_trace(out / contract.TRACE_FILE)
+    if trace is not None:
+        reported["num_steps"] = float(trace.num_steps)
+        reported["training_seconds"] = trace.training_seconds
     if dropped:
         log.warning("experiment.reported_dropped", keys=dropped[:20], why="not a known key with a finite number")
     return reported
-
-
-def take_compile_cache(out: Path, run_dir: Path) -> Path | None:
-    """Move phase 1's compile cache out of its /out into the run directory, where later runs may be
-    given it read-only. Only a regular file is taken, never a link (train.py could point one at a
-    host file), and only up to MAX_COMPILE_CACHE_BYTES; phase 2 does not need it."""
-    source, target = out / contract.COMPILE_CACHE_FILE, run_dir / contract.COMPILE_CACHE_FILE
-    target.unlink(missing_ok=True)
-    try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None  # none was written (or it is a link)
-    partial = target.with_suffix(".partial")
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_COMPILE_CACHE_BYTES:
-            os.close(fd)
-            log.warning("experiment.compile_cache_refused", size=info.st_size, regular=stat.S_ISREG(info.st_mode))
-            return None
-        with os.fdopen(fd, "rb") as f, open(partial, "wb") as g:
-            shutil.copyfileobj(f, g)
-        if partial.stat().st_size > MAX_COMPILE_CACHE_BYTES:  # it grew while it was copied
-            return None
-        os.replace(partial, target)
-        return target
-    finally:
-        for leftover in (partial, source):
-            try:
-                leftover.unlink()
-            except OSError:  # gone already, or a directory: train.py's run may leave in /out what it likes
-                pass
 
 
 def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken | None = None,
@@ -256,8 +245,8 @@ def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken |
     if out.exists():  # a previous attempt (the runner was killed): start clean
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    if spec.replay_trace is not None:
-        shutil.copyfile(spec.replay_trace, out / REPLAY_FILE)
+    if spec.replay_schedule is not None:
+        (out / REPLAY_FILE).write_text(spec.replay_schedule)
     attempt, nonce = f"{time.time_ns() % 10**8:08d}", secrets.token_hex(16)
     seconds: dict[str, float] = {}
 
@@ -266,7 +255,6 @@ def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken |
     train = backend.run(_run_spec(spec, Phase.TRAIN, attempt, nonce), cancel)
     seconds["train"] = train.wall_seconds
     reported = read_reported(out)
-    take_compile_cache(out, spec.run_dir)
     if train.status is not Status.OK:
         return ExperimentOutcome(_phase_status(train), None, {}, reported, train, None, seconds)
     if not (out / contract.MODEL_FILE).exists():  # the backend already kept the log's tail

@@ -37,7 +37,6 @@ class Killer(str, enum.Enum):
 APP_DIR = "/app"  # the harness and train.py, read-only; the working directory of a run
 DATA_DIR = "/data"  # the split a phase may read, the tokenizer and the manifest, read-only
 OUT_DIR = "/out"  # what phase 1 leaves for phase 2: writable in phase 1, read-only in phase 2
-CACHE_DIR = "/cache"  # phase 1: an earlier run's compile cache, read-only (runner.compile_cache)
 
 
 @dataclass(frozen=True)

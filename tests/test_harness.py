@@ -414,3 +414,121 @@ def test_programs_that_reach_outside_their_tensors_are_refused(harness, tmp_path
             harness._check_pure(program)
         assert refused.value.exit_code == contract.EXIT_EXPORT_FAILED
     harness._check_pure(torch.export.export(Bigram(vocab), (torch.zeros(shape, dtype=torch.long),)))
+
+
+# -- no call of the scored model sees what an earlier call did -----------------------------------------------
+
+class Remembers(Bigram):
+    """Keeps the last batch it was shown in its own tensors and, where a row's prefix is one it has seen,
+    puts a large logit on the token that followed there: with memory across calls the probe variants and
+    the repeat check hand it the answers. `write` is how it stores the batch, one alias route per case."""
+
+    def __init__(self, vocab: int, rows: int, length: int, write):
+        super().__init__(vocab)
+        self.mem = torch.nn.Parameter(torch.full((rows, length), -1.0), requires_grad=False)
+        self.register_buffer("scratch", torch.full((rows, length), -1.0), persistent=False)
+        self.lifted = torch.full((rows, length), -1.0)  # a plain tensor attribute: a lifted constant
+        self.write = write
+
+    def memory(self) -> torch.Tensor:
+        return torch.maximum(torch.maximum(self.mem, self.scratch), self.lifted)
+
+    def forward(self, idx):
+        seen = self.memory().long()
+        same = (idx == seen).long().cumprod(dim=1)  # the row agrees with the remembered one up to here
+        follows = torch.roll(seen, -1, 1).clamp(min=0)
+        boost = torch.nn.functional.one_hot(follows, self.table.num_embeddings).float() * same[..., None] * 30.0
+        if self.write is not None:
+            self.write(self, idx.float())
+        return self.table(idx) + boost
+
+
+def _aliased_add_out(m, x):
+    torch.ops.aten.add.out(x, torch.zeros_like(x), out=m.mem[:])
+
+
+MEMORY_WRITES = {
+    "parameter through a view": lambda m, x: m.mem[:].copy_(x),
+    "parameter through a flat view": lambda m, x: m.mem.view(-1).copy_(x.view(-1)),
+    "parameter through as_strided": lambda m, x: m.mem.as_strided(m.mem.shape, m.mem.stride()).copy_(x),
+    "parameter as an out= argument": _aliased_add_out,
+    "non-persistent buffer through a slice": lambda m, x: m.scratch[0:].index_copy_(0, torch.arange(x.shape[0]), x),
+    "lifted constant through a view": lambda m, x: m.lifted.view(m.lifted.shape).copy_(x),
+}
+
+
+@pytest.mark.parametrize("route", list(MEMORY_WRITES))
+def test_a_model_that_writes_its_tensors_scores_as_if_it_had_not(harness, route):
+    """Every call runs on fresh copies of the program's tensors: a model that stores what it is shown, through
+    whatever alias, scores bit for bit what the same model without the write scores."""
+    vocab = harness.get_tokenizer().vocab_size
+    shape = (harness.EVAL_BATCH, harness.MAX_SEQ_LEN)
+    example = torch.zeros(shape, dtype=torch.long)
+    torch.manual_seed(0)
+    cheat = Remembers(vocab, *shape, MEMORY_WRITES[route]).eval()
+    twin = Remembers(vocab, *shape, None).eval()
+    twin.load_state_dict(cheat.state_dict())
+    scores = {}
+    for name, model in (("cheat", cheat), ("twin", twin)):
+        with torch.no_grad():
+            program = torch.export.export(model, (example,))
+        if name == "cheat":  # the write is real: the plain module of the program remembers across calls
+            module, batch = program.module(), torch.randint(0, vocab, shape)
+            assert not torch.equal(module(batch), module(batch)), f"{route}: the cheat does not remember"
+        torch.export.save(program, harness.OUT_DIR.parent / f"{name}.pt2")
+        scores[name] = harness.evaluate(harness.OUT_DIR.parent / f"{name}.pt2")
+    assert scores["cheat"]["val_bpb_hex"] == scores["twin"]["val_bpb_hex"]
+    assert scores["cheat"]["probe_max_change"] == 0.0
+
+
+def test_every_call_starts_from_the_same_random_state(harness):
+    """A model that draws random numbers sees the same draws at every call: the generator's state carries
+    nothing from one call to the next (here: a model that could count its calls by its draws)."""
+    vocab = harness.get_tokenizer().vocab_size
+    shape = (harness.EVAL_BATCH, harness.MAX_SEQ_LEN)
+
+    class Draws(Bigram):
+        def forward(self, idx):
+            return self.table(idx) + torch.rand(()) * 100
+
+    with torch.no_grad():
+        program = torch.export.export(Draws(vocab), (torch.zeros(shape, dtype=torch.long),))
+    pure, batch = harness._PureProgram(program), torch.randint(0, vocab, shape)
+    assert torch.equal(pure(batch), pure(batch))
+
+
+def test_phase_2_fills_new_memory(tiny_data):
+    """Memory a call frees must not reach a later call's empty tensors: phase 2 fills new tensors (NaN), so a
+    model that reads them scores non-finite logits, a crash, never a memory of an earlier call."""
+    show = "import prepare, torch; print(torch.empty(4).isnan().all().item())"
+    seen = {}
+    for phase in ("eval", "train"):
+        env = {**os.environ, "AR_DATA_DIR": str(tiny_data), "AR_PROFILE": "cpu", "AR_PHASE": phase, "AR_DETERMINISTIC": ""}
+        run = subprocess.run([sys.executable, "-c", show], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        seen[phase] = run.stdout.strip()
+    assert seen["eval"] == "True"
+
+
+def test_programs_with_python_state_or_extra_outputs_are_refused(harness):
+    """Only ATen operators, the pure higher-order regions and indexing of their results are run; a graph
+    that calls a Python function, reads a tensor attribute of its own (state the fresh copies would not
+    cover) or returns more than the logits is refused."""
+    vocab = harness.get_tokenizer().vocab_size
+    shape = (harness.EVAL_BATCH, harness.MAX_SEQ_LEN)
+    for edit, message in ((lambda g: g.call_function(print, ("hello",)), "calls the Python function print"),
+                          (lambda g: g.get_attr("stash"), "reads the attribute stash")):
+        program = torch.export.export(Bigram(vocab), (torch.zeros(shape, dtype=torch.long),))
+        program.graph_module.register_buffer("stash", torch.zeros(1))
+        output = next(node for node in program.graph.nodes if node.op == "output")
+        with program.graph.inserting_before(output):
+            edit(program.graph)
+        with pytest.raises(harness.EvaluationError, match=message):
+            harness._check_pure(program)
+
+    class Pair(Bigram):
+        def forward(self, idx):
+            return self.table(idx), idx
+
+    with pytest.raises(harness.EvaluationError, match="return the logits and nothing else"):
+        harness._check_pure(torch.export.export(Pair(vocab), (torch.zeros(shape, dtype=torch.long),)))

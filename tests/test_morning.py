@@ -58,7 +58,7 @@ class RealisticBackend(FakeBackend):
 
     def _train(self, spec, behaviour, slow_seed):
         out = spec.out_dir
-        replay = out / "replay_trace.json"
+        replay = out / "replay_schedule.json"
         steps = json.loads(replay.read_text())["num_steps"] if replay.exists() else 20
         if behaviour == "noisy" and not replay.exists():
             steps += random.randint(0, 3)
@@ -78,7 +78,7 @@ class RealisticBackend(FakeBackend):
         spec.log_path.write_text("\n".join(lines) + "\nexported model to /out/model.pt2 in 0.1s\n")
         timed = min(16, steps - 3)  # 16 timed steps, fewer for a disturbed run
         trace = {"time_budget": float(spec.env["AR_TIME_BUDGET"]), "warmup_steps": 3, "num_steps": steps,
-                 "progress": [min(1.0, n / steps) for n in range(steps)],
+                 "progress": [n * 100 // steps / 100 for n in range(steps)],
                  "step_seconds": [0.0] * 3 + [TRAINING_SECONDS / timed] * timed + [0.0] * (steps - 3 - timed)}
         (out / "trace.json").write_text(json.dumps(trace))
         (out / "summary.json").write_text(json.dumps({"training_seconds": TRAINING_SECONDS, "num_steps": steps,

@@ -785,21 +785,34 @@ TRAINS_BEFORE_BUDGET = _harness_case("trains_before_budget", """
     prepare.finish(model, train(model))
 """, Status.OVER_BUDGET, _check_over_budget, budget_s=10.0, measured=True)
 
-def _check_no_cache_taken(outcome: ExperimentOutcome) -> None:
-    run_dir = outcome.train.log_path.parent
-    assert not (run_dir / contract.COMPILE_CACHE_FILE).exists(), "the host kept a compile cache that is a link"
+def _check_scored_without_memory(outcome: ExperimentOutcome) -> None:
+    # an untrained table scores about 2.5 here; with memory across calls its scores move from call to call
+    # (the harness before fresh copies ended it probe_failed), and a subtler one scored 0.16 against 3.45
+    assert outcome.val_bpb is not None and outcome.val_bpb > 2.0, outcome.val_bpb
+    assert outcome.result["probe_max_change"] == 0.0
 
 
-# A compile cache that is a link to a host file: were the host to follow it, it would copy the file into
-# the run directory and later mount it into another run.
-COMPILE_CACHE_LINK = _harness_case("compile_cache_link", """
-    model = Bigram()
-    prepare.finish(model, train(model))
-    cache = os.path.join(os.environ["AR_OUT_DIR"], "compile_cache.bin")
-    if os.path.lexists(cache):
-        os.remove(cache)
-    os.symlink("/etc/passwd", cache)
-""", Status.DONE, check_outcome=_check_no_cache_taken)
+# A model that stores each batch it is shown in its own parameter, written through a view (the graph's
+# write is to a slice, not to the parameter itself), and answers any row whose prefix it has seen: the
+# probe variants and the repeat check would hand it the answers if a call could see an earlier one.
+REMEMBERING_MODEL = _harness_case("remembering_model", """
+    class Remembers(torch.nn.Module):
+        def __init__(self, table):
+            super().__init__()
+            self.table = table
+            self.mem = torch.nn.Parameter(torch.full((prepare.EVAL_BATCH, T), -1.0), requires_grad=False)
+
+        def forward(self, idx):
+            seen = self.mem.long()
+            same = (idx == seen).long().cumprod(dim=1)
+            follows = torch.roll(seen, -1, 1).clamp(min=0)
+            boost = F.one_hot(follows, V).float() * same[..., None] * 30.0
+            self.mem[:].copy_(idx.float())
+            return self.table(idx) + boost
+
+    budget = train(Bigram())
+    prepare.finish(Remembers(Bigram().table), budget)  # untrained: all it knows, it would know from memory
+""", Status.DONE, check_outcome=_check_scored_without_memory)
 
 
 CASES: tuple[HostileCase, ...] = (
@@ -807,5 +820,5 @@ CASES: tuple[HostileCase, ...] = (
     READ_VAL_IN_TRAIN, READ_TRAIN_IN_EVAL, FORK_BOMB, MEMORY_HOG, SLEEP_PAST_DEADLINE, DETACHED_SURVIVOR,
     FILL_TMP, FAKE_VAL_BPB, ENV_SECRETS, NON_CAUSAL_MODEL, FORGED_TRAINING_OUTPUT, STATEFUL_MODEL,
     INPUT_WRITING_MODEL, POSITION_AWARE_LOOKAHEAD, SPARSE_LOOKAHEAD, BATCH_MIXING, CRAFTED_ARCHIVE, ARCHIVE_WITH_CODE,
-    TRAINS_AFTER_BUDGET, TRAINS_BEFORE_BUDGET, COMPILE_CACHE_LINK,
+    TRAINS_AFTER_BUDGET, TRAINS_BEFORE_BUDGET, REMEMBERING_MODEL,
 )

@@ -12,15 +12,18 @@ header says; since agents often miscount lines, one that does not match there
 applies at the single other place where all its old lines match, and is rejected
 when there is none or more than one. Hunks must be in file order, not overlapping.
 
-The result must parse and must differ from the parent in what it does: an
-unchanged syntax tree (comments, blank lines, formatting) is a no-op, and so is a
-change of seed values only (values assigned to names containing "seed", arguments
-of seeding calls such as `torch.manual_seed`, `seed=` keywords): run-to-run noise is
-measured separately, so re-seeding is no experiment.
+The result must parse, nest no deeper than MAX_NESTING levels, and differ from the
+parent in what it does: an unchanged syntax tree (comments, blank lines, formatting)
+is a no-op, and so is a change of seed values only (values assigned to names
+containing "seed", arguments of seeding calls such as `torch.manual_seed`, `seed=`
+keywords): run-to-run noise is measured separately, so re-seeding is no experiment.
 
 A missing final newline of the diff text is added, so trimmed agent output parses;
 a missing newline at the end of train.py is expressed only by
 `\\ No newline at end of file`, on either side of a hunk.
+
+The text is the agent's, so nothing in it may end a night: every error the checks meet
+(the parser's MemoryError on deep nesting among them) is a rejection with a reason.
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ from unidiff.errors import UnidiffParseError
 from unidiff.patch import Hunk
 
 from runner.errors import UserError
-from runner.inputs import MAX_DIFF_BYTES
+from runner.inputs import MAX_DIFF_BYTES, MAX_TRAIN_PY_BYTES
 
 log = structlog.get_logger(__name__)
 
 TARGET = "train.py"
-_HUNK_HEADER = re.compile(r"@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+# Line numbers and counts of a train.py under its size cap have at most 7 digits; longer ones
+# (beyond what int() converts) make the line no hunk header.
+_HUNK_HEADER = re.compile(r"@@ -(\d{1,9})(?:,(\d{1,9}))? \+(\d{1,9})(?:,(\d{1,9}))? @@")
 _INDEX = re.compile(r"index [0-9a-f]+\.\.[0-9a-f]+(?: (\d+))?")
 _TEXT_MODES = ("100644", "100755")
 _FORBIDDEN = (  # header lines describing something other than a text edit of train.py
@@ -52,6 +57,10 @@ _FORBIDDEN = (  # header lines describing something other than a text edit of tr
 )
 _NO_NEWLINE = "\\ No newline at end of file"
 _SEEDING_CALLS = ("default_rng", "RandomState")  # seeding callees whose name lacks "seed"
+# Syntax levels a train.py may nest. Training code nests under 20 (torch's deepest file, a long elif
+# chain, 97); the recursive tree walkers (ast.dump, ast.unparse, NodeTransformer) spend up to 5
+# frames a level of the interpreter's 1000, and where the parser itself gives up depends on the Python.
+MAX_NESTING = 100
 
 
 class DiffRejected(UserError):
@@ -66,7 +75,19 @@ class DiffRejected(UserError):
 
 
 def validate_and_apply(diff: str, base: str, *, max_bytes: int = MAX_DIFF_BYTES) -> str:
-    """Return the patched train.py text or raise DiffRejected."""
+    """Return the patched train.py text or raise DiffRejected, and nothing else, whatever the diff holds."""
+    try:
+        return _validate_and_apply(diff, base, max_bytes)
+    except DiffRejected:
+        raise
+    except Exception as exc:  # a check that failed on untrusted text in a way no rule foresaw
+        error = error_text(exc)
+        log.warning("diff.check_failed", error=error)
+        raise DiffRejected(f"The diff could not be checked ({error}); "
+                           "send a smaller, plainer unified diff of train.py.") from None
+
+
+def _validate_and_apply(diff: str, base: str, max_bytes: int) -> str:
     _check_text(diff, base, max_bytes)
     diff = _terminated(diff)
     outside, hunk_count = _scan(_lines(diff))
@@ -86,6 +107,12 @@ def changed_lines(diff: str) -> tuple[int, int]:
     return patch.added, patch.removed
 
 
+def error_text(exc: BaseException) -> str:
+    """An error met on the agent's text as "Class: message" on one line, clipped, for a reason sent back to it."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {_clip(message)}" if message else type(exc).__name__
+
+
 def _lines(text: str) -> list[str]:
     """Split on "\\n" only, keeping endings (str.splitlines also splits on form feeds)."""
     return io.StringIO(text).readlines()
@@ -95,13 +122,21 @@ def _terminated(diff: str) -> str:
     return diff if diff.endswith("\n") else diff + "\n"
 
 
+def _clip(text: str) -> str:
+    """At most 80 characters of the agent's text, for a reason that goes back to the agent."""
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _show(line: str) -> str:
-    text = line.rstrip("\r\n")
-    return repr(text if len(text) <= 80 else text[:77] + "...")
+    return repr(_clip(line.rstrip("\r\n")))
 
 
 def _check_text(diff: str, base: str, max_bytes: int) -> None:
-    size = len(diff.encode("utf-8", "replace"))
+    try:
+        size = len(diff.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # a lone surrogate, as a JSON "\\ud800" escape decodes to
+        raise DiffRejected(f"The diff contains a character that is not valid Unicode (U+{ord(diff[exc.start]):04X} "
+                           f"at character {exc.start}); send UTF-8 text.") from None
     if size > max_bytes:
         raise DiffRejected(f"The diff is {size} bytes, over the {max_bytes}-byte limit; propose a smaller change.")
     if "\0" in diff:
@@ -169,7 +204,7 @@ def _check_headers(outside: list[tuple[int, str]], hunk_count: int) -> None:
                 _check_path(path)
         elif index := _INDEX.fullmatch(line):
             if index[1] is not None and index[1] not in _TEXT_MODES:
-                mode = index[1]
+                mode = _clip(index[1])
                 raise DiffRejected(f"The diff makes train.py a symlink or submodule (mode {mode}); edit its text only.")
         else:
             raise DiffRejected(
@@ -187,16 +222,18 @@ def _check_path(path: str) -> None:
     kind = "a quoted" if path.startswith('"') else "an absolute" if path.startswith("/") else None
     kind = kind or ("a '..'" if ".." in path.split("/") else None)
     if kind:
-        raise DiffRejected(f"The diff uses {kind} path ({path}); write the paths as plain a/train.py and b/train.py.")
+        raise DiffRejected(f"The diff uses {kind} path ({_clip(path)}); "
+                           "write the paths as plain a/train.py and b/train.py.")
     if re.sub(r"^[ab]/", "", path) != TARGET:
-        raise DiffRejected(f"The diff may change train.py only, but it names {path!r}; send a diff of train.py alone.")
+        raise DiffRejected(f"The diff may change train.py only, but it names {_clip(path)!r}; "
+                           "send a diff of train.py alone.")
 
 
 def _patchset(diff: str) -> PatchSet:
     try:
         return PatchSet(diff)
     except UnidiffParseError as e:
-        problem = str(e).strip()
+        problem = _clip(str(e).strip())
         raise DiffRejected(f"The diff cannot be parsed ({problem}); send a plain unified diff of train.py.") from None
 
 
@@ -277,23 +314,14 @@ def _mismatch(number: int, old: list[str], base: list[str], start: int) -> str:
 def _check_result(base: str, patched: str) -> None:
     if patched == base:
         raise DiffRejected("The diff does not change train.py; propose an actual change.")
+    size = len(patched.encode("utf-8"))
+    if size > MAX_TRAIN_PY_BYTES:  # also what bounds the parser's memory
+        raise DiffRejected(f"The patched train.py would be {size} bytes, over the {MAX_TRAIN_PY_BYTES}-byte limit; "
+                           "make train.py smaller.")
+    after = _parse(patched)
     try:
-        _compare_trees(base, patched)
-    except RecursionError:  # the parser and the tree walkers recurse per nesting level
-        raise DiffRejected("The patched train.py nests code too deeply to parse; write flatter code.") from None
-
-
-def _compare_trees(base: str, patched: str) -> None:
-    try:
-        after = ast.parse(patched)
-    except SyntaxError as e:
-        raise DiffRejected(
-            f"The patched train.py has a syntax error at line {e.lineno}: {e.msg}; "
-            "fix the diff so that train.py stays valid Python."
-        ) from None
-    try:
-        before = ast.parse(base)
-    except SyntaxError:
+        before = _parse(base)
+    except DiffRejected:
         return  # a parent that does not parse leaves nothing to compare with
     if ast.dump(before) == ast.dump(after):
         raise DiffRejected("The diff only changes comments, blank lines or formatting (a no-op); change the code.")
@@ -302,6 +330,35 @@ def _compare_trees(base: str, patched: str) -> None:
             "The diff only changes seed values, which is not an experiment (run-to-run noise is measured "
             "separately); propose a change to the model, optimizer or training loop."
         )
+
+
+def _parse(source: str) -> ast.Module:
+    """The patched train.py's syntax tree, shallow enough for every recursive walker; else DiffRejected."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as e:  # too many nested parentheses or indentation levels among them
+        raise DiffRejected(
+            f"The patched train.py has a syntax error at line {e.lineno}: {_clip(e.msg)}; "
+            "fix the diff so that train.py stays valid Python."
+        ) from None
+    except (RecursionError, MemoryError):  # what CPython's parser raises for deep nesting, memory to spare or not
+        raise DiffRejected(f"The patched train.py nests code too deeply to parse (at most {MAX_NESTING} levels are "
+                           "allowed); write flatter code.") from None
+    levels = _depth(tree)
+    if levels > MAX_NESTING:
+        raise DiffRejected(f"The patched train.py nests code too deeply ({levels} levels, more than the {MAX_NESTING} "
+                           "allowed); write flatter code (split long chains and expressions).")
+    return tree
+
+
+def _depth(tree: ast.AST) -> int:
+    """How many levels the tree nests, counted without recursion (it must not fail on what it measures)."""
+    deepest, todo = 0, [(tree, 1)]
+    while todo:
+        node, level = todo.pop()
+        deepest = max(deepest, level)
+        todo.extend((child, level + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def _is_seed(node: ast.AST) -> bool:

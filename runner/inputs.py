@@ -1,12 +1,15 @@
 """The text files a user hands to the runner: UTF-8, and no larger than what they are for.
 
 Every command reads such a file through `read_text`, so a binary file, a file in
-another encoding or a huge one ends in one sentence (an `InputError`) before it
-is used, and never fills memory. The caps are here, in one place.
+another encoding, a huge one, or something that is no file at all (a FIFO, a device
+such as /dev/zero, a directory) ends in one sentence (an `InputError`) before it is
+used, and never fills memory or waits for a writer. The caps are here, in one place.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from runner.errors import InputError, os_error_sentence
@@ -20,7 +23,11 @@ MAX_AGENT_REPLY_BYTES = 2**20  # what an agent command prints: a proposal (one d
 def read_text(path: Path, what: str, max_bytes: int) -> str:
     """The UTF-8 text of `path` (`what` names it for the user); InputError when it cannot serve as one."""
     try:
-        with open(path, "rb") as file:
+        # Non-blocking, so that opening a FIFO does not wait for a writer; only a regular file is then read.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY), "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise InputError(f"{what} {path} is {_kind(mode)}, not a regular file; give the path of a file.")
             data = file.read(max_bytes + 1)
     except OSError as exc:
         raise InputError(f"cannot read {what}: {os_error_sentence(exc)}") from None
@@ -31,3 +38,10 @@ def read_text(path: Path, what: str, max_bytes: int) -> str:
     except UnicodeDecodeError as exc:
         raise InputError(f"{what} {path} is not UTF-8 text (byte {exc.start} cannot be decoded); "
                          "save it as UTF-8.") from None
+
+
+def _kind(mode: int) -> str:
+    """What a path that can be opened but is no regular file is, for the sentence."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device"

@@ -5,6 +5,11 @@ starts on the machine, so a runner killed at any point can resume from the
 ledger alone: rows left `proposed`, `built`, `training` or `evaluating` are the
 work still owed. WAL mode lets `status` and `review` read while the night writes;
 one connection guarded by a lock serves all worker threads.
+
+A ledger is never silently replaced: each row's directory (`e0001/`, ...) lies beside
+the ledger, so a new ledger where runs already lie, or an empty file in its place,
+would hand their ids out again and overwrite their logs and models. Both are refused
+in one sentence, and no id whose directory exists is ever handed out.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -174,6 +180,7 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_S = 10.0  # how long a statement waits for another process's lock before the ledger counts as locked
+_RUN_DIR = re.compile(r"e\d{4,}")  # a row's directory beside the ledger (exp_id)
 
 
 class LedgerError(UserError):
@@ -391,11 +398,26 @@ def exp_id(seq: int) -> str:
     return f"e{seq:04d}"
 
 
+def _refuse_replacing(path: Path) -> None:
+    """Refuse an empty file as a ledger, and a new ledger beside the runs of another: both would reuse their ids."""
+    runs = sorted((entry.name for entry in os.scandir(path.parent) if _RUN_DIR.fullmatch(entry.name)),
+                  key=lambda name: (len(name), name))
+    empty = path.is_file() and path.stat().st_size == 0
+    if empty and not runs:
+        raise LedgerUnavailable(f"the ledger {path} is an empty file, not a ledger; remove it to start the night "
+                                "afresh, or start another night with a new --tag.")
+    if runs and (empty or not path.exists()):
+        raise LedgerUnavailable(f"the ledger {path} is {'an empty file' if empty else 'missing'}, but {path.parent} "
+                                f"holds the runs {runs[0]} to {runs[-1]} of an earlier night; restore the ledger "
+                                "from a backup, or start another night with a new --tag.")
+
+
 class Ledger:
     """The SQLite ledger at `path` (created and migrated on open)."""
 
     def __init__(self, path: Path, migrations: tuple[str, ...] = MIGRATIONS) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _refuse_replacing(path)
         self.path = path
         self._lock = threading.RLock()
         try:
@@ -490,6 +512,12 @@ class Ledger:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM experiments").fetchone()[0]
+                if (directory := self.path.parent / exp_id(seq)).exists():
+                    raise LedgerUnavailable(
+                        f"{directory} already exists but the ledger {self.path} has no {exp_id(seq)}, so it is "
+                        "not the ledger its runs were recorded in; restore that one, or start another night "
+                        "with a new --tag."
+                    )
                 stamp = now()
                 row = {"seq": seq, "id": exp_id(seq), "kind": kind, "status": status,
                        "created_at": stamp, "updated_at": stamp, **fields}

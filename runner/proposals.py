@@ -3,6 +3,9 @@
 An invalid diff (or a reply without one) is sent back to the agent with the reason, up to
 `max_tries` times; then the proposal is recorded `rejected` with the last reason,
 so the agent sees its own failure in the history next time (DESIGN §3.5–3.6).
+Whatever the agent sends, and whichever agent, no proposal ends the night: a reply
+that fails to be read or checked in any way is such a rejection, and what the
+agent wrote is recorded as text the ledger can hold.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from pathlib import Path
 
 import structlog
 
-from runner.agents.base import Agent, Context, HistoryRow, Proposal, Usage
+from runner.agents.base import Agent, AgentError, Context, HistoryRow, Proposal, Usage
 from runner.agents.prompt import ReplyFormatError, harness_api_text
 from runner.decision import KEEP
-from runner.diffs import DiffRejected, validate_and_apply
+from runner.diffs import DiffRejected, error_text, validate_and_apply
 from runner.ledger import BASELINE, EXPERIMENT, Experiment
 from runner.records import PARSE_LOCK, Records
 from runner.settings import project_text
@@ -70,6 +73,12 @@ class Proposer:
             proposal = self.agent.propose(context)
         except ReplyFormatError as exc:  # a reply without a diff is refused like a diff that does not apply
             return Proposal(exc.description, "", exc.usage), None, exc.reason
+        except AgentError:  # no reply (an outage, a misconfiguration): the night's to handle
+            raise
+        except Exception as exc:  # making or reading the proposal failed on what the reply or train.py held
+            error = _storable(error_text(exc))
+            log.warning("proposal.unreadable", agent=self.agent.name, error=error)
+            return Proposal("", ""), None, f"the proposal could not be read ({error})"
         try:
             return proposal, validate_and_apply(proposal.diff, parent.train_py), ""
         except DiffRejected as exc:
@@ -77,8 +86,8 @@ class Proposer:
 
     def _record(self, status, train_py, parent, description, diff, attempts, usage, **fields) -> Experiment:
         return self.records.add(kind=EXPERIMENT, status=status, train_py=train_py, parent_id=parent.exp_id,
-                                description=description, diff=diff, agent=self.agent.name, attempts=attempts,
-                                **dataclasses.asdict(usage), **fields)
+                                description=_storable(description), diff=_storable(diff), agent=self.agent.name,
+                                attempts=attempts, **dataclasses.asdict(usage), **fields)
 
     def context(self, parent: Best, baseline_mean: float) -> Context:
         """What the agent sees: the parent's train.py, the history with deltas, the last failure."""
@@ -111,3 +120,8 @@ class Proposer:
 
 def _add_usage(a: Usage, b: Usage) -> Usage:
     return Usage(**{k: v + getattr(b, k) for k, v in dataclasses.asdict(a).items()})
+
+
+def _storable(text: object) -> str:
+    """What the agent sent, as text SQLite and a UTF-8 file can hold (a lone surrogate is kept as its escape)."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")

@@ -41,9 +41,9 @@ class Records:
         directory = self.dir(row.id)
         directory.mkdir(parents=True, exist_ok=True)
         if train_py is not None:
-            (directory / "train.py").write_text(train_py)
+            (directory / "train.py").write_text(train_py, encoding="utf-8")
         if row.diff:
-            (directory / "diff.patch").write_text(row.diff)
+            (directory / "diff.patch").write_text(row.diff, encoding="utf-8")
         log.info("experiment.added", exp=row.id, kind=kind, status=status, parent=row.parent_id,
                  description=row.description, reason=row.reject_reason)
         return row
@@ -52,12 +52,16 @@ class Records:
         return self.run_dir / exp_id
 
     def train_py(self, row: Experiment) -> str:
-        return (self.dir(row.id) / "train.py").read_text()
+        return (self.dir(row.id) / "train.py").read_text(encoding="utf-8")
 
     def params(self, train_py: str) -> dict:
-        """Its hyperparameter constants, shown to agents (none when the file does not parse)."""
+        """Its hyperparameter constants, shown to agents and never decisive: none when the file does not
+        parse, or defeats the parser or a tree walker (the baseline's train.py was never validated)."""
         try:
             with PARSE_LOCK:
                 return hyperparameters(train_py, self.profile)
         except SyntaxError:
+            return {}
+        except Exception as exc:
+            log.warning("params.unreadable", error=f"{type(exc).__name__}: {exc}")
             return {}

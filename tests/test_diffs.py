@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
 import io
 import re
+import types
 
 import pytest
 
+from runner import diffs
 from runner.diffs import DiffRejected, changed_lines, validate_and_apply
 
 BASE = '''"""Pretrain a small GPT within a fixed time budget."""
@@ -237,3 +240,112 @@ def test_changed_lines_counts_added_and_removed() -> None:
     assert changed_lines(make_diff(BASE, edit(("SEED = 42\n", "SEED = 42\nA = 1\nB = 2\n")))) == (2, 0)
     with pytest.raises(DiffRejected):
         changed_lines(hunks(ONE_HUNK))
+
+
+# -- pathological text: whatever a diff holds, it is applied or rejected with a reason, never an error ---------
+
+
+def appended(line: str, base: str = BASE) -> str:
+    """A diff that adds `line` at the end of train.py."""
+    return make_diff(base, base + line)
+
+
+def nested_ifs(levels: int) -> str:
+    return "".join(" " * i + "if GPU:\n" for i in range(levels)) + " " * levels + "pass\n"
+
+
+TOO_DEEP = "too deeply"
+DEEPER_THAN_ALLOWED = "levels, more than the 100 allowed"
+SYNTAX = "syntax error"
+PATHOLOGICAL = [
+    # deep nesting that CPython's parser itself fails on (MemoryError, RecursionError, SyntaxError)
+    pytest.param(appended("x = " + "-" * 10_000 + "1\n"), TOO_DEEP, id="unary-minus-10000"),
+    pytest.param(appended("x = " + "-" * 5_000 + "1\n"), TOO_DEEP, id="unary-minus-5000"),
+    pytest.param(appended("x = " + "not " * 10_000 + "1\n"), TOO_DEEP, id="unary-not-10000"),
+    pytest.param(appended("x = " + "lambda: " * 6_000 + "1\n"), TOO_DEEP, id="nested-lambdas"),
+    pytest.param(appended("x = " + "1 if 1 else " * 5_000 + "1\n"), TOO_DEEP, id="nested-conditional-expressions"),
+    pytest.param(appended("x = 2" + "**2" * 10_000 + "\n"), TOO_DEEP, id="power-chain"),
+    pytest.param(appended("x = a" + ".b" * 30_000 + "\n"), TOO_DEEP, id="attribute-chain-on-one-huge-line"),
+    pytest.param(appended("x = 1" + "+1" * 30_000 + "\n"), TOO_DEEP, id="binary-operator-chain-on-one-huge-line"),
+    pytest.param(appended("x = f" + "()" * 30_000 + "\n"), TOO_DEEP, id="call-chain"),
+    pytest.param(appended("x = a" + "[0]" * 20_000 + "\n"), TOO_DEEP, id="subscript-chain"),
+    pytest.param(appended("x = " + "(" * 300 + "1" + ")" * 300 + "\n"), SYNTAX, id="parentheses"),
+    pytest.param(appended("x = " + "[" * 300 + "]" * 300 + "\n"), SYNTAX, id="brackets"),
+    pytest.param(appended("x = " + "{1: " * 300 + "1" + "}" * 300 + "\n"), SYNTAX, id="braces"),
+    pytest.param(appended(nested_ifs(150)), SYNTAX, id="nested-if-statements"),
+    pytest.param(appended("x = " + "f'{" * 300 + "1" + "}'" * 300 + "\n"), (SYNTAX, TOO_DEEP), id="nested-f-strings"),
+    # nesting the parser takes but the tree walkers (here and in the agents) would not
+    pytest.param(appended("x = " + "-" * 150 + "1\n"), DEEPER_THAN_ALLOWED, id="unary-minus-150"),
+    pytest.param(appended("x = 1" + " + 1" * 150 + "\n"), DEEPER_THAN_ALLOWED, id="binary-operator-chain-150"),
+    pytest.param(appended("if GPU:\n    x = 0\n" + "elif GPU:\n    x = 1\n" * 150), DEEPER_THAN_ALLOWED,
+                 id="elif-chain-150"),
+    pytest.param(appended("x = " + "[" * 150 + "]" * 150 + "\n"), DEEPER_THAN_ALLOWED, id="brackets-150"),
+    # sizes and numbers
+    pytest.param(appended("x = " + "9" * 5_000 + "\n"), "Exceeds the limit", id="integer-literal-of-5000-digits"),
+    pytest.param(HEADER + "@@ -1," + "9" * 5_000 + " +1 @@\n-x\n", "no hunks", id="hunk-count-of-5000-digits"),
+    pytest.param(HEADER + "@@ -" + "9" * 5_000 + " +1 @@\n-x\n", "no hunks", id="hunk-start-of-5000-digits"),
+    # odd encodings and line endings
+    pytest.param(appended("x = 1\0\n"), "NUL", id="nul-byte"),
+    pytest.param(appended("x = 1\n").encode("utf-16").decode("latin-1"), "NUL", id="utf-16-read-as-latin-1"),
+    pytest.param("\ufeff" + ONE_HUNK, "not part of a unified diff", id="bom-before-the-diff"),
+    pytest.param(appended("\ufeffx = 1\n"), SYNTAX, id="bom-inside-an-added-line"),
+    pytest.param(appended("x = '\ud800'\n"), "not valid Unicode (U+D800", id="lone-surrogate"),
+    pytest.param(appended(b"x = caf\xe9\n".decode("utf-8", "replace")), "U+FFFD",
+                 id="invalid-utf-8-decoded-with-replacement-characters"),
+    pytest.param(ONE_HUNK.replace("\n", "\r"), "no hunks", id="cr-line-endings"),
+    pytest.param(ONE_HUNK.replace("\n", "\r\n"), "CRLF line endings but train.py uses LF", id="crlf-line-endings"),
+    # what nothing checks for by name
+    pytest.param(None, "could not be checked (AttributeError", id="no-text-at-all"),
+]
+
+
+@pytest.mark.parametrize(("diff", "reason"), PATHOLOGICAL)
+def test_pathological_diffs_are_rejected_with_a_reason(diff, reason) -> None:
+    with pytest.raises(DiffRejected) as rejected:
+        validate_and_apply(diff, BASE)
+    said = rejected.value.reason
+    assert any(part in said for part in ((reason,) if isinstance(reason, str) else reason)), said
+    assert said.endswith(".") and "\n" not in said and len(said) < 400, said
+
+
+def test_flat_huge_lines_are_valid_python() -> None:
+    """A 40 KB line of a chained comparison or a long list nests nothing: it is no reason for refusal."""
+    for line in ("x = 1" + " < 1" * 10_000 + "\n", "x = [" + "1, " * 13_000 + "]\n"):
+        assert validate_and_apply(appended(line), BASE) == BASE + line
+
+
+def test_a_long_path_or_prose_line_is_clipped_in_the_reason() -> None:
+    for diff in (make_diff(BASE, edit(DEEPER), fromfile="a/" + "x" * 60_000), "y" * 60_000 + "\n" + ONE_HUNK):
+        with pytest.raises(DiffRejected) as rejected:
+            validate_and_apply(diff, BASE)
+        assert len(rejected.value.reason) < 300
+
+
+def test_a_patched_train_py_over_its_size_cap_is_rejected() -> None:
+    base = "# " + "x" * (2**20 - len(BASE) - 10) + "\n" + BASE
+    with pytest.raises(DiffRejected, match="over the 1048576-byte limit"):
+        validate_and_apply(appended("LONGER = 'x'\n", base), base)
+
+
+PARSER_ERRORS = [
+    (MemoryError(), "too deeply to parse"),
+    (RecursionError("maximum recursion depth exceeded during ast construction"), "too deeply to parse"),
+    (SystemError("error return\nwithout exception set"), "could not be checked (SystemError: error return without"),
+    (OverflowError("Python int too large"), "could not be checked (OverflowError"),
+    (ValueError("source code string cannot contain null bytes"), "could not be checked (ValueError"),
+    (UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"), "could not be checked (UnicodeEncodeError"),
+]
+
+
+@pytest.mark.parametrize(("error", "reason"), PARSER_ERRORS, ids=[type(error).__name__ for error, _ in PARSER_ERRORS])
+def test_any_error_of_the_parser_is_a_rejection(error, reason, monkeypatch) -> None:
+    """Whatever the parser raises, of any class, becomes a rejection with a reason."""
+
+    def parse(source, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(diffs, "ast", types.SimpleNamespace(**{**vars(ast), "parse": parse}))  # the validator's parser only
+    with pytest.raises(DiffRejected) as rejected:
+        validate_and_apply(ONE_HUNK, BASE)
+    said = rejected.value.reason
+    assert reason in said and said.endswith(".") and "\n" not in said, said

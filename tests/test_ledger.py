@@ -1,14 +1,15 @@
 """The ledger: schema migrations, WAL, the lifecycle, resume bookkeeping, export."""
 
 import io
+import re
 import sqlite3
 import threading
 
 import pytest
 
 from runner.ledger import (
-    BASELINE, CONFIRM, EXPERIMENT, MIGRATIONS, SCHEMA_VERSION, Ledger, LedgerError, metric_columns, outcome_fields,
-    write_tsv,
+    BASELINE, CONFIRM, EXPERIMENT, MIGRATIONS, SCHEMA_VERSION, Ledger, LedgerError, LedgerUnavailable,
+    metric_columns, outcome_fields, write_tsv,
 )
 from sandbox.experiment import ExperimentOutcome
 from sandbox.spec import Killer, RunResult
@@ -108,6 +109,38 @@ def test_ids_stay_unique_with_many_writer_threads(ledger):
         t.join()
     ids = [row.id for row in ledger.experiments()]
     assert ids == [f"e{n:04d}" for n in range(1, 81)]
+
+
+def test_an_empty_file_is_no_ledger_and_stays_as_it_is(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    path.touch()
+    with pytest.raises(LedgerUnavailable, match="is an empty file, not a ledger"):
+        Ledger(path)
+    assert path.stat().st_size == 0
+
+
+@pytest.mark.parametrize("ledger_file", ["missing", "empty"])
+def test_no_ledger_is_made_beside_the_runs_of_another(tmp_path, ledger_file):
+    path = tmp_path / "ledger.sqlite"
+    for seq in (1, 2, 3, 4, 10_000):
+        (tmp_path / f"e{seq:04d}").mkdir()
+    if ledger_file == "empty":
+        path.touch()
+    with pytest.raises(LedgerUnavailable, match=re.escape(f"{tmp_path} holds the runs e0001 to e10000")):
+        Ledger(path)
+    left = {"e0001", "e0002", "e0003", "e0004", "e10000"} | ({"ledger.sqlite"} if ledger_file == "empty" else set())
+    assert {p.name for p in tmp_path.iterdir()} == left  # no ledger made, nothing written
+
+
+def test_no_id_is_handed_out_whose_run_directory_exists(ledger):
+    """A ledger restored from before its last runs: the next id is taken already, and refused."""
+    ledger.add(kind=EXPERIMENT, status="proposed")
+    (ledger.path.parent / "e0002").mkdir()
+    (ledger.path.parent / "e0002" / "train.log").write_text("an earlier run")
+    with pytest.raises(LedgerUnavailable, match="e0002 already exists but the ledger .* has no e0002"):
+        ledger.add(kind=EXPERIMENT, status="proposed")
+    assert [row.id for row in ledger.experiments()] == ["e0001"]
+    assert (ledger.path.parent / "e0002" / "train.log").read_text() == "an earlier run"
 
 
 def test_resume_bookkeeping(ledger):

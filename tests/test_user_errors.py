@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from runner import ledger as ledgers
 from runner.cli import main
 from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, RERUN, Experiment, Ledger
+from tests.test_diffs import make_diff
 from tests.test_morning import invoke, night, one_line_error, project  # noqa: F401 (fixtures)
 from sandbox.status import Status
 
@@ -95,6 +96,41 @@ def test_a_damaged_ledger_is_one_sentence_for_overnight_and_every_command(tmp_pa
     assert "is not a readable ledger" in error and "another night with a new --tag" in error
     for args in LEDGER_READERS:
         assert "is not a readable ledger" in one_line_error(morning(runs, *args)), args
+
+
+def _earlier_runs(run_dir: Path) -> dict[Path, bytes]:
+    """The run directories e0001-e0004 of an earlier night, with what they hold."""
+    files = {run_dir / f"e{seq:04d}" / name: f"{seq} {name}".encode() for seq in range(1, 5)
+             for name in ("train.log", "train.py")}
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+def test_an_empty_ledger_beside_earlier_runs_is_refused_and_nothing_is_overwritten(tmp_path, workdir):
+    runs = tmp_path / "runs"
+    files = _earlier_runs(runs / "t")
+    ledger = runs / "t" / "ledger.sqlite"
+    ledger.touch()
+    error = ends_in_one_sentence(overnight(runs))
+    assert error == (f"Error: the ledger {ledger} is an empty file, but {runs / 't'} holds the runs e0001 to e0004 of "
+                     "an earlier night; restore the ledger from a backup, or start another night with a new --tag.")
+    for args in LEDGER_READERS:
+        assert "is an empty file" in one_line_error(morning(runs, *args)), args
+    ledger.unlink()  # moved aside: no new ledger over the earlier runs either
+    error = ends_in_one_sentence(overnight(runs))
+    assert error == (f"Error: the ledger {ledger} is missing, but {runs / 't'} holds the runs e0001 to e0004 of an "
+                     "earlier night; restore the ledger from a backup, or start another night with a new --tag.")
+    assert not ledger.exists() and {path: path.read_bytes() for path in files} == files
+
+
+def test_an_empty_ledger_alone_is_refused_too(tmp_path, workdir):
+    (tmp_path / "runs" / "t").mkdir(parents=True)
+    (tmp_path / "runs" / "t" / "ledger.sqlite").touch()
+    assert "is an empty file, not a ledger; remove it to start the night afresh" in ends_in_one_sentence(
+        overnight(tmp_path / "runs"))
+    assert (tmp_path / "runs" / "t" / "ledger.sqlite").stat().st_size == 0
 
 
 @pytest.fixture
@@ -202,6 +238,53 @@ def test_check_diff_on_files_that_are_not_text_or_too_large(tmp_path, workdir):
     base.write_bytes(b"x = '\xe9'\n")
     error = ends_in_one_sentence(CliRunner().invoke(main, ["check-diff", str(good), "--base", str(base)]))
     assert "the base train.py" in error and "is not UTF-8 text" in error
+
+
+def test_check_diff_rejects_a_diff_that_defeats_the_parser_in_one_line(tmp_path, workdir):
+    """10,000 unary minus signs make CPython's parser raise MemoryError: a rejection like any other."""
+    train_py = (workdir / "train.py").read_text()
+    deep = tmp_path / "deep.diff"
+    deep.write_text(make_diff(train_py, train_py + "x = " + "-" * 10_000 + "1\n"))
+    done = subprocess.run([str(AUTORESEARCH), "check-diff", str(deep)], cwd=workdir, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert done.stdout.strip() == ("rejected: The patched train.py nests code too deeply to parse (at most 100 levels "
+                                   "are allowed); write flatter code."), done.stdout
+    assert done.stderr == ""
+
+
+def _good_diff(tmp_path: Path) -> Path:
+    diff = tmp_path / "good.diff"
+    diff.write_text("--- a/train.py\n+++ b/train.py\n@@ -1 +1 @@\n-x\n+y\n")
+    return diff
+
+
+@pytest.mark.parametrize("argument", ["diff", "base"])
+def test_check_diff_on_a_fifo_is_one_sentence_at_once(tmp_path, workdir, argument):
+    """A FIFO nobody writes to would make a plain open() wait forever."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    args = [str(fifo)] if argument == "diff" else [str(_good_diff(tmp_path)), "--base", str(fifo)]
+    done = subprocess.run([str(AUTORESEARCH), "check-diff", *args], cwd=workdir, capture_output=True, text=True,
+                          timeout=120)
+    what = "the diff" if argument == "diff" else "the base train.py"
+    assert (done.returncode, done.stdout) == (1, ""), done.stdout + done.stderr
+    assert done.stderr == f"Error: {what} {fifo} is a FIFO (named pipe), not a regular file; give the path of a file.\n"
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom", "/dev/null"])
+def test_check_diff_on_a_device_is_one_sentence(tmp_path, workdir, device):
+    """Neither read without end nor taken for an empty file, as the diff or as the base."""
+    for args, what in (([device], "the diff"), ([str(_good_diff(tmp_path)), "--base", device], "the base train.py")):
+        error = ends_in_one_sentence(CliRunner().invoke(main, ["check-diff", *args]))
+        assert error == f"Error: {what} {device} is a device, not a regular file; give the path of a file."
+
+
+def test_check_diff_on_a_directory_is_one_sentence(tmp_path, workdir):
+    result = CliRunner().invoke(main, ["check-diff", str(tmp_path)])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert lines[-1] == f"Error: Invalid value for 'DIFF_FILE': File '{tmp_path}' is a directory."
 
 
 @pytest.mark.parametrize("name, damage, message", [

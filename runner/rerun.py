@@ -193,10 +193,11 @@ def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
     _check_data(row, data_dir)
     budget, schedule = settings.get("time_budget"), None
     if exact:
-        trace = read_trace(run_dir / row.id / TRACE)
-        if trace is None:
-            raise RerunRefused(f"--exact needs the recorded budget trace {run_dir / row.id / TRACE}, which is missing "
-                               "or not a trace the harness writes.")
+        try:
+            trace = read_trace(run_dir / row.id / TRACE)
+        except contract.TraceError as error:
+            raise RerunRefused(f"--exact needs the recorded budget trace {run_dir / row.id / TRACE}, which is not "
+                               f"a trace the harness writes ({error}).") from None
         budget = trace.time_budget if budget is None else budget  # the night's own figure wins over train.py's
         schedule = contract.replay_schedule(trace)
     if budget is None:
@@ -313,8 +314,10 @@ def _reasons(plan: _RerunPlan, verdict: Verdict, backend: Backend, original_dir:
 
 
 def _steps(path: Path) -> int | None:
-    trace = read_trace(path)
-    return None if trace is None else trace.num_steps
+    try:
+        return read_trace(path).num_steps
+    except contract.TraceError:
+        return None
 
 
 def _sha256(path: Path) -> str | None:

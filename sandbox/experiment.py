@@ -206,16 +206,13 @@ def _finite(value: object) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def read_trace(path: Path) -> contract.Trace | None:
-    """Phase 1's budget trace, parsed strictly (contract.parse_trace), or None when it is missing or malformed."""
+def read_trace(path: Path) -> contract.Trace:
+    """Phase 1's budget trace, parsed strictly (contract.parse_trace); raises TraceError saying why not."""
     text = _read_phase1_file(path, contract.MAX_TRACE_BYTES)
     if text is None:
-        return None
-    try:
-        return contract.parse_trace(text)
-    except contract.TraceError as error:
-        log.warning("experiment.trace_refused", path=str(path), error=str(error))
-        return None
+        raise contract.TraceError("it is missing, not a regular file, not UTF-8 or larger than "
+                                  f"{contract.MAX_TRACE_BYTES} bytes")
+    return contract.parse_trace(text)
 
 
 def read_reported(out: Path) -> dict[str, float]:
@@ -229,10 +226,11 @@ def read_reported(out: Path) -> dict[str, float]:
             dropped.append(str(key)[:40])
         else:
             reported[key] = number
-    trace = read_trace(out / contract.TRACE_FILE)
-    if trace is not None:
-        reported["num_steps"] = float(trace.num_steps)
-        reported["training_seconds"] = trace.training_seconds
+    try:
+        trace = read_trace(out / contract.TRACE_FILE)
+        reported.update(num_steps=float(trace.num_steps), training_seconds=trace.training_seconds)
+    except contract.TraceError:
+        pass  # a run that ended before finish() wrote none; steps from the summary, if any
     if dropped:
         log.warning("experiment.reported_dropped", keys=dropped[:20], why="not a known key with a finite number")
     return reported

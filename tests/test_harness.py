@@ -122,7 +122,9 @@ def test_budget_record_and_replay(harness, tmp_path, monkeypatch):
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps(budget.trace()))
     assert budget.step_count > harness.WARMUP_STEPS and seen == budget.progress_log
+    assert all(round(p * contract.PROGRESS_GRID) / contract.PROGRESS_GRID == p for p in seen)  # on the grid
 
+    trace.write_text(contract.replay_schedule(contract.parse_trace(trace.read_text())))  # as the host writes it
     monkeypatch.setenv("AR_REPLAY", str(trace))
     replay, replayed = harness.Budget(seconds=0.3), []
     while not replay.done:

@@ -109,6 +109,18 @@ def remove_image(night, backend, name):  # noqa: F811
     backend.remove_image(next(r.image for r in rows_of(night) if r.id == night.ids[name]))
 
 
+def _add_to_trace(path: Path, **extra) -> None:
+    """What a train.py that stores its weights in its trace for a rerun would leave."""
+    path.write_text(json.dumps({**json.loads(path.read_text()), **extra}))
+
+
+def _link_trace(path: Path) -> None:
+    """A trace that is a link (to a file of the host, or one another run wrote) is not read."""
+    target = path.with_name("elsewhere.json")
+    path.rename(target)
+    path.symlink_to(target)
+
+
 @pytest.mark.parametrize("damage, exp, message", [
     (lambda n, b: (remove_image(n, b, "best"), setattr(b, "recipe", lambda: "another-recipe")), "best",
      "is not on this machine and cannot be rebuilt exactly (this machine builds from other inputs)"),
@@ -118,7 +130,11 @@ def remove_image(night, backend, name):  # noqa: F811
     (lambda n, b: (n.data / "val" / "tokens.bin").write_bytes(b"tampered"), "best",
      "the data of {best} is damaged ({data}/val/tokens.bin does not match the hash in its manifest)"),
     (lambda n, b: (n.data / "manifest.json").unlink(), "best", "the data of {best} is gone"),
-    (lambda n, b: (n.run_dir / n.ids["best"] / "out" / "trace.json").unlink(), "best", "--exact needs the recorded"),
+    (lambda n, b: (n.run_dir / n.ids["best"] / "out" / "trace.json").unlink(), "best", "--exact needs the recorded budget trace"),
+    (lambda n, b: _add_to_trace(n.run_dir / n.ids["best"] / "out" / "trace.json", stash="AAAA"), "best",
+     "not a trace the harness writes"),
+    (lambda n, b: _link_trace(n.run_dir / n.ids["best"] / "out" / "trace.json"), "best",
+     "not a trace the harness writes"),
     (lambda n, b: None, "crash", "{crash} crashed, so there is no val_bpb to reproduce"),
     (lambda n, b: None, "e0099", "no experiment e0099"),
 ])

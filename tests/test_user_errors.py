@@ -314,6 +314,7 @@ NOT_THE_USERS = {
     "runner.agents.base.AgentError": "an agent outage: recorded, waited out, the night goes on",
     "runner.agents.prompt.ReplyFormatError": "a reply without a diff: sent back to the agent",
     "contract.ResultError": "phase 2 printed no valid result: the experiment's failure",
+    "contract.TraceError": "phase 1 left a trace that is not the harness's: no figures from it, no exact rerun",
     "runner.cluster.NodeLost": "one cluster node failed a run: the run goes to another node, the night goes on",
     "runner.cluster_node.NodeRefused": "raised on a node, reaches the runner as a NodeLost",
 }

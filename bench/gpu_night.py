@@ -8,14 +8,13 @@ of bench/agents/nudge.py, which needs no agent library) with the baseline repeat
 --baseline-runs times, then reads the night's ledger: GPU duty cycle = Σ training seconds /
 wall seconds, experiments per hour, how the rest of the wall time splits into startup
 (compile), export, evaluation, image/snapshot builds and the remainder (agent, ledger,
-process start-up), and per run its start-up and which earlier run's compile cache it started from.
+process start-up), and per run its start-up.
 Reruns (`rerun` after the night) are left out: they ran outside the night's wall time.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -58,31 +57,16 @@ def main() -> int:
     return 0
 
 
-def compile_cache_sources(run_dir: Path) -> dict[str, str]:
-    """exp id -> the run whose compile cache it started from ("cold" when none), from the night's events."""
-    sources = {}
-    for line in (run_dir / "events.jsonl").read_text().splitlines() if (run_dir / "events.jsonl").exists() else []:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == "experiment.compile_cache":
-            sources[event["exp"]] = event.get("start_from") or "cold"
-    return sources
-
-
 def report(run_dir: Path, budget: float) -> None:
     ledger = Ledger(run_dir / "ledger.sqlite")
     night = ledger.nights()[-1]
     wall = ran_seconds(night, datetime.now(timezone.utc))
     rows = [r for r in ledger.experiments() if r.train_seconds and r.kind != RERUN]  # reruns come after the night
-    sources = compile_cache_sources(run_dir)
     print(f"{'run':6s} {'kind':10s} {'status':10s} {'val_bpb':>9s} {'steps':>6s} {'start-up s':>10s} "
-          f"{'phase 1 s':>9s} {'phase 2 s':>9s}  compile cache from")
+          f"{'phase 1 s':>9s} {'phase 2 s':>9s}")
     for r in rows:
         print(f"{r.id:6s} {r.kind:10s} {r.status.value:10s} {r.val_bpb or 0:9.6f} {r.num_steps or 0:6d} "
-              f"{r.reported.get('startup_seconds', 0):10.1f} {r.train_seconds or 0:9.1f} {r.eval_seconds or 0:9.1f}  "
-              f"{sources.get(r.id, '?')}")
+              f"{r.reported.get('startup_seconds', 0):10.1f} {r.train_seconds or 0:9.1f} {r.eval_seconds or 0:9.1f}")
     metrics = [r.reported for r in rows]  # start-up and export: as train.py reported them (untrusted)
     training = sum(r.training_seconds or 0 for r in rows)
     startup = sum(m.get("startup_seconds", 0) for m in metrics)

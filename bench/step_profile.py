@@ -9,8 +9,8 @@ Two parts, on the machine's first GPU:
    (cold compile), on random tokens (speed does not depend on the text): tokens/s and MFU as the
    harness counts them, start-up seconds, and the ten kernels that took most GPU time over three
    profiled steps. A variant is MODE/ATTENTION: MODE fast or det (the harness's deterministic
-   mode), ATTENTION auto (torch's own choice) or one backend forced for the whole run (cudnn, flash, efficient). The variant `fast/auto+cache` runs again from the compile cache the first
-   `fast/auto` run left, as a night's later runs do.
+   mode), ATTENTION auto (torch's own choice) or one backend forced for the whole run (cudnn, flash, efficient).
+   Every run compiles cold, as every run of a night does (no compile cache passes between runs).
 """
 
 from __future__ import annotations
@@ -109,15 +109,13 @@ print("BENCH " + json.dumps({"summary": summary, "top": [(e.key[:100], e.self_de
 """
 
 
-def run_variant(variant: str, budget: float, work: Path, cache_from: Path | None) -> dict:
-    mode, attention = variant.removesuffix("+cache").split("/")
+def run_variant(variant: str, budget: float, work: Path) -> dict:
+    mode, attention = variant.split("/")
     out = work / variant.replace("/", "-")
     env = {**os.environ, "AR_PROFILE": "gpu", "AR_PHASE": "train", "AR_OUT_DIR": str(out), "AR_TIME_BUDGET": str(budget),
            "BENCH_ATTENTION": attention, "TORCHINDUCTOR_CACHE_DIR": str(out / "inductor"), "PYTHONUNBUFFERED": "1"}
     if mode == "det":
         env.update(AR_DETERMINISTIC="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
-    if cache_from is not None:
-        env["AR_COMPILE_CACHE"] = str(cache_from)
     done = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True)
     line = next((l for l in done.stdout.splitlines() if l.startswith("BENCH ")), None)
     if line is None:
@@ -129,9 +127,6 @@ def run_variant(variant: str, budget: float, work: Path, cache_from: Path | None
           f"{s['num_steps']} steps, start-up {s['startup_seconds']:.1f} s, peak {s['peak_vram_mb'] / 1024:.1f} GiB")
     for name, share in result["top"]:
         print(f"    {100 * share:5.1f} %  {name}")
-    cache_lines = [l for l in done.stdout.splitlines() if "compile cache" in l]
-    for l in cache_lines:
-        print(f"    {l}")
     return result
 
 
@@ -139,19 +134,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=10.0)
     parser.add_argument("--variant", action="append",
-                        help="MODE/ATTENTION (default: fast/auto fast/auto+cache fast/cudnn det/auto)")
+                        help="MODE/ATTENTION (default: fast/auto fast/cudnn det/auto)")
     parser.add_argument("--attention-only", action="store_true")
     args = parser.parse_args()
     attention_table()
     if args.attention_only:
         return 0
-    variants = args.variant or ["fast/auto", "fast/auto+cache", "fast/cudnn", "det/auto"]
+    variants = args.variant or ["fast/auto", "fast/cudnn", "det/auto"]
     work = Path(tempfile.mkdtemp(prefix="step-profile-"))
     results = {}
     for variant in variants:
-        base = variant.removesuffix("+cache")
-        cache = work / base.replace("/", "-") / "compile_cache.bin" if variant.endswith("+cache") else None
-        results[variant] = run_variant(variant, args.budget, work, cache)
+        results[variant] = run_variant(variant, args.budget, work)
     print("\nvariant            M tok/s   MFU %   start-up s")
     for variant, result in results.items():
         if result:

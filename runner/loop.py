@@ -11,8 +11,8 @@ Order of a night:
   1. resume bookkeeping: rows left unfinished by an earlier runner become work owed;
   2. baseline: the unmodified train.py on R seeds, unless already done (a disturbed run's
      seed again), to measure the noise σ the keep rule starts from (DESIGN §3.7);
-  3. experiments until the hours or the experiment count run out, or Ctrl-C. Both limits are
-     totals of the night over all its invocations (runner.limits).
+  3. experiments until the hours or the experiment count run out, or `interrupt()` (Ctrl-C, through
+     runner.overnight). Both limits are totals of the night over all its invocations (runner.limits).
 
 The night's heartbeat (runner.heartbeat) tells `status` that it runs. With `--prune-images`,
 the images of experiments that were discarded or failed are removed as the night goes
@@ -45,7 +45,8 @@ from runner.errors import UserError, low_on_space, machine_problem
 from runner.gpus import Gpu
 from runner.heartbeat import Heartbeat, this_runner
 from runner.judge import Judge, flag_disturbed, next_seed
-from runner.ledger import BASELINE, EXPERIMENT, Experiment, Ledger, LedgerUnavailable, budget_account, outcome_fields
+from runner.ledger import (BASELINE, EXPERIMENT, RERUN, Experiment, Ledger, LedgerUnavailable, budget_account,
+                           outcome_fields)
 from runner.limits import NightLimits, proposals
 from runner.proposals import Best, Proposer
 from runner.pruning import prune_images
@@ -59,6 +60,7 @@ from sandbox.status import Status
 log = structlog.get_logger(__name__)
 
 AGENT_BACKOFF_S = (5.0, 300.0)  # first and longest wait after an agent error
+CANCEL_POLL_S = 0.2  # how often a worker waiting for a proposal looks whether the night was cancelled
 BASELINE_ROUNDS = 3  # rounds of baseline runs: the first, and reruns of seeds whose runs were disturbed
 RunFn = Callable[..., ExperimentOutcome]
 
@@ -104,8 +106,9 @@ class Slot:
 class _Prefetch:
     """The next experiment, proposed and built in a background thread."""
 
-    def __init__(self, prepare: Callable[[], Experiment | None]) -> None:
+    def __init__(self, prepare: Callable[[], Experiment | None], builds: threading.Lock) -> None:
         self._prepare = prepare
+        self._builds = builds  # held by a build under way (Night._images)
         self._done = threading.Event()
         self._row: Experiment | None = None
         self._error: BaseException | None = None
@@ -119,8 +122,14 @@ class _Prefetch:
         finally:
             self._done.set()
 
-    def wait(self) -> Experiment | None:
-        self._done.wait()
+    def wait(self, cancel: CancelToken) -> Experiment | None:
+        """The prepared row. Once the night is cancelled, None without waiting for the agent (it may take minutes
+        to answer; what it proposes is still recorded, owed to a resume, if the runner lives by then), but only
+        after a build under way has ended (seconds), so that its builder is gone before the runner exits."""
+        while not self._done.wait(CANCEL_POLL_S):
+            if cancel.cancelled:
+                with self._builds:
+                    return None
         if self._error is not None:
             raise self._error
         return self._row
@@ -184,7 +193,7 @@ class Night:
         return self.judge.best if self.judge else None
 
     def run(self, on_tick: Callable[[NightView], None] | None = None) -> str:
-        """Run the night; return why it stopped. Ctrl-C cancels running experiments cleanly."""
+        """Run the night; return why it stopped ("interrupted" after `interrupt()`)."""
         if on_tick is not None:
             self._tick = on_tick
         self.night_id = self.records.night_id = self.ledger.start_night(self.settings.tag, self._record(),
@@ -195,10 +204,6 @@ class Night:
         try:
             with Heartbeat(self.ledger, self.night_id):
                 reason = self._night()
-        except KeyboardInterrupt:
-            log.warning("night.interrupted", note="cancelling running experiments")
-            self.interrupt()
-            self._join()
         except UserError as exc:  # the night cannot go on: say why once, record the end
             self._stop_for(exc)
             reason = "error"
@@ -232,7 +237,9 @@ class Night:
         self._stop.set()
 
     def interrupt(self) -> None:
-        """Stop now: cancel what runs (recorded `cancelled`), start nothing new."""
+        """Stop now, from any thread: cancel what runs (recorded `cancelled`), start nothing new; work proposed
+        or built but not started stays owed to a resume. Never raised into the night: a KeyboardInterrupt at
+        an arbitrary line (inside a lock, a condition's wait) left experiments unrecorded and runs behind."""
         self._stop.set()
         self._cancel.cancel()
 
@@ -280,7 +287,8 @@ class Night:
         if reaped:
             log.info("night.reaped", leftovers=reaped)
         self._prune()  # what a killed invocation left
-        owed = self.ledger.unfinished()
+        # A rerun's row is the morning command's own: the night never runs it, even while that command does.
+        owed = [r for r in self.ledger.unfinished() if r.kind != RERUN]
         if owed:
             log.info("night.resume", owed=[f"{r.id}:{r.status}" for r in owed])
         self._queue(r for r in owed if r.kind == BASELINE)
@@ -378,8 +386,7 @@ class Night:
                 return
 
     def _join(self) -> None:
-        """Wait for the workers. Not Thread.join: on Python 3.11 a Ctrl-C inside it can mark
-        a running thread as stopped, and the cancelled experiment would go unrecorded."""
+        """Wait for the workers, redrawing the status line meanwhile."""
         for finished in self._finished:
             while not finished.wait(0.5):
                 self._tick(self.view())
@@ -401,7 +408,7 @@ class Night:
                 prefetch = prefetch or self._prefetch()
                 if prefetch is None:
                     break  # no more proposals this night
-                row, prefetch = prefetch.wait(), None
+                row, prefetch = prefetch.wait(self._cancel), None
                 if row is None:
                     continue  # rejected, or the agent failed
             if row is None:
@@ -410,7 +417,7 @@ class Night:
                 prefetch = prefetch or self._prefetch()
             self._execute(slot, row)
         if prefetch is not None and not self._cancel.cancelled:
-            row = prefetch.wait()  # at least it reaches the ledger as `built`: a resume runs it
+            row = prefetch.wait(self._cancel)  # at least it reaches the ledger as `built`: a resume runs it
             if row is not None and slot.retired:
                 self._queue([row])  # another slot runs it tonight
 
@@ -443,7 +450,7 @@ class Night:
                 return None
             self._proposals += 1
         parent = self.judge.best
-        return _Prefetch(lambda: self._prepare(parent))
+        return _Prefetch(lambda: self._prepare(parent), self._images)
 
     def _prepare(self, parent: Best) -> Experiment | None:
         try:
@@ -485,6 +492,8 @@ class Night:
         if row.status != Status.PROPOSED and row.image and self.backend.image_exists(row.image):
             return row
         with self._images:  # recorded before a prune may look: an image in use is never pruned
+            if self._stop.is_set():
+                return row  # the night stops: nothing more is built, the row stays owed
             started = time.monotonic()
             image = self.backend.build_image(self.records.train_py(row), row.id)
             fields = {"image": image, "build_seconds": time.monotonic() - started}
@@ -507,6 +516,8 @@ class Night:
             try:
                 slot.show(row.id, "building")
                 row = self._build(row)
+                if self._stop.is_set():
+                    break  # stopped during the build: the row stays owed, a resume runs it
                 outcome = self._run_phases(slot, row)
                 self._check_space(outcome)
             except Exception as exc:  # the backend or the machine failed, not the experiment
@@ -530,8 +541,7 @@ class Night:
 
     def _run_phases(self, slot: Slot, row: Experiment) -> ExperimentOutcome:
         gpu = slot.gpu
-        # A node's run records its GPU once it starts there; until then the night's model stands for it,
-        # so that the run is given the compile cache of earlier runs on that model.
+        # A node's run records its GPU once it starts there; until then the night's model stands for it.
         gpu_name = gpu.name if gpu else self.cluster.gpu_model if slot.node else None
         self.ledger.update(
             row.id, night_id=self.night_id, backend=self.backend.name, isolation=self.backend.isolation,

@@ -19,6 +19,13 @@ so the host keeps its own account of phase 1:
   within what honest runs needed. Training hidden in start-up or after the budget is
   caught this way even inside the wall allowances, which are only liveness bounds and
   can be generous: a slow or loaded machine stretches wall time, not compute.
+- **the step that straddles the budget's end**: the loop ends at the first step that finds
+  the budget done, so an honest run computes up to one step past it; a large model's step
+  can be longer than the allowance after the budget. That step is excused: the median of
+  the run's timed steps in its trace (written by train.py, parsed strictly: a long last
+  step is not a typical one), no longer than the host's own mean step (its compute during
+  the budget over the trace's steps), and at most MAX_STEP_SHARE of that compute, which
+  is all that a run claiming a few long steps can gain.
 
 Allowances come from measurement: `Allowance.measured_from` takes the figures of
 honest runs (the night's baselines) with a margin; before any run is measured,
@@ -28,11 +35,12 @@ defaults apply. A run that breaks the account ends `over_budget`.
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
 
-from contract import BUDGET_START_MARK
+from contract import BUDGET_START_MARK, Trace
 
 WALL_MARGIN, MIN_WALL_S = 2.0, 15.0  # wall allowances: liveness bounds, never less than MIN_WALL_S
 COMPUTE_MARGIN, MIN_COMPUTE_S = 1.5, 3.0  # compute allowances: the measured figure x margin, at least the floor
@@ -40,6 +48,7 @@ COMPUTE_MARGIN, MIN_COMPUTE_S = 1.5, 3.0  # compute allowances: the measured fig
 # and the export grow with the model, so a child with a larger model than the baseline's is not
 # taken for a cheat. It is also the slack a cheat has: 5 % of the budget's compute.
 SCALE_SHARE = 0.05
+MAX_STEP_SHARE = 0.2  # the longest step straddling the budget's end that is excused: a fifth of the budget's compute
 REPLAY_STRETCH = 1.25  # a replayed rerun stops at the recorded step count, which may take a little longer
 # CPU profile: the wall time a budget of CPU time may take on a loaded machine (a liveness bound only:
 # three nights on two cores gave one run a sixth of the machine).
@@ -134,6 +143,7 @@ class Account:
         self._gpu_metered = False
         self._cpu_total: float | None = None  # the largest cumulative CPU figure seen
         self._cpu_at = self.process_started  # when it was read
+        self._steps: tuple[float, ...] = ()  # the timed steps of the run's trace, known at its exit
         self._lock = threading.Lock()
 
     def on_line(self, line: str) -> None:
@@ -211,19 +221,31 @@ class Account:
                     "(training past the budget)")
         return self._off_budget(final=False)
 
-    def finish(self, exited: float | None = None) -> str | None:
-        """At the process's exit: why it spent compute off the budget, or None."""
+    def finish(self, exited: float | None = None, trace: Trace | None = None) -> str | None:
+        """At the process's exit: why it spent compute off the budget, or None. `trace`, the run's budget
+        trace parsed strictly (None: none, or not valid), tells the step that straddled the budget's end."""
         self.exited = time.monotonic() if exited is None else exited
+        self._steps = trace.step_seconds[trace.warmup_steps:] if trace is not None else ()
         if self.budget_started is None:
             return "the training budget never started (train.py must step prepare.Budget)"
         return self._off_budget(final=True)
+
+    def _straddle(self, during: float) -> float:
+        """The compute excused after the budget for the step that straddled its end (see the module's doc):
+        the trace's median step (per thread on the CPU profile, as the harness counts it) bounded by the
+        host's mean step and by MAX_STEP_SHARE of the budget's compute; none without a trace."""
+        if not self._steps:
+            return 0.0
+        median = statistics.median(self._steps) * (self.rule.cpu_threads or 1)
+        return min(median, during / len(self._steps), MAX_STEP_SHARE * during)
 
     def _off_budget(self, final: bool) -> str | None:
         """Why the compute spent outside the budget is more than allowed, or None.
 
         Before the exit (`final` false) a run is stopped as soon as the verdict cannot change:
-        its compute after the budget only grows, and its compute before the budget is held
-        to the allowance with the share of the most compute the budget itself can take."""
+        its compute after the budget only grows, and is held to the allowance with the longest
+        step any trace could have excused; its compute before the budget is held to the allowance
+        with the share of the most compute the budget itself can take."""
         allowance = self.rule.allowance
         with self._lock:
             if self._gpu_metered:  # on a GPU the GPU's time is the compute; the CPU compiles meanwhile
@@ -236,8 +258,9 @@ class Account:
                 return None
         share = SCALE_SHARE * spent["during"]  # a larger model's warm-up steps and export cost more
         before_share = share if final else SCALE_SHARE * most
+        step = self._straddle(spent["during"]) if final else MAX_STEP_SHARE * spent["during"]
         for period, limit, when in (("before", allowed[0] + before_share, "before the budget started"),
-                                    ("after", allowed[1] + share, "after the budget ended")):
+                                    ("after", allowed[1] + share + step, "after the budget ended")):
             if spent[period] > limit:
                 return f"{what} {spent[period]:.1f} s {when} (allowed {limit:.1f} s): training outside the budget"
         return None
@@ -256,5 +279,8 @@ class Account:
             "cpu_before_s": self.cpu["before"] if self._cpu_total is not None else None,
             "cpu_during_s": self.cpu["during"] if self._cpu_total is not None else None,
             "cpu_after_s": self.cpu["after"] if self._cpu_total is not None else None,
+            # the compute after the budget excused for the step that straddled its end (busy or CPU seconds)
+            "step_excused_s": self._straddle((self.busy if self._gpu_metered else self.cpu)["during"])
+            if self.exited is not None else None,
             "allowance": asdict(self.rule.allowance),
         }

@@ -6,6 +6,7 @@ the CPU time, and kills every member. On cgroup v2 the groups live under one del
 parent at the hierarchy's root. On cgroup v1 each controller is its own hierarchy, so a
 run has one directory per controller, made under the group this process is in (a v1
 host often puts the runner in a nested group it may write to, never at the root).
+`group_of` finds the group another manager made (a container's), to read its counters.
 """
 
 from __future__ import annotations
@@ -116,21 +117,46 @@ def _enable_controllers(group: Path, wanted: set[str]) -> None:
 
 def _v1_host() -> CgroupHost | None:
     """This process's own group in every mounted, writable v1 hierarchy of the controllers we use."""
-    own: dict[str, str] = {}
-    with open("/proc/self/cgroup") as lines:
-        for line in lines:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            own.update(dict.fromkeys(controllers.split(","), path))
+    own = _groups_of("self")
     parents: dict[str, Path] = {}
     for fs_root, point, fstype, options in _mountinfo():
         for controller in set(V1_CONTROLLERS) & options if fstype == "cgroup" else ():
-            path = own.get(controller)
-            if path is None or not (path + "/").startswith(fs_root.rstrip("/") + "/"):
-                continue  # our group is outside what this mount shows
-            folder = Path(point, os.path.relpath(path, fs_root))
-            if _writable(folder):
+            folder = _folder(fs_root, point, own.get(controller))
+            if folder is not None and _writable(folder):
                 parents.setdefault(controller, folder)
     return CgroupHost(1, parents) if "memory" in parents else None
+
+
+def _groups_of(pid: int | str) -> dict[str, str]:
+    """Controller -> the group process `pid` is in (cgroup v2's one group under ""); empty if it is gone."""
+    groups: dict[str, str] = {}
+    for line in _read_text(Path(f"/proc/{pid}/cgroup")).splitlines():
+        _, controllers, path = line.split(":", 2)
+        groups.update(dict.fromkeys(controllers.split(","), path))
+    return groups
+
+
+def _folder(fs_root: str, point: str, path: str | None) -> Path | None:
+    """The directory of group `path` under a mount (at `point`) of the hierarchy from `fs_root`; None if it is
+    outside what the mount shows."""
+    if path is None or not (path + "/").startswith(fs_root.rstrip("/") + "/"):
+        return None
+    return Path(point, os.path.relpath(path, fs_root))
+
+
+def group_of(pid: int) -> Cgroup | None:
+    """The group process `pid` is in, for its counters: its cgroup v1 memory and cpuacct directories, else its
+    cgroup v2 one; None where this host's mounts do not show it (a process of another machine or namespace)."""
+    groups, found = _groups_of(pid), {}
+    for fs_root, point, fstype, options in _mountinfo():
+        keys = {"memory", "cpuacct"} & options if fstype == "cgroup" else {""} if fstype == "cgroup2" else set()
+        for key in keys:  # "": the v2 group
+            folder = _folder(fs_root, point, groups.get(key))
+            if folder is not None and folder.is_dir():
+                found.setdefault(key, str(folder))
+    if "memory" in found and "cpuacct" in found:
+        return Cgroup(1, {"memory": found["memory"], "cpuacct": found["cpuacct"]})
+    return Cgroup(2, {"memory": found[""]}) if "" in found else None
 
 
 class Cgroup:
@@ -205,6 +231,11 @@ class Cgroup:
         name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"  # v2: kernel >= 5.19
         peak = self._read("memory", name).strip()
         return int(peak) if peak.isdigit() else None
+
+    def memory_bytes(self) -> int | None:
+        """The memory in use now (a sampler's peak where the kernel keeps none)."""
+        usage = self._read("memory", "memory.current" if self.version == 2 else "memory.usage_in_bytes").strip()
+        return int(usage) if usage.isdigit() else None
 
     def kill(self) -> None:
         kill_file = self._file("memory", "cgroup.kill")

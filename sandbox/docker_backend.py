@@ -29,6 +29,7 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, LogConfig, Mount
 
 from sandbox import images
+from sandbox.cgroups import Cgroup, group_of
 from sandbox.gpu_watchdog import Reader
 from sandbox.processes import identity_alive, process_identity
 from sandbox.runlog import LineLog
@@ -224,11 +225,26 @@ class _ContainerRun:
         self._exited = threading.Event()
         self._pump = threading.Thread(target=_pump_logs, args=(container, line_log), daemon=True)
         self._peak_memory = 0
+        self._group: Cgroup | None = None
 
     def start(self) -> None:
         self._container.start()
         threading.Thread(target=_wait, args=(self._container, self._exited), daemon=True).start()
         self._pump.start()
+        self._group = self._find_group()
+
+    def _find_group(self) -> Cgroup | None:
+        """The container's cgroup on this host (its path names the container, so a reused pid finds nothing);
+        None where the runner cannot see it (an engine on another machine or in a VM)."""
+        try:
+            self._container.reload()
+        except _DOCKER_ERRORS:
+            return None
+        pid = self._container.attrs["State"].get("Pid")
+        group = group_of(pid) if pid else None
+        if group is None or not all(self._container.id in folder for folder in group.dirs.values()):
+            return None
+        return group
 
     def wait(self, timeout_s: float) -> bool:
         return self._exited.wait(timeout_s)
@@ -248,18 +264,25 @@ class _ContainerRun:
             return set()
 
     def meter(self) -> float | None:
-        """CPU seconds from the engine's stats, which also give the memory peak (cgroup v1 `max_usage`;
-        current usage on v2); none once the container has exited (the engine has no figures then)."""
-        if self._exited.is_set():
+        """CPU seconds from the container's cgroup, read on the host: cheap enough for every poll, so the last
+        reading before the engine removes the group at the exit misses at most a poll of the run. Where the
+        group is out of sight, from the engine's stats, which take a second each and have no figures after
+        the exit: the budget account then misses the run's last second or two. Either gives the memory peak."""
+        if self._group is not None:
+            cpu, memory = self._group.cpu_seconds(), self._group.peak_bytes() or self._group.memory_bytes()
+        elif self._exited.is_set():
             return None
-        try:
-            stats = self._container.stats(stream=False, one_shot=True)
-        except _DOCKER_ERRORS:
-            return None
-        memory = stats.get("memory_stats") or {}
-        self._peak_memory = max(self._peak_memory, int(memory.get("max_usage") or memory.get("usage") or 0))
-        cpu = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
-        return cpu / 1e9 if cpu else None
+        else:
+            try:
+                stats = self._container.stats(stream=False, one_shot=True)
+            except _DOCKER_ERRORS:
+                return None
+            memory_stats = stats.get("memory_stats") or {}
+            memory = memory_stats.get("max_usage") or memory_stats.get("usage")
+            usage = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
+            cpu = usage / 1e9 if usage else None
+        self._peak_memory = max(self._peak_memory, int(memory or 0))
+        return cpu
 
     def oom_seen(self) -> bool:
         return False  # the engine tells an OOM kill only at the exit (State.OOMKilled)

@@ -21,11 +21,14 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import structlog
 
+from contract import TRACE_FILE, TraceError
 from sandbox.budget_guard import Account
+from sandbox.experiment import read_trace
 from sandbox.gpu_watchdog import GpuWatchdog, Reader
 from sandbox.runlog import LineLog
 from sandbox.spec import CancelToken, Killer, RunResult, RunSpec
@@ -33,8 +36,7 @@ from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
 
-POLL_S = 0.1  # how often the supervisor looks at the run
-METER_S = 0.5  # how often the run's CPU time (the budget guard's meter) and memory are read
+POLL_S = 0.1  # how often the supervisor looks at the run and reads its meter (CPU time, memory)
 KILL_GRACE_S = 30.0  # how long a killed run may take to end before it is reported and left to reap()
 _SIGKILL_EXIT = 128 + signal.SIGKILL
 
@@ -68,7 +70,8 @@ class Supervised(Protocol):
         ...
 
     def meter(self) -> float | None:
-        """The CPU seconds the run has used so far (None: unknown); a backend that samples memory notes its peak."""
+        """The CPU seconds the run has used so far (None: unknown); a backend that samples memory notes its peak.
+        Read at every poll, and once more after the exit (the run's final figure, where it still has one)."""
         ...
 
     def oom_seen(self) -> bool:
@@ -98,12 +101,17 @@ def classify(killer: Killer, exit_code: int | None, oom_killed: bool | None) -> 
     return Status.CRASH, Killer.NONE
 
 
-def settle_budget(account: Account | None, exited_at: float, status: Status, killer: Killer,
+def settle_budget(account: Account | None, exited_at: float, out_dir: Path, status: Status, killer: Killer,
                   line_log: LineLog) -> tuple[Status, Killer]:
-    """After the process ended: a run that exited by itself but spent compute off its budget is over_budget."""
+    """After the process ended: a run that exited by itself but spent compute off its budget (beyond the step
+    that straddled its end, which its trace in `out_dir` tells) is over_budget."""
     if account is None:
         return status, killer
-    why = account.finish(exited_at)
+    try:
+        trace = read_trace(out_dir / TRACE_FILE)
+    except TraceError:  # none, or not what the harness writes: no step is excused
+        trace = None
+    why = account.finish(exited_at, trace)
     if why and killer is Killer.NONE and status is Status.OK:  # a crash scores nothing anyway: it stays a crash
         line_log.note(f"over budget: {why}")
         return Status.OVER_BUDGET, Killer.BUDGET
@@ -176,7 +184,7 @@ class Supervisor:
             account.on_cpu_total(cpu_seconds, exited_at)
         ended = run.report()
         status, killer = classify(stopper.killer, ended.exit_code, ended.oom_killed)
-        status, killer = settle_budget(account, exited_at, status, killer, self.log)
+        status, killer = settle_budget(account, exited_at, spec.out_dir, status, killer, self.log)
         if status is Status.OOM:
             self.log.note(f"killed by the kernel's OOM killer (memory limit {spec.limits.memory_bytes} bytes)")
         return Ending(status, ended.exit_code, killer, ended.peak_memory_bytes,
@@ -185,7 +193,6 @@ class Supervisor:
     def _watch(self, run: Supervised, stopper: _Stopper, cancel: CancelToken | None, started: float) -> None:
         """Until the run has exited, or has outlived its kill by the grace."""
         spec, account = self.spec, self.account
-        next_meter = started
         while not run.wait(POLL_S):
             now = time.monotonic()
             if stopper.at is not None:
@@ -194,11 +201,9 @@ class Supervisor:
                     log.error("supervision.unkillable", run_id=spec.run_id, killer=stopper.killer.value)
                     return
                 continue
-            if now >= next_meter:
-                cpu_seconds = run.meter()
-                next_meter = now + METER_S
-                if account is not None and cpu_seconds is not None:
-                    account.on_cpu_total(cpu_seconds, now)
+            cpu_seconds = run.meter()  # every poll: where no final figure comes, the last is at most a poll old
+            if account is not None and cpu_seconds is not None:
+                account.on_cpu_total(cpu_seconds, now)
             if cancel is not None and cancel.cancelled:
                 stopper.stop(Killer.CANCEL, "cancelled by the runner")
             elif now - started >= spec.deadline_s:

@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 
 import contract
 from runner.ledger import outcome_fields
-from sandbox.budget_guard import Allowance
+from sandbox.budget_guard import MIN_COMPUTE_S, SCALE_SHARE, Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.spec import Backend, Limits, Mount, Phase, RunSpec
 from sandbox.status import Status
@@ -815,10 +815,48 @@ REMEMBERING_MODEL = _harness_case("remembering_model", """
 """, Status.DONE, check_outcome=_check_scored_without_memory)
 
 
+# After the budget: more of the same training for just under what the allowance after the budget gives (its floor
+# and its share; the allowance is measured on an honest run), then the export. An account that missed the
+# export passed it: docker's stopped at its last sample before the exit.
+_TRAINS_INSIDE_THE_AFTER_ALLOWANCE = f"""
+    def train_for_cpu(model, cpu_seconds):
+        loader, opt = prepare.make_dataloader(8), torch.optim.Adam(model.parameters(), lr=0.05)
+        end = time.process_time() + cpu_seconds
+        while time.process_time() < end:
+            x, y = next(loader)
+            loss = F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    model = Bigram()
+    budget = train(model)
+    extra = {MIN_COMPUTE_S} + {SCALE_SHARE} * budget.seconds * prepare.CPU_THREADS - 0.25
+    train_for_cpu(model, extra)
+    prepare.finish(model, budget)
+"""
+
+TRAINS_INSIDE_THE_AFTER_ALLOWANCE = _harness_case(
+    "trains_inside_the_after_allowance", _TRAINS_INSIDE_THE_AFTER_ALLOWANCE, Status.OVER_BUDGET, _check_over_budget,
+    budget_s=10.0, measured=True)
+
+# The same, then the trace says that its last step took all that time: the step that straddles the budget's end
+# is excused, but only one as long as the run's usual step.
+CLAIMS_A_GIANT_LAST_STEP = _harness_case("claims_a_giant_last_step", _TRAINS_INSIDE_THE_AFTER_ALLOWANCE + """
+    path = os.path.join(os.environ["AR_OUT_DIR"], "trace.json")
+    with open(path) as f:
+        trace = json.load(f)
+    trace["step_seconds"][-1] += extra / prepare.CPU_THREADS  # the budget's clock: CPU time per thread
+    with open(path, "w") as f:
+        json.dump(trace, f)
+""", Status.OVER_BUDGET, _check_over_budget, budget_s=10.0, measured=True)
+
+
 CASES: tuple[HostileCase, ...] = (
     NETWORK_INTERFACES, NETWORK_CONNECT, NETWORK_DNS, HOST_ENDPOINTS, HOST_FILES, WRITE_OUTSIDE_OUT, WRITE_OUT_IN_EVAL,
     READ_VAL_IN_TRAIN, READ_TRAIN_IN_EVAL, FORK_BOMB, MEMORY_HOG, SLEEP_PAST_DEADLINE, DETACHED_SURVIVOR,
     FILL_TMP, FAKE_VAL_BPB, ENV_SECRETS, NON_CAUSAL_MODEL, FORGED_TRAINING_OUTPUT, STATEFUL_MODEL,
     INPUT_WRITING_MODEL, POSITION_AWARE_LOOKAHEAD, SPARSE_LOOKAHEAD, BATCH_MIXING, CRAFTED_ARCHIVE, ARCHIVE_WITH_CODE,
-    TRAINS_AFTER_BUDGET, TRAINS_BEFORE_BUDGET, REMEMBERING_MODEL,
+    TRAINS_AFTER_BUDGET, TRAINS_BEFORE_BUDGET, REMEMBERING_MODEL, TRAINS_INSIDE_THE_AFTER_ALLOWANCE,
+    CLAIMS_A_GIANT_LAST_STEP,
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import docker_backend, images
+from sandbox import cgroups, docker_backend, images
 from docker.models.containers import _create_container_args
 
 from sandbox.docker_backend import OWNER_LABEL, RUN_LABEL, DockerBackend, container_config, process_identity
@@ -118,6 +118,27 @@ def test_gpu_request_is_the_experiments_gpu_alone(tmp_path):
 
     cpu = _create_container_args({**container_config(_spec(tmp_path, "sha256:img", "pass")), "version": "1.41"})
     assert "DeviceRequests" not in cpu["host_config"] and cpu["environment"]["NVIDIA_VISIBLE_DEVICES"] == "void"
+
+
+def test_a_containers_cgroup_is_found_under_this_hosts_mounts(tmp_path, monkeypatch):
+    """The group the budget meter reads: cgroup v1's memory and cpuacct directories (cpuacct mounted with cpu
+    here, as systemd does), else the v2 one; none where the mounts do not show it (another cgroup namespace)."""
+    scope = "/system.slice/docker-c0ffee.scope"
+    for hierarchy in ("memory", "cpu,cpuacct", "unified"):
+        (tmp_path / hierarchy / scope.lstrip("/")).mkdir(parents=True)
+    v1 = [("/", str(tmp_path / "memory"), "cgroup", {"rw", "memory"}),
+          ("/", str(tmp_path / "cpu,cpuacct"), "cgroup", {"rw", "cpu", "cpuacct"})]
+    v2 = [("/", str(tmp_path / "unified"), "cgroup2", {"rw"})]
+    monkeypatch.setattr(cgroups, "_groups_of", lambda pid: {"memory": scope, "cpu": scope, "cpuacct": scope, "": scope})
+
+    def found(mounts):
+        monkeypatch.setattr(cgroups, "_mountinfo", lambda: mounts)
+        group = cgroups.group_of(42)
+        return group and (group.version, group.dirs)
+
+    assert found(v1 + v2) == (1, {"memory": f"{tmp_path}/memory{scope}", "cpuacct": f"{tmp_path}/cpu,cpuacct{scope}"})
+    assert found(v2) == (2, {"memory": f"{tmp_path}/unified{scope}"})
+    assert found([("/runner", str(tmp_path / "unified"), "cgroup2", {"rw"})]) is None
 
 
 # -----------------------------------------------------------------------------
@@ -318,6 +339,24 @@ def test_memory_limit_is_oom(backend, tmp_path):
     result = backend.run(spec)
     assert (result.status, result.killed_by) == (Status.OOM, Killer.OOM_KILLER)
     assert result.exit_code != 0
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("group_in_sight", [True, False])
+def test_the_meter_reads_the_containers_cgroup_else_the_engines_stats(backend, tmp_path, monkeypatch, group_in_sight):
+    """On this host the runner sees the container's cgroup; where it cannot (an engine in a VM), the engine's
+    stats stand in. Either gives the peak memory."""
+    real_group_of, found = docker_backend.group_of, []
+
+    def group_of(pid: int):
+        found.append(real_group_of(pid))
+        return found[-1] if group_in_sight else None
+
+    monkeypatch.setattr(docker_backend, "group_of", group_of)
+    result = backend.run(_spec(tmp_path, backend.base_id, "import time; x = b'x' * (64 * 2**20); time.sleep(3)"))
+    assert result.status is Status.OK, result.log_tail
+    assert result.peak_host_memory_bytes >= 64 * 2**20
+    assert len(found) == 1 and found[0] is not None  # this host shows it
 
 
 @pytest.mark.docker

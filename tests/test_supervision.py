@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from contract import BUDGET_START_MARK
+from contract import BUDGET_START_MARK, TRACE_FILE
 from sandbox import supervision
-from sandbox.budget_guard import Allowance, BudgetRule
+from sandbox.budget_guard import Account, Allowance, BudgetRule
 from sandbox.gpu_watchdog import GpuSample
+from sandbox.runlog import LineLog
 from sandbox.spec import CancelToken, Killer, Limits, Phase, RunSpec
 from sandbox.status import Status
-from sandbox.supervision import Exit, Supervisor, classify
+from sandbox.supervision import Exit, Supervisor, classify, settle_budget
 
 
 @pytest.mark.parametrize(
@@ -187,3 +189,34 @@ def test_the_log_holds_the_runs_lines_then_the_reason(tmp_path):
     result = _supervise(_spec(tmp_path, deadline_s=0.5), ScriptedRun(), lines=["step 1", "step 2"])
     assert (tmp_path / "run.log").read_text().splitlines() == ["step 1", "step 2", "[sandbox] deadline of 0.5 s reached"]
     assert result.log_tail.splitlines()[-1] == "[sandbox] deadline of 0.5 s reached"
+
+
+def test_the_runs_trace_tells_the_step_that_straddled_the_budgets_end(tmp_path):
+    """5 steps of 4 CPU seconds in a budget of 16 (8 s on two threads), the last one mostly after it: excused
+    when the trace in /out says so, and as the harness writes it; anything else in its place excuses nothing."""
+    trace = {"time_budget": 8.0, "warmup_steps": 0, "num_steps": 5, "progress": [0.0, 0.225, 0.475, 0.725, 0.975],
+             "step_seconds": [1.8, 2.0, 2.0, 2.0, 2.0]}
+    allowance = Allowance(startup_s=15, export_s=15, busy_before_s=3, busy_after_s=3, cpu_before_s=3, cpu_after_s=3)
+
+    def settle(text: str | None) -> tuple[Status, Killer]:
+        out = tmp_path / "out"
+        out.mkdir(exist_ok=True)
+        (out / TRACE_FILE).unlink(missing_ok=True)
+        if text is not None:
+            (out / TRACE_FILE).write_text(text)
+        account = Account(BudgetRule(8.0, allowance, cpu_threads=2), started=1000.0)
+        account.on_cpu_total(0.0, at=1000.0)
+        account.budget_started = 1000.0
+        account.on_cpu_total(21.1, at=1012.0)  # 3.6 s of the last step and 1.5 s of export after the budget
+        line_log = LineLog(tmp_path / "run.log")
+        try:
+            return settle_budget(account, 1012.5, out, Status.OK, Killer.NONE, line_log)
+        finally:
+            line_log.close()
+
+    assert settle(json.dumps(trace)) == (Status.OK, Killer.NONE)
+    over = (Status.OVER_BUDGET, Killer.BUDGET)
+    assert settle(None) == over
+    assert settle(json.dumps({**trace, "step_seconds": [1.8, 2.0, 2.0, 2.0, "2.0"]})) == over
+    assert settle(json.dumps({**trace, "extra": 1})) == over
+    assert settle(json.dumps(trace).replace("1.8", "NaN")) == over

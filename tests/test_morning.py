@@ -398,4 +398,4 @@ def test_half_written_experiment_directories(night):
     assert invoke(night.runs, "status").exit_code == 0
     assert invoke(night.runs, "report").exit_code == 0
     refused = one_line_error(invoke(night.runs, "rerun", ids["best"], "--exact"))
-    assert "--exact needs the recorded budget trace" in refused and "missing or unreadable" in refused
+    assert "--exact needs the recorded budget trace" in refused and "not a trace the harness writes" in refused

@@ -78,7 +78,7 @@ def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, 
               baseline_runs, alpha, max_runs, min_delta, max_diff_retries, deterministic, gpu_memory_cap, base_image,
               prune_images, cluster) -> None:
     """Run the experiment loop for the night (resume with the same --tag)."""
-    from runner.overnight import run_overnight
+    from runner.overnight import Interrupted, run_overnight
 
     settings = Settings(
         tag=tag or default_tag(), hours=hours, max_experiments=max_experiments, agent=agent,
@@ -89,9 +89,9 @@ def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, 
     )
     try:
         run_overnight(settings)
-    except KeyboardInterrupt:
-        click.echo("stopped at once (second Ctrl-C); resume with the same --tag.", err=True)
-        sys.exit(130)
+    except Interrupted as stop:  # Ctrl-C, SIGTERM or SIGHUP (runner.overnight.Presses)
+        click.echo(str(stop), err=True)
+        sys.exit(stop.exit_code)
 
 
 @main.command("check-diff")

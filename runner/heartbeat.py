@@ -1,4 +1,10 @@
-"""The running night's sign of life: a timestamp in the ledger, renewed while its runner lives.
+"""Who runs a night: a lock its runner holds, and a sign of life in the ledger, renewed while it lives.
+
+One runner per night: `sole_runner` holds an advisory lock on a file of the night's directory for
+the runner's lifetime, and refuses a second runner of the same night with one sentence that names
+the first. The kernel releases the lock when the process ends, however it ends, so a killed
+runner never blocks a resume. A runner on another machine that shares the runs directory (where
+the file system may not lock) is told by its heartbeat instead (`refuse_if_running`).
 
 Each invocation of `overnight` is a row of the ledger's `nights`. While it runs, a thread
 writes the time to that row every HEARTBEAT_S, and the row names the runner process
@@ -11,14 +17,19 @@ night's `--hours` (runner.limits) and its wall time count what the runner really
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import threading
-from datetime import datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import structlog
 
+from runner.errors import UserError
 from runner.ledger import Ledger, LedgerUnavailable, parse_time
 from sandbox.processes import identity_alive, process_identity
 
@@ -26,6 +37,11 @@ log = structlog.get_logger(__name__)
 
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 6 * HEARTBEAT_S  # a slow disk or a long wait for the ledger's lock may delay a beat or two
+LOCK_FILE = "runner.lock"  # in the night's directory; names the runner that holds it
+
+
+class NightRunning(UserError):
+    """Another runner runs the night (one sentence: which process, and how to stop it)."""
 
 
 def this_runner() -> str:
@@ -37,6 +53,64 @@ def _runner_gone(runner: str | None) -> bool:
     """True when the runner named is known to be dead: it ran on this host and its process is gone."""
     host, _, identity = (runner or "").partition(" ")
     return host == socket.gethostname() and bool(identity) and not identity_alive(identity)
+
+
+@contextmanager
+def sole_runner(run_dir: Path, tag: str) -> Iterator[None]:
+    """Hold the night's lock while the block runs; NightRunning at once when another runner holds it.
+
+    Where the file system cannot lock at all (some network file systems), the block runs without
+    the lock: the heartbeat's check (`refuse_if_running`) is then the only one.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # no child keeps the lock after we die
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip()
+            os.close(fd)
+            raise NightRunning(_running(tag, holder)) from None
+        except OSError as error:
+            log.warning("night.no_lock", path=str(path), error=str(error))
+            break
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file was removed (with the directory of a start that failed) and made again: lock that one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, this_runner().encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def refuse_if_running(nights: list[dict[str, Any]], tag: str) -> None:
+    """NightRunning when an invocation of the night (`nights`, from its ledger) still beats: a runner
+    on another machine sharing the runs directory, which the lock may not reach."""
+    now = datetime.now(timezone.utc)
+    for night in nights:
+        if is_running(night, now):
+            raise NightRunning(_running(tag, night.get("runner") or "", (now - last_seen(night)).total_seconds()))
+
+
+def _running(tag: str, runner: str, seen_s: float | None = None) -> str:
+    """The refusal's sentence: the runner (`host pid:start`, possibly unknown) and how to stop it."""
+    host, _, identity = runner.partition(" ")
+    pid = identity.partition(":")[0] or "?"
+    if not host:
+        return (f"the night {tag} is already running in another process; stop that one first, or start another "
+                "night with a new --tag.")
+    if host == socket.gethostname():
+        return (f"the night {tag} is already running (pid {pid}); stop it with Ctrl-C or `kill {pid}` first, or "
+                "start another night with a new --tag.")
+    return (f"the night {tag} is running on {host} (pid {pid}, last seen {seen_s or 0:.0f} s ago); stop it there with "
+            f"Ctrl-C or `kill {pid}` (a runner killed there counts as stopped {STALE_AFTER_S:.0f} s after it was "
+            "last seen), or start another night with a new --tag.")
 
 
 def last_seen(night: dict[str, Any]) -> datetime:

@@ -10,6 +10,8 @@ ended (`Supervised`); everything else is decided here, alike for docker and proc
   whichever thread asked, and its reason is noted in the log;
 - a killed run that has not exited `KILL_GRACE_S` later is reported as killed anyway,
   with a note, and left to the backend's `reap()`;
+- a runner about to exit at once (a second Ctrl-C) ends every run it supervises with
+  `kill_all_runs`, from any thread, and no run starts after it;
 - the status comes from the killer, then the exit code and the kernel's OOM flag
   (`classify`), then the budget account (`settle_budget`), and the `RunResult` is built
   from it, the log's tail and what was measured.
@@ -147,6 +149,43 @@ class _Stopper:
         self._run.kill()
 
 
+class _Live:
+    """The runs this process supervises, so that a runner exiting at once leaves none of them running."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stoppers: set[_Stopper] | None = set()  # None once all were killed: no run starts any more
+
+    def start(self, run: Supervised, stopper: _Stopper) -> bool:
+        """Start `run` unless all were killed; under the lock, so that no start slips past `kill_all`."""
+        with self._lock:
+            if self._stoppers is None:
+                return False
+            run.start()
+            self._stoppers.add(stopper)
+            return True
+
+    def discard(self, stopper: _Stopper) -> None:
+        with self._lock:
+            if self._stoppers is not None:
+                self._stoppers.discard(stopper)
+
+    def kill_all(self, why: str) -> None:
+        with self._lock:
+            stoppers, self._stoppers = self._stoppers or set(), None
+        for stopper in stoppers:
+            stopper.stop(Killer.CANCEL, why)
+
+
+_LIVE = _Live()
+
+
+def kill_all_runs(why: str) -> None:
+    """Kill every run supervised in this process now, and start none after: for a runner that exits at once.
+    A run killed already (cancelled, say) is not killed again."""
+    _LIVE.kill_all(why)
+
+
 class Supervisor:
     """One run from its spec to its `RunResult`: its log, its budget account and its supervision.
 
@@ -169,7 +208,9 @@ class Supervisor:
         """Start `run`, stop it when someone must, and say how it ended."""
         spec, account = self.spec, self.account
         stopper = _Stopper(run, self.log)
-        run.start()
+        if not _LIVE.start(run, stopper):
+            self.log.note("not started: the runner is stopping at once")
+            return Ending(Status.CANCELLED, killer=Killer.CANCEL)
         started = time.monotonic()
         if account is not None:
             account.process_started = started
@@ -177,6 +218,7 @@ class Supervisor:
         try:
             self._watch(run, stopper, cancel, started)
         finally:
+            _LIVE.discard(stopper)
             if watchdog is not None:
                 watchdog.stop()
         exited_at = time.monotonic()

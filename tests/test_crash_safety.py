@@ -3,7 +3,8 @@
 A night, a review accept and a ledger migration are each killed at a moment that matters
 (see tests/crash_driver.py for how the process is held there: it stops itself, the test
 kills it), then run again. Each must end in a consistent ledger: no experiment lost or run
-twice, every decision made once, the review's record matching git.
+twice, every decision made once, the review's record matching git. A night has one runner:
+a second one is refused while the first lives, and the lock of a killed one blocks nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from runner.cli import main
 from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, MIGRATIONS, REFERENCE, SCHEMA_VERSION, Ledger
 from runner.review import lineage
 from sandbox.images import BUILD_PREFIX
@@ -132,6 +134,56 @@ def test_a_night_killed_between_done_and_the_decision_decides_once_on_resume(pro
     assert len(decided) == 1 and ledger.get("e0003").decision == decided[0]["decision"]  # by the resume
     assert [n["stop_reason"] for n in ledger.nights()] == [None, "max-experiments"]
     ledger.close()
+
+
+# -- one runner per night -------------------------------------------------------------------------
+
+
+def files_of(run_dir: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file() and path.suffix != ".lock"
+            and "ledger.sqlite" not in path.name}
+
+
+def test_a_second_runner_of_a_live_night_is_refused_and_a_killed_ones_lock_blocks_nothing(project, env):  # noqa: F811
+    args = [*NIGHT, "--max-experiments", "2"]
+    first = Command.driven("fake", "done:e0003", args, project, env)
+    first.wait_paused()  # alive and holding the night: e0003 is done, its decision not made yet
+    run_dir = project / "runs" / "t"
+    before = files_of(run_dir)
+    second = Command.driven("fake", "none", args, project, env)
+    assert second.process.wait(timeout=POLLS * 0.05) == 1, second.output()
+    pid = first.process.pid
+    assert second.output().splitlines() == [
+        f"Error: the night t is already running (pid {pid}); stop it with Ctrl-C or `kill {pid}` first, or start "
+        "another night with a new --tag."]
+    assert files_of(run_dir) == before  # its logs, models and events untouched
+    ledger = Ledger(run_dir / "ledger.sqlite")
+    assert len(ledger.nights()) == 1 and (ledger.get("e0003").status, ledger.get("e0003").decision) == ("done", None)
+    ledger.close()
+
+    first.kill()  # its lock goes with it; its heartbeat is fresh, but it names a process that is gone
+    Command.driven("fake", "none", args, project, env).finish()
+    ledger = assert_consistent(run_dir, experiments=2)
+    assert [n["stop_reason"] for n in ledger.nights()] == [None, "max-experiments"]
+    ledger.close()
+
+
+def test_a_runner_on_another_machine_is_refused_while_its_heartbeat_is_fresh(tmp_path):
+    runs = tmp_path / "runs"
+    ledger = Ledger(runs / "t" / "ledger.sqlite")
+    ledger.start_night("t", {}, runner="other-host 4242:77")  # a runner elsewhere, on a shared runs directory
+    ledger.close()
+    night = ["overnight", "--tag", "t", "--runs-dir", str(runs), "--gpus", "none", "--agent", "search",
+             "--sandbox", "docker"]
+    env = {"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}  # past the check, the start fails cheaply here
+    refused = CliRunner().invoke(main, night, env=env)
+    assert refused.exit_code == 1 and refused.output.startswith(
+        "Error: the night t is running on other-host (pid 4242, last seen 0 s ago); stop it there with Ctrl-C or "
+        "`kill 4242`"), refused.output
+    with closing(sqlite3.connect(runs / "t" / "ledger.sqlite")) as db, db:  # a minute and more without a beat
+        db.execute("UPDATE nights SET heartbeat_at='2026-01-01T00:00:00.000+00:00'")
+    started = CliRunner().invoke(main, night, env=env)
+    assert started.exit_code == 1 and "no Docker engine answers" in started.output, started.output
 
 
 # -- an image build (real Docker) ------------------------------------------------------------------

@@ -15,11 +15,10 @@ import difflib
 import hashlib
 import io
 import json
-import os
 import re
-import signal
 import statistics
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -75,10 +74,11 @@ class FakeBackend:
     name = "fake"
     isolation = "fake (none)"
 
-    def __init__(self, fail_gpus=(), kill_at=None, on_hang=None):
+    def __init__(self, fail_gpus=(), kill_at=None, on_hang=None, on_build=None):
         self.fail_gpus = set(fail_gpus)
         self.kill_at = kill_at  # (exp_id, Phase): die there, like a killed runner
         self.on_hang = on_hang
+        self.on_build = on_build  # called with the exp_id of every build, before it is recorded
         self.images: dict[str, str] = {}
         self.slowed: set[tuple[str, str | None]] = set()  # (image, seed) whose run was disturbed once
         self.drift: tuple[int, float] | None = None  # (evaluations, d): every later one scores d lower
@@ -102,6 +102,8 @@ class FakeBackend:
         image = "img-" + hashlib.sha256(train_py.encode()).hexdigest()[:12]
         self.images[image] = train_py
         self.builds.append(exp_id)
+        if self.on_build is not None:
+            self.on_build(exp_id)
         return image
 
     def image_exists(self, image):
@@ -374,18 +376,79 @@ def test_a_crash_is_recorded_with_its_log_tail_and_shown_to_the_agent(project):
     assert night.best.exp_id != crashed.id
 
 
-def test_ctrl_c_cancels_the_running_experiment_and_records_it(project):
-    backend = FakeBackend(on_hang=lambda: os.kill(os.getpid(), signal.SIGINT))
+# -- interrupts (Ctrl-C, as runner.overnight.Presses turns it into Night.interrupt; tests/test_interrupts.py
+# presses it on real processes) ----------------------------------------------------------------------
+
+
+def test_an_interrupt_cancels_the_running_experiment_and_records_it(project):
+    backend = FakeBackend(on_hang=lambda: night.interrupt())
     night, ledger = make_night(project, ScriptedAgent(change(BEHAVIOUR="hang")), backend)
-    # Ctrl-C is KeyboardInterrupt, also where the shell that started the tests ignores SIGINT (a background job)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        assert night.run() == "interrupted"
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    assert night.run() == "interrupted"
     (row,) = experiments(ledger)
     assert (row.status, row.train_killed_by, row.decision) == ("cancelled", "cancel", None)
     assert ledger.nights()[0]["stop_reason"] == "interrupted"
+
+
+def test_an_interrupt_during_a_build_runs_nothing_more_and_leaves_the_row_owed(project, monkeypatch):
+    died = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_type))
+    night, ledger = make_night(project, ScriptedAgent(change(LR=0.2)), FakeBackend(kill_at=("e0005", Phase.TRAIN)))
+    night.run()
+    assert died == [SimulatedKill]
+    ledger.close()
+    # the resume builds e0005's image again (a fresh process: no images survive); pressed then, nothing more runs
+    backend = FakeBackend(on_build=lambda exp_id: night.interrupt())
+    night, ledger = make_night(project, ScriptedAgent(), backend)
+    assert night.run() == "interrupted"
+    assert (backend.builds, backend.runs, ledger.get("e0005").status) == (["e0005"], [], "training")
+
+
+def test_an_interrupt_while_the_agent_thinks_stops_without_waiting_for_it(project):
+    thinking, answer, answered = threading.Event(), threading.Event(), threading.Event()
+
+    def slow(context):
+        thinking.set()
+        answer.wait(30)
+        try:
+            return change(LR=0.2)(context)
+        finally:
+            answered.set()
+
+    def interrupt_once_thinking():
+        assert thinking.wait(30)
+        night.interrupt()
+
+    night, ledger = make_night(project, ScriptedAgent(slow), FakeBackend())
+    threading.Thread(target=interrupt_once_thinking, daemon=True).start()
+    assert night.run() == "interrupted" and not answered.is_set()  # the agent still thinks
+    answer.set()
+    assert answered.wait(30)
+    # what it proposed meanwhile is recorded, owed to a resume (when the runner has not exited by then)
+    for _ in range(100):
+        if experiments(ledger):
+            break
+        time.sleep(0.05)
+    assert [(r.status, r.decision) for r in experiments(ledger)] == [("proposed", None)]
+
+
+def test_an_interrupt_between_done_and_the_decision_leaves_it_to_the_resume_once(project, monkeypatch):
+    transition = Ledger.transition
+
+    def interrupting(self, exp, status, **fields):
+        transition(self, exp, status, **fields)
+        if (exp, status) == ("e0005", Status.DONE):
+            night.interrupt()
+
+    monkeypatch.setattr(Ledger, "transition", interrupting)
+    night, ledger = make_night(project, ScriptedAgent(change(LR=0.2)), FakeBackend())
+    assert night.run() == "interrupted"
+    assert (ledger.get("e0005").status, ledger.confirmations_of("e0005")) == ("done", [])
+    assert ledger.get("e0005").decision is None  # it needs a second seed: not asked for once stopped
+    monkeypatch.setattr(Ledger, "transition", transition)
+    ledger.close()
+    night, ledger = make_night(project, ScriptedAgent(), FakeBackend())
+    night.run()
+    assert ledger.get("e0005").decision == "keep" and len(ledger.confirmations_of("e0005")) == 1
 
 
 def test_resume_after_a_kill_reruns_the_experiment_in_flight_exactly_once(project, monkeypatch):

@@ -38,7 +38,8 @@ from runner.errors import UserError
 from runner.ledger import RERUN, Experiment, Ledger, LedgerError, outcome_fields, outcome_phrase
 from runner.settings import DEFAULT_GPU_MEMORY_CAP, gpu_cap_bytes
 from sandbox.budget_guard import Allowance
-from sandbox.experiment import ExperimentOutcome, ExperimentSpec, read_trace, run_experiment
+from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
+from sandbox.phase1_files import read_trace
 from sandbox.spec import Backend, Limits
 from sandbox.status import Status
 

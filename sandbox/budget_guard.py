@@ -24,8 +24,10 @@ so the host keeps its own account of phase 1:
   can be longer than the allowance after the budget. That step is excused: the median of
   the run's timed steps in its trace (written by train.py, parsed strictly: a long last
   step is not a typical one), no longer than the host's own mean step (its compute during
-  the budget over the trace's steps), and at most MAX_STEP_SHARE of that compute, which
-  is all that a run claiming a few long steps can gain.
+  the budget over the trace's steps), than MAX_STEP_SHARE of that compute, or than the
+  after-budget allowance itself (measured on the night's honest baselines). A trace that
+  claims a few long steps can therefore gain at most one more allowance: a few seconds of
+  a 300 s budget, however long it claims its steps were.
 
 Allowances come from measurement: `Allowance.measured_from` takes the figures of
 honest runs (the night's baselines) with a margin; before any run is measured,
@@ -230,14 +232,32 @@ class Account:
             return "the training budget never started (train.py must step prepare.Budget)"
         return self._off_budget(final=True)
 
-    def _straddle(self, during: float) -> float:
+    def _straddle(self, during: float, allowed_after: float) -> float:
         """The compute excused after the budget for the step that straddled its end (see the module's doc):
         the trace's median step (per thread on the CPU profile, as the harness counts it) bounded by the
-        host's mean step and by MAX_STEP_SHARE of the budget's compute; none without a trace."""
+        host's mean step, by MAX_STEP_SHARE of the budget's compute and by the after-budget allowance;
+        none without a trace."""
         if not self._steps:
             return 0.0
         median = statistics.median(self._steps) * (self.rule.cpu_threads or 1)
-        return min(median, during / len(self._steps), MAX_STEP_SHARE * during)
+        return min(median, during / len(self._steps), MAX_STEP_SHARE * during, allowed_after)
+
+    def _meter(self) -> tuple[dict[str, float], tuple[float, float], str, float] | None:
+        """The compute that counts (spent per period, allowed before and after, its name, the most the budget
+        can take), or None while nothing is metered: on a GPU its busy time, else the run's CPU time."""
+        allowance = self.rule.allowance
+        with self._lock:
+            if self._gpu_metered:  # on a GPU the GPU's time is the compute; the CPU compiles meanwhile
+                return (dict(self.busy), (allowance.busy_before_s, allowance.busy_after_s), "the GPU was busy",
+                        self.rule.budget_wall_s)  # busy seconds of one GPU fit in its wall seconds
+            if self._cpu_total is not None:
+                return (dict(self.cpu), (allowance.cpu_before_s, allowance.cpu_after_s), "the run used the CPU",
+                        self.rule.budget_cpu_s or math.inf)
+        return None
+
+    def _excused(self) -> float | None:
+        meter = self._meter()
+        return None if meter is None else self._straddle(meter[0]["during"], meter[1][1])
 
     def _off_budget(self, final: bool) -> str | None:
         """Why the compute spent outside the budget is more than allowed, or None.
@@ -246,19 +266,14 @@ class Account:
         its compute after the budget only grows, and is held to the allowance with the longest
         step any trace could have excused; its compute before the budget is held to the allowance
         with the share of the most compute the budget itself can take."""
-        allowance = self.rule.allowance
-        with self._lock:
-            if self._gpu_metered:  # on a GPU the GPU's time is the compute; the CPU compiles meanwhile
-                spent, allowed, what = dict(self.busy), (allowance.busy_before_s, allowance.busy_after_s), "the GPU was busy"
-                most = self.rule.budget_wall_s  # busy seconds of one GPU fit in its wall seconds
-            elif self._cpu_total is not None:
-                spent, allowed, what = dict(self.cpu), (allowance.cpu_before_s, allowance.cpu_after_s), "the run used the CPU"
-                most = self.rule.budget_cpu_s or math.inf
-            else:
-                return None
+        meter = self._meter()
+        if meter is None:
+            return None
+        spent, allowed, what, most = meter
         share = SCALE_SHARE * spent["during"]  # a larger model's warm-up steps and export cost more
         before_share = share if final else SCALE_SHARE * most
-        step = self._straddle(spent["during"]) if final else MAX_STEP_SHARE * spent["during"]
+        step = (self._straddle(spent["during"], allowed[1]) if final
+                else min(MAX_STEP_SHARE * spent["during"], allowed[1]))
         for period, limit, when in (("before", allowed[0] + before_share, "before the budget started"),
                                     ("after", allowed[1] + share + step, "after the budget ended")):
             if spent[period] > limit:
@@ -280,7 +295,6 @@ class Account:
             "cpu_during_s": self.cpu["during"] if self._cpu_total is not None else None,
             "cpu_after_s": self.cpu["after"] if self._cpu_total is not None else None,
             # the compute after the budget excused for the step that straddled its end (busy or CPU seconds)
-            "step_excused_s": self._straddle((self.busy if self._gpu_metered else self.cpu)["during"])
-            if self.exited is not None else None,
+            "step_excused_s": self._excused() if self.exited is not None else None,
             "allowance": asdict(self.rule.allowance),
         }

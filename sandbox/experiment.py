@@ -19,7 +19,6 @@ import math
 import os
 import secrets
 import shutil
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import structlog
 
 import contract
 from sandbox.budget_guard import CPU_WALL_STRETCH, Allowance, BudgetRule
+from sandbox.phase1_files import read_phase1_file, read_trace
 from sandbox.runlog import tail
 from sandbox.spec import DATA_DIR, OUT_DIR, Backend, CancelToken, Limits, Mount, Phase, RunResult, RunSpec
 from sandbox.status import EXIT_STATUSES, Status
@@ -173,27 +173,9 @@ def _phase_status(run: RunResult) -> Status:
     return run.status
 
 
-def _read_phase1_file(path: Path, limit: int) -> str | None:
-    """A file phase 1 left in /out, as text, or None when it is missing, not a regular file (a link could
-    point at a host file, a FIFO would never end), larger than `limit` or not UTF-8."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            return None
-        data = f.read(limit + 1)
-    try:
-        return data.decode("utf-8") if len(data) <= limit else None
-    except UnicodeDecodeError:
-        return None
-
-
 def _read_json(path: Path) -> object:
     """A phase-1 JSON file, or None when it is missing, too large or not JSON."""
-    text = _read_phase1_file(path, MAX_REPORT_BYTES)
+    text = read_phase1_file(path, MAX_REPORT_BYTES)
     try:
         return None if text is None else json.loads(text)
     except (ValueError, RecursionError):
@@ -204,15 +186,6 @@ def _finite(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
-
-
-def read_trace(path: Path) -> contract.Trace:
-    """Phase 1's budget trace, parsed strictly (contract.parse_trace); raises TraceError saying why not."""
-    text = _read_phase1_file(path, contract.MAX_TRACE_BYTES)
-    if text is None:
-        raise contract.TraceError("it is missing, not a regular file, not UTF-8 or larger than "
-                                  f"{contract.MAX_TRACE_BYTES} bytes")
-    return contract.parse_trace(text)
 
 
 def read_reported(out: Path) -> dict[str, float]:

@@ -27,7 +27,7 @@ from runner.decision import Rule
 from runner.ledger import Ledger
 from runner.loop import Dataset, Night
 from runner.settings import Settings
-from sandbox.experiment import read_trace
+from sandbox.phase1_files import read_trace
 from tests.hostile_cases import _trainer_case
 from tests.test_morning import cli
 

@@ -227,3 +227,14 @@ def test_harness_api_text_follows_dunder_all() -> None:
     assert "MAX_SEQ_LEN, TIME_BUDGET = 2048, 300.0" in text and "class Budget:" in text
     for hidden in ("PROFILE = os", "VOCAB_SIZE", "get_tokenizer", "def finish", "__all__"):
         assert hidden not in text
+
+
+def test_a_reply_with_a_huge_line_is_read_in_one_pass():
+    """The description is the agent's text: a line of two million spaces once took the pattern hours
+    (quadratic backtracking), which would have hung the night on one reply."""
+    from runner.agents.prompt import parse_reply
+
+    diff = "```diff\n--- a/train.py\n+++ b/train.py\n@@ -1 +1 @@\n-a\n+b\n```\n"
+    reply = parse_reply("DESCRIPTION: wider" + " " * 2_000_000 + "model\n" + diff)
+    assert reply.description.startswith("wider") and reply.description.endswith("model")
+    assert parse_reply("**Description:** __raise lr__ **\n" + diff).description == "raise lr__"

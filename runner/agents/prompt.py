@@ -247,7 +247,9 @@ def _docstring_block(node: ast.AST, indent: str) -> str:
 # ------------------------------------------------------------------------ the reply
 
 _FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
-_DESCRIPTION = re.compile(r"^[ \t*_#>-]*description[ \t*_]*:[ \t*_]*(.+?)[ \t*]*$", re.IGNORECASE | re.MULTILINE)
+# No lazy group before an optional tail: that backtracks quadratically on a long line of spaces (a reply is the
+# agent's text, and a night must not hang on it); the decoration around the text is stripped in Python.
+_DESCRIPTION = re.compile(r"^[ \t*_#>-]*description[ \t*_]*:(.*)$", re.IGNORECASE | re.MULTILINE)
 _DIFF_START = re.compile(r"^(diff --git |--- )")
 _DIFF_BODY = re.compile(r"^([ +\-\\]|@@|diff --git |index |--- |\+\+\+ )")
 
@@ -263,9 +265,10 @@ def parse_reply(text: str, usage: Usage = Usage()) -> Proposal:
 
 
 def _description(text: str) -> str:
-    match = _DESCRIPTION.search(text)
-    if match:
-        return _one_line(match.group(1))
+    for match in _DESCRIPTION.finditer(text):
+        said = match.group(1).lstrip(" \t*_").rstrip(" \t*")
+        if said:
+            return _one_line(said)
     prose = (line.strip() for line in _outside_fences(text) if line.strip())
     return _one_line(next(prose, "(no description)"))
 

@@ -12,17 +12,13 @@ training): every run must report it found nothing, and the rerun must not be bit
 
 from __future__ import annotations
 
-import difflib
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 import contract
 from runner import rerun as reruns
-from runner.agents.base import Proposal
 from runner.decision import Rule
 from runner.ledger import Ledger
 from runner.loop import Dataset, Night
@@ -30,8 +26,8 @@ from runner.settings import Settings
 from sandbox.phase1_files import read_trace
 from tests.hostile_cases import _trainer_case
 from tests.test_morning import cli
+from tests.test_rerun import OneProposal, real_project
 
-ROOT = Path(__file__).resolve().parent.parent
 
 STASHER = _trainer_case("""
     import base64, io, pickle
@@ -112,37 +108,16 @@ STASHER = _trainer_case("""
 """)
 
 
-class ChangeScale:
-    """Proposes the child: the same program with another LR_SCALE (its parent, the baseline, is its ancestor)."""
-
-    name = "scripted"
-
-    def propose(self, context):
-        new = context.train_py.replace("LR_SCALE = 1.0\n", "LR_SCALE = 1.0001\n")
-        diff = "".join(difflib.unified_diff(context.train_py.splitlines(True), new.splitlines(True),
-                                            "a/train.py", "b/train.py"))
-        return Proposal("another LR_SCALE", diff)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sandbox_name", ["process", pytest.param("docker", marks=pytest.mark.docker)])
 def test_no_run_reads_what_an_earlier_run_wrote(sandbox_name, tiny_data, tmp_path, request, monkeypatch):
-    if sandbox_name == "docker":
-        request.getfixturevalue("docker_client")  # skips without an engine (fails under AR_REQUIRE_DOCKER)
-    from sandbox.backends import get_backend
-
-    backend = get_backend(sandbox_name)
-    backend.ensure_ready()
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in ("prepare.py", "program.md"):
-        shutil.copyfile(ROOT / name, root / name)
-    (root / "train.py").write_text(STASHER)
+    backend, root = real_project(sandbox_name, request, tmp_path, STASHER)
+    child = OneProposal("another LR_SCALE", lambda text: text.replace("LR_SCALE = 1.0\n", "LR_SCALE = 1.0001\n"))
     settings = Settings(root=root, runs_dir=tmp_path / "runs", tag="stash", budget=2.0, baseline_runs=2,
                         max_experiments=1, max_diff_retries=1, prune_images=False, rule=Rule(max_runs=2))
     ledger = Ledger(settings.run_dir / "ledger.sqlite")
     manifest = json.loads((tiny_data / "manifest.json").read_text())["hash"]
-    Night(settings, ledger=ledger, backend=backend, agent=ChangeScale(), gpus=[], data=Dataset(tiny_data, manifest)).run()
+    Night(settings, ledger=ledger, backend=backend, agent=child, gpus=[], data=Dataset(tiny_data, manifest)).run()
     rows = ledger.experiments()
     ledger.close()
     assert [r.kind for r in rows[:2]] == ["baseline", "baseline"] and any(r.kind == "experiment" for r in rows)

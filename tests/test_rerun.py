@@ -194,9 +194,8 @@ class OneProposal:
         return Proposal(description, diff)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sandbox_name", ["process", pytest.param("docker", marks=pytest.mark.docker)])
-def test_bit_for_bit_rerun_of_a_real_cpu_experiment(sandbox_name, tiny_data, tmp_path, request, monkeypatch):
+def real_project(sandbox_name: str, request, tmp_path: Path, train_py: str):
+    """A real backend, ready, and a project directory holding `train_py` beside the real harness."""
     if sandbox_name == "docker":
         request.getfixturevalue("docker_client")  # skips without an engine (fails under AR_REQUIRE_DOCKER)
     from sandbox.backends import get_backend
@@ -205,8 +204,16 @@ def test_bit_for_bit_rerun_of_a_real_cpu_experiment(sandbox_name, tiny_data, tmp
     backend.ensure_ready()
     root = tmp_path / "project"
     root.mkdir()
-    for name in ("train.py", "prepare.py", "program.md"):
+    for name in ("prepare.py", "program.md"):
         shutil.copyfile(ROOT / name, root / name)
+    (root / "train.py").write_text(train_py)
+    return backend, root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sandbox_name", ["process", pytest.param("docker", marks=pytest.mark.docker)])
+def test_bit_for_bit_rerun_of_a_real_cpu_experiment(sandbox_name, tiny_data, tmp_path, request, monkeypatch):
+    backend, root = real_project(sandbox_name, request, tmp_path, (ROOT / "train.py").read_text())
     unseeded = OneProposal("learning rate from os.urandom",
                            lambda text: re.sub(r"^MATRIX_LR = .*$", UNSEEDED_LR, text, count=1, flags=re.MULTILINE))
     # --keep-images: the experiment is rerun below, discarded or not

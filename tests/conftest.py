@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,20 @@ def docker_base_image(docker_client) -> str:
     from sandbox.images import ensure_base_image
 
     return ensure_base_image(docker_client).id
+
+
+@contextlib.contextmanager
+def ledger_held(path: Path, *statements: str) -> Iterator[None]:
+    """Another process holds the SQLite file at `path`, having run `statements`, until the block ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys\n"
+         f"db = sqlite3.connect({str(path)!r}, isolation_level=None, timeout=30)\n"
+         + "".join(f"db.execute({statement!r})\n" for statement in statements)
+         + "print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)

@@ -41,6 +41,7 @@ from sandbox.processes import identity_alive, process_identity
 from sandbox.spec import CancelToken, Killer, Phase, RunSpec
 from sandbox.status import Status
 from sandbox.supervision import Exit, Supervisor, kill_all_runs
+from tests.conftest import ledger_held
 from tests.corpus import write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,14 +289,7 @@ def test_a_second_press_stops_at_once_even_when_the_first_cannot_finish(dusk, tm
     night = Overnight.resuming("uv", dusk, tmp_path, tiny_cache)
     sandbox = night.reach("training")
     # another process writes to the ledger: the graceful stop cannot record the cancel (it would wait 10 s for it)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sqlite3, sys\n"
-         f"db = sqlite3.connect({str(night.runs / TAG / 'ledger.sqlite')!r}, isolation_level=None, timeout=30)\n"
-         "db.execute('BEGIN IMMEDIATE')\n"
-         "print('locked', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with ledger_held(night.runs / TAG / "ledger.sqlite", "BEGIN IMMEDIATE"):
         night.press()
         time.sleep(2)  # a second press, not the same one again
         assert night.process.poll() is None, night.output()[-3000:]  # still stopping gracefully
@@ -303,9 +297,6 @@ def test_a_second_press_stops_at_once_even_when_the_first_cannot_finish(dusk, tm
         night.press()
         assert night.end() == 130
         assert time.monotonic() - pressed < 5  # at once: not after the ledger's 10 s wait
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
     said_once(night.output(), f"stopped at once by a second Ctrl-C: whatever ran was killed; resume the night with "
                               f"--tag {TAG}.")
     nothing_left(sandbox, tiny_cache)

@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from runner import ledger as ledgers
 from runner.cli import main
 from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, RERUN, Experiment, Ledger
+from tests.conftest import ledger_held
 from tests.test_diffs import make_diff
 from tests.test_morning import invoke, night, one_line_error, project  # noqa: F401 (fixtures)
 from sandbox.status import Status
@@ -138,17 +139,9 @@ def locked_ledger(tmp_path, monkeypatch):
     """A real ledger that another process holds with an exclusive lock (a short wait makes it count as locked)."""
     path = tmp_path / "runs" / "t" / "ledger.sqlite"
     Ledger(path).close()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sqlite3, sys\n"
-         f"db = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
-         "db.execute('PRAGMA locking_mode=EXCLUSIVE'); db.execute('BEGIN EXCLUSIVE')\n"
-         "print('locked', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    monkeypatch.setattr(ledgers, "BUSY_TIMEOUT_S", 0.2)
-    yield path.parent.parent
-    holder.stdin.close()
-    holder.wait(timeout=30)
+    with ledger_held(path, "PRAGMA locking_mode=EXCLUSIVE", "BEGIN EXCLUSIVE"):
+        monkeypatch.setattr(ledgers, "BUSY_TIMEOUT_S", 0.2)
+        yield path.parent.parent
 
 
 def test_a_locked_ledger_is_one_sentence_for_overnight_and_every_command(locked_ledger, workdir):

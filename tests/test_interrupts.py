@@ -149,8 +149,8 @@ class Overnight:
                     f"ARGS={shlex.join(args)}"]
         self.stderr = tmp_path / "stderr.txt"
         with self.stderr.open("w") as err:
-            self.process = subprocess.Popen(argv, cwd=home / "project", env=_env(cache), stdout=subprocess.DEVNULL,
-                                            stderr=err, start_new_session=True)
+            self.process = subprocess.Popen([*AS_A_TERMINAL_STARTS_IT, *argv], cwd=home / "project", env=_env(cache),
+                                            stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 
     @classmethod
     def resuming(cls, wrapper: str, dusk: Path, tmp_path: Path, cache: Path, *extra: str, **options) -> Overnight:
@@ -208,6 +208,15 @@ class Overnight:
 
     def end(self) -> int:
         return self.process.wait(timeout=WAIT_S)
+
+
+# A shell with job control starts a foreground command with the signals' default dispositions. A test run
+# in the background of a shell without it (as CI may be) inherits SIGINT ignored, and make, which keeps an
+# ignored signal ignored, would then never end by the press itself: the command is exec'd with them reset.
+AS_A_TERMINAL_STARTS_IT = [sys.executable, "-c", "import os, signal, sys\n"
+                           "for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):\n"
+                           "    signal.signal(s, signal.SIG_DFL)\n"
+                           "os.execvp(sys.argv[1], sys.argv[1:])"]
 
 
 def said_once(output: str, sentence: str) -> None:

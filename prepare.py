@@ -552,7 +552,8 @@ class Probe:
     """Checks, on PROBED_BATCHES scored batches, that a row's logits depend on nothing but its own past.
 
     Which batches are probed is drawn from fresh entropy; a model cannot keep state
-    between calls (_PureProgram), so it cannot tell a probed batch from another. Around the scored call, PROBES_PER_BATCH probe batches are built from it with draws
+    between calls (_PureProgram), so it cannot tell a probed batch from another. Around
+    the scored call, PROBES_PER_BATCH probe batches are built from it with draws
     from fresh entropy: each row is either *causal* (it keeps its tokens up to a random
     cut and gets another real text after it: its logits up to the cut must not move) or
     *replaced* (swapped for another real row). Every compared logit must stay where the

@@ -30,8 +30,8 @@ import structlog
 
 from contract import TRACE_FILE, TraceError
 from sandbox.budget_guard import Account
-from sandbox.phase1_files import read_trace
 from sandbox.gpu_watchdog import GpuWatchdog, Reader
+from sandbox.phase1_files import read_trace
 from sandbox.runlog import LineLog
 from sandbox.spec import CancelToken, Killer, RunResult, RunSpec
 from sandbox.status import Status

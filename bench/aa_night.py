@@ -1,11 +1,12 @@
 """What the keep rule does on a real night: false keeps (A/A) and the power to keep a real repair.
 
-    uv run python bench/aa_night.py --mode aa    [--budget 300] [--max-experiments 40] [--sandbox docker] [-- overnight options]
+    uv run python bench/aa_night.py --mode aa    [--budget 300] [--max-experiments 40] [--reinit-every 2] [--sandbox docker] [-- overnight options]
     uv run python bench/aa_night.py --mode power [--budget 300] [--max-experiments 10] [--sandbox docker] [-- overnight options]
 
 Both run `autoresearch overnight --agent command` (this checkout's runner, this interpreter) with bench/agents/nudge.py,
 which proposes only effect-free changes (a float constant moved by one part in a
-million), so each keep of such a change is a false keep. The figures come from the
+million; with --reinit-every K every K-th is a new initialisation, whose runs are not
+coupled to the best's), so each keep of such a change is a false keep. The figures come from the
 night's ledger afterwards.
 
 - aa: the night runs in this repository (runs/<tag>); the number that matters is
@@ -106,12 +107,16 @@ def main() -> int:
     parser.add_argument("--gpus", default="all")
     parser.add_argument("--degrade", default="MATRIX_LR", help="power: the float constant to degrade")
     parser.add_argument("--factor", type=float, default=4.0, help="power: what it is multiplied by")
+    parser.add_argument("--reinit-every", type=int, default=0, metavar="K",
+                        help="every K-th proposal is a new initialisation (effect-free, runs decoupled)")
     parser.add_argument("--tag", default=None, help="default: bench-<mode>-<date-time>")
     parser.add_argument("extra", nargs="*", help="more `autoresearch overnight` options (after --)")
     args = parser.parse_args()
     tag = args.tag or f"bench-{args.mode}-{datetime.now():%Y%m%d-%H%M%S}"
     work = Path(tempfile.mkdtemp(prefix=f"aa-night-{args.mode}-"))  # agent state; the project copy in power mode
     project, agent = ROOT, [sys.executable, str(AGENT)]
+    if args.reinit_every:
+        agent += ["--reinit-every", str(args.reinit_every)]
     if args.mode == "power":
         project = work
         agent += ["--repair", f"{args.degrade}={degraded_project(work, args.degrade, args.factor)}"]

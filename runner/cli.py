@@ -58,6 +58,9 @@ def main(ctx: click.Context) -> None:
               help="Runs (seeds) a candidate may take before it is discarded as unproven.")
 @click.option("--min-delta", type=float, default=Rule.min_delta, show_default=True,
               help="Smallest estimated gain (bpb) worth keeping.")
+@click.option("--paired-share", type=float, default=Rule.paired_share, show_default=True,
+              help="Share of alpha spent on the paired test (changes that keep runs coupled); the rest goes to "
+                   "the unpaired one (changes that decouple them).")
 @click.option("--max-diff-retries", type=int, default=3, show_default=True,
               help="Tries for the agent to send a valid diff before the proposal is rejected.")
 @click.option("--deterministic/--no-deterministic", default=True, show_default=True,
@@ -75,7 +78,7 @@ def main(ctx: click.Context) -> None:
                    "this machine keeps the ledger. Needs `uv sync --extra ray`.")
 @user_errors
 def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, runs_dir, budget, source,
-              baseline_runs, alpha, max_runs, min_delta, max_diff_retries, deterministic, gpu_memory_cap, base_image,
+              baseline_runs, alpha, max_runs, min_delta, paired_share, max_diff_retries, deterministic, gpu_memory_cap, base_image,
               prune_images, cluster) -> None:
     """Run the experiment loop for the night (resume with the same --tag)."""
     from runner.overnight import Interrupted, run_overnight
@@ -83,7 +86,8 @@ def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, 
     settings = Settings(
         tag=tag or default_tag(), hours=hours, max_experiments=max_experiments, agent=agent,
         agent_command=agent_command, sandbox=sandbox, gpus=gpus, budget=budget, source=Source.parse(source),
-        baseline_runs=baseline_runs, rule=Rule(alpha=alpha, max_runs=max_runs, min_delta=min_delta),
+        baseline_runs=baseline_runs, rule=Rule(alpha=alpha, max_runs=max_runs, min_delta=min_delta,
+                                                  paired_share=paired_share),
         max_diff_retries=max_diff_retries, deterministic=deterministic, gpu_memory_cap=gpu_memory_cap,
         runs_dir=runs_dir, base_image=base_image, prune_images=prune_images, cluster=cluster,
     )

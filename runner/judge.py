@@ -86,6 +86,15 @@ def flag_disturbed(ledger: Ledger, rows: list[Experiment]) -> list[Experiment]:
     return [ledger.get(r.id) for r in rows]
 
 
+def by_seed(rows: list[Experiment]) -> dict[int, float]:
+    """The mean value of the counted runs on each seed index: a candidate run's partner."""
+    values: dict[int, list[float]] = {}
+    for row in rows:
+        if row.counts:
+            values.setdefault(seed_index(row.seed), []).append(row.val_bpb)
+    return {seed: statistics.fmean(v) for seed, v in values.items()}
+
+
 def next_seed(rows: list[Experiment]) -> int | None:
     """The first seed of the sequence that none of these rows has counted or is running."""
     taken = {seed_index(r.seed) for r in rows if r.counts or r.status.is_unfinished()}
@@ -132,25 +141,35 @@ class Judge:
         if any(r.status.is_unfinished() for r in rows):
             return None  # a run is owed; it decides when it ends
         failed = [r for r in rows if r.status.is_fault()]
-        values = [r.val_bpb for r in rows if r.counts]
+        counted = [r for r in rows if r.counts]
+        values = [r.val_bpb for r in counted]
         with self._lock:
             best = self._best
             best_rows = flag_disturbed(self.ledger, runs_of(self.ledger, code_key(self.ledger.get(best.exp_id))))
+            references = self._references(candidate, best)
+            if any(r.status.is_unfinished() for r in references):
+                return None  # a reference run is owed; it decides when it ends
+            reference_seed: list[int | None] = []  # the seed a reference run is needed on, if one is
+            # each run's partner: the best's run on its seed, or where the best has none, its reference run
+            partners = by_seed(references) | by_seed(best_rows)
+            unpartnered = [r.seed for r in counted if seed_index(r.seed) not in partners]
             if not values:  # its only runs were disturbed: run a seed again
                 verdict, est = decision.MORE, None
             else:
-                est = decision.estimate(values, [r.val_bpb for r in best_rows if r.counts], self.noise())
+                est = self._estimate(counted, best_rows, partners)
                 verdict = decision.DISCARD if failed else decision.judge(self.rule, est)
             if verdict == decision.MORE and len(rows) >= self.rule.max_runs + DISTURBED_RERUNS:
                 verdict = decision.DISCARD  # too many of its runs were disturbed to tell
-            reference_seed: list[int | None] = []  # the seed a reference run is needed on, if one is
+            in_play = est is not None and not failed and est.headline > self.rule.min_delta
+            if unpartnered and in_play and verdict != decision.KEEP:  # judged again once paired on every seed
+                if len(references) >= self.rule.max_runs + DISTURBED_RERUNS:
+                    verdict = decision.DISCARD  # too many reference runs were disturbed to tell
+                else:
+                    reference_seed = unpartnered[:1]
             if verdict == decision.KEEP:
-                references = self._references(candidate, best)
-                if any(r.status.is_unfinished() for r in references):
-                    return None  # a reference run is owed; it decides when it ends
-                missing = self._seeds_without_reference(rows, references)
+                missing = self._seeds_without_reference(counted, references)
                 if not missing:  # the second test: against the best measured in the candidate's window
-                    est = decision.estimate(values, [r.val_bpb for r in references if r.counts], self.noise())
+                    est = self._estimate(counted, references, by_seed(references))
                     verdict = decision.judge_in_window(self.rule, est)
                 elif len(references) >= self.rule.max_runs + DISTURBED_RERUNS:
                     verdict = decision.DISCARD  # too many reference runs were disturbed to tell
@@ -163,7 +182,7 @@ class Judge:
             return None  # left undecided: the next resume asks for the run
         if reference_seed:
             (seed,) = reference_seed
-            log.info("experiment.reference", exp=candidate.id, best=best.exp_id, estimate=est.record(),
+            log.info("experiment.reference", exp=candidate.id, best=best.exp_id, estimate=est.record() if est else None,
                      seed=decision.seed_label(seed))
             return self.records.add(kind=REFERENCE, status=Status.BUILT, train_py=best.train_py,
                                     target_id=candidate.id, parent_id=best.exp_id,
@@ -177,16 +196,22 @@ class Judge:
                                 seed=seed, diff=candidate.diff,
                                 description=f"confirm {candidate.id} (seed {decision.seed_label(seed)})")
 
+    def _estimate(self, counted: list[Experiment], best_rows: list[Experiment],
+                  partners: dict[int, float]) -> decision.Estimate:
+        """The candidate's estimate against the best's counted runs, paired on the seeds with a partner."""
+        differences = [partners[seed_index(r.seed)] - r.val_bpb for r in counted if seed_index(r.seed) in partners]
+        return decision.estimate([r.val_bpb for r in counted], [r.val_bpb for r in best_rows if r.counts],
+                                 self.noise(), differences)
+
     def _references(self, candidate: Experiment, best: Best) -> list[Experiment]:
         """The reference runs of the current best beside `candidate` (those of an earlier best do not count)."""
         rows = [r for r in self.ledger.references_of(candidate.id) if r.parent_id == best.exp_id]
         return flag_disturbed(self.ledger, rows)
 
     @staticmethod
-    def _seeds_without_reference(rows: list[Experiment], references: list[Experiment]) -> list[int | None]:
+    def _seeds_without_reference(counted: list[Experiment], references: list[Experiment]) -> list[int | None]:
         """The seeds of the candidate's counted runs that have no counted reference run yet, in order."""
-        have = {seed_index(r.seed) for r in references if r.counts}
-        return [r.seed for r in rows if r.counts and seed_index(r.seed) not in have]
+        return [r.seed for r in counted if seed_index(r.seed) not in by_seed(references)]
 
     def _settle(self, row: Experiment, verdict: str, est: decision.Estimate | None, value: float | None) -> None:
         """Record the decision and its estimate; a keep makes this row the best (the caller holds the lock).

@@ -355,13 +355,13 @@ class Night:
         best = Best(start.id, kept.decision_value if kept else self.baseline_mean, self.records.train_py(start))
         judge = Judge(self.records, self.settings.rule, best)
         noise = judge.noise()
-        smallest = decision.smallest_keepable_gain(self.settings.rule, noise, len(runs))
+        smallest = decision.detectable_gain(self.settings.rule, noise, len(runs))
         self.ledger.set_noise(self.night_id, mean=self.baseline_mean, sigma=noise.sigma, df=noise.df, runs=len(runs),
                               threshold=smallest)
         self.allowance = Allowance.measured_from([budget_account(r) for r in runs], self.profile)
         self.ledger.set_allowance(self.night_id, dataclasses.asdict(self.allowance))
         log.info("night.noise", baseline_mean=self.baseline_mean, sigma=noise.sigma, df=noise.df, runs=len(runs),
-                 smallest_keepable_gain=smallest, best=best.value, best_id=best.exp_id,
+                 detectable_gain=smallest, best=best.value, best_id=best.exp_id,
                  allowance=dataclasses.asdict(self.allowance))
         return judge
 

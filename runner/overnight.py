@@ -35,6 +35,7 @@ from runner.ledger import Experiment, Ledger
 from runner.limits import NightLimits
 from runner.log_setup import night_log
 from runner.loop import Dataset, Night, NightError
+from runner.report import figures, seeing_lines
 from runner.settings import Settings, SettingsError, prepared_data
 from runner.verify import hint as verify_hint
 from sandbox.backends import DockerConfig, ProcessConfig, choose_backend, make_backend
@@ -281,6 +282,8 @@ def _run(night: Night, settings: Settings, console: Console, presses: Presses) -
             reason = night.run(on_tick=line.show)
         rows = ledger.experiments(night_id=night.night_id)
         console.print(summary_table(rows, night.baseline_mean))
+        for line in seeing_lines(figures(ledger, settings.run_dir)):
+            console.print(line)
         if reason == "interrupted":
             raise presses.stopped(rows)
         console.print(f"stopped: {reason}; ledger {ledger.path}; resume with --tag {settings.tag}")

@@ -22,7 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from runner.decision import DISCARD, KEEP
+from runner import detectability
+from runner.decision import DISCARD, KEEP, Noise, Rule
 from runner.errors import UserError
 from runner.heartbeat import is_running, last_seen, ran_seconds
 from runner.judge import code_key, runs_of
@@ -57,7 +58,8 @@ class Figures:
     sigma: float | None  # seed noise pooled at the start of the experiments (the baselines)
     noise_df: int | None  # its degrees of freedom
     baseline_runs: int | None
-    threshold: float | None  # the smallest gain a 2-run candidate needed against the baseline then
+    threshold: float | None  # the smallest gain kept with 80 % power at the start (unpaired, the baselines)
+    detectable: tuple[dict, ...]  # the detectable gains at the start and after each decision (detectability)
     alpha: float | None
     max_runs: int | None
     min_delta: float | None
@@ -106,6 +108,10 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
         best_description=best.description if best else "baseline", best_estimate=best.estimate if best else {},
         baseline_mean=base, sigma=record.get("sigma"), noise_df=record.get("noise_df"),
         baseline_runs=record.get("baseline_runs"), threshold=record.get("threshold"),
+        detectable=tuple(dataclasses.asdict(point) for point in detectability.course(
+            Rule(**rule) if rule else Rule(),
+            Noise(record["sigma"], record["noise_df"], record["baseline_runs"]) if record else None,
+            record.get("baseline_runs"), [r for r in experiments if r.decision is not None])),
         alpha=rule.get("alpha"), max_runs=rule.get("max_runs"), min_delta=rule.get("min_delta"),
         counts={
             "kept": sum(r.decision == KEEP for r in experiments),
@@ -186,14 +192,34 @@ def gain_text(estimate: dict) -> str:
     """'+0.099625 bpb (95 % interval [+0.097654, +0.101596])', or '-' before a decision."""
     if not estimate:
         return "-"
-    return (f"{estimate['gain']:+.6f} bpb (95 % interval [{estimate['low95']:+.6f}, "
-            f"{estimate['high95']:+.6f}])")
+    unpaired = f"{estimate['gain']:+.6f} bpb (95 % interval [{estimate['low95']:+.6f}, {estimate['high95']:+.6f}])"
+    if estimate.get("paired_low95") is None or estimate.get("pairs") != estimate["runs"]:
+        return unpaired
+    return (f"{estimate['paired_gain']:+.6f} bpb paired on {estimate['pairs']} seeds (95 % interval "
+            f"[{estimate['paired_low95']:+.6f}, {estimate['paired_high95']:+.6f}]); unpaired {unpaired}")
 
 
 def runs_text(estimate: dict, spent: int | None = None) -> str:
     """How many runs the estimate counts on each side, and what the candidate spent when that differs."""
     extra = f" ({spent} spent)" if spent is not None and spent != estimate["runs"] else ""
     return f"{estimate['runs']} runs{extra} against {estimate['best_runs']} of the best"
+
+
+def seeing_lines(fig: Figures) -> list[str]:
+    """What the night could see: the detectable gain now and at the start, and what "kept 0" means."""
+    if not fig.detectable:
+        return []
+    now, start = detectability.Detectable(**fig.detectable[-1]), fig.detectable[0]
+    lines = [f"smallest gain kept with 80 % power now: {now.text()}"]
+    if len(fig.detectable) > 1 and start["unpaired"] is not None:
+        lines.append(f"  at the start of the experiments {start['unpaired']:.6f} for a change that decouples the runs; "
+                     f"after {now.decided} decisions as above")
+    if fig.counts.get("kept") == 0 and now.decided:
+        floor = now.paired if now.paired is not None else now.unpaired
+        lines.append(f"kept nothing: no change of this night was shown to gain more than the noise allows to see "
+                     f"(about {floor:.6f} bpb at best); smaller true gains may have gone unseen, larger ones "
+                     f"would most likely have been kept")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -353,8 +379,7 @@ def _figures_table(fig: Figures) -> str:
         ("baseline mean", f"{_num(fig.baseline_mean, '.6f')} over {fig.baseline_runs or 0} runs"),
         ("noise σ", f"{_num(fig.sigma, '.6f')} (df {fig.noise_df or '-'}, pooled over codes run more than once)"),
         ("keep rule", keep_rule_text(fig)),
-        ("smallest keepable gain", f"{_num(fig.threshold, '.6f')} bpb (2 runs against the "
-                                   f"{fig.baseline_runs or 0} baseline runs, at the start)"),
+        ("what the night could see", " ".join(seeing_lines(fig)) or "-"),
         ("experiments", counts),
         ("experiments / hour", _num(fig.experiments_per_hour, ".2f")),
         ("duty cycle", f"{_num(fig.duty_cycle and 100 * fig.duty_cycle, '.1f')} % (training "
@@ -371,8 +396,9 @@ def keep_rule_text(fig: Figures) -> str:
     if fig.alpha is None:
         return "-"
     return (f"alpha {fig.alpha:g} (the chance that an effect-free change is kept), at most {fig.max_runs} runs "
-            f"per candidate, min_delta {fig.min_delta:g}: kept once, from its 2nd run on, the gain's one-sided "
-            f"Student-t bound at alpha/{fig.max_runs - 1} is above 0")
+            f"per candidate, min_delta {fig.min_delta:g}: kept once either test's one-sided Student-t bound is "
+            f"above 0: paired on matched seeds (own spread, from 3 runs) or unpaired (pooled noise, from 2 runs); "
+            f"alpha is split between the tests and their looks, and a keep must hold again in its own window")
 
 
 def diff_html(diff: str) -> str:

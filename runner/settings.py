@@ -131,6 +131,7 @@ class Settings:
             (0 < self.rule.alpha < 1, "--alpha must be between 0 and 1"),
             (self.rule.max_runs >= 2, "--max-runs must be at least 2 (a keep needs a second run)"),
             (self.rule.min_delta >= 0, "--min-delta must not be negative"),
+            (0 <= self.rule.paired_share <= 1, "--paired-share must be between 0 and 1"),
             (self.max_diff_retries >= 1, "--max-diff-retries must be at least 1"),
             (self.gpu_failures >= 1, "the GPU failure limit must be at least 1"),
             (self.sandbox in SANDBOXES, f"--sandbox must be one of {', '.join(SANDBOXES)}"),

@@ -14,8 +14,9 @@ from rich.table import Table
 from rich.text import Text
 
 from runner.ledger import Experiment, Ledger
+from runner.decision import DISCARD
 from runner.report import (SELECTION_NOTE, Figures, code_runs, gain_text, keep_rule_text, log_tail, runs_spent,
-                           runs_text)
+                           runs_text, seeing_lines)
 from runner.review import Item, item, lineage
 from runner.verify import Verification
 from sandbox.status import Status
@@ -80,9 +81,9 @@ def status_panel(fig: Figures) -> Panel:
     else:
         lines.append(Text(
             f"noise sigma {fig.sigma:.6f} (df {fig.noise_df}) from {fig.baseline_runs} baseline runs "
-            f"(mean {_num(fig.baseline_mean)}); smallest keepable gain {_num(fig.threshold)} "
-            f"(2 runs against the baseline)"
+            f"(mean {_num(fig.baseline_mean)})"
         ))
+        lines.extend(Text(line) for line in seeing_lines(fig))
         lines.append(Text(f"keep rule: {keep_rule_text(fig)}"))
     if fig.gpu_memory_cap is not None:
         peak = "-" if fig.peak_gpu_mb is None else f"{fig.peak_gpu_mb / 1024:.1f} GiB"
@@ -178,6 +179,8 @@ def _estimate_text(ledger: Ledger, row: Experiment) -> str:
     text = f"gain {gain_text(row.estimate)} from {runs_text(row.estimate, spent)}, se {row.estimate['se']:.6f}"
     if row.threshold is not None:
         text += f"; a keep needed a gain above {row.threshold:.6f} at this look"
+    elif row.decision == DISCARD:
+        text += "; discarded before any test could keep it: its estimated gain was not above the rule's minimum"
     return text
 
 

@@ -5,7 +5,9 @@ The fake backend reads the constants of the train.py baked into its "image":
 `LUCK` lowers the score only under the harness's default seed, so a confirmation
 run under another seed exposes it; `SLOW` names a seed whose first run trains half the
 steps (a disturbed run). Every seed adds the same small noise to every code
-(SEED_NOISE), so repeated runs measure a sigma of about 0.001.
+(SEED_NOISE), so repeated runs measure a sigma of about 0.001 and codes run on the same
+seed stay coupled; `RESEED = k` draws the noise of the seed k further on instead (a new
+initialisation: runs no longer coupled to the best's on the same seed).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from tests.corpus import stand_in_data
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_TRAIN_PY = ('"""A stand-in train.py: its constants steer the fake sandbox."""\nLR = 0.1\nBEHAVIOUR = "train"\n'
-                 'LUCK = 0.0\nSLOW = None\n')
+                 'LUCK = 0.0\nSLOW = None\nRESEED = None\n')
 
 
 class _SeedNoise(dict):
@@ -150,7 +152,8 @@ class FakeBackend:
             (spec.out_dir / "summary.json").write_text(json.dumps({"peak_vram_mb": 512.0, "num_steps": 5 if slow else 10}))
             return self._result(spec, Status.OK, 0)
         seed = spec.env.get("AR_SEED")
-        value = 1.0 - constants["LR"] - (constants["LUCK"] if seed is None else 0.0) + SEED_NOISE[seed]
+        drawn = seed if constants.get("RESEED") is None else str(int(seed or 0) + constants["RESEED"])
+        value = 1.0 - constants["LR"] - (constants["LUCK"] if seed is None else 0.0) + SEED_NOISE[drawn]
         with self._lock:
             self.evaluations += 1
             if self.drift and self.evaluations > self.drift[0]:
@@ -261,10 +264,15 @@ def test_baseline_measures_the_noise_then_keeps_replicate_and_advance_the_best(p
     estimate = first.estimate
     assert estimate["gain"] == pytest.approx(window - 0.8005) and estimate["runs"] == 2
     assert estimate["best_runs"] == 2 and estimate["low95"] < estimate["gain"] < estimate["high95"]
-    # 0.001 better on every seed is inside the noise: more seeds up to the cap, then discarded
-    assert [seed for seed, _ in runs_of(ledger, second)] == [None, 1, 2, 3]
-    assert (second.decision, second.best_before) == ("discard", pytest.approx(0.8005))
-    assert second.estimate["runs"] == 4 and ledger.references_of(second.id) == []  # never near a keep
+    # 0.001 better on every seed is far inside the seed noise, but its runs stay coupled to the best's on the
+    # same seeds: the paired test keeps it from three runs. The best (kept from two runs) had no run on the
+    # third seed, so it ran there first as the pair's partner, then on the other two beside the candidate
+    assert [seed for seed, _ in runs_of(ledger, second)] == [None, 1, 2]
+    assert [(r.seed, round(r.val_bpb, 6)) for r in ledger.references_of(second.id)] == [
+        (2, 0.799), (None, 0.8), (1, 0.801)]
+    assert second.decision == "keep" and second.estimate["pairs"] == 3
+    assert second.estimate["paired_gain"] == pytest.approx(0.001) and second.estimate["paired_se"] < 1e-9
+    assert second.estimate["gain"] < second.estimate["high95"] and second.estimate["low95"] < 0  # unpaired: unsure
     assert (third.decision, third.parent_id) == ("keep", first.id)
     assert night.best.exp_id == third.id and night.best.value == pytest.approx(0.7005)
     # the parent recorded is the train.py each proposal was made from (prefetched from the best of its moment)
@@ -274,12 +282,27 @@ def test_baseline_measures_the_noise_then_keeps_replicate_and_advance_the_best(p
     assert "LR = 0.2" in agent.contexts[2].train_py and agent.contexts[2].best_val_bpb == pytest.approx(0.8005)
     assert agent.contexts[2].history[0].status == "keep"
     assert agent.contexts[2].history[0].params["LR"] == 0.2
-    assert (first.review_state, second.review_state) == ("pending", None)
+    assert (first.review_state, second.review_state) == ("pending", "pending")
     assert (first.val_bpb_text, first.num_steps, first.peak_vram_mb) == ("0.800000", 10, 512.0)
     assert (first.input_tokens, first.cost_usd, first.agent, first.attempts) == (10, 0.5, "scripted", 1)
     assert first.train_sha256 == hashlib.sha256((night.settings.run_dir / first.id / "train.py").read_bytes()).hexdigest()
     assert first.image and first.backend == "fake" and first.data_hash == night.data.manifest_hash
     assert json.loads(first.metrics_json)["val_bpb"] == 0.8
+
+
+def test_a_gain_far_inside_the_seed_noise_is_kept_only_where_the_runs_stay_coupled(project):
+    """The same true gain, 0.001 (about one sigma of the seed noise): a learning-rate change keeps the runs
+    coupled to the best's on each seed and is kept; the same gain with a new initialisation (runs as far
+    from the best's as another seed's) is not, because its paired differences spread as the seeds do."""
+    agent = ScriptedAgent(change(LR=0.101, RESEED=2), change(LR=0.101))
+    night, ledger = make_night(project, agent, FakeBackend(), max_experiments=2)
+    night.run()
+    decoupled, coupled = experiments(ledger)
+    assert decoupled.decision == "discard" and decoupled.estimate["runs"] == 4
+    assert decoupled.estimate["paired_se"] > 0.0003  # the seeds' spread, not the change's
+    assert ledger.references_of(decoupled.id) == []
+    assert coupled.decision == "keep" and coupled.estimate["pairs"] == 3
+    assert coupled.estimate["paired_gain"] == pytest.approx(0.001)
 
 
 def effect_free(context):
@@ -625,6 +648,7 @@ def test_check_diff_reports_ok_or_the_reason(tmp_path):
     (["--baseline-runs", "1"], "--baseline-runs must be at least 2"),
     (["--alpha", "0"], "--alpha must be between 0 and 1"),
     (["--max-runs", "1"], "--max-runs must be at least 2"),
+    (["--paired-share", "1.5"], "--paired-share must be between 0 and 1"),
     (["--gpus", "7"], "--gpus asks for GPU 7"),
     (["--source", "nowhere"], "unknown data source 'nowhere'"),
     (["--tag", "a/b"], "--tag must be a plain name"),

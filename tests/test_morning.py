@@ -109,7 +109,7 @@ class RealisticBackend(FakeBackend):
 # an export failure and a nondeterministic discard. `night.ids` names the experiment rows.
 NIGHT_SCRIPT = (
     change(LR=0.2),  # first: kept after 2 runs, 0.8 and 0.801
-    change(LR=0.201),  # unproven: 0.001 better than the first, within the noise: discarded after 4 runs
+    change(LR=0.2, LUCK=0.002),  # unproven: better than the first on the default seed only: discarded after 4 runs
     change(BEHAVIOUR="crash"),  # crash
     garbage,  # rejected
     change(LR=0.3),  # best: kept after 2 runs, 0.7 and 0.701, child of the first
@@ -198,14 +198,19 @@ def test_the_night_keeps_what_replicates(night):
     # a keep is checked against the best run again on its seeds: the baseline beside `first`, `first` beside `best`
     references = {name: [(r.seed, r.parent_id) for r in rows.values() if r.target_id == i and r.kind == "reference"]
                   for name, i in ids.items()}
+    # `unproven` ran on seeds `first` (kept from two runs) had not run: `first` ran there too, as the pairs' partners
     assert references == {"first": [(None, "e0001"), (1, "e0001")], "best": [(None, ids["first"]), (1, ids["first"])],
-                          **{name: [] for name in ("unproven", "crash", "rejected", "no_export", "noisy")}}
+                          "unproven": [(2, ids["first"]), (3, ids["first"])],
+                          **{name: [] for name in ("crash", "rejected", "no_export", "noisy")}}
     decided = {name: (rows[i].decision, rows[i].estimate.get("runs")) for name, i in ids.items()}
     assert decided == {"first": ("keep", 2), "unproven": ("discard", 4), "crash": (None, None),
                        "rejected": (None, None), "best": ("keep", 2), "no_export": (None, None),
                        "noisy": ("discard", 1)}
     unproven = rows[ids["unproven"]].estimate
-    assert unproven["gain"] == pytest.approx(0.001375) and unproven["low95"] < 0 < unproven["high95"]
+    assert unproven["gain"] == pytest.approx(0.000875) and unproven["low95"] < 0 < unproven["high95"]
+    # paired, it was better on the lucky default seed only
+    assert (unproven["pairs"], unproven["paired_gain"]) == (4, pytest.approx(0.0005))
+    assert unproven["paired_low95"] < 0 < unproven["paired_high95"]
     best = rows[ids["best"]]
     assert (best.decision_value, best.best_before) == (pytest.approx(0.7005), pytest.approx(0.8005))
     assert best.estimate["gain"] == pytest.approx(0.1) and best.threshold < best.estimate["low95"]
@@ -218,24 +223,29 @@ def test_status_reports_the_night(night):
     assert (fig["tag"], fig["state"], fig["best_id"]) == ("t", "ended", night.ids["best"])
     assert fig["best_value"] == pytest.approx(0.7005) and fig["best_estimate"]["gain"] == pytest.approx(0.1)
     assert fig["counts"] == {"kept": 2, "discarded": 2, "failed": 2, "cancelled": 0, "rejected": 1,
-                             "pending_review": 2, "baseline_runs": 4, "confirm_runs": 5, "reference_runs": 4,
+                             "pending_review": 2, "baseline_runs": 4, "confirm_runs": 5, "reference_runs": 6,
                              "disturbed": 0}
     assert (fig["sigma"], fig["noise_df"], fig["baseline_runs"]) == (pytest.approx(NOISE.sigma), 3, 4)
-    assert fig["threshold"] == pytest.approx(decision.smallest_keepable_gain(decision.Rule(), NOISE, 4))
+    assert fig["threshold"] == pytest.approx(decision.detectable_gain(decision.Rule(), NOISE, 4))
+    start, now = fig["detectable"][0], fig["detectable"][-1]
+    assert (start["decided"], start["unpaired"]) == (0, pytest.approx(fig["threshold"]))
+    assert now["decided"] == 4 and now["unpaired"] is not None
     assert (fig["alpha"], fig["max_runs"], fig["min_delta"]) == (0.005, 4, 0.0)
     assert "k" not in fig and "confirm" not in fig
-    # 18 runs trained (4 baselines, 5 confirmations, 4 reference runs, 5 experiments: the one whose export
+    # 20 runs trained (4 baselines, 5 confirmations, 6 reference runs, 5 experiments: the one whose export
     # failed trained too)
-    assert fig["training_seconds"] == 18 * TRAINING_SECONDS
+    assert fig["training_seconds"] == 20 * TRAINING_SECONDS
     assert fig["duty_cycle"] == pytest.approx(fig["training_seconds"] / fig["wall_seconds"])
     assert fig["experiments_per_hour"] == pytest.approx(6 / (fig["wall_seconds"] / 3600))  # rejected never ran
 
     table = flat(invoke(night.runs, "status").output)
     assert "ended" in table and night.ids["best"] in table and "kept 2" in table
     assert f"noise sigma {NOISE.sigma:.6f} (df 3) from 4 baseline runs" in table
-    assert f"smallest keepable gain {fig['threshold']:.6f}" in table
+    assert "smallest gain kept with 80 % power now: " in table
+    assert f"at the start of the experiments {fig['threshold']:.6f} for a change that decouples the runs" in table
     assert "alpha 0.005" in table and "at most 4 runs per candidate" in table
-    assert "gain +0.100000 bpb (95 % interval [+0.098" in table and "autoresearch verify" in table
+    assert "gain +0.100000 bpb paired on 2 seeds" in table and "unpaired +0.100000 bpb (95 % interval [+0.097799" in table
+    assert "autoresearch verify" in table
 
 
 def test_status_while_the_night_runs_and_after_a_kill(project):  # noqa: F811
@@ -263,7 +273,7 @@ def test_status_while_the_night_runs_and_after_a_kill(project):  # noqa: F811
 def test_list_shows_every_row_in_order(night):
     ids = night.ids
     rows = json.loads(invoke(night.runs, "list", "--json").output)
-    assert [r["id"] for r in rows] == [f"e{n:04d}" for n in range(1, 21)]
+    assert [r["id"] for r in rows] == [f"e{n:04d}" for n in range(1, 23)]
     by_id = {r["id"]: r for r in rows}
     assert (by_id[ids["best"]]["parent"], by_id[ids["best"]]["vs_parent"]) == (ids["first"], pytest.approx(-0.1))
     assert by_id[ids["first"]]["vs_baseline"] == pytest.approx(0.8005 - 0.900125)
@@ -281,7 +291,8 @@ def test_show_tells_the_whole_story_of_one_experiment(night):
     out = flat(result.output)
     assert f"{ids['best']} <- {ids['first']} <- e0001 (baseline)" in out
     assert "vs parent -0.100000" in out and "vs baseline -0.199625" in out
-    assert "gain +0.100000 bpb (95 % interval [+0.098221, +0.101779]) from 2 runs against 2 of the best" in out
+    assert ("gain +0.100000 bpb paired on 2 seeds (95 % interval [+0.100000, +0.100000]); unpaired +0.100000 bpb "
+            "(95 % interval [+0.097799, +0.102201]) from 2 runs against 2 of the best") in out
     assert "a keep needed a gain above 0.00" in out and "autoresearch verify" in out  # kept: the selection note
     assert "runs of this train.py (seeds)" in out  # the experiment and its confirmation
     assert "runs of the best beside it (seeds)" in out  # what its estimate compares with
@@ -293,7 +304,8 @@ def test_show_tells_the_whole_story_of_one_experiment(night):
     data = json.loads(invoke(night.runs, "show", ids["unproven"], "--json").output)
     assert [(r["seed"], r["counted"], r["disturbed"]) for r in data["runs"]] == [
         (None, True, None), (1, True, None), (2, True, None), (3, True, None)]
-    assert data["estimate"]["runs"] == 4 and data["estimate"]["low95"] < 0 and data["reference_runs"] == []
+    assert data["estimate"]["runs"] == 4 and data["estimate"]["low95"] < 0
+    assert [(r["seed"], r["kind"]) for r in data["reference_runs"]] == [(2, "reference"), (3, "reference")]
     discarded = flat(invoke(night.runs, "show", ids["unproven"]).output)
     assert "from 4 runs against 2 of the best" in discarded and "autoresearch verify" not in discarded
 

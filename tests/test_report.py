@@ -48,7 +48,7 @@ def test_tsv_export_is_the_reference_format(night):  # noqa: F811
     assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
     assert lines[5:] == [  # confirmation runs are not experiments of their own: left out
         f"{ids['first']}\t0.800000\t0.0\tkeep\tset {{'LR': 0.2}}",
-        f"{ids['unproven']}\t0.799000\t0.0\tdiscard\tset {{'LR': 0.201}}",
+        f"{ids['unproven']}\t0.798000\t0.0\tdiscard\tset {{'LR': 0.2, 'LUCK': 0.002}}",
         f"{ids['crash']}\t0.000000\t0.0\tcrash\tset {{'BEHAVIOUR': 'crash'}}",
         f"{ids['best']}\t0.700000\t0.0\tkeep\tset {{'LR': 0.3}}",
         f"{ids['no_export']}\t0.000000\t0.0\tcrash\tset {{'BEHAVIOUR': 'no_export'}}",
@@ -64,10 +64,10 @@ def test_json_export_holds_every_column_and_the_settings(night):  # noqa: F811
     data = json.loads(out.read_text())
     ids = night.ids
     assert data["tag"] == "t" and data["nights"][0]["settings"]["rule"] == {"alpha": 0.005, "max_runs": 4,
-                                                                           "min_delta": 0.0}
+                                                                           "min_delta": 0.0, "paired_share": 0.8}
     assert (data["nights"][0]["sigma"], data["nights"][0]["noise_df"]) == (pytest.approx(NOISE.sigma), 3)
     rows = {r["id"]: r for r in data["experiments"]}
-    assert len(rows) == 20 and rows[ids["best"]]["parent_id"] == ids["first"]
+    assert len(rows) == 22 and rows[ids["best"]]["parent_id"] == ids["first"]
     assert "+LR = 0.3" in rows[ids["best"]]["diff"]
     assert rows[ids["rejected"]]["reject_reason"] and "RuntimeError: shape mismatch" in rows[ids["crash"]]["log_tail"]
     # the kept changes: the estimate each keep rested on, and what it cost
@@ -77,7 +77,7 @@ def test_json_export_holds_every_column_and_the_settings(night):  # noqa: F811
     assert first["gain"] == pytest.approx(0.9005 - 0.8005) and first["low95"] < first["gain"] < first["high95"]
     assert (best["id"], best["val_bpb"], best["best_before"]) == (ids["best"], pytest.approx(0.7005),
                                                                   pytest.approx(0.8005))
-    assert (best["low95"], best["high95"]) == (pytest.approx(0.098221, abs=1e-6), pytest.approx(0.101779, abs=1e-6))
+    assert (best["low95"], best["high95"]) == (pytest.approx(0.097799, abs=1e-6), pytest.approx(0.102201, abs=1e-6))
     assert "autoresearch verify" in data["kept_note"]
 
 
@@ -89,12 +89,12 @@ def test_the_html_report_is_self_contained_and_complete(night):  # noqa: F811
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from elsewhere
     # figures: noise, the keep rule, throughput
     for text in ("noise σ", f"{NOISE.sigma:.6f} (df 3", "keep rule", "alpha 0.005", "at most 4 runs",
-                 "smallest keepable gain", "experiments / hour", "duty cycle", "MFU"):
+                 "what the night could see", "smallest gain kept with 80 % power now", "experiments / hour", "duty cycle", "MFU"):
         assert text in page, text
     # kept changes with their gain, interval and runs, the selection note once, and their coloured diffs
     assert '<span class="add">+LR = 0.3</span>' in page and '<span class="del">-LR = 0.2</span>' in page
     assert (f"<td>{night.ids['best']}</td><td class=n>0.700500</td><td class=n>+0.100000</td>"
-            "<td class=n>[+0.098221, +0.101779]</td><td>2 runs against 2 of the best</td>"
+            "<td class=n>[+0.097799, +0.102201]</td><td>2 runs against 2 of the best</td>"
             "<td class=n>-0.199625</td>") in page
     assert page.count(html.escape(report.SELECTION_NOTE)) == 1
     # failures grouped by status, with their log tails

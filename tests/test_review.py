@@ -66,7 +66,8 @@ def test_accepting_the_best_brings_its_kept_parent_and_commits_only_train_py(nig
     assert result.exit_code == 0, result.output
     assert "set {'LR': 0.3}" in result.output and "+LR = 0.3" in result.output  # the card and its diff
     card = flat(result.output)
-    assert "gain +0.100000 bpb (95 % interval [+0.098221, +0.101779]) over the best before it" in card
+    assert ("gain +0.100000 bpb paired on 2 seeds (95 % interval [+0.100000, +0.100000]); unpaired +0.100000 bpb "
+            "(95 % interval [+0.097799, +0.102201]) over the best before it") in card
     assert "2 runs against 2 of the best" in card and "autoresearch verify" in card
     assert f"accepted {best} (with {first})" in result.output and "committed" in result.output
     assert result.output.rstrip().endswith("end of the review queue.")  # the first went in with the best

@@ -1,6 +1,6 @@
 """An agent for `--agent command` that proposes changes known to have no effect (bench/aa_night.py).
 
-    python bench/agents/nudge.py [--repair NAME=LITERAL] < prompt > reply
+    python bench/agents/nudge.py [--repair NAME=LITERAL] [--reinit-every K] < prompt > reply
 
 Each proposal moves one float constant of the current best train.py (an UPPER_CASE
 module-level `NAME = <float>`) by one part in a million. Such a change cannot
@@ -13,6 +13,12 @@ Proposals must all differ (the runner rejects a repeated one), so the n-th nudge
 takes the constants in turn and, on each round through them, the next factor of
 1 + 1e-6, 1 - 1e-6, 1 + 2e-6, 1 - 2e-6, ... The count n lives in the JSON file
 named by AR_BENCH_STATE, because the command is a new process for every proposal.
+
+With --reinit-every K every K-th proposal is instead a new initialisation: a line after the
+harness import that draws a few numbers from the seeded generators, so the model starts from
+other weights on the same data order. That is effect-free too, but its runs are no longer
+coupled to the best's on the same seed: the other null the keep rule must not be fooled by.
+Each draws one more number than the last, so they all differ.
 
 With --repair NAME=LITERAL the first proposal instead sets NAME back to LITERAL
 (the power test: the bench degraded that constant and wants to see the repair kept).
@@ -77,6 +83,17 @@ def literal(value: float) -> str:
     return repr(float(f"{value:.12g}"))
 
 
+def reinitialised(source: str, n: int) -> str:
+    """`source` with a line after the harness import that moves the seeded generators on by n + 1 draws."""
+    head, sep, tail = source.partition("\nfrom prepare import")
+    if not sep:
+        raise SystemExit("nudge: train.py has no `from prepare import` line")
+    end = tail.index("\n") + 1
+    draw = (f"torch.rand({n + 1}); torch.cuda.is_available() and torch.rand({n + 1}, device='cuda')"
+            "  # a new initialisation (A/A)\n")
+    return head + sep + tail[:end] + draw + tail[end:]
+
+
 def reply(old: str, new: str, description: str) -> str:
     """The reply format of runner.agents.prompt: a DESCRIPTION line and one ```diff block."""
     diff = "".join(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
@@ -87,14 +104,22 @@ def reply(old: str, new: str, description: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="effect-free proposals for an A/A night")
     parser.add_argument("--repair", metavar="NAME=LITERAL", help="first propose setting NAME back to LITERAL")
+    parser.add_argument("--reinit-every", type=int, default=0, metavar="K",
+                        help="every K-th proposal is a new initialisation instead of a nudge")
     args = parser.parse_args()
     state_path = Path(os.environ["AR_BENCH_STATE"])
     state = json.loads(state_path.read_text()) if state_path.exists() else {"nudges": 0, "repaired": False}
+    state.setdefault("proposals", 0)
+    state.setdefault("reinits", 0)
     source = train_py_of(sys.stdin.read())
     if args.repair and not state["repaired"]:
         name, _, value = args.repair.partition("=")
         state["repaired"] = True
         text = reply(source, set_constant(source, name, value), f"repair: {name} back to {value}")
+    elif args.reinit_every and state["proposals"] % args.reinit_every == args.reinit_every - 1:
+        n = state["reinits"]
+        state["reinits"] = n + 1
+        text = reply(source, reinitialised(source, n), f"new initialisation {n + 1} (no effect, runs decoupled)")
     else:
         constants = float_constants(source)
         n = state["nudges"]
@@ -102,6 +127,7 @@ def main() -> None:
         value = literal(nudged(constants[name].value, n, len(constants)))
         state["nudges"] = n + 1
         text = reply(source, set_constant(source, name, value), f"nudge {name} to {value} (no effect)")
+    state["proposals"] += 1
     state_path.write_text(json.dumps(state))
     sys.stdout.write(text)
 

@@ -225,6 +225,10 @@ def _gain_at_power(critical: float, df: int, se: float, power: float) -> float:
     def shortfall(g: float) -> float:
         return float(stats.nct.sf(critical, df, g / se)) - power
     high = se * (critical + 10.0)
+    while shortfall(high) < 0:  # few degrees of freedom: heavy tails, the gain must be many times the bar
+        if high > se * 1e9:
+            return math.inf
+        high *= 4
     return float(optimize.brentq(shortfall, 0.0, high, xtol=se * 1e-6))
 
 

@@ -7,6 +7,7 @@ GPU's seed noise at the default 300 s budget) and as this CPU runs them, with a 
 and steps that jitter (bench/pairs_cpu.json). docs/decisions.md says where each figure comes from.
 """
 
+import math
 import random
 
 import pytest
@@ -201,6 +202,8 @@ def test_the_quoted_detectable_gain_is_what_the_simulated_rule_keeps_four_times_
     assert 0.7 < rate < 0.95
     unpaired = detectable_gain(rule, Noise(GPU_SIGMA_SEED, 3, 4), 4)
     assert unpaired > detectable_gain(rule, Noise(GPU_SIGMA_SEED, 30, 31), 4) > gain
+    # two baselines (1 df): heavy tails, a finite figure all the same, far above the rest
+    assert math.isfinite(few := detectable_gain(rule, Noise(GPU_SIGMA_SEED, 1, 2), 2)) and few > 10 * unpaired
 
 
 def test_the_recorded_runs_replayed_through_the_rule_keep_no_effect_free_change():

@@ -215,7 +215,7 @@ def seeing_lines(fig: Figures) -> list[str]:
         lines.append(f"  at the start of the experiments {start['unpaired']:.6f} for a change that decouples the runs; "
                      f"after {now.decided} decisions as above")
     if fig.counts.get("kept") == 0 and now.decided:
-        floor = now.paired if now.paired is not None else now.unpaired
+        floor = min(g for g in (now.paired, now.unpaired) if g is not None)
         lines.append(f"kept nothing: no change of this night was shown to gain more than the noise allows to see "
                      f"(about {floor:.6f} bpb at best); smaller true gains may have gone unseen, larger ones "
                      f"would most likely have been kept")

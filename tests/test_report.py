@@ -7,6 +7,7 @@ import dataclasses
 import html
 import json
 import re
+import types
 
 import pytest
 
@@ -128,3 +129,19 @@ def test_a_kept_change_shows_the_runs_it_spent(project):  # noqa: F811
     assert invoke(recorded.runs, "report").exit_code == 0
     page = (recorded.run_dir / "report.html").read_text()
     assert "<td>2 runs (3 spent) against 2 of the best</td>" in page
+
+
+def test_a_night_that_kept_nothing_says_what_it_could_have_seen():
+    """"kept 0" means something only beside the smallest gain the rule would have kept: the smaller of the
+    two figures (coupled, decoupled), with the course from the start of the experiments."""
+    start = {"decided": 0, "unpaired": 0.05, "paired": None, "sigma_paired": None}
+    now = {"decided": 6, "unpaired": 0.02, "paired": 0.004, "sigma_paired": 0.001}
+    fig = types.SimpleNamespace(detectable=(start, now), counts={"kept": 0})
+    lines = report.seeing_lines(fig)
+    assert lines[0] == ("smallest gain kept with 80 % power now: 0.004000 for a change that keeps the runs coupled "
+                        "(paired spread 0.001000); 0.020000 for a change that decouples them")
+    assert "at the start of the experiments 0.050000" in lines[1] and "after 6 decisions" in lines[1]
+    assert lines[2].startswith("kept nothing:") and "about 0.004000 bpb at best" in lines[2]
+    fig.counts = {"kept": 1}
+    assert not any(line.startswith("kept nothing") for line in report.seeing_lines(fig))
+    assert report.seeing_lines(types.SimpleNamespace(detectable=(), counts={"kept": 0})) == []

@@ -34,15 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import contract  # noqa: E402
+from bench.agents.nudge import after_harness_import  # noqa: E402
 
 
 def edited(constant: str, value: str) -> str:
     """train.py with `CONSTANT = ...` set to `value` (its first assignment at the start of a line)."""
     text = (ROOT / "train.py").read_text()
     if constant == "+":  # a line inserted after the harness import, e.g. one that draws from the seeded generator
-        head, sep, tail = text.partition("from prepare import")
-        line_end = tail.index("\n") + 1
-        return head + sep + tail[:line_end] + value + "\n" + tail[line_end:]
+        return after_harness_import(text, value)
     new, count = re.subn(rf"^{constant} = .*$", f"{constant} = {value}", text, count=1, flags=re.MULTILINE)
     if count != 1:
         raise SystemExit(f"train.py has no line `{constant} = ...`")

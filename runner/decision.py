@@ -136,7 +136,7 @@ class Estimate:
 
     @property
     def fully_paired(self) -> bool:
-        return self.pairs == self.runs and self.paired_gain is not None
+        return self.pairs == self.runs
 
     @property
     def headline(self) -> float:
@@ -182,7 +182,7 @@ def unpaired_bound(rule: Rule, est: Estimate) -> float | None:
 
 def paired_bound(rule: Rule, est: Estimate) -> float | None:
     """The paired gain a candidate must exceed at this look (None: this test cannot keep here)."""
-    if not est.fully_paired or est.pairs not in rule.paired_looks() or est.paired_se is None:
+    if not est.fully_paired or est.pairs not in rule.paired_looks():
         return None
     return t_quantile(1 - rule.alpha_paired, est.pairs - 1) * est.paired_se
 
@@ -201,9 +201,14 @@ def keep_bound(rule: Rule, est: Estimate) -> float | None:
     return paired if paired is not None else unpaired_bound(rule, est)
 
 
+def futile(rule: Rule, est: Estimate) -> bool:
+    """Whether the candidate is out of play: its gain so far is not above `min_delta`."""
+    return est.headline <= rule.min_delta
+
+
 def judge(rule: Rule, est: Estimate) -> str:
     """KEEP, DISCARD or MORE (run the candidate on its next seed) for the runs so far."""
-    if est.headline <= rule.min_delta:
+    if futile(rule, est):
         return DISCARD
     if passes(rule, est):
         return KEEP

@@ -63,10 +63,11 @@ def course(rule: decision.Rule, start: decision.Noise | None, baseline_runs: int
         if spread is not None:
             spreads.append(spread)
         typical = statistics.median(spreads) if spreads else None
+        noise = _noise(est)
         points.append(Detectable(
             decided=count,
-            unpaired=decision.detectable_gain(rule, _noise(est), est["best_runs"]),
-            paired=None if typical is None else decision.detectable_gain(rule, _noise(est), est["best_runs"],
+            unpaired=decision.detectable_gain(rule, noise, est["best_runs"]),
+            paired=None if typical is None else decision.detectable_gain(rule, noise, est["best_runs"],
                                                                             sigma_paired=typical),
             sigma_paired=typical))
     return points

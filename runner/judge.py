@@ -95,6 +95,15 @@ def by_seed(rows: list[Experiment]) -> dict[int, float]:
     return {seed: statistics.fmean(v) for seed, v in values.items()}
 
 
+def estimate(counted: list[Experiment], best_rows: list[Experiment], partners: dict[int, float],
+             noise: decision.Noise) -> decision.Estimate:
+    """A candidate's estimate from its counted runs against the best's counted runs, paired on the seeds
+    that have a partner."""
+    differences = [partners[seed_index(r.seed)] - r.val_bpb for r in counted if seed_index(r.seed) in partners]
+    return decision.estimate([r.val_bpb for r in counted], [r.val_bpb for r in best_rows if r.counts], noise,
+                             differences)
+
+
 def next_seed(rows: list[Experiment]) -> int | None:
     """The first seed of the sequence that none of these rows has counted or is running."""
     taken = {seed_index(r.seed) for r in rows if r.counts or r.status.is_unfinished()}
@@ -150,26 +159,27 @@ class Judge:
             if any(r.status.is_unfinished() for r in references):
                 return None  # a reference run is owed; it decides when it ends
             reference_seed: list[int | None] = []  # the seed a reference run is needed on, if one is
+            noise, window = self.noise(), by_seed(references)
             # each run's partner: the best's run on its seed, or where the best has none, its reference run
-            partners = by_seed(references) | by_seed(best_rows)
+            partners = window | by_seed(best_rows)
             unpartnered = [r.seed for r in counted if seed_index(r.seed) not in partners]
             if not values:  # its only runs were disturbed: run a seed again
                 verdict, est = decision.MORE, None
             else:
-                est = self._estimate(counted, best_rows, partners)
+                est = estimate(counted, best_rows, partners, noise)
                 verdict = decision.DISCARD if failed else decision.judge(self.rule, est)
             if verdict == decision.MORE and len(rows) >= self.rule.max_runs + DISTURBED_RERUNS:
                 verdict = decision.DISCARD  # too many of its runs were disturbed to tell
-            in_play = est is not None and not failed and est.headline > self.rule.min_delta
+            in_play = est is not None and not failed and not decision.futile(self.rule, est)
             if unpartnered and in_play and verdict != decision.KEEP:  # judged again once paired on every seed
                 if len(references) >= self.rule.max_runs + DISTURBED_RERUNS:
                     verdict = decision.DISCARD  # too many reference runs were disturbed to tell
                 else:
                     reference_seed = unpartnered[:1]
             if verdict == decision.KEEP:
-                missing = self._seeds_without_reference(counted, references)
+                missing = [r.seed for r in counted if seed_index(r.seed) not in window]
                 if not missing:  # the second test: against the best measured in the candidate's window
-                    est = self._estimate(counted, references, by_seed(references))
+                    est = estimate(counted, references, window, noise)
                     verdict = decision.judge_in_window(self.rule, est)
                 elif len(references) >= self.rule.max_runs + DISTURBED_RERUNS:
                     verdict = decision.DISCARD  # too many reference runs were disturbed to tell
@@ -196,22 +206,10 @@ class Judge:
                                 seed=seed, diff=candidate.diff,
                                 description=f"confirm {candidate.id} (seed {decision.seed_label(seed)})")
 
-    def _estimate(self, counted: list[Experiment], best_rows: list[Experiment],
-                  partners: dict[int, float]) -> decision.Estimate:
-        """The candidate's estimate against the best's counted runs, paired on the seeds with a partner."""
-        differences = [partners[seed_index(r.seed)] - r.val_bpb for r in counted if seed_index(r.seed) in partners]
-        return decision.estimate([r.val_bpb for r in counted], [r.val_bpb for r in best_rows if r.counts],
-                                 self.noise(), differences)
-
     def _references(self, candidate: Experiment, best: Best) -> list[Experiment]:
         """The reference runs of the current best beside `candidate` (those of an earlier best do not count)."""
         rows = [r for r in self.ledger.references_of(candidate.id) if r.parent_id == best.exp_id]
         return flag_disturbed(self.ledger, rows)
-
-    @staticmethod
-    def _seeds_without_reference(counted: list[Experiment], references: list[Experiment]) -> list[int | None]:
-        """The seeds of the candidate's counted runs that have no counted reference run yet, in order."""
-        return [r.seed for r in counted if seed_index(r.seed) not in by_seed(references)]
 
     def _settle(self, row: Experiment, verdict: str, est: decision.Estimate | None, value: float | None) -> None:
         """Record the decision and its estimate; a keep makes this row the best (the caller holds the lock).

@@ -189,7 +189,8 @@ def runs_spent(ledger: Ledger, row: Experiment) -> int:
 
 
 def gain_text(estimate: dict) -> str:
-    """'+0.099625 bpb (95 % interval [+0.097654, +0.101596])', or '-' before a decision."""
+    """'+0.099625 bpb (95 % interval [+0.097654, +0.101596])', led by the paired gain and its interval
+    when every run had a partner; '-' before a decision."""
     if not estimate:
         return "-"
     unpaired = f"{estimate['gain']:+.6f} bpb (95 % interval [{estimate['low95']:+.6f}, {estimate['high95']:+.6f}])"

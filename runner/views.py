@@ -13,8 +13,8 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from runner.ledger import Experiment, Ledger
 from runner.decision import DISCARD
+from runner.ledger import Experiment, Ledger
 from runner.report import (SELECTION_NOTE, Figures, code_runs, gain_text, keep_rule_text, log_tail, runs_spent,
                            runs_text, seeing_lines)
 from runner.review import Item, item, lineage

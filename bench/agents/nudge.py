@@ -83,15 +83,19 @@ def literal(value: float) -> str:
     return repr(float(f"{value:.12g}"))
 
 
-def reinitialised(source: str, n: int) -> str:
-    """`source` with a line after the harness import that moves the seeded generators on by n + 1 draws."""
+def after_harness_import(source: str, line: str) -> str:
+    """`source` with `line` inserted after its `from prepare import ...` line."""
     head, sep, tail = source.partition("\nfrom prepare import")
     if not sep:
-        raise SystemExit("nudge: train.py has no `from prepare import` line")
+        raise SystemExit("train.py has no `from prepare import` line")
     end = tail.index("\n") + 1
-    draw = (f"torch.rand({n + 1}); torch.cuda.is_available() and torch.rand({n + 1}, device='cuda')"
-            "  # a new initialisation (A/A)\n")
-    return head + sep + tail[:end] + draw + tail[end:]
+    return head + sep + tail[:end] + line + "\n" + tail[end:]
+
+
+def reinitialised(source: str, n: int) -> str:
+    """`source` with a line after the harness import that moves the seeded generators on by n + 1 draws."""
+    return after_harness_import(source, f"torch.rand({n + 1}); torch.cuda.is_available() and "
+                                        f"torch.rand({n + 1}, device='cuda')  # a new initialisation (A/A)")
 
 
 def reply(old: str, new: str, description: str) -> str:

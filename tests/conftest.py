@@ -1,4 +1,5 @@
-"""Shared fixtures: an empty ledger, a tiny prepared dataset and the Docker engine (when there is one)."""
+"""Shared fixtures: an empty ledger, a stand-in project and its recorded night, a tiny prepared dataset and the
+Docker engine (when there is one)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pytest
 
 from runner.ledger import Ledger
 from tests.corpus import write_corpus
+from tests.doubles import BASE_TRAIN_PY
+from tests.recorded_night import NAMES, record_night
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_VOCAB = 512
@@ -24,6 +27,34 @@ def ledger(tmp_path):
     db = Ledger(tmp_path / "ledger.sqlite")
     yield db
     db.close()
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A project whose train.py is the fake sandbox's stand-in (tests.doubles)."""
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "train.py").write_text(BASE_TRAIN_PY)
+    (root / "prepare.py").write_text('"""A stand-in harness."""\nTIME_BUDGET = 1.0\n')
+    (root / "program.md").write_text("Lower val_bpb.\n")
+    return root
+
+
+@pytest.fixture
+def night(project):
+    """The scripted night every morning test reads (tests.recorded_night); `ids` names its experiments."""
+    recorded = record_night(project)
+    recorded.ids = dict(zip(NAMES, recorded.experiments))
+    return recorded
+
+
+@pytest.fixture
+def sandbox(night, monkeypatch):
+    """The night's own fake sandbox, which `rerun` and `verify` find (it holds the night's images)."""
+    from runner import rerun
+
+    monkeypatch.setattr(rerun, "open_backend", lambda name: night.backend)
+    return night.backend
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ import runner.overnight
 from runner.cli import main
 from runner.ledger import Ledger
 from sandbox.docker_backend import DockerBackend
-from tests.test_loop import FakeBackend, ScriptedAgent, change
+from tests.doubles import FakeBackend, ScriptedAgent, change
 from sandbox.status import Status
 
 

@@ -31,8 +31,8 @@ from sandbox.images import BUILD_PREFIX
 from sandbox.processes import process_identity
 from tests.corpus import stand_in_data
 from tests.crash_driver import PAUSE_NOTE
-from tests.test_loop import BASE_TRAIN_PY, FakeBackend, ScriptedAgent, change, make_night, project  # noqa: F401
-from tests.test_morning import cli
+from tests.doubles import BASE_TRAIN_PY, FakeBackend, ScriptedAgent, change, make_night
+from tests.recorded_night import cli
 from sandbox.status import Status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +115,7 @@ def assert_consistent(run_dir: Path, experiments: int) -> Ledger:
 # -- the night -----------------------------------------------------------------------------------
 
 
-def test_a_night_killed_between_done_and_the_decision_decides_once_on_resume(project, env):  # noqa: F811
+def test_a_night_killed_between_done_and_the_decision_decides_once_on_resume(project, env):
     args = [*NIGHT, "--max-experiments", "2"]
     killed = Command.driven("fake", "done:e0003", args, project, env)
     killed.wait_paused()
@@ -144,7 +144,7 @@ def files_of(run_dir: Path) -> dict[Path, bytes]:
             and "ledger.sqlite" not in path.name}
 
 
-def test_a_second_runner_of_a_live_night_is_refused_and_a_killed_ones_lock_blocks_nothing(project, env):  # noqa: F811
+def test_a_second_runner_of_a_live_night_is_refused_and_a_killed_ones_lock_blocks_nothing(project, env):
     args = [*NIGHT, "--max-experiments", "2"]
     first = Command.driven("fake", "done:e0003", args, project, env)
     first.wait_paused()  # alive and holding the night: e0003 is done, its decision not made yet
@@ -191,7 +191,7 @@ def test_a_runner_on_another_machine_is_refused_while_its_heartbeat_is_fresh(tmp
 
 @pytest.mark.docker
 @pytest.mark.parametrize("moment", ["before-commit", "after-commit"])
-def test_a_night_killed_during_an_image_build_builds_it_once_and_leaves_nothing(project, env, docker_client,  # noqa: F811
+def test_a_night_killed_during_an_image_build_builds_it_once_and_leaves_nothing(project, env, docker_client,
                                                                               docker_base_image, moment):
     # a train.py of its own, so that no earlier build already holds its image
     (project / "train.py").write_text(BASE_TRAIN_PY + f"NONCE = {uuid.uuid4().hex!r}\n")
@@ -234,7 +234,7 @@ def git(repo: Path, env: dict, *args: str) -> str:
 
 
 @pytest.mark.parametrize("moment", ["before-commit", "after-commit"])
-def test_a_review_accept_killed_around_its_commit_is_finished_by_the_next(project, env, moment, monkeypatch):  # noqa: F811
+def test_a_review_accept_killed_around_its_commit_is_finished_by_the_next(project, env, moment, monkeypatch):
     night, ledger = make_night(project, ScriptedAgent(change(LR=0.2)), FakeBackend())
     night.run()
     (kept,) = [r for r in ledger.experiments(kinds=[EXPERIMENT]) if r.decision == "keep"]

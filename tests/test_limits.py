@@ -24,11 +24,11 @@ from runner.loop import Dataset, Night
 from runner.pruning import prune_images
 from runner.settings import Settings
 from sandbox.processes import process_identity
-from tests.test_loop import FakeBackend, ScriptedAgent, change, garbage, project  # noqa: F401 (fixture)
-from tests.test_morning import cli, flat
+from tests.doubles import FakeBackend, ScriptedAgent, change, garbage
+from tests.recorded_night import cli, flat
 
 
-def night_in(project, agent, backend, tag="t", **settings):  # noqa: F811
+def night_in(project, agent, backend, tag="t", **settings):
     """A night of the project under its own runs/ (where `overnight` looks) and its ledger."""
     settings = Settings(root=project, tag=tag, budget=1.0, **settings)
     ledger = Ledger(settings.run_dir / "ledger.sqlite")
@@ -36,7 +36,7 @@ def night_in(project, agent, backend, tag="t", **settings):  # noqa: F811
                  data=Dataset(project.parent / "data", "datahash")), ledger
 
 
-def run_night(project, *steps, backend=None, **settings):  # noqa: F811
+def run_night(project, *steps, backend=None, **settings):
     night, ledger = night_in(project, ScriptedAgent(*steps), backend or FakeBackend(), **settings)
     try:
         return night.run(), [(r.status, r.decision) for r in ledger.experiments(kinds=[EXPERIMENT])]
@@ -44,13 +44,13 @@ def run_night(project, *steps, backend=None, **settings):  # noqa: F811
         ledger.close()
 
 
-def overnight(project, *args):  # noqa: F811
+def overnight(project, *args):
     """`autoresearch overnight --tag t` in the project directory, as a user resumes a night."""
     return CliRunner().invoke(main, ["overnight", "--tag", "t", "--gpus", "none", "--agent", "search", *args],
                               catch_exceptions=False)
 
 
-def set_times(project, night_id, *, started, heartbeat=None, ended=None, runner=None):  # noqa: F811
+def set_times(project, night_id, *, started, heartbeat=None, ended=None, runner=None):
     """Move one invocation of the night into the past (as it would read hours later)."""
     with closing(sqlite3.connect(project / "runs" / "t" / "ledger.sqlite")) as db, db:
         db.execute("UPDATE nights SET started_at=?, heartbeat_at=?, ended_at=?, runner=? WHERE id=?",
@@ -61,7 +61,7 @@ def set_times(project, night_id, *, started, heartbeat=None, ended=None, runner=
 # -- --max-experiments -------------------------------------------------------------------------
 
 
-def test_max_experiments_counts_the_whole_night_rejected_proposals_included(project):  # noqa: F811
+def test_max_experiments_counts_the_whole_night_rejected_proposals_included(project):
     assert run_night(project, garbage, max_experiments=1, max_diff_retries=1) == ("max-experiments",
                                                                                   [("rejected", None)])
     # a resume asking for 2 in all makes one more proposal, not two
@@ -76,7 +76,7 @@ def test_max_experiments_counts_the_whole_night_rejected_proposals_included(proj
     ledger.close()
 
 
-def test_a_resume_with_its_limit_spent_ends_at_once_in_one_sentence(project, monkeypatch):  # noqa: F811
+def test_a_resume_with_its_limit_spent_ends_at_once_in_one_sentence(project, monkeypatch):
     run_night(project, change(LR=0.2), max_experiments=1)
     monkeypatch.chdir(project)
     result = overnight(project)
@@ -89,7 +89,7 @@ def test_a_resume_with_its_limit_spent_ends_at_once_in_one_sentence(project, mon
     ledger.close()
 
 
-def test_work_owed_by_a_killed_invocation_is_finished_though_the_limit_is_reached(project):  # noqa: F811
+def test_work_owed_by_a_killed_invocation_is_finished_though_the_limit_is_reached(project):
     run_night(project, change(LR=0.2), max_experiments=1)
     ledger = Ledger(project / "runs" / "t" / "ledger.sqlite")
     (row,) = ledger.experiments(kinds=[EXPERIMENT])
@@ -106,7 +106,7 @@ def test_work_owed_by_a_killed_invocation_is_finished_though_the_limit_is_reache
 # -- --hours -----------------------------------------------------------------------------------
 
 
-def test_hours_add_up_the_running_periods_not_the_gaps_between(project, monkeypatch):  # noqa: F811
+def test_hours_add_up_the_running_periods_not_the_gaps_between(project, monkeypatch):
     run_night(project, change(LR=0.2), max_experiments=1)
     now = datetime.now(timezone.utc)
     # it started ten hours ago and was killed after 30 min (its last heartbeat): 9.5 hours of gap
@@ -128,13 +128,13 @@ def test_hours_add_up_the_running_periods_not_the_gaps_between(project, monkeypa
 # -- status and the heartbeat --------------------------------------------------------------------
 
 
-def status(project):  # noqa: F811
+def status(project):
     result = CliRunner().invoke(cli(), ["status", "--json", "--runs-dir", str(project / "runs")])
     assert result.exit_code == 0, result.output
     return json.loads(result.output)
 
 
-def test_status_reads_the_heartbeat_not_the_last_event(project):  # noqa: F811
+def test_status_reads_the_heartbeat_not_the_last_event(project):
     run_night(project, change(LR=0.2), max_experiments=1)
     ledger = Ledger(project / "runs" / "t" / "ledger.sqlite")
     open_id = ledger.start_night("t", json.loads(ledger.nights()[0]["settings_json"]), runner=this_runner())
@@ -159,7 +159,7 @@ def test_status_reads_the_heartbeat_not_the_last_event(project):  # noqa: F811
     assert f"stopped (last seen {seen:%Y-%m-%d %H:%M:%S} UTC" in panel and "--tag t" in panel
 
 
-def ledger_seconds(project, index):  # noqa: F811
+def ledger_seconds(project, index):
     ledger = Ledger(project / "runs" / "t" / "ledger.sqlite")
     night = ledger.nights()[index]
     ledger.close()
@@ -205,7 +205,7 @@ def test_a_beat_the_ledger_cannot_take_is_logged_and_the_next_one_is_tried(tmp_p
 # -- pruning images -------------------------------------------------------------------------------
 
 
-def test_discarded_and_failed_images_go_the_baseline_and_kept_ones_stay(project):  # noqa: F811
+def test_discarded_and_failed_images_go_the_baseline_and_kept_ones_stay(project):
     backend = FakeBackend()
     reason, rows = run_night(project, change(LR=0.2), change(LR=0.05), change(BEHAVIOUR="crash"), backend=backend,
                              max_experiments=3)
@@ -222,7 +222,7 @@ def test_discarded_and_failed_images_go_the_baseline_and_kept_ones_stay(project)
     ledger.close()
 
 
-def test_an_image_another_night_needs_stays(project, tmp_path):  # noqa: F811
+def test_an_image_another_night_needs_stays(project, tmp_path):
     backend = FakeBackend()
     other = tmp_path / "other"
     other.mkdir()
@@ -237,7 +237,7 @@ def test_an_image_another_night_needs_stays(project, tmp_path):  # noqa: F811
     assert rows == [("done", "discard")] and needed in backend.images
 
 
-def test_a_resume_prunes_what_a_night_run_without_pruning_left(project):  # noqa: F811
+def test_a_resume_prunes_what_a_night_run_without_pruning_left(project):
     backend = FakeBackend()
     run_night(project, change(LR=0.05), backend=backend, max_experiments=1, prune_images=False)
     ledger = Ledger(project / "runs" / "t" / "ledger.sqlite")

@@ -1,14 +1,5 @@
-"""The night's logic with a fake sandbox and a scripted agent (no training: fast).
-
-The fake backend reads the constants of the train.py baked into its "image":
-`LR` sets the score (val_bpb = 1 - LR), `BEHAVIOUR` makes phase 1 crash or hang,
-`LUCK` lowers the score only under the harness's default seed, so a confirmation
-run under another seed exposes it; `SLOW` names a seed whose first run trains half the
-steps (a disturbed run). Every seed adds the same small noise to every code
-(SEED_NOISE), so repeated runs measure a sigma of about 0.001 and codes run on the same
-seed stay coupled; `RESEED = k` draws the noise of the seed k further on instead (a new
-initialisation: runs no longer coupled to the best's on the same seed).
-"""
+"""The night's logic with a fake sandbox and a scripted agent (no training: fast; the doubles are in
+tests.doubles, which says how the stand-in train.py's constants steer the fake)."""
 
 from __future__ import annotations
 
@@ -17,7 +8,6 @@ import difflib
 import hashlib
 import io
 import json
-import re
 import statistics
 import threading
 import time
@@ -29,201 +19,22 @@ import structlog
 from click.testing import CliRunner
 from rich.console import Console
 
-import contract
 from runner import loop
-from runner.agents.base import AgentConfigError, AgentError, Proposal, Usage
-from runner.agents.prompt import ReplyFormatError
+from runner.agents.base import AgentConfigError, Proposal, Usage
 from runner.cli import main
-from runner.decision import Rule
 from runner.gpus import Gpu
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, Ledger
+from runner.ledger import BASELINE, EXPERIMENT, Ledger
 from dataprep.build import read_manifest
 from runner.log_setup import night_log
 from runner.loop import Dataset, Night, NightError
 from runner.overnight import ensure_data
 from runner.settings import Settings, Source
-from sandbox.spec import Killer, Phase, RunResult
+from sandbox.spec import Phase
 from sandbox.status import Status
-from tests.corpus import stand_in_data
+from tests.doubles import (BASE_TRAIN_PY, FakeBackend, ScriptedAgent, SimulatedKill, agent_error, change, garbage,
+                           make_night, no_diff)
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_TRAIN_PY = ('"""A stand-in train.py: its constants steer the fake sandbox."""\nLR = 0.1\nBEHAVIOUR = "train"\n'
-                 'LUCK = 0.0\nSLOW = None\nRESEED = None\n')
-
-
-class _SeedNoise(dict):
-    """The noise each harness seed adds (as AR_SEED; None is the default seed), for any seed."""
-
-    def __missing__(self, seed: str) -> float:
-        return (0.0, 0.001, -0.001, 0.0005)[int(seed) % 4]
-
-
-SEED_NOISE = _SeedNoise({None: 0.0})
-
-
-def fake_result_line(nonce: str, val_bpb: float) -> str:
-    """What the harness's phase 2 prints, for a stand-in evaluation."""
-    return contract.result_line(nonce, {"val_bpb_hex": val_bpb.hex(), "eval_tokens": 1024, "eval_bytes": 4096,
-                                        "num_params": 1000, "probe_seed": "0" * 16, "probe_rows": 12,
-                                        "probe_max_change": 0.0})
-
-
-class SimulatedKill(BaseException):
-    """Stands for `kill -9` of the runner: nothing after it runs, nothing catches it."""
-
-
-class FakeBackend:
-    name = "fake"
-    isolation = "fake (none)"
-
-    def __init__(self, fail_gpus=(), kill_at=None, on_hang=None, on_build=None):
-        self.fail_gpus = set(fail_gpus)
-        self.kill_at = kill_at  # (exp_id, Phase): die there, like a killed runner
-        self.on_hang = on_hang
-        self.on_build = on_build  # called with the exp_id of every build, before it is recorded
-        self.images: dict[str, str] = {}
-        self.slowed: set[tuple[str, str | None]] = set()  # (image, seed) whose run was disturbed once
-        self.drift: tuple[int, float] | None = None  # (evaluations, d): every later one scores d lower
-        self.evaluations = 0
-        self.runs: list[tuple[str, Phase, str | None]] = []
-        self.builds: list[str] = []
-        self._active: collections.Counter[str] = collections.Counter()
-        self.max_active: collections.Counter[str] = collections.Counter()
-        self._lock = threading.Lock()
-
-    def ensure_ready(self):
-        pass
-
-    def recipe(self):
-        return "fake-recipe"
-
-    def reap(self):
-        return 0
-
-    def build_image(self, train_py, exp_id):
-        image = "img-" + hashlib.sha256(train_py.encode()).hexdigest()[:12]
-        self.images[image] = train_py
-        self.builds.append(exp_id)
-        if self.on_build is not None:
-            self.on_build(exp_id)
-        return image
-
-    def image_exists(self, image):
-        return image in self.images
-
-    def remove_image(self, image):
-        self.images.pop(image, None)
-
-    def run(self, spec, cancel=None):
-        exp_id, gpu = spec.labels["autoresearch.exp"], spec.gpu_uuid or "cpu"
-        with self._lock:
-            self.runs.append((exp_id, spec.phase, spec.gpu_uuid))
-            self._active[gpu] += 1
-            self.max_active[gpu] = max(self.max_active[gpu], self._active[gpu])
-        try:
-            if (exp_id, spec.phase) == self.kill_at:
-                raise SimulatedKill()
-            if spec.gpu_uuid in self.fail_gpus:
-                raise RuntimeError("the GPU has fallen off the bus")
-            return self._behave(spec, cancel)
-        finally:
-            with self._lock:
-                self._active[gpu] -= 1
-
-    def _behave(self, spec, cancel):
-        constants: dict = {}
-        exec(self.images[spec.image], constants)  # the test's own stand-in file
-        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        if spec.phase is Phase.TRAIN:
-            if constants["BEHAVIOUR"] == "crash":
-                text = "step 1\nTraceback (most recent call last):\nRuntimeError: boom\n"
-                spec.log_path.write_text(text)
-                return self._result(spec, Status.CRASH, 1, log_tail=text)
-            if constants["BEHAVIOUR"] == "hang":
-                self.on_hang()
-                assert cancel.wait(30), "the runner never cancelled the hanging run"
-                return self._result(spec, Status.CANCELLED, 137, killed_by=Killer.CANCEL)
-            spec.log_path.write_text("step 1\n")
-            (spec.out_dir / "model.pt2").write_text("model")
-            seed = spec.env.get("AR_SEED")
-            slow = constants["SLOW"] is not None and constants["SLOW"] == seed and (spec.image, seed) not in self.slowed
-            if slow:
-                self.slowed.add((spec.image, seed))
-            (spec.out_dir / "summary.json").write_text(json.dumps({"peak_vram_mb": 512.0, "num_steps": 5 if slow else 10}))
-            return self._result(spec, Status.OK, 0)
-        seed = spec.env.get("AR_SEED")
-        drawn = seed if constants.get("RESEED") is None else str(int(seed or 0) + constants["RESEED"])
-        value = 1.0 - constants["LR"] - (constants["LUCK"] if seed is None else 0.0) + SEED_NOISE[drawn]
-        with self._lock:
-            self.evaluations += 1
-            if self.drift and self.evaluations > self.drift[0]:
-                value -= self.drift[1]
-        spec.log_path.write_text(f"evaluating\n{fake_result_line(spec.env[contract.RESULT_NONCE_ENV], value)}\n")
-        return self._result(spec, Status.OK, 0)
-
-    @staticmethod
-    def _result(spec, status, code, killed_by=Killer.NONE, log_tail=""):
-        return RunResult(status, code, killed_by, 0.01, spec.log_path, isolation="fake (none)", log_tail=log_tail)
-
-
-def change(**constants):
-    """A scripted step: set constants in whatever train.py the agent is shown."""
-
-    def step(context):
-        new = context.train_py
-        for name, value in constants.items():
-            new = re.sub(rf"^{name} = .*$", f"{name} = {value!r}", new, count=1, flags=re.MULTILINE)
-        lines = difflib.unified_diff(context.train_py.splitlines(True), new.splitlines(True), "a/train.py", "b/train.py")
-        return Proposal(f"set {constants}", "".join(lines), Usage(input_tokens=10, cost_usd=0.5))
-
-    return step
-
-
-def garbage(context):
-    return Proposal("not a diff", "this is not a diff\n", Usage(input_tokens=10))
-
-
-def agent_error(context):
-    raise AgentError("the model is overloaded")
-
-
-def no_diff(context):
-    raise ReplyFormatError("the reply contains no unified diff of train.py", description="think harder",
-                           usage=Usage(input_tokens=10, output_tokens=5))
-
-
-class ScriptedAgent:
-    name = "scripted"
-
-    def __init__(self, *steps):
-        self.steps = list(steps)
-        self.contexts = []
-
-    def propose(self, context):
-        self.contexts.append(context)
-        if not self.steps:
-            raise AgentError("the script is over")
-        return self.steps.pop(0)(context)
-
-
-@pytest.fixture
-def project(tmp_path):
-    root = tmp_path / "project"
-    root.mkdir()
-    (root / "train.py").write_text(BASE_TRAIN_PY)
-    (root / "prepare.py").write_text('"""A stand-in harness."""\nTIME_BUDGET = 1.0\n')
-    (root / "program.md").write_text("Lower val_bpb.\n")
-    return root
-
-
-def make_night(project, agent, backend, gpus=(), **overrides):
-    settings = Settings(root=project, runs_dir=project.parent / "runs", tag="t", budget=1.0,
-                        **{"max_experiments": 1, **overrides})
-    ledger = Ledger(settings.run_dir / "ledger.sqlite")
-    data = project.parent / "data"
-    night = Night(settings, ledger=ledger, backend=backend, agent=agent, gpus=list(gpus),
-                  data=Dataset(data, stand_in_data(data)))
-    return night, ledger
 
 
 def experiments(ledger, kind=EXPERIMENT):

@@ -1,182 +1,26 @@
 """The morning commands on nights recorded by the real loop (fake sandbox: no training, fast).
 
-The sandbox is the loop tests' fake, extended to write what the real one writes:
-a train.log of steps, the budget trace, an "exported model", and a phase-2 log
-ending in the harness's full summary block. `BEHAVIOUR` in the stand-in train.py
-picks how a run ends (see `RealisticBackend`).
+The sandbox is tests.doubles' `RealisticBackend`: it writes what the real one writes, and
+`BEHAVIOUR` in the stand-in train.py picks how a run ends. The night is tests.recorded_night's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
-import re
 import types
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner
 
-import contract
-
 from runner import decision, report
-from runner.ledger import EXPERIMENT, Ledger
+from runner.ledger import Ledger
 from runner.loop import NightError
-from runner.morning import COMMANDS, register
+from runner.morning import COMMANDS
 from runner.settings import Settings
-from sandbox.spec import Killer, Phase
-from sandbox.status import Status
-from tests.test_loop import (SEED_NOISE, FakeBackend, ScriptedAgent, change, fake_result_line, garbage,  # noqa: F401
-                             make_night, project)
-
-TRAINING_SECONDS = 1.0
-
-
-class RealisticBackend(FakeBackend):
-    """BEHAVIOUR: "train" (deterministic), "noisy" (another model and val_bpb every run), "crash",
-    "timeout", "no_export" (phase 1 writes no model), "probe" (phase 2 finds the model looks ahead).
-    SLOW, as in the loop's fake: the first run under that seed trains half the steps (disturbed)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.specs = []
-
-    def _behave(self, spec, cancel):
-        self.specs.append(spec)
-        constants: dict = {}
-        exec(self.images[spec.image], constants)
-        behaviour = constants["BEHAVIOUR"]
-        if behaviour == "hang":
-            return super()._behave(spec, cancel)
-        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        if spec.phase is Phase.TRAIN:
-            return self._train(spec, behaviour, constants["SLOW"])
-        return self._evaluate(spec, constants)
-
-    def _train(self, spec, behaviour, slow_seed):
-        out = spec.out_dir
-        replay = out / "replay_schedule.json"
-        steps = json.loads(replay.read_text())["num_steps"] if replay.exists() else 20
-        if behaviour == "noisy" and not replay.exists():
-            steps += random.randint(0, 3)
-        seed = spec.env.get("AR_SEED")
-        if slow_seed is not None and seed == slow_seed and (spec.image, seed) not in self.slowed:
-            self.slowed.add((spec.image, seed))
-            steps //= 2
-        lines = [f"step {n:05d} | loss {6.0 - n * 0.1:.4f} | lr 0.04" for n in range(1, steps + 1)]
-        if behaviour == "crash":
-            text = "\n".join(lines[:3] + ["Traceback (most recent call last):", '  File "/app/train.py", line 80',
-                                          "RuntimeError: shape mismatch in attention"]) + "\n"
-            spec.log_path.write_text(text)
-            return self._result(spec, Status.CRASH, 1, log_tail=text)
-        if behaviour == "timeout":
-            spec.log_path.write_text("\n".join(lines) + "\n[runner] deadline reached, killed\n")
-            return self._result(spec, Status.TIMEOUT, 137, killed_by=Killer.DEADLINE, log_tail=lines[-1])
-        spec.log_path.write_text("\n".join(lines) + "\nexported model to /out/model.pt2 in 0.1s\n")
-        timed = min(16, steps - 3)  # 16 timed steps, fewer for a disturbed run
-        trace = {"time_budget": float(spec.env["AR_TIME_BUDGET"]), "warmup_steps": 3, "num_steps": steps,
-                 "progress": [n * 100 // steps / 100 for n in range(steps)],
-                 "step_seconds": [0.0] * 3 + [TRAINING_SECONDS / timed] * timed + [0.0] * (steps - 3 - timed)}
-        (out / "trace.json").write_text(json.dumps(trace))
-        (out / "summary.json").write_text(json.dumps({"training_seconds": TRAINING_SECONDS, "num_steps": steps,
-                                                      "mfu_percent": 0.0, "total_tokens_M": 0.04, "depth": 2}))
-        if behaviour != "no_export":
-            weights = self.images[spec.image] + spec.env.get("AR_SEED", "") + str(steps)
-            if behaviour == "noisy":
-                weights += str(random.random())
-            (out / "model.pt2").write_bytes(hashlib.sha256(weights.encode()).digest() * 64)
-        return self._result(spec, Status.OK, 0)
-
-    def _evaluate(self, spec, constants):
-        if constants["BEHAVIOUR"] == "probe":
-            text = "error: causality probe failed: changing tokens after position 0 changed earlier logits\n"
-            spec.log_path.write_text(text)
-            return self._result(spec, Status.CRASH, 4, log_tail=text)
-        seed = spec.env.get("AR_SEED")
-        value = 1.0 - constants["LR"] - (constants["LUCK"] if seed is None else 0.0) + SEED_NOISE[seed]
-        if constants["BEHAVIOUR"] == "noisy":
-            value += random.uniform(-0.01, 0.01)
-        line = fake_result_line(spec.env[contract.RESULT_NONCE_ENV], value)
-        spec.log_path.write_text(f"loading the exported model\nevaluating 32768 tokens\n{line}\n")
-        return self._result(spec, Status.OK, 0)
-
-
-# The night every morning test reads (after four baseline runs, seeds default, 1, 2, 3): two
-# keeps (the second builds on the first), an unproven discard, a crash, a rejected proposal,
-# an export failure and a nondeterministic discard. `night.ids` names the experiment rows.
-NIGHT_SCRIPT = (
-    change(LR=0.2),  # first: kept after 2 runs, 0.8 and 0.801
-    change(LR=0.2, LUCK=0.002),  # unproven: better than the first on the default seed only: discarded after 4 runs
-    change(BEHAVIOUR="crash"),  # crash
-    garbage,  # rejected
-    change(LR=0.3),  # best: kept after 2 runs, 0.7 and 0.701, child of the first
-    change(BEHAVIOUR="no_export"),  # no_export: export_failed
-    change(LR=0.25, BEHAVIOUR="noisy"),  # noisy: discarded after 1 run (worse), never the same twice
-)
-NAMES = ("first", "unproven", "crash", "rejected", "best", "no_export", "noisy")
-BASELINES = [0.9 + SEED_NOISE[seed] for seed in (None, "1", "2", "3")]
-NOISE = decision.pooled_noise([BASELINES])  # at the start of the experiments: σ 0.000854, df 3
-
-
-def cli() -> click.Group:
-    @click.group()
-    def autoresearch() -> None:
-        """autoresearch (the morning commands)."""
-
-    register(autoresearch)
-    return autoresearch
-
-
-def record_night(root, script=NIGHT_SCRIPT, backend=None, **settings):
-    """Run the real loop over `script` in project `root`; returns where it wrote and the backend holding its images."""
-    backend = backend or RealisticBackend()
-    # --keep-images: the morning tests rerun discarded experiments too
-    night, ledger = make_night(root, ScriptedAgent(*script), backend,
-                               **{"max_experiments": len(script), "max_diff_retries": 1, "prune_images": False,
-                                  **settings})
-    try:
-        night.run()
-        experiments = [r.id for r in ledger.experiments(kinds=[EXPERIMENT])]  # in the script's order
-    finally:
-        ledger.close()
-    runs = root.parent / "runs"
-    return types.SimpleNamespace(project=root, runs=runs, run_dir=runs / "t", data=night.data.path,
-                                 data_hash=night.data.manifest_hash, backend=backend, experiments=experiments)
-
-
-def invoke(runs: Path, *args: str, input: str | None = None):
-    return CliRunner().invoke(cli(), [*args, "--runs-dir", str(runs)], input=input)
-
-
-def flat(output: str) -> str:
-    """Rich output as one line of words: panel borders gone, wrapped lines joined."""
-    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
-
-
-def one_line_error(result) -> str:
-    """The output of a command that failed as a user error: exit 1, one line, no traceback."""
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
-
-
-@pytest.fixture
-def night(project):  # noqa: F811 (the loop tests' project fixture)
-    recorded = record_night(project)
-    recorded.ids = dict(zip(NAMES, recorded.experiments))
-    return recorded
-
-
-def rows_of(recorded):
-    ledger = Ledger(recorded.run_dir / "ledger.sqlite")
-    try:
-        return ledger.experiments()
-    finally:
-        ledger.close()
+from tests.doubles import TRAINING_SECONDS, RealisticBackend, ScriptedAgent, change, make_night
+from tests.recorded_night import NOISE, cli, flat, invoke, one_line_error, record_night, rows_of
 
 
 def test_every_command_has_help():
@@ -248,7 +92,7 @@ def test_status_reports_the_night(night):
     assert "autoresearch verify" in table
 
 
-def test_status_while_the_night_runs_and_after_a_kill(project):  # noqa: F811
+def test_status_while_the_night_runs_and_after_a_kill(project):
     seen = {}
 
     def look(night):
@@ -315,7 +159,7 @@ def test_show_tells_the_whole_story_of_one_experiment(night):
     assert data["phases"]["train"]["exit_code"] == 1 and data["phases"]["eval"]["exit_code"] is None
 
 
-def test_a_disturbed_run_is_shown_and_left_out(project):  # noqa: F811
+def test_a_disturbed_run_is_shown_and_left_out(project):
     recorded = record_night(project, script=(change(LR=0.2, SLOW="1"),))
     (exp,) = recorded.experiments
     data = json.loads(invoke(recorded.runs, "show", exp, "--json").output)
@@ -370,7 +214,7 @@ def test_an_empty_ledger(tmp_path):
     assert "nothing to plot yet" in (runs / "empty" / "report.html").read_text()
 
 
-def test_a_night_of_only_failures(project):  # noqa: F811
+def test_a_night_of_only_failures(project):
     (project / "train.py").write_text((project / "train.py").read_text().replace('"train"', '"crash"'))
     with pytest.raises(NightError, match="the baseline train.py ended in crash"):
         record_night(project, script=(change(LR=0.2),))

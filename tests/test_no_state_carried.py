@@ -25,8 +25,8 @@ from runner.loop import Dataset, Night
 from runner.settings import Settings
 from sandbox.phase1_files import read_trace
 from tests.hostile_cases import _trainer_case
-from tests.test_morning import cli
-from tests.test_rerun import OneProposal, real_project
+from tests.recorded_night import cli
+from tests.doubles import OneProposal, real_project
 
 
 STASHER = _trainer_case("""

@@ -20,7 +20,7 @@ from runner.ledger import EXPERIMENT
 from runner.proposals import Best, Proposer
 from runner.records import Records
 from tests.messages_server import MessagesServer
-from tests.test_loop import BASE_TRAIN_PY, FakeBackend, ScriptedAgent, change, make_night, project  # noqa: F401
+from tests.doubles import BASE_TRAIN_PY, FakeBackend, ScriptedAgent, change, make_night
 
 UNARY_MINUS = "X = " + "-" * 10_000 + "1\n"  # CPython's parser raises MemoryError on it
 
@@ -46,7 +46,7 @@ def no_text(context):
     return Proposal("a diff that is no text", None)  # type: ignore[arg-type]
 
 
-def test_pathological_proposals_are_rejections_fed_back_and_the_night_goes_on(project):  # noqa: F811
+def test_pathological_proposals_are_rejections_fed_back_and_the_night_goes_on(project):
     agent = ScriptedAgent(
         appending(UNARY_MINUS), appending("X = '\ud800'\n", description="a lone \ud800 surrogate"),
         unreadable, no_text,
@@ -76,7 +76,7 @@ REPLY = f"DESCRIPTION: negate X ten thousand times\n```diff\n{DEEP_DIFF}```\n"
 
 
 @pytest.fixture
-def proposer_for(ledger, project):  # noqa: F811
+def proposer_for(ledger, project):
     def make(agent) -> Proposer:
         return Proposer(agent, Records(ledger, ledger.path.parent, "cpu"), project, max_tries=1)
 

@@ -14,9 +14,8 @@ import pytest
 from runner import report
 from runner.gpus import Gpu
 from runner.ledger import Ledger
-from tests.test_loop import change
-from tests.test_morning import (BASELINES, NIGHT_SCRIPT, NOISE, invoke, night, project, record_night,  # noqa: F401
-                                rows_of)
+from tests.doubles import change
+from tests.recorded_night import BASELINES, NIGHT_SCRIPT, NOISE, invoke, record_night, rows_of
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +24,7 @@ def open_ledger(recorded) -> Ledger:
     return Ledger(recorded.run_dir / "ledger.sqlite")
 
 
-def test_the_chart_shows_kept_discarded_and_the_running_best(night):  # noqa: F811
+def test_the_chart_shows_kept_discarded_and_the_running_best(night):
     ledger = open_ledger(night)
     series = report.progress_series(ledger)
     ledger.close()
@@ -43,7 +42,7 @@ def test_the_chart_shows_kept_discarded_and_the_running_best(night):  # noqa: F8
     assert invoke(night.runs, "plot", "--out", str(chosen)).exit_code == 0 and chosen.read_bytes().startswith(PNG)
 
 
-def test_tsv_export_is_the_reference_format(night):  # noqa: F811
+def test_tsv_export_is_the_reference_format(night):
     ids = night.ids
     lines = invoke(night.runs, "export", "--tsv").stdout.splitlines()
     assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
@@ -59,7 +58,7 @@ def test_tsv_export_is_the_reference_format(night):  # noqa: F811
                         lines[10])
 
 
-def test_json_export_holds_every_column_and_the_settings(night):  # noqa: F811
+def test_json_export_holds_every_column_and_the_settings(night):
     out = night.runs.parent / "night.json"
     assert invoke(night.runs, "export", "--json", "--out", str(out)).output == f"wrote {out}\n"
     data = json.loads(out.read_text())
@@ -82,7 +81,7 @@ def test_json_export_holds_every_column_and_the_settings(night):  # noqa: F811
     assert "autoresearch verify" in data["kept_note"]
 
 
-def test_the_html_report_is_self_contained_and_complete(night):  # noqa: F811
+def test_the_html_report_is_self_contained_and_complete(night):
     assert invoke(night.runs, "report").exit_code == 0
     page = (night.run_dir / "report.html").read_text()
     chart = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
@@ -103,7 +102,7 @@ def test_the_html_report_is_self_contained_and_complete(night):  # noqa: F811
     assert "RuntimeError: shape mismatch in attention" in page
 
 
-def test_the_report_escapes_what_the_agent_wrote(project):  # noqa: F811
+def test_the_report_escapes_what_the_agent_wrote(project):
     def sly(context):
         return dataclasses.replace(change(LR=0.2)(context), description='<script>alert("x")</script> & more')
 
@@ -113,7 +112,7 @@ def test_the_report_escapes_what_the_agent_wrote(project):  # noqa: F811
     assert "<script>" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; more" in page
 
 
-def test_duty_cycle_counts_every_gpu_of_the_night(project):  # noqa: F811
+def test_duty_cycle_counts_every_gpu_of_the_night(project):
     gpus = [Gpu(0, "GPU-a", "Fake H100", "580.1"), Gpu(1, "GPU-b", "Fake H100", "580.1")]
     recorded = record_night(project, script=NIGHT_SCRIPT[:2], gpus=gpus)
     ledger = open_ledger(recorded)
@@ -124,7 +123,7 @@ def test_duty_cycle_counts_every_gpu_of_the_night(project):  # noqa: F811
     assert fig.duty_cycle == pytest.approx(trained / (fig.wall_seconds * 2))
 
 
-def test_a_kept_change_shows_the_runs_it_spent(project):  # noqa: F811
+def test_a_kept_change_shows_the_runs_it_spent(project):
     recorded = record_night(project, script=(change(LR=0.2, SLOW="1"),))  # its first seed-1 run is disturbed
     assert invoke(recorded.runs, "report").exit_code == 0
     page = (recorded.run_dir / "report.html").read_text()

@@ -3,10 +3,8 @@ proof on a real CPU experiment through the real sandbox."""
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,30 +12,21 @@ from click.testing import CliRunner
 
 from dataprep.build import write_manifest
 from runner import rerun as reruns
-from runner.agents.base import Proposal
 from runner.gpus import Gpu
 from runner.ledger import RERUN, Ledger
 from runner.loop import Dataset, Night
 from runner.settings import Settings
-from tests.test_loop import change
-from tests.test_morning import (NOISE, cli, invoke, night, one_line_error, project, record_night,  # noqa: F401
-                                rows_of)
+from tests.doubles import OneProposal, change, real_project
+from tests.recorded_night import NOISE, cli, invoke, one_line_error, record_night, rows_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def sandbox(night, monkeypatch):  # noqa: F811
-    """The rerun finds the night's own fake sandbox (it holds the night's images)."""
-    monkeypatch.setattr(reruns, "open_backend", lambda name: night.backend)
-    return night.backend
-
-
-def next_id(night) -> str:  # noqa: F811
+def next_id(night) -> str:
     return f"e{len(rows_of(night)) + 1:04d}"
 
 
-def test_exact_rerun_of_a_deterministic_experiment_is_bit_identical(night, sandbox):  # noqa: F811
+def test_exact_rerun_of_a_deterministic_experiment_is_bit_identical(night, sandbox):
     best, rerun_id = night.ids["best"], next_id(night)
     result = invoke(night.runs, "rerun", best, "--exact", "--json")
     assert result.exit_code == 0, result.output
@@ -62,12 +51,12 @@ def test_exact_rerun_of_a_deterministic_experiment_is_bit_identical(night, sandb
     assert json.loads(invoke(night.runs, "status", "--json").output)["counts"]["kept"] == 2
 
 
-def test_the_recorded_seed_is_used(night, sandbox):  # noqa: F811
+def test_the_recorded_seed_is_used(night, sandbox):
     result = invoke(night.runs, "rerun", "e0002", "--exact")
     assert "BIT-IDENTICAL" in result.output and sandbox.specs[-1].env["AR_SEED"] == "1"
 
 
-def test_a_nondeterministic_experiment_is_reported_not_reproducible(night, sandbox):  # noqa: F811
+def test_a_nondeterministic_experiment_is_reported_not_reproducible(night, sandbox):
     noisy, rerun_id = night.ids["noisy"], next_id(night)
     result = invoke(night.runs, "rerun", noisy, "--exact")
     assert result.exit_code == 0, result.output  # a finding about the experiment, not a failure of the tool
@@ -77,7 +66,7 @@ def test_a_nondeterministic_experiment_is_reported_not_reproducible(night, sandb
     assert rows_of(night)[-1].description == f"rerun --exact of {noisy}: not reproducible"
 
 
-def test_a_timed_rerun_measures_noise_without_replay(night, sandbox):  # noqa: F811
+def test_a_timed_rerun_measures_noise_without_replay(night, sandbox):
     best, rerun_id = night.ids["best"], next_id(night)
     verdict = json.loads(invoke(night.runs, "rerun", best, "--json").stdout)
     assert "AR_REPLAY" not in sandbox.specs[-2].env
@@ -85,7 +74,7 @@ def test_a_timed_rerun_measures_noise_without_replay(night, sandbox):  # noqa: F
     assert verdict["line"] == f"{best} (rerun {rerun_id}): timed rerun, val_bpb 0.700000 -> 0.700000 (+0, 0.00 sigma)."
 
 
-def test_a_timed_rerun_on_another_seed_is_recorded_with_it(night, sandbox):  # noqa: F811
+def test_a_timed_rerun_on_another_seed_is_recorded_with_it(night, sandbox):
     ledger = Ledger(night.run_dir / "ledger.sqlite")
     try:
         verdict = reruns.rerun(ledger, night.run_dir, night.ids["best"], exact=False, seed=1001, backend=sandbox)
@@ -105,7 +94,7 @@ def rebuilt_data(night):
     night.new = write_manifest(night.data, "stand-in", 0, {})["hash"][:12]
 
 
-def remove_image(night, backend, name):  # noqa: F811
+def remove_image(night, backend, name):
     backend.remove_image(next(r.image for r in rows_of(night) if r.id == night.ids[name]))
 
 
@@ -138,7 +127,7 @@ def _link_trace(path: Path) -> None:
     (lambda n, b: None, "crash", "{crash} crashed, so there is no val_bpb to reproduce"),
     (lambda n, b: None, "e0099", "no experiment e0099"),
 ])
-def test_refusals_are_one_line_and_run_nothing(night, sandbox, damage, exp, message):  # noqa: F811
+def test_refusals_are_one_line_and_run_nothing(night, sandbox, damage, exp, message):
     damage(night, sandbox)
     runs_before, rows_before = len(sandbox.runs), len(rows_of(night))
     error = one_line_error(invoke(night.runs, "rerun", night.ids.get(exp, exp), "--exact"))
@@ -146,7 +135,7 @@ def test_refusals_are_one_line_and_run_nothing(night, sandbox, damage, exp, mess
     assert (len(sandbox.runs), len(rows_of(night))) == (runs_before, rows_before)
 
 
-def test_an_image_gone_from_this_machine_is_built_again_from_its_recipe(night, sandbox):  # noqa: F811
+def test_an_image_gone_from_this_machine_is_built_again_from_its_recipe(night, sandbox):
     """A pruned image, or one that ran on a cluster node: the same recipe and train.py make the same image."""
     best = night.ids["best"]
     remove_image(night, sandbox, "best")
@@ -155,7 +144,7 @@ def test_an_image_gone_from_this_machine_is_built_again_from_its_recipe(night, s
     assert rows_of(night)[-1].recipe == "fake-recipe"
 
 
-def test_gpu_reruns_name_the_hardware(project):  # noqa: F811
+def test_gpu_reruns_name_the_hardware(project):
     recorded = record_night(project, script=(change(LR=0.2, BEHAVIOUR="noisy"),),
                             gpus=[Gpu(0, "GPU-a", "Fake H100", "580.1")])
     (exp,) = recorded.experiments
@@ -178,36 +167,6 @@ def test_gpu_reruns_name_the_hardware(project):  # noqa: F811
 BUDGET_S = 5.0
 # A learning rate drawn from os.urandom: every run trains another model.
 UNSEEDED_LR = 'MATRIX_LR = 0.04 * (1 + int.from_bytes(__import__("os").urandom(2), "little") / 2**18)  # Muon'
-
-
-class OneProposal:
-    name = "scripted"
-
-    def __init__(self, description: str, edit) -> None:
-        self.proposal = (description, edit)
-
-    def propose(self, context):
-        description, edit = self.proposal
-        new = edit(context.train_py)
-        diff = "".join(difflib.unified_diff(context.train_py.splitlines(True), new.splitlines(True),
-                                            "a/train.py", "b/train.py"))
-        return Proposal(description, diff)
-
-
-def real_project(sandbox_name: str, request, tmp_path: Path, train_py: str):
-    """A real backend, ready, and a project directory holding `train_py` beside the real harness."""
-    if sandbox_name == "docker":
-        request.getfixturevalue("docker_client")  # skips without an engine (fails under AR_REQUIRE_DOCKER)
-    from sandbox.backends import get_backend
-
-    backend = get_backend(sandbox_name)
-    backend.ensure_ready()
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in ("prepare.py", "program.md"):
-        shutil.copyfile(ROOT / name, root / name)
-    (root / "train.py").write_text(train_py)
-    return backend, root
 
 
 @pytest.mark.slow

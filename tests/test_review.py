@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from runner.ledger import Ledger
 from runner.review import queue
-from tests.test_morning import cli, flat, invoke, night, one_line_error, project  # noqa: F401 (fixtures)
+from tests.recorded_night import cli, flat, invoke, one_line_error
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def git(repo, *args) -> str:
 
 
 @pytest.fixture
-def repo(night, git_env):  # noqa: F811
+def repo(night, git_env):
     """The project as a git work tree: train.py (the night's baseline) committed, plus a staged unrelated edit."""
     root = night.project
     git(root, "init", "--quiet")
@@ -38,7 +38,7 @@ def repo(night, git_env):  # noqa: F811
     return root
 
 
-def states(night, *ids):  # noqa: F811
+def states(night, *ids):
     ledger = Ledger(night.run_dir / "ledger.sqlite")
     try:
         return [(ledger.get(i).review_state, ledger.get(i).review_note) for i in ids]
@@ -46,11 +46,11 @@ def states(night, *ids):  # noqa: F811
         ledger.close()
 
 
-def review(night, *args, input=None):  # noqa: F811
+def review(night, *args, input=None):
     return invoke(night.runs, "review", *args, "--train-py", str(night.project / "train.py"), input=input)
 
 
-def test_the_queue_holds_pending_keeps_best_first(night):  # noqa: F811
+def test_the_queue_holds_pending_keeps_best_first(night):
     first, best = night.ids["first"], night.ids["best"]
     ledger = Ledger(night.run_dir / "ledger.sqlite")
     items = queue(ledger)
@@ -60,7 +60,7 @@ def test_the_queue_holds_pending_keeps_best_first(night):  # noqa: F811
     assert [round(i.vs_baseline, 6) for i in items] == [-0.199625, -0.099625]
 
 
-def test_accepting_the_best_brings_its_kept_parent_and_commits_only_train_py(night, repo):  # noqa: F811
+def test_accepting_the_best_brings_its_kept_parent_and_commits_only_train_py(night, repo):
     first, best = night.ids["first"], night.ids["best"]
     result = review(night, input="a\n")
     assert result.exit_code == 0, result.output
@@ -84,7 +84,7 @@ def test_accepting_the_best_brings_its_kept_parent_and_commits_only_train_py(nig
     assert states(night, best, first) == [("accepted", f"commit {commit}"), ("accepted", f"commit {commit}; with {best}")]
 
 
-def test_reject_skip_and_quit(night, repo):  # noqa: F811
+def test_reject_skip_and_quit(night, repo):
     first, best = night.ids["first"], night.ids["best"]
     result = review(night, input="x\nr\nworse on my data\ns\n")
     assert result.exit_code == 0, result.output
@@ -97,7 +97,7 @@ def test_reject_skip_and_quit(night, repo):  # noqa: F811
     assert git(repo, "rev-list", "--count", "HEAD").strip() == "1"
 
 
-def test_accept_one_by_one_from_a_script(night, repo):  # noqa: F811
+def test_accept_one_by_one_from_a_script(night, repo):
     first, best = night.ids["first"], night.ids["best"]
     one = CliRunner().invoke(cli(), ["review", "--runs-dir", str(night.runs), "--train-py", str(repo / "train.py"),
                                      "accept", first])
@@ -111,11 +111,11 @@ def test_accept_one_by_one_from_a_script(night, repo):  # noqa: F811
     assert json_queue(night) == []
 
 
-def json_queue(night):  # noqa: F811
+def json_queue(night):
     return json.loads(review(night, "--json").output)
 
 
-def test_a_change_that_no_longer_applies_is_a_conflict(night, repo):  # noqa: F811
+def test_a_change_that_no_longer_applies_is_a_conflict(night, repo):
     first, best = night.ids["first"], night.ids["best"]
     edited = (repo / "train.py").read_text().replace("LR = 0.1", "LR = 0.15")
     (repo / "train.py").write_text(edited)
@@ -127,7 +127,7 @@ def test_a_change_that_no_longer_applies_is_a_conflict(night, repo):  # noqa: F8
     assert f"conflict: {best} does not apply" in interactive.output  # the best one first, then quit
 
 
-def test_a_change_on_top_of_a_rejected_one_cannot_go_in_alone(night, repo):  # noqa: F811
+def test_a_change_on_top_of_a_rejected_one_cannot_go_in_alone(night, repo):
     first, best = night.ids["first"], night.ids["best"]
     assert invoke(night.runs, "review", "reject", first, "--why", "too aggressive").output == f"rejected {first}\n"
     error = one_line_error(review(night, "accept", best))
@@ -135,13 +135,13 @@ def test_a_change_on_top_of_a_rejected_one_cannot_go_in_alone(night, repo):  # n
     assert states(night, first, best) == [("rejected", "too aggressive"), ("pending", None)]
 
 
-def test_only_kept_changes_are_reviewed(night):  # noqa: F811
+def test_only_kept_changes_are_reviewed(night):
     unproven, crash = night.ids["unproven"], night.ids["crash"]
     assert "only kept changes are reviewed" in one_line_error(invoke(night.runs, "review", "reject", unproven))
     assert "only kept changes are reviewed" in one_line_error(review(night, "accept", crash))
 
 
-def test_outside_git_train_py_is_updated_without_a_commit(night):  # noqa: F811
+def test_outside_git_train_py_is_updated_without_a_commit(night):
     first = night.ids["first"]
     result = review(night, "accept", first)
     assert result.exit_code == 0 and "not a git work tree, nothing committed" in result.output
@@ -149,7 +149,7 @@ def test_outside_git_train_py_is_updated_without_a_commit(night):  # noqa: F811
     assert states(night, first) == [("accepted", "")]
 
 
-def test_a_failing_commit_is_one_line_and_train_py_keeps_the_change(night, repo):  # noqa: F811
+def test_a_failing_commit_is_one_line_and_train_py_keeps_the_change(night, repo):
     first = night.ids["first"]
     hook = repo / ".git" / "hooks" / "pre-commit"
     hook.write_text("#!/bin/sh\necho 'refused by policy' >&2\nexit 1\n")
@@ -160,7 +160,7 @@ def test_a_failing_commit_is_one_line_and_train_py_keeps_the_change(night, repo)
     assert states(night, first) == [("accepted", "applied; git commit failed")]
 
 
-def test_a_missing_train_py_is_one_line(night, tmp_path):  # noqa: F811
+def test_a_missing_train_py_is_one_line(night, tmp_path):
     first = night.ids["first"]
     result = invoke(night.runs, "review", "accept", first, "--train-py", str(tmp_path / "none.py"))
     assert "there is no train.py at" in one_line_error(result)

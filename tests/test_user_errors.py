@@ -29,7 +29,7 @@ from runner.cli import main
 from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, RERUN, Experiment, Ledger
 from tests.conftest import ledger_held
 from tests.test_diffs import make_diff
-from tests.test_morning import invoke, night, one_line_error, project  # noqa: F401 (fixtures)
+from tests.recorded_night import invoke, one_line_error
 from sandbox.status import Status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,7 +293,7 @@ def test_overnight_on_project_files_that_are_not_text_or_too_large(tmp_path, wor
     assert not (tmp_path / "runs").exists()
 
 
-def test_review_accept_into_a_train_py_that_is_not_text(night, tmp_path):  # noqa: F811
+def test_review_accept_into_a_train_py_that_is_not_text(night, tmp_path):
     target = tmp_path / "train.py"
     target.write_bytes(b"\x89PNG\r\n\x1a\n")
     error = one_line_error(invoke(night.runs, "review", "accept", night.ids["best"], "--train-py", str(target)))
@@ -404,7 +404,7 @@ def test_rows_are_described_in_plain_english():
     assert ledgers.describe(_row(BASELINE, "crash")) == "a baseline run that crashed"
 
 
-def test_reviewing_a_discarded_experiment_reads_right(night):  # noqa: F811
+def test_reviewing_a_discarded_experiment_reads_right(night):
     unproven = night.ids["unproven"]
     error = one_line_error(invoke(night.runs, "review", "reject", unproven))
     assert error == f"Error: {unproven} is an experiment that was discarded; only kept changes are reviewed."

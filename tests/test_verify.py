@@ -11,9 +11,8 @@ from runner import rerun as reruns
 from runner import verify as verifies
 from runner.ledger import RERUN, Ledger
 from sandbox.spec import SandboxUnavailable
-from tests.test_loop import change
-from tests.test_morning import invoke, night, one_line_error, project, record_night, rows_of  # noqa: F401 (fixtures)
-from tests.test_rerun import sandbox  # noqa: F401 (fixture)
+from tests.doubles import change
+from tests.recorded_night import invoke, one_line_error, record_night, rows_of
 from sandbox.status import Status
 
 
@@ -41,7 +40,7 @@ class FakeRerun:
         return types.SimpleNamespace(rerun_id=row.id)
 
 
-def run_verify(night, fake, **options):  # noqa: F811
+def run_verify(night, fake, **options):
     ledger = Ledger(night.run_dir / "ledger.sqlite")
     heard = []
     try:
@@ -52,7 +51,7 @@ def run_verify(night, fake, **options):  # noqa: F811
     return result, heard
 
 
-def test_the_gain_and_its_interval_come_from_the_fresh_runs_alone(night):  # noqa: F811
+def test_the_gain_and_its_interval_come_from_the_fresh_runs_alone(night):
     best = night.ids["best"]
     fake = FakeRerun({"e0001": [0.90, 0.91, 0.92], best: [0.80, 0.82, 0.84]})
     result, heard = run_verify(night, fake)
@@ -71,7 +70,7 @@ def test_the_gain_and_its_interval_come_from_the_fresh_runs_alone(night):  # noq
     assert [(r.id, r.target_id, r.seed) for r in rows] == [(r.rerun_id, r.target_id, r.seed) for r in result.runs]
 
 
-def test_a_disturbed_fresh_run_is_left_out_and_later_verifies_take_new_seeds(night):  # noqa: F811
+def test_a_disturbed_fresh_run_is_left_out_and_later_verifies_take_new_seeds(night):
     best = night.ids["best"]
     fake = FakeRerun({"e0001": [0.90, 0.90, 0.90], best: [0.91, 0.89, 0.50]}, steps={best: [20, 20, 10]})
     result, _ = run_verify(night, fake)
@@ -84,14 +83,14 @@ def test_a_disturbed_fresh_run_is_left_out_and_later_verifies_take_new_seeds(nig
     assert [seed for _, seed in again.calls] == [1003, 1003, 1004, 1004]  # never a seed run before
 
 
-def test_too_many_failed_runs_are_one_sentence(night):  # noqa: F811
+def test_too_many_failed_runs_are_one_sentence(night):
     best = night.ids["best"]
     fake = FakeRerun({"e0001": [0.9, 0.9], best: [None, None]})
     with pytest.raises(verifies.VerifyFailed, match="2 of the 4 fresh runs failed or were disturbed"):
         run_verify(night, fake, runs=2)
 
 
-def test_verify_end_to_end(night, sandbox):  # noqa: F811
+def test_verify_end_to_end(night, sandbox):
     best, before = night.ids["best"], len(rows_of(night))
     result = invoke(night.runs, "verify")
     assert result.exit_code == 0, result.output
@@ -111,13 +110,13 @@ def test_verify_end_to_end(night, sandbox):  # noqa: F811
     assert [r["seed"] for r in data["runs"]] == [1003, 1003, 1004, 1004]
 
 
-def test_nothing_kept_is_said_and_not_an_error(project):  # noqa: F811
+def test_nothing_kept_is_said_and_not_an_error(project):
     recorded = record_night(project, script=(change(LR=0.05),))  # worse than the baseline: discarded
     result = invoke(recorded.runs, "verify")
     assert (result.exit_code, result.output) == (0, "nothing was kept in night t: there is no gain to verify.\n")
 
 
-def test_errors_are_one_line_and_run_nothing(night, sandbox, monkeypatch):  # noqa: F811
+def test_errors_are_one_line_and_run_nothing(night, sandbox, monkeypatch):
     before = (len(sandbox.runs), len(rows_of(night)))
     assert "there is no night 'nope'" in one_line_error(invoke(night.runs, "verify", "--tag", "nope"))
     too_few = invoke(night.runs, "verify", "--runs", "1")  # a usage error, as click reports them

@@ -16,7 +16,7 @@ setup: $(UV)
 	$(SYNC)
 
 prepare: setup
-	$(UV) run prepare.py --source $(SOURCE)
+	$(UV) run python -m dataprep --source $(SOURCE)
 
 image: setup
 	$(UV) run python -m sandbox.images

@@ -13,14 +13,15 @@ The agent never edits this file; it is baked read-only into every experiment ima
      batches, positions and rows drawn from fresh entropy (a model that knows this
      file cannot know where it is probed). It prints one result line that only it
      can sign (contract.py).
-Building the data is not the harness's job: `python prepare.py --source ...` hands over
-to the host-only package `dataprep`, which never enters an image.
+Building the data is not the harness's job: the host-only package `dataprep` does it
+(`python -m dataprep --source ...`) and never enters an image.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import ctypes
 import json
 import math
 import operator
@@ -108,6 +109,12 @@ def _configure_runtime() -> None:
         torch.utils.deterministic.fill_uninitialized_memory = PHASE == "eval"
     if DEVICE.type == "cpu":
         torch.set_num_threads(CPU_THREADS)
+        # glibc hands every large freed tensor back to the kernel and faults it in again on the next step, which
+        # costs a CPU run about half its time; keep freed memory in the heap instead (M_MMAP_MAX 0, M_TRIM_THRESHOLD).
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc only
+        if mallopt is not None:
+            mallopt(-4, 0)  # M_MMAP_MAX: no large block gets its own mapping
+            mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: freed memory stays
     _soft_gpu_cap()
     sys.excepthook = _exit_on_gpu_oom
 
@@ -693,13 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["evaluate"]:
         return evaluate_main(argv[1:])
-    try:  # building data is the host's job; the package is not in any image
-        from dataprep.build import main as build_main
-    except ImportError:
-        print("error: data building (the dataprep package) is not installed here; run prepare.py on the host",
-              file=sys.stderr)
-        return 1
-    return build_main(argv)
+    print("error: prepare.py is the experiment harness (`prepare.py evaluate`); build data on the host with "
+          "`uv run python -m dataprep --source ...`", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

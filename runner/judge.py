@@ -25,65 +25,15 @@ import threading
 import structlog
 
 from runner import decision
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, Experiment, Ledger
+from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, Experiment
+from runner.runs import candidate_id, code_key, flag_disturbed, runs_of, seed_index
 from runner.proposals import Best
 from runner.records import Records
 from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
 
-DISTURBED_SHORTFALL = 0.1  # fewer steps than this share below the same code's usual count: disturbed ...
-DISTURBED_MIN_STEPS = 3  # ... and at least this many fewer (a short CPU run's steps jitter by one or two)
 DISTURBED_RERUNS = 2  # extra runs a candidate may spend on replacing disturbed ones
-
-
-def code_key(row: Experiment) -> str:
-    """Rows with the same key ran the same train.py: all baselines, an experiment and its confirmations,
-    or the reference runs made beside one candidate (the best's train.py, measured in that window)."""
-    if row.kind == BASELINE:
-        return BASELINE
-    if row.kind == REFERENCE:
-        return f"{REFERENCE}:{row.target_id}"
-    return row.target_id if row.kind == CONFIRM and row.target_id else row.id
-
-
-def candidate_id(row: Experiment) -> str:
-    """The experiment a run was made for: itself, the one it confirms, or the one it is a reference beside."""
-    return row.target_id if row.kind in (CONFIRM, REFERENCE) and row.target_id else row.id
-
-
-def runs_of(ledger: Ledger, key: str) -> list[Experiment]:
-    """Every row of one code (a `code_key`), finished or not."""
-    if key == BASELINE:
-        return ledger.experiments(kinds=[BASELINE])
-    return [ledger.get(key), *ledger.confirmations_of(key)]
-
-
-def seed_index(seed: int | None) -> int:
-    """Inverse of decision.seed_for."""
-    return 0 if seed is None else seed
-
-
-def flag_disturbed(ledger: Ledger, rows: list[Experiment]) -> list[Experiment]:
-    """Flag the finished runs of one code that trained far fewer steps than the code usually does;
-    returns the rows as they are now. Steps are the one comparable figure of throughput
-    across seeds of one code (same shapes, same budget).
-
-    "Usually" is the upper median of the finished runs' steps: of two runs the faster one, of
-    more the middle one. Against the fastest run instead, one run that happened to be fast (a
-    CPU budget's step count varies by a quarter on a busy machine) would make every later run
-    of the code look disturbed, and its seeds would be run again until the rerun limit gave up."""
-    done = [r for r in rows if r.status == Status.DONE and r.num_steps]
-    if not done:
-        return rows
-    usual = statistics.median_high(r.num_steps for r in done)
-    for row in done:
-        short = usual - row.num_steps
-        if row.disturbed is None and short > DISTURBED_SHORTFALL * usual and short >= DISTURBED_MIN_STEPS:
-            reason = f"trained {row.num_steps} steps where the same code usually trains {usual}"
-            ledger.update(row.id, disturbed=reason)
-            log.warning("experiment.disturbed", exp=row.id, steps=row.num_steps, usual=usual)
-    return [ledger.get(r.id) for r in rows]
 
 
 def by_seed(rows: list[Experiment]) -> dict[int, float]:

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 
 from runner.heartbeat import ran_seconds
 from runner.ledger import EXPERIMENT, Ledger
-from runner.report import night_settings
+from runner.figures import night_settings
 from runner.settings import Settings
 
 

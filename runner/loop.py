@@ -44,7 +44,8 @@ from runner.console import NightView, WorkerView
 from runner.errors import UserError, low_on_space, machine_problem
 from runner.gpus import Gpu
 from runner.heartbeat import Heartbeat, this_runner
-from runner.judge import Judge, flag_disturbed, next_seed
+from runner.judge import Judge, next_seed
+from runner.runs import flag_disturbed
 from runner.ledger import (BASELINE, EXPERIMENT, RERUN, Experiment, Ledger, LedgerUnavailable, budget_account,
                            outcome_fields)
 from runner.limits import NightLimits, proposals

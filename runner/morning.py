@@ -24,6 +24,7 @@ import click
 import structlog
 from rich.console import Console
 
+from runner import figures
 from runner import ledger as ledgers
 from runner import report as reports
 from runner import rerun as reruns
@@ -146,7 +147,7 @@ def status(runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
     hour, duty cycle, and the noise and thresholds the decisions use.
     """
     with open_night(runs_dir, tag) as night:
-        fig = reports.figures(night.ledger, night.run_dir)
+        fig = figures.figures(night.ledger, night.run_dir)
     if as_json:
         echo_json(fig.as_dict())
     else:
@@ -160,7 +161,7 @@ def status(runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
 def list_(runs_dir: Path | None, tag: str | None, as_json: bool) -> None:
     """Every experiment of the night, in order."""
     with open_night(runs_dir, tag) as night:
-        base = reviews.baseline_mean(night.ledger)
+        base = figures.baseline_mean(night.ledger)
         items = [reviews.item(night.ledger, r, base) for r in night.ledger.experiments()]
     if as_json:
         echo_json([views.row_dict(it) for it in items])

@@ -35,9 +35,8 @@ from runner.ledger import Experiment, Ledger
 from runner.limits import NightLimits
 from runner.log_setup import night_log
 from runner.loop import Dataset, Night, NightError
-from runner.report import figures, seeing_lines
+from runner.figures import figures, seeing_lines, verify_hint
 from runner.settings import Settings, SettingsError, prepared_data
-from runner.verify import hint as verify_hint
 from sandbox.backends import DockerConfig, ProcessConfig, choose_backend, make_backend
 from sandbox.spec import Backend
 from sandbox.status import Status
@@ -162,26 +161,29 @@ class Presses:
                            f"--tag {self._tag}.", self.raised)
 
 
+DATA_BUILDER = (sys.executable, "-m", "dataprep")  # the host's data builder, in a process of its own
+
+
 def ensure_data(settings: Settings) -> Dataset:
-    """The prepared data of `settings.source`, built with prepare.py when missing, and checked file by
+    """The prepared data of `settings.source`, built with the data builder when missing, and checked file by
     file against its manifest: a night never measures on damaged or silently changed data."""
     path = prepared_data(settings.source.name)
     if not is_built(path):
-        command = [sys.executable, str(settings.root / "prepare.py"), *settings.source.prepare_args()]
+        command = [*DATA_BUILDER, *settings.source.prepare_args()]
         log.info("data.prepare", source=str(settings.source), into=str(path))
         # Its own session: Ctrl-C reaches the runner alone, whose KeyboardInterrupt kills it (subprocess.run
         # does), instead of ending it with a traceback of its own on the runner's console.
         done = subprocess.run(command, cwd=settings.root, start_new_session=True)
         if done.returncode != 0 or not is_built(path):
             raise NightError(
-                f"no prepared data for --source {settings.source} and prepare.py could not build it "
+                f"no prepared data for --source {settings.source} and the data builder could not build it "
                 f"(exit {done.returncode}); see its output above."
             )
     try:
         return Dataset(path, verify_manifest(path))
     except PrepareError as error:
         raise NightError(f"the prepared data does not check out ({error}); rebuild it with "
-                         f"`uv run prepare.py {' '.join(settings.source.prepare_args())} --force`.") from None
+                         f"`uv run python -m dataprep {' '.join(settings.source.prepare_args())} --force`.") from None
 
 
 def run_overnight(settings: Settings, *, inventory: list[Gpu] | None = None, console: Console | None = None) -> str:

@@ -26,6 +26,7 @@ import structlog
 from runner.decision import KEEP
 from runner.diffs import DiffRejected, validate_and_apply
 from runner.errors import UserError
+from runner.figures import baseline_mean
 from runner.inputs import MAX_TRAIN_PY_BYTES, read_text
 from runner.ledger import (ACCEPTED, BASELINE, EXPERIMENT, PENDING, REJECTED, Experiment, Ledger, describe,
                            outcome_phrase)
@@ -39,12 +40,6 @@ class ReviewError(UserError):
 
 class Conflict(ReviewError):
     """The change does not apply to train.py as it is now."""
-
-
-def baseline_mean(ledger: Ledger) -> float | None:
-    """The night's measured baseline (the latest record of it: a resumed night re-measures)."""
-    means = [n["baseline_mean"] for n in ledger.nights() if n["baseline_mean"] is not None]
-    return means[-1] if means else None
 
 
 def credited(row: Experiment, baseline: float | None) -> float | None:

@@ -19,9 +19,9 @@ from runner import decision
 from runner import rerun as reruns
 from runner.decision import KEEP
 from runner.errors import UserError
-from runner.judge import flag_disturbed
 from runner.ledger import BASELINE, EXPERIMENT, Experiment, Ledger
-from runner.review import baseline_mean
+from runner.figures import baseline_mean
+from runner.runs import flag_disturbed
 from sandbox.spec import Backend
 
 FIRST_SEED = 1000  # far above the seeds a night uses (0 .. max_runs, plus reruns of disturbed ones)
@@ -30,12 +30,6 @@ LEVEL = 0.95
 
 class VerifyFailed(UserError):
     """Too few of the fresh runs finished to estimate anything (one sentence for the user)."""
-
-
-def hint(tag: str) -> str:
-    """The line that offers verify at the end of a night."""
-    return (f"kept gains are estimates from the night's own selection; measure the night's gain afresh with "
-            f"`autoresearch verify --tag {tag}`")
 
 
 @dataclass(frozen=True)

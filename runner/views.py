@@ -15,8 +15,8 @@ from rich.text import Text
 
 from runner.decision import DISCARD
 from runner.ledger import Experiment, Ledger
-from runner.report import (SELECTION_NOTE, Figures, code_runs, gain_text, keep_rule_text, log_tail, runs_spent,
-                           runs_text, seeing_lines)
+from runner.figures import Figures, code_runs, gain_text, runs_spent, runs_text, seeing_lines
+from runner.report import SELECTION_NOTE, keep_rule_text, log_tail
 from runner.review import Item, item, lineage
 from runner.verify import Verification
 from sandbox.status import Status

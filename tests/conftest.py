@@ -59,11 +59,11 @@ def sandbox(night, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
-    """An AR_CACHE holding `local/`: the synthetic corpus prepared by the real prepare.py."""
+    """An AR_CACHE holding `local/`: the synthetic corpus prepared by the real data builder."""
     cache = tmp_path_factory.mktemp("ar_cache")
     corpus = write_corpus(tmp_path_factory.mktemp("corpus"))
     env = {**os.environ, "AR_CACHE": str(cache)}
-    subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--source", "local", str(corpus), "--vocab-size", str(TINY_VOCAB)],
+    subprocess.run([sys.executable, "-m", "dataprep", "--source", "local", str(corpus), "--vocab-size", str(TINY_VOCAB)],
                    check=True, env=env, cwd=ROOT, capture_output=True)
     return cache
 

@@ -1,4 +1,4 @@
-"""Building the data (dataprep, behind `prepare.py --source`): sources, split, tokenizer, token files, manifest."""
+"""Building the data (dataprep, `python -m dataprep --source`): sources, split, tokenizer, token files, manifest."""
 
 from __future__ import annotations
 
@@ -347,7 +347,7 @@ def test_unreadable_local_file_is_one_sentence(cache, capsys, monkeypatch):
 
 
 def test_cli_prints_error_line_without_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "prepare.py", "--source", "local", str(tmp_path / "missing")], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "dataprep", "--source", "local", str(tmp_path / "missing")], cwd=ROOT,
                           env={**os.environ, "AR_CACHE": str(tmp_path)}, capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stderr == f"error: {tmp_path / 'missing'} does not exist\n"

@@ -1,8 +1,8 @@
-"""Which runs of one code count: the disturbed rule applied to the ledger (runner.judge.flag_disturbed)."""
+"""Which runs of one code count: the disturbed rule applied to the ledger (runner.runs.flag_disturbed)."""
 
 import pytest
 
-from runner.judge import flag_disturbed
+from runner.runs import flag_disturbed
 from runner.ledger import BASELINE
 from sandbox.status import Status
 

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import statistics
+import sys
 import threading
 import time
 import types
@@ -27,6 +28,7 @@ from runner.ledger import BASELINE, EXPERIMENT, Ledger
 from dataprep.build import read_manifest
 from runner.log_setup import night_log
 from runner.loop import Dataset, Night, NightError
+from runner import overnight
 from runner.overnight import ensure_data
 from runner.settings import Settings, Source
 from sandbox.spec import Phase
@@ -418,7 +420,9 @@ def test_other_data_under_the_same_tag_is_refused(project):
 
 def test_data_is_prepared_only_when_missing_and_checked_before_every_night(project, tmp_path, monkeypatch):
     monkeypatch.setenv("AR_CACHE", str(tmp_path / "cache"))
-    (project / "prepare.py").write_text(
+    builder = tmp_path / "builder.py"
+    monkeypatch.setattr(overnight, "DATA_BUILDER", (sys.executable, str(builder)))
+    builder.write_text(
         "import os, pathlib, sys\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
         "from tests.corpus import stand_in_data\n"
@@ -429,16 +433,16 @@ def test_data_is_prepared_only_when_missing_and_checked_before_every_night(proje
     settings = Settings(root=project, source=Source.parse(f"local:{tmp_path}"))
     prepared = tmp_path / "cache" / "local"
     assert ensure_data(settings).manifest_hash == read_manifest(prepared)["hash"]
-    (project / "prepare.py").write_text("raise SystemExit(5)\n")
+    builder.write_text("raise SystemExit(5)\n")
     assert ensure_data(settings).manifest_hash == read_manifest(prepared)["hash"]  # already there: not run again
-    with pytest.raises(NightError, match="prepare.py could not build it"):
+    with pytest.raises(NightError, match="the data builder could not build it"):
         ensure_data(Settings(root=project, source=Source.parse("linux")))
     (prepared / "val" / "tokens.bin").write_bytes(b"changed by hand")
     with pytest.raises(NightError) as damaged:
         ensure_data(settings)
     assert str(damaged.value) == (
         f"the prepared data does not check out ({prepared}/val/tokens.bin does not match the hash in its manifest); "
-        f"rebuild it with `uv run prepare.py --source local {tmp_path} --force`.")
+        f"rebuild it with `uv run python -m dataprep --source local {tmp_path} --force`.")
 
 
 def test_check_diff_reports_ok_or_the_reason(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from runner import decision, report
+from runner import decision, figures
 from runner.ledger import Ledger
 from runner.loop import NightError
 from runner.morning import COMMANDS
@@ -99,7 +99,7 @@ def test_status_while_the_night_runs_and_after_a_kill(project):
         seen["status"] = json.loads(invoke(project.parent / "runs", "status", "--json").output)
         later = datetime.now(timezone.utc) + timedelta(hours=2)
         ledger = Ledger(project.parent / "runs" / "t" / "ledger.sqlite")
-        seen["silent"] = report.figures(ledger, project.parent / "runs" / "t", now=later)
+        seen["silent"] = figures.figures(ledger, project.parent / "runs" / "t", now=later)
         ledger.close()
         night.interrupt()
 

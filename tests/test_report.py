@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from runner import report
+from runner import figures, report
 from runner.gpus import Gpu
 from runner.ledger import Ledger
 from tests.doubles import change
@@ -116,7 +116,7 @@ def test_duty_cycle_counts_every_gpu_of_the_night(project):
     gpus = [Gpu(0, "GPU-a", "Fake H100", "580.1"), Gpu(1, "GPU-b", "Fake H100", "580.1")]
     recorded = record_night(project, script=NIGHT_SCRIPT[:2], gpus=gpus)
     ledger = open_ledger(recorded)
-    fig = report.figures(ledger, recorded.run_dir)
+    fig = figures.figures(ledger, recorded.run_dir)
     ledger.close()
     trained = sum(r.training_seconds or 0 for r in rows_of(recorded))  # how many ran depends on the order they ended
     assert (fig.slots, fig.training_seconds) == (2, trained) and trained >= len(BASELINES) + 2
@@ -136,11 +136,11 @@ def test_a_night_that_kept_nothing_says_what_it_could_have_seen():
     start = {"decided": 0, "unpaired": 0.05, "paired": None, "sigma_paired": None}
     now = {"decided": 6, "unpaired": 0.02, "paired": 0.004, "sigma_paired": 0.001}
     fig = types.SimpleNamespace(detectable=(start, now), counts={"kept": 0})
-    lines = report.seeing_lines(fig)
+    lines = figures.seeing_lines(fig)
     assert lines[0] == ("smallest gain kept with 80 % power now: 0.004000 for a change that keeps the runs coupled "
                         "(paired spread 0.001000); 0.020000 for a change that decouples them")
     assert "at the start of the experiments 0.050000" in lines[1] and "after 6 decisions" in lines[1]
     assert lines[2].startswith("kept nothing:") and "about 0.004000 bpb at best" in lines[2]
     fig.counts = {"kept": 1}
-    assert not any(line.startswith("kept nothing") for line in report.seeing_lines(fig))
-    assert report.seeing_lines(types.SimpleNamespace(detectable=(), counts={"kept": 0})) == []
+    assert not any(line.startswith("kept nothing") for line in figures.seeing_lines(fig))
+    assert figures.seeing_lines(types.SimpleNamespace(detectable=(), counts={"kept": 0})) == []

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -307,8 +309,10 @@ def test_the_data_builder_never_changes_an_image(tmp_path):
 
 def test_the_harness_reads_no_data_building_code():
     source = (ROOT / "prepare.py").read_text()
-    assert "import dataprep" not in source.replace("from dataprep.build import main as build_main", "")
+    assert "import dataprep" not in source and "from dataprep" not in source  # no hand-off to the host's builder
     assert all(word not in source for word in ("urllib", "subprocess", "tarfile", "rustbpe"))
+    done = subprocess.run([sys.executable, "prepare.py", "--source", "offline"], cwd=ROOT, capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (2, "") and "python -m dataprep" in done.stderr
 
 
 # -- the budget trace: the one thing of phase 1 a later run (rerun --exact) is given --------------------------

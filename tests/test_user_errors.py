@@ -189,7 +189,7 @@ def test_prepare_into_a_read_only_cache_says_one_line_only(tmp_path):
     corpus.mkdir()
     (corpus / "a.txt").write_text("some text\n\nmore text\n" * 100)
     with mounted(tmp_path / "cache", "ro", "size=1m") as cache:
-        done = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--source", "local", str(corpus)],
+        done = subprocess.run([sys.executable, "-m", "dataprep", "--source", "local", str(corpus)],
                               capture_output=True, text=True, env={**os.environ, "AR_CACHE": str(cache)}, cwd=ROOT)
     assert done.returncode == 1 and done.stdout == "", done.stdout
     (line,) = done.stderr.splitlines()
@@ -331,7 +331,7 @@ def _project_exceptions() -> dict[str, type]:
 
 
 def test_every_error_a_user_can_cause_derives_from_the_one_base():
-    from sandbox.errors import MachineError, UserError
+    from common.errors import MachineError, UserError
     from sandbox.images import ImageBuildError
     from sandbox.spec import SandboxUnavailable
 

@@ -1,7 +1,7 @@
 """The base of every error a user can cause or fix, for the whole host side.
 
-It lives here because every host part can import it: the runner imports the sandbox
-(never the other way round) and the data builder imports nothing else of either. It
+It lives apart because every host part imports it: the runner imports the sandbox and the data
+builder (never the other way round), and neither of those leans on the other. It
 is not in contract.py, which belongs to the trusted harness: every base image carries
 that file and is named by its hash, so a host-only class there would rebuild them all.
 """

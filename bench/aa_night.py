@@ -39,8 +39,8 @@ AGENT = ROOT / "bench" / "agents" / "nudge.py"
 sys.path.insert(0, str(ROOT))
 
 from bench.agents.nudge import float_constants, literal, set_constant  # noqa: E402
-from runner.heartbeat import ran_seconds  # noqa: E402
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, Ledger  # noqa: E402
+from runner.core.heartbeat import ran_seconds  # noqa: E402
+from runner.core.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, Ledger  # noqa: E402
 from sandbox.status import Status  # noqa: E402
 
 PROJECT_FILES = ("train.py", "prepare.py", "contract.py", "program.md")  # what a night reads from its root

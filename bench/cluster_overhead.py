@@ -2,9 +2,9 @@
 
     uv run --extra ray python bench/cluster_overhead.py [--address HOST:PORT] [--mib 200] [--repeat 5]
 
-1. dispatch: a task pinned to a node, in a fresh worker process (as runner.cluster runs each experiment),
+1. dispatch: a task pinned to a node, in a fresh worker process (as runner.night.cluster runs each experiment),
    that yields one event: seconds from submit to the first event, and to its end;
-2. transfer: a run directory of --mib MiB coming back in runner.cluster_node's pieces: MiB/s;
+2. transfer: a run directory of --mib MiB coming back in runner.night.cluster_node's pieces: MiB/s;
 3. ledger: one lifecycle write (an experiment takes about ten): milliseconds.
 Without --address a one-node Ray is started here (the transfer then goes through local shared memory:
 a lower bound of the time a network adds).
@@ -26,8 +26,8 @@ import ray  # noqa: E402
 import structlog  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
-from runner.cluster_node import MAX_CHUNK  # noqa: E402
-from runner.ledger import Ledger  # noqa: E402
+from runner.core.ledger import Ledger  # noqa: E402
+from runner.night.cluster_node import MAX_CHUNK  # noqa: E402
 from sandbox.status import Status  # noqa: E402
 
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runner.heartbeat import ran_seconds  # noqa: E402
-from runner.ledger import RERUN, Ledger  # noqa: E402
+from runner.core.heartbeat import ran_seconds  # noqa: E402
+from runner.core.ledger import RERUN, Ledger  # noqa: E402
 from sandbox.status import Status
 
 

@@ -13,7 +13,7 @@ and harness seed, beside the baseline on the same seeds). From it come
   simulated as decoupled (its runs are fresh draws of the seed noise, as a new
   initialisation's are).
 
-A simulated candidate of a change's kind is then run through `runner.decision` as the
+A simulated candidate of a change's kind is then run through `runner.core.decision` as the
 judge runs it (seed by seed against the best's run on the same seed, the check in its
 window after a would-be keep), at the GPU's seed noise (`--sigma-seed`, bpb) with the
 change's ratio. Where the GPU's pairs were not measured this applies the CPU's ratios to
@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runner.decision import KEEP, MORE, Rule, estimate, judge, judge_in_window, pooled_noise  # noqa: E402
-from runner.runs import DISTURBED_MIN_STEPS, DISTURBED_SHORTFALL  # noqa: E402
+from runner.core.decision import KEEP, MORE, Rule, estimate, judge, judge_in_window, pooled_noise  # noqa: E402
+from runner.core.runs import DISTURBED_MIN_STEPS, DISTURBED_SHORTFALL  # noqa: E402
 
 PAIRS = ROOT / "bench" / "pairs_cpu_matched.json"  # steps matched: a machine of steady speed, as a GPU is
 TIMED = ROOT / "bench" / "pairs_cpu.json"  # the CPU profile as it runs: a budget of time, steps that jitter
@@ -73,7 +73,7 @@ def standardized(values: list[float]) -> list[float]:
 
 
 def undisturbed(runs: dict[str, dict]) -> dict[str, float]:
-    """A code's values by seed, without the runs a night would flag disturbed (runner.runs.flag_disturbed:
+    """A code's values by seed, without the runs a night would flag disturbed (runner.core.runs.flag_disturbed:
     far fewer steps than the upper median of the code's runs) and so leave out."""
     done = {s: r for s, r in runs.items() if "val_bpb" in r}
     usual = statistics.median_high(r["num_steps"] for r in done.values()) if done else 0

@@ -14,12 +14,12 @@ import click
 import structlog
 
 from runner.agents.factory import AGENT_NAMES
-from runner.decision import Rule
-from runner.errors import user_errors
-from runner.inputs import MAX_DIFF_BYTES, MAX_TRAIN_PY_BYTES, read_text
-from runner.morning import register as register_morning
-from runner.options import runs_dir_option
-from runner.settings import DEFAULT_GPU_MEMORY_CAP, SANDBOXES, Settings, Source, default_tag
+from runner.core.decision import Rule
+from runner.core.errors import user_errors
+from runner.core.inputs import MAX_DIFF_BYTES, MAX_TRAIN_PY_BYTES, read_text
+from runner.core.options import runs_dir_option
+from runner.core.settings import DEFAULT_GPU_MEMORY_CAP, SANDBOXES, Settings, Source, default_tag
+from runner.morning.commands import register as register_morning
 
 
 @click.group()
@@ -27,7 +27,7 @@ from runner.settings import DEFAULT_GPU_MEMORY_CAP, SANDBOXES, Settings, Source,
 def main(ctx: click.Context) -> None:
     """autoresearch-sandbox: an agent improves train.py overnight, every experiment sandboxed."""
     # A command prints its own output; only warnings of the modules it uses join it
-    # (a night logs to its own files, see runner.log_setup).
+    # (a night logs to its own files, see runner.core.log_setup).
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     ctx.call_on_close(structlog.reset_defaults)
 
@@ -81,7 +81,7 @@ def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, 
               baseline_runs, alpha, max_runs, min_delta, paired_share, max_diff_retries, deterministic, gpu_memory_cap, base_image,
               prune_images, cluster) -> None:
     """Run the experiment loop for the night (resume with the same --tag)."""
-    from runner.overnight import Interrupted, run_overnight
+    from runner.night.overnight import Interrupted, run_overnight
 
     settings = Settings(
         tag=tag or default_tag(), hours=hours, max_experiments=max_experiments, agent=agent,
@@ -93,7 +93,7 @@ def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, 
     )
     try:
         run_overnight(settings)
-    except Interrupted as stop:  # Ctrl-C, SIGTERM or SIGHUP (runner.overnight.Presses)
+    except Interrupted as stop:  # Ctrl-C, SIGTERM or SIGHUP (runner.night.overnight.Presses)
         click.echo(str(stop), err=True)
         sys.exit(stop.exit_code)
 
@@ -105,7 +105,7 @@ def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, 
 @user_errors
 def check_diff(diff_file: Path, base: Path) -> None:
     """Validate a diff exactly as the night does; exit 1 when it is rejected."""
-    from runner.diffs import DiffRejected, changed_lines, validate_and_apply
+    from runner.core.diffs import DiffRejected, changed_lines, validate_and_apply
 
     diff = read_text(diff_file, "the diff", MAX_DIFF_BYTES)
     try:

@@ -45,7 +45,7 @@ import structlog
 from docker.models.images import Image
 from docker.utils import parse_repository_tag
 
-from sandbox.errors import UserError
+from common.errors import UserError
 from sandbox.harness import PROJECT_ROOT, harness_files
 from sandbox.spec import APP_DIR
 

@@ -1,4 +1,4 @@
-"""Telling a live process from a dead one later, from another process: its pid plus its start time.
+"""The host's process table, read from /proc, and telling a live process from a dead one later.
 
 A pid alone is reused by the kernel; with the start time it names one process for good.
 The docker backend marks containers with the runner that supervises them, and a night
@@ -7,7 +7,13 @@ records the runner it runs in, so leftovers of a killed runner are told apart fr
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+from dataclasses import dataclass
 from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def stat_fields(pid: int) -> list[str] | None:
@@ -30,3 +36,45 @@ def identity_alive(identity: str) -> bool:
     """Whether the process a `process_identity` named still runs on this host."""
     pid = identity.partition(":")[0]
     return pid.isdigit() and process_identity(int(pid)) == identity
+
+
+def sigkill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@dataclass(frozen=True)
+class Proc:
+    """One row of the host's process table."""
+
+    pid: int
+    ppid: int
+    sid: int
+    uid: int
+    start: int  # clock ticks after boot: tells a process from a later one with the same pid
+    zombie: bool
+
+
+def read_proc(pid: int) -> Proc | None:
+    fields = stat_fields(pid)
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    if fields is None:
+        return None
+    uid = re.search(r"^Uid:\s+(\d+)", status, re.M)
+    return Proc(pid, int(fields[1]), int(fields[3]), int(uid[1]) if uid else -1, int(fields[19]), fields[0] == "Z")
+
+
+def cpu_seconds_of(pid: int) -> float:
+    """utime + stime + cutime + cstime of a process, in seconds (0 when it is gone)."""
+    fields = stat_fields(pid)
+    return 0.0 if fields is None else sum(int(tick) for tick in fields[11:15]) / CLOCK_TICKS
+
+
+def processes() -> list[Proc]:
+    found = (read_proc(int(name)) for name in os.listdir("/proc") if name.isdigit())
+    return [proc for proc in found if proc is not None]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sandbox.budget_guard import BudgetRule
-from sandbox.errors import MachineError
+from common.errors import MachineError
 from sandbox.status import Status
 
 

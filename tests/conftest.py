@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.ledger import Ledger
+from runner.core.ledger import Ledger
 from tests.corpus import write_corpus
 from tests.doubles import BASE_TRAIN_PY
 from tests.recorded_night import NAMES, record_night
@@ -51,7 +51,7 @@ def night(project):
 @pytest.fixture
 def sandbox(night, monkeypatch):
     """The night's own fake sandbox, which `rerun` and `verify` find (it holds the night's images)."""
-    from runner import rerun
+    from runner.morning import rerun
 
     monkeypatch.setattr(rerun, "open_backend", lambda name: night.backend)
     return night.backend

@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 import docker.models.containers
 
-import runner.overnight
+import runner.night.overnight
 from runner.cli import main
-from runner.ledger import Ledger
+from runner.core.ledger import Ledger
 from sandbox.docker_backend import DockerBackend
 from tests.doubles import FakeBackend, ScriptedAgent, change
 from sandbox.status import Status
@@ -80,9 +80,9 @@ class DockerBuilds(DockerBackend):
 
 def main_with(kind: str, pause: str, args: list[str]) -> None:
     backend = FakeBackend() if kind == "fake" else DockerBuilds()
-    runner.overnight.make_backend = lambda *a, **k: backend
+    runner.night.overnight.make_backend = lambda *a, **k: backend
     agent = ScriptedAgent(*(change(LR=round(0.2 + 0.05 * n, 2)) for n in range(20)))
-    runner.overnight.make_agent = lambda *a, **k: agent
+    runner.night.overnight.make_agent = lambda *a, **k: agent
     point, _, detail = pause.partition(":")
     if point == "done":
         around(Ledger, "transition", "after-commit", lambda self, exp, status, **_: (exp, status) == (detail, Status.DONE))

@@ -29,9 +29,9 @@ from pathlib import Path
 import contract
 from runner.agents.base import AgentError, Proposal, Usage
 from runner.agents.prompt import ReplyFormatError
-from runner.ledger import Ledger
-from runner.loop import Dataset, Night
-from runner.settings import Settings
+from runner.core.ledger import Ledger
+from runner.core.settings import Settings
+from runner.night.loop import Dataset, Night
 from sandbox.spec import Killer, Phase, RunResult
 from sandbox.status import Status
 from tests.corpus import stand_in_data

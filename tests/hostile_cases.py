@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import contract
-from runner.ledger import outcome_fields
+from runner.core.ledger import outcome_fields
 from sandbox.budget_guard import MIN_COMPUTE_S, SCALE_SHARE, Allowance
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
 from sandbox.spec import Backend, Limits, Mount, Phase, RunSpec

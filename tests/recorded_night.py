@@ -13,9 +13,9 @@ from pathlib import Path
 import click
 from click.testing import CliRunner
 
-from runner import decision
-from runner.ledger import EXPERIMENT, Ledger
-from runner.morning import register
+from runner.core import decision
+from runner.core.ledger import EXPERIMENT, Ledger
+from runner.morning.commands import register
 from tests.doubles import SEED_NOISE, RealisticBackend, ScriptedAgent, change, garbage, make_night
 
 # The night every morning test reads (after four baseline runs, seeds default, 1, 2, 3): two

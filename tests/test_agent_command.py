@@ -16,7 +16,7 @@ from runner.agents.command_agent import CommandAgent
 from runner.agents.config import CommandConfig
 from runner.agents.factory import choose_agent, make_agent
 from runner.agents.prompt import ReplyFormatError
-from runner.inputs import MAX_AGENT_REPLY_BYTES
+from runner.core.inputs import MAX_AGENT_REPLY_BYTES
 
 CONTEXT = Context(program="Make it better.", train_py="MATRIX_LR = 0.04\n", harness_api="def finish(model): ...")
 DIFF = "--- a/train.py\n+++ b/train.py\n@@ -1 +1 @@\n-MATRIX_LR = 0.04\n+MATRIX_LR = 0.05\n"

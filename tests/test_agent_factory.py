@@ -32,7 +32,7 @@ def test_the_agent_is_the_one_its_configuration_names() -> None:
         make_agent({"command": "cat"})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("modules", ["runner.records", "runner.cli", "runner.overnight"])
+@pytest.mark.parametrize("modules", ["runner.night.records", "runner.cli", "runner.night.overnight"])
 def test_importing_the_runner_loads_no_agent_sdk(modules: str) -> None:
     """optuna and the anthropic SDK are slow to import: only the agent that needs one loads it."""
     code = (f"import sys, json, {modules}; "

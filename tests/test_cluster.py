@@ -25,7 +25,7 @@ from pathlib import Path
 import docker.errors
 import pytest
 
-from runner.ledger import BASELINE, EXPERIMENT, Ledger
+from runner.core.ledger import BASELINE, EXPERIMENT, Ledger
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.docker]

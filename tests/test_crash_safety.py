@@ -25,8 +25,8 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import main
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, MIGRATIONS, REFERENCE, SCHEMA_VERSION, Ledger
-from runner.review import lineage
+from runner.core.ledger import BASELINE, CONFIRM, EXPERIMENT, MIGRATIONS, REFERENCE, SCHEMA_VERSION, Ledger
+from runner.morning.review import lineage
 from sandbox.images import BUILD_PREFIX
 from sandbox.processes import process_identity
 from tests.corpus import stand_in_data

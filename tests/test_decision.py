@@ -13,7 +13,7 @@ import random
 import pytest
 
 from bench.keep_rule_power import TIMED, Kind, load, replay, simulate
-from runner.decision import (
+from runner.core.decision import (
     DISCARD, KEEP, MORE, PAIRED_MIN_RUNS, Estimate, Noise, Rule, detectable_gain, estimate, judge, keep_bound,
     paired_bound, pooled_noise, seed_for, t_quantile, unpaired_bound,
 )

@@ -10,8 +10,8 @@ import types
 
 import pytest
 
-from runner import diffs
-from runner.diffs import DiffRejected, changed_lines, validate_and_apply
+from runner.core import diffs
+from runner.core.diffs import DiffRejected, changed_lines, validate_and_apply
 
 BASE = '''"""Pretrain a small GPT within a fixed time budget."""
 import math

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
-from runner import overnight
 from runner.cli import main
+from runner.night import overnight
 from sandbox import images
 from tests.registry import Registry
 

@@ -1,9 +1,9 @@
-"""Which runs of one code count: the disturbed rule applied to the ledger (runner.runs.flag_disturbed)."""
+"""Which runs of one code count: the disturbed rule applied to the ledger (runner.core.runs.flag_disturbed)."""
 
 import pytest
 
-from runner.runs import flag_disturbed
-from runner.ledger import BASELINE
+from runner.core.ledger import BASELINE
+from runner.core.runs import flag_disturbed
 from sandbox.status import Status
 
 

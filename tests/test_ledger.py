@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from runner.ledger import (
+from runner.core.ledger import (
     BASELINE, CONFIRM, EXPERIMENT, MIGRATIONS, SCHEMA_VERSION, Ledger, LedgerError, LedgerUnavailable,
     metric_columns, outcome_fields, write_tsv,
 )

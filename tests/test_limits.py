@@ -18,11 +18,11 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import main
-from runner.heartbeat import Heartbeat, this_runner
-from runner.ledger import BASELINE, EXPERIMENT, Ledger, LedgerUnavailable
-from runner.loop import Dataset, Night
-from runner.pruning import prune_images
-from runner.settings import Settings
+from runner.core.heartbeat import Heartbeat, this_runner
+from runner.core.ledger import BASELINE, EXPERIMENT, Ledger, LedgerUnavailable
+from runner.core.settings import Settings
+from runner.night.loop import Dataset, Night
+from runner.night.pruning import prune_images
 from sandbox.processes import process_identity
 from tests.doubles import FakeBackend, ScriptedAgent, change, garbage
 from tests.recorded_night import cli, flat

@@ -20,17 +20,17 @@ import structlog
 from click.testing import CliRunner
 from rich.console import Console
 
-from runner import loop
 from runner.agents.base import AgentConfigError, Proposal, Usage
 from runner.cli import main
-from runner.gpus import Gpu
-from runner.ledger import BASELINE, EXPERIMENT, Ledger
+from runner.core.gpus import Gpu
+from runner.core.ledger import BASELINE, EXPERIMENT, Ledger
+from runner.night import loop
 from dataprep.build import read_manifest
-from runner.log_setup import night_log
-from runner.loop import Dataset, Night, NightError
-from runner import overnight
-from runner.overnight import ensure_data
-from runner.settings import Settings, Source
+from runner.core.log_setup import night_log
+from runner.core.settings import Settings, Source
+from runner.night import overnight
+from runner.night.loop import Dataset, Night, NightError
+from runner.night.overnight import ensure_data
 from sandbox.spec import Phase
 from sandbox.status import Status
 from tests.doubles import (BASE_TRAIN_PY, FakeBackend, ScriptedAgent, SimulatedKill, agent_error, change, garbage,
@@ -212,7 +212,7 @@ def test_a_crash_is_recorded_with_its_log_tail_and_shown_to_the_agent(project):
     assert night.best.exp_id != crashed.id
 
 
-# -- interrupts (Ctrl-C, as runner.overnight.Presses turns it into Night.interrupt; tests/test_interrupts.py
+# -- interrupts (Ctrl-C, as runner.night.overnight.Presses turns it into Night.interrupt; tests/test_interrupts.py
 # presses it on real processes) ----------------------------------------------------------------------
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from runner import decision, figures
-from runner.ledger import Ledger
-from runner.loop import NightError
-from runner.morning import COMMANDS
-from runner.settings import Settings
+from runner.core import decision, figures
+from runner.core.ledger import Ledger
+from runner.core.settings import Settings
+from runner.morning.commands import COMMANDS
+from runner.night.loop import NightError
 from tests.doubles import TRAINING_SECONDS, RealisticBackend, ScriptedAgent, change, make_night
 from tests.recorded_night import NOISE, cli, flat, invoke, one_line_error, record_night, rows_of
 

@@ -25,10 +25,10 @@ import pytest
 from runner.agents.base import Proposal
 from runner.agents.config import SearchConfig
 from runner.agents.search_agent import SearchAgent
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, Ledger
-from runner.loop import Night
-from runner.overnight import ensure_data
-from runner.settings import Settings, Source
+from runner.core.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, Ledger
+from runner.core.settings import Settings, Source
+from runner.night.loop import Night
+from runner.night.overnight import ensure_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 

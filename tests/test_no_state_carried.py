@@ -18,11 +18,11 @@ import pytest
 from click.testing import CliRunner
 
 import contract
-from runner import rerun as reruns
-from runner.decision import Rule
-from runner.ledger import Ledger
-from runner.loop import Dataset, Night
-from runner.settings import Settings
+from runner.core.decision import Rule
+from runner.core.ledger import Ledger
+from runner.core.settings import Settings
+from runner.morning import rerun as reruns
+from runner.night.loop import Dataset, Night
 from sandbox.phase1_files import read_trace
 from tests.hostile_cases import _trainer_case
 from tests.recorded_night import cli

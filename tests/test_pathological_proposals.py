@@ -16,9 +16,9 @@ from runner.agents.base import Proposal, Usage
 from runner.agents.command_agent import CommandAgent
 from runner.agents.config import AnthropicConfig, CommandConfig, SearchConfig
 from runner.agents.search_agent import SearchAgent
-from runner.ledger import EXPERIMENT
-from runner.proposals import Best, Proposer
-from runner.records import Records
+from runner.core.ledger import EXPERIMENT
+from runner.night.proposals import Best, Proposer
+from runner.night.records import Records
 from tests.messages_server import MessagesServer
 from tests.doubles import BASE_TRAIN_PY, FakeBackend, ScriptedAgent, change, make_night
 

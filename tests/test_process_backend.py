@@ -14,7 +14,8 @@ import pytest
 
 from sandbox import backends
 from sandbox.gpu_watchdog import GpuSample
-from sandbox.process_backend import HostSupport, ProcessBackend
+from sandbox.host_support import HostSupport
+from sandbox.process_backend import ProcessBackend
 from sandbox.sealed_root import runtime_needs, seal, under
 from sandbox.spec import CancelToken, Killer, Limits, Mount, Phase, RunResult, RunSpec, SandboxUnavailable
 from sandbox.status import Status

@@ -11,9 +11,10 @@ import types
 
 import pytest
 
-from runner import figures, report
-from runner.gpus import Gpu
-from runner.ledger import Ledger
+from runner.core import figures
+from runner.core.gpus import Gpu
+from runner.core.ledger import Ledger
+from runner.morning import report
 from tests.doubles import change
 from tests.recorded_night import BASELINES, NIGHT_SCRIPT, NOISE, invoke, record_night, rows_of
 

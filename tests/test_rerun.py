@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from dataprep.build import write_manifest
-from runner import rerun as reruns
-from runner.gpus import Gpu
-from runner.ledger import RERUN, Ledger
-from runner.loop import Dataset, Night
-from runner.settings import Settings
+from runner.core.gpus import Gpu
+from runner.core.ledger import RERUN, Ledger
+from runner.core.settings import Settings
+from runner.morning import rerun as reruns
+from runner.night.loop import Dataset, Night
 from tests.doubles import OneProposal, change, real_project
 from tests.recorded_night import NOISE, cli, invoke, one_line_error, record_night, rows_of
 

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-from runner.ledger import Ledger
-from runner.review import queue
+from runner.core.ledger import Ledger
+from runner.morning.review import queue
 from tests.recorded_night import cli, flat, invoke, one_line_error
 
 

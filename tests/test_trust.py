@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 import contract
-from runner.settings import SettingsError, parse_gpu_memory_cap
+from runner.core.settings import GpuMemoryCap, SettingsError
 from sandbox.budget_guard import CPU_WALL_STRETCH, Account, Allowance, BudgetRule
 from sandbox.experiment import _phase_status, read_reported
 from sandbox.harness import HARNESS_FILES, harness_files
 from sandbox.images import base_tag
-from sandbox.process_backend import snapshot_id
+from sandbox.snapshots import snapshot_id
 from sandbox.spec import Killer, RunResult
 from sandbox.status import Status
 from tests.conftest import ROOT
@@ -281,13 +281,13 @@ def test_allowances_are_measured_from_honest_runs_with_a_margin():
 @pytest.mark.parametrize("text, parsed", [("0.9", (0.9, None)), ("1", (1.0, None)), ("40GiB", (None, 40 * 2**30)),
                                           ("40", (None, 40 * 2**30)), ("none", (None, None))])
 def test_gpu_memory_cap_is_a_share_or_gib(text, parsed):
-    assert parse_gpu_memory_cap(text) == parsed
+    assert GpuMemoryCap.parse(text) == GpuMemoryCap(*parsed)
 
 
 @pytest.mark.parametrize("text", ["lots", "-1", "nan"])
 def test_a_bad_gpu_memory_cap_is_one_sentence(text):
     with pytest.raises(SettingsError, match="gpu-memory-cap"):
-        parse_gpu_memory_cap(text)
+        GpuMemoryCap.parse(text)
 
 
 # -- what goes into an image ------------------------------------------------------------------------

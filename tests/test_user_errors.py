@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from runner import ledger as ledgers
 from runner.cli import main
-from runner.ledger import BASELINE, CONFIRM, EXPERIMENT, RERUN, Experiment, Ledger
+from runner.core import ledger as ledgers
+from runner.core.ledger import BASELINE, CONFIRM, EXPERIMENT, RERUN, Experiment, Ledger
 from tests.conftest import ledger_held
 from tests.test_diffs import make_diff
 from tests.recorded_night import invoke, one_line_error
@@ -308,8 +308,8 @@ NOT_THE_USERS = {
     "runner.agents.prompt.ReplyFormatError": "a reply without a diff: sent back to the agent",
     "contract.ResultError": "phase 2 printed no valid result: the experiment's failure",
     "contract.TraceError": "phase 1 left a trace that is not the harness's: no figures from it, no exact rerun",
-    "runner.cluster.NodeLost": "one cluster node failed a run: the run goes to another node, the night goes on",
-    "runner.cluster_node.NodeRefused": "raised on a node, reaches the runner as a NodeLost",
+    "runner.night.cluster.NodeLost": "one cluster node failed a run: the run goes to another node, the night goes on",
+    "runner.night.cluster_node.NodeRefused": "raised on a node, reaches the runner as a NodeLost",
 }
 
 
@@ -318,13 +318,15 @@ def _project_exceptions() -> dict[str, type]:
     import inspect
     import pkgutil
 
+    import common
     import contract
     import dataprep
     import runner
     import sandbox
 
-    modules = [contract] + [importlib.import_module(info.name) for package in (runner, sandbox, dataprep)
-                            for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+    modules = [contract] + [importlib.import_module(info.name) for package in (common, runner, sandbox, dataprep)
+                            for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+                            if not info.name.endswith(".__main__")]  # an entry point runs when imported
     return {f"{cls.__module__}.{cls.__qualname__}": cls for module in modules
             for _, cls in inspect.getmembers(module, inspect.isclass)
             if issubclass(cls, BaseException) and cls.__module__ == module.__name__}
@@ -346,7 +348,7 @@ def test_every_error_a_user_can_cause_derives_from_the_one_base():
 def test_user_errors_says_the_base_in_one_sentence_and_lets_a_bug_through():
     import click
 
-    from runner.errors import UserError, user_errors
+    from runner.core.errors import UserError, user_errors
     from sandbox.spec import SandboxUnavailable
 
     @user_errors
@@ -367,7 +369,7 @@ def test_a_cluster_that_refuses_the_runner_names_token_authentication(auth_mode,
     """Ray refuses a driver without the cluster's token with a bare ConnectionError (after retries that take
     ~20 s against a real token-auth head); the sentence says what to set, unless it is set already."""
     ray = pytest.importorskip("ray")
-    from runner.cluster import Cluster, ClusterUnavailable
+    from runner.night.cluster import Cluster, ClusterUnavailable
 
     def refused(**kwargs):
         raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:6379.")

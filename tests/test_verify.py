@@ -7,9 +7,9 @@ import types
 
 import pytest
 
-from runner import rerun as reruns
-from runner import verify as verifies
-from runner.ledger import RERUN, Ledger
+from runner.core.ledger import RERUN, Ledger
+from runner.morning import rerun as reruns
+from runner.morning import verify as verifies
 from sandbox.spec import SandboxUnavailable
 from tests.doubles import change
 from tests.recorded_night import invoke, one_line_error, record_night, rows_of
@@ -17,7 +17,7 @@ from sandbox.status import Status
 
 
 class FakeRerun:
-    """Stands for runner.rerun.rerun: records a rerun row with the val_bpb (and steps) it is given; None crashes."""
+    """Stands for runner.morning.rerun.rerun: records a rerun row with the val_bpb (and steps) it is given; None crashes."""
 
     def __init__(self, values: dict[str, list[float]], steps: dict[str, list[int]] | None = None) -> None:
         self.values, self.steps = values, steps or {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from runner.errors import UserError
+from runner.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import structlog
 from runner.agents.base import AgentConfigError, AgentError, Context, Proposal
 from runner.agents.config import CommandConfig
 from runner.agents.prompt import full_prompt, parse_reply
-from runner.inputs import MAX_AGENT_REPLY_BYTES
+from runner.core.inputs import MAX_AGENT_REPLY_BYTES
 
 log = structlog.get_logger(__name__)
 

@@ -65,7 +65,7 @@ def summary(ledger: Ledger, mode: str) -> list[str]:
     """The night's figures, from its ledger rows only."""
     night = ledger.nights()[-1]
     wall = ran_seconds(night, datetime.now(timezone.utc))  # a night stopped by a kill ends at its last heartbeat
-    rows = ledger.experiments(night_id=night["id"])
+    rows = ledger.experiments(night_id=night.id)
     experiments = [r for r in rows if r.kind == EXPERIMENT]
     decided = [r for r in experiments if r.decision in ("keep", "discard")]
     kept = [r for r in decided if r.decision == "keep"]
@@ -73,7 +73,7 @@ def summary(ledger: Ledger, mode: str) -> list[str]:
     baseline = [r.val_bpb for r in rows if r.kind == BASELINE and r.status == Status.DONE]
     mean = f"{statistics.fmean(baseline):.6f}" if baseline else "-"
     lines = [
-        f"night {night['tag']} ({night['stop_reason']}): {wall:.0f} s wall, "
+        f"night {night.tag} ({night.stop_reason}): {wall:.0f} s wall, "
         f"{3600 * len(decided) / wall:.1f} experiments/hour" if wall > 0 else "no time recorded",
         f"baseline: {len(baseline)} runs, mean val_bpb {mean}",
         f"proposals: {len(experiments)}, rejected {sum(r.status == Status.REJECTED for r in experiments)}, "

@@ -82,7 +82,7 @@ def report(run_dir: Path, budget: float) -> None:
     }
     parts["agent, ledger and the rest"] = wall - sum(parts.values())
     done = sum(r.status == Status.DONE for r in rows)
-    print(f"\nnight {night['tag']}: {len(rows)} experiments run ({done} done) in {wall:.0f} s, budget {budget:.0f} s")
+    print(f"\nnight {night.tag}: {len(rows)} experiments run ({done} done) in {wall:.0f} s, budget {budget:.0f} s")
     print(f"GPU duty cycle: {100 * training / wall:.1f} %   experiments/hour: {3600 * len(rows) / wall:.1f}")
     for name, seconds in parts.items():
         print(f"  {name:45s} {seconds:8.1f} s  {100 * seconds / wall:5.1f} %")

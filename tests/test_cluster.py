@@ -200,7 +200,7 @@ def test_a_cluster_night_survives_a_killed_node(cluster, tiny_cache, tmp_path, d
     assert all(r.node.split("/")[0] in ("n1", "n2") for r in rows if r.status == "done")
     assert all(r.run_attempt == (2 if r.id == killed else 1) for r in rows if r.status == "done")
     # the node with another harness was refused, with the reason; its inputs differ, so its recipe does
-    (record,) = [json.loads(n["cluster_json"]) for n in ledger.nights()]
+    (record,) = [n.cluster for n in ledger.nights()]
     (refused,) = [why for name, why in record["refused"].items() if name.startswith("other/")]
     assert "other inputs" in refused
     assert {n["name"].split("/")[0] for n in record["nodes"]} == {"n1", "n2"}

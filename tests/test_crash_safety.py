@@ -132,7 +132,7 @@ def test_a_night_killed_between_done_and_the_decision_decides_once_on_resume(pro
     ledger = assert_consistent(run_dir, experiments=2)  # the limit is the night's: 2 in all
     decided = [e for e in events(run_dir) if e["event"] == "experiment.decided" and e["exp"] == "e0003"]
     assert len(decided) == 1 and ledger.get("e0003").decision == decided[0]["decision"]  # by the resume
-    assert [n["stop_reason"] for n in ledger.nights()] == [None, "max-experiments"]
+    assert [n.stop_reason for n in ledger.nights()] == [None, "max-experiments"]
     ledger.close()
 
 
@@ -164,7 +164,7 @@ def test_a_second_runner_of_a_live_night_is_refused_and_a_killed_ones_lock_block
     first.kill()  # its lock goes with it; its heartbeat is fresh, but it names a process that is gone
     Command.driven("fake", "none", args, project, env).finish()
     ledger = assert_consistent(run_dir, experiments=2)
-    assert [n["stop_reason"] for n in ledger.nights()] == [None, "max-experiments"]
+    assert [n.stop_reason for n in ledger.nights()] == [None, "max-experiments"]
     ledger.close()
 
 
@@ -308,7 +308,7 @@ def test_a_ledger_migration_killed_midway_is_rolled_back_and_done_again(tmp_path
     ledger = Ledger(path)
     assert ledger.schema_version == SCHEMA_VERSION
     assert len(ledger.experiments()) == OLD_ROWS and ledger.get("e0000001").decision.startswith("discard")
-    assert ledger.nights()[0]["heartbeat_at"] is None  # the latest migration's columns are there
+    assert ledger.nights()[0].heartbeat_at is None  # the latest migration's columns are there
     ledger.close()
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -207,9 +207,9 @@ def test_nights_store_settings_and_noise(ledger):
     ledger.set_noise(night, mean=1.0, sigma=0.002, df=2, runs=3, threshold=0.004)
     ledger.end_night(night, "max-experiments")
     (record,) = ledger.nights()
-    assert record["tag"] == "tag1" and record["sigma"] == 0.002 and record["threshold"] == 0.004
-    assert record["noise_df"] == 2
-    assert record["stop_reason"] == "max-experiments" and '"k": 2.0' in record["settings_json"]
+    assert record.tag == "tag1" and record.sigma == 0.002 and record.threshold == 0.004
+    assert record.noise_df == 2
+    assert record.stop_reason == "max-experiments" and record.settings["k"] == 2.0
 
 
 def test_metric_columns_map_the_summary_names():

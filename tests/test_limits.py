@@ -72,7 +72,7 @@ def test_max_experiments_counts_the_whole_night_rejected_proposals_included(proj
     night, ledger = night_in(project, agent, FakeBackend())
     night.run()
     assert len(ledger.experiments(kinds=[EXPERIMENT])) == 2 and agent.contexts == []
-    assert json.loads(ledger.nights()[-1]["settings_json"])["max_experiments"] == 2  # recorded for the next resume
+    assert ledger.nights()[-1].settings["max_experiments"] == 2  # recorded for the next resume
     ledger.close()
 
 
@@ -137,7 +137,7 @@ def status(project):
 def test_status_reads_the_heartbeat_not_the_last_event(project):
     run_night(project, change(LR=0.2), max_experiments=1)
     ledger = Ledger(project / "runs" / "t" / "ledger.sqlite")
-    open_id = ledger.start_night("t", json.loads(ledger.nights()[0]["settings_json"]), runner=this_runner())
+    open_id = ledger.start_night("t", ledger.nights()[0].settings, runner=this_runner())
     ledger.close()
     host = this_runner().split()[0]
     now = datetime.now(timezone.utc)
@@ -163,26 +163,26 @@ def ledger_seconds(project, index):
     ledger = Ledger(project / "runs" / "t" / "ledger.sqlite")
     night = ledger.nights()[index]
     ledger.close()
-    return (datetime.fromisoformat(night["ended_at"]) - datetime.fromisoformat(night["started_at"])).total_seconds()
+    return (datetime.fromisoformat(night.ended_at) - datetime.fromisoformat(night.started_at)).total_seconds()
 
 
 def test_the_heartbeat_beats_while_the_block_runs(tmp_path):
     ledger = Ledger(tmp_path / "ledger.sqlite")
     night_id = ledger.start_night("t", {})
-    first = ledger.nights()[0]["heartbeat_at"]
+    first = ledger.nights()[0].heartbeat_at
     with Heartbeat(ledger, night_id, every=0.01):
         for _ in range(1000):  # bounded: a beat every 10 ms
-            if ledger.nights()[0]["heartbeat_at"] != first:
+            if ledger.nights()[0].heartbeat_at != first:
                 break
             time.sleep(0.01)
-    assert ledger.nights()[0]["heartbeat_at"] > first
+    assert ledger.nights()[0].heartbeat_at > first
     ledger.close()
 
 
 def test_a_beat_the_ledger_cannot_take_is_logged_and_the_next_one_is_tried(tmp_path, monkeypatch):
     ledger = Ledger(tmp_path / "ledger.sqlite")
     night_id = ledger.start_night("t", {})
-    first = ledger.nights()[0]["heartbeat_at"]
+    first = ledger.nights()[0].heartbeat_at
     real, failed = ledger.heartbeat, []
 
     def full_once(night: int) -> None:
@@ -194,11 +194,11 @@ def test_a_beat_the_ledger_cannot_take_is_logged_and_the_next_one_is_tried(tmp_p
     monkeypatch.setattr(ledger, "heartbeat", full_once)
     with Heartbeat(ledger, night_id, every=0.01) as beating:
         for _ in range(1000):  # bounded: a beat every 10 ms
-            if ledger.nights()[0]["heartbeat_at"] != first:
+            if ledger.nights()[0].heartbeat_at != first:
                 break
             time.sleep(0.01)
         assert beating._thread.is_alive()
-    assert failed == [night_id] and ledger.nights()[0]["heartbeat_at"] > first
+    assert failed == [night_id] and ledger.nights()[0].heartbeat_at > first
     ledger.close()
 
 

@@ -58,9 +58,9 @@ def test_baseline_measures_the_noise_then_keeps_replicate_and_advance_the_best(p
         ("done", None, 0.9), ("done", 1, 0.901), ("done", 2, 0.899), ("done", 3, pytest.approx(0.9005))]
     (record,) = ledger.nights()
     base_mean = (0.9 + 0.901 + 0.899 + 0.9005) / 4
-    assert record["baseline_mean"] == pytest.approx(base_mean) and record["noise_df"] == 3
-    assert record["sigma"] == pytest.approx(statistics.stdev([0.9, 0.901, 0.899, 0.9005]))
-    assert record["threshold"] > 0.004 and record["stop_reason"] == "max-experiments"
+    assert record.baseline_mean == pytest.approx(base_mean) and record.noise_df == 3
+    assert record.sigma == pytest.approx(statistics.stdev([0.9, 0.901, 0.899, 0.9005]))
+    assert record.threshold > 0.004 and record.stop_reason == "max-experiments"
 
     first, second, third = experiments(ledger)
     # a clear gain passes against the mean of all baselines after two seeds; the baseline then runs again on
@@ -164,7 +164,7 @@ def test_a_disturbed_baseline_is_replaced_before_the_noise_is_measured(project):
     rows = experiments(ledger, BASELINE)
     assert [(r.seed, r.disturbed is not None) for r in rows] == [(None, False), (1, False), (2, True), (3, False),
                                                                  (2, False)]
-    assert ledger.nights()[0]["baseline_runs"] == 4
+    assert ledger.nights()[0].baseline_runs == 4
 
 
 def test_invalid_diff_is_fed_back_then_recorded_rejected(project):
@@ -222,7 +222,7 @@ def test_an_interrupt_cancels_the_running_experiment_and_records_it(project):
     assert night.run() == "interrupted"
     (row,) = experiments(ledger)
     assert (row.status, row.train_killed_by, row.decision) == ("cancelled", "cancel", None)
-    assert ledger.nights()[0]["stop_reason"] == "interrupted"
+    assert ledger.nights()[0].stop_reason == "interrupted"
 
 
 def test_an_interrupt_during_a_build_runs_nothing_more_and_leaves_the_row_owed(project, monkeypatch):

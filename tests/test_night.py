@@ -148,7 +148,7 @@ def test_a_night_in_miniature(project, docker_client, tmp_path):
     if searched.status == "done":
         assert searched.decision in ("keep", "discard")
     (record,) = ledger.nights()
-    assert record["sigma"] is not None and record["threshold"] >= 0.001 and record["stop_reason"] == "max-experiments"
+    assert record.sigma is not None and record.threshold >= 0.001 and record.stop_reason == "max-experiments"
     assert ledger.unfinished() == []
     ledger.close()
     last = searched.id
@@ -188,6 +188,6 @@ def test_a_night_in_miniature(project, docker_client, tmp_path):
     events = [json.loads(line) for line in (settings.run_dir / "events.jsonl").read_text().splitlines()]
     finished = [e for e in events if e["event"] == "experiment.finished" and e.get("exp") == killed]
     assert len(finished) == 1  # night 2 died before the end, night 3 ran it once
-    assert [n["stop_reason"] for n in ledger.nights()] == ["max-experiments", None, "max-experiments"]
+    assert [n.stop_reason for n in ledger.nights()] == ["max-experiments", None, "max-experiments"]
     assert docker_client.containers.list(all=True, filters={"label": f"autoresearch.exp={killed}"}) == []
     ledger.close()

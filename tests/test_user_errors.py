@@ -447,7 +447,7 @@ def _resume_completes_the_baselines(runs: Path, env: dict, owed: str, project_di
     try:
         assert ledger.unfinished() == []
         assert ledger.get(owed).status == Status.DONE
-        assert [n["stop_reason"] for n in ledger.nights()][-1] == "max-experiments"
+        assert [n.stop_reason for n in ledger.nights()][-1] == "max-experiments"
     finally:
         ledger.close()
 
@@ -481,7 +481,7 @@ def test_a_full_disk_stops_the_night_in_one_sentence_and_the_night_resumes(tmp_p
         ledger = Ledger(runs / "n" / "ledger.sqlite")
         try:
             (night_record,) = ledger.nights()
-            assert night_record["stop_reason"] == "error" and night_record["ended_at"], text[-3000:]
+            assert night_record.stop_reason == "error" and night_record.ended_at, text[-3000:]
             assert ledger.get(owed).status in (Status.DONE, *Status.where(Status.is_unfinished))  # never a failure the disk caused
         finally:
             ledger.close()
@@ -549,7 +549,7 @@ def test_a_docker_engine_that_goes_away_stops_the_night_in_one_sentence(tmp_path
     ledger = Ledger(runs / "n" / "ledger.sqlite")
     try:
         assert ledger.get(owed).status.is_unfinished()  # owed, not a crash of train.py
-        assert ledger.nights()[-1]["stop_reason"] == "error"
+        assert ledger.nights()[-1].stop_reason == "error"
     finally:
         ledger.close()
     del env["DOCKER_HOST"]  # the engine is back

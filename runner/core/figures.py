@@ -8,7 +8,6 @@ as they like (runner.morning.report, runner.morning.views).
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,7 +17,7 @@ from typing import Any
 from runner.core import detectability
 from runner.core.decision import DISCARD, KEEP, Noise, Rule
 from runner.core.heartbeat import is_running, last_seen, ran_seconds
-from runner.core.ledger import BASELINE, CONFIRM, EXPERIMENT, PENDING, REFERENCE, Experiment, Ledger
+from runner.core.ledger import BASELINE, CONFIRM, EXPERIMENT, PENDING, REFERENCE, Experiment, Ledger, NightRecord
 from runner.core.runs import code_key, runs_of
 from sandbox.status import Status
 
@@ -27,14 +26,14 @@ NIGHT_KINDS = (BASELINE, EXPERIMENT, CONFIRM, REFERENCE)  # reruns are morning w
 
 def baseline_mean(ledger: Ledger) -> float | None:
     """The night's measured baseline (the latest record of it: a resumed night re-measures)."""
-    means = [n["baseline_mean"] for n in ledger.nights() if n["baseline_mean"] is not None]
+    means = [n.baseline_mean for n in ledger.nights() if n.baseline_mean is not None]
     return means[-1] if means else None
 
 
 def night_settings(ledger: Ledger) -> dict[str, Any]:
     """The settings the latest start of this night ran with."""
     nights = ledger.nights()
-    return json.loads(nights[-1]["settings_json"]) if nights else {}
+    return nights[-1].settings if nights else {}
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
     mfu = [r.mfu_percent for r in rows if r.status == Status.DONE and r.mfu_percent is not None]
     best = ledger.best_kept()
     base = baseline_mean(ledger)
-    record = next((n for n in reversed(nights) if n["sigma"] is not None), {})
+    record = next((n for n in reversed(nights) if n.sigma is not None), None)
     rule = settings.get("rule") or {}
     return Figures(
         tag=run_dir.name, state=state, state_note=note,
@@ -99,12 +98,12 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
         best_id=best.id if best else _first_baseline(rows),
         best_value=best.decision_value if best else base,
         best_description=best.description if best else "baseline", best_estimate=best.estimate if best else {},
-        baseline_mean=base, sigma=record.get("sigma"), noise_df=record.get("noise_df"),
-        baseline_runs=record.get("baseline_runs"), threshold=record.get("threshold"),
+        baseline_mean=base, sigma=record.sigma if record else None, noise_df=record.noise_df if record else None,
+        baseline_runs=record.baseline_runs if record else None, threshold=record.threshold if record else None,
         detectable=tuple(dataclasses.asdict(point) for point in detectability.course(
             Rule(**rule) if rule else Rule(),
-            Noise(record["sigma"], record["noise_df"], record["baseline_runs"]) if record else None,
-            record.get("baseline_runs"), [r for r in experiments if r.decision is not None])),
+            Noise(record.sigma, record.noise_df, record.baseline_runs) if record else None,
+            record.baseline_runs if record else None, [r for r in experiments if r.decision is not None])),
         alpha=rule.get("alpha"), max_runs=rule.get("max_runs"), min_delta=rule.get("min_delta"),
         counts={
             "kept": sum(r.decision == KEEP for r in experiments),
@@ -125,16 +124,16 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
         profile=settings.get("profile"), time_budget=budget,
         gpu_memory_cap=settings.get("gpu_memory_cap") if settings.get("gpus") else None,
         peak_gpu_mb=max((r.peak_gpu_memory_bytes / 2**20 for r in rows if r.peak_gpu_memory_bytes), default=None),
-        allowance=json.loads(record["allowance_json"]) if record.get("allowance_json") else None,
+        allowance=record.allowance if record else None,
         nodes=[_node_figures(node, rows, wall) for node in cluster.get("nodes", ())],
         refused_nodes=cluster.get("refused", {}),
     )
 
 
-def _cluster(nights: list[dict]) -> dict:
+def _cluster(nights: list[NightRecord]) -> dict:
     """The inventory of the latest invocation that ran on a cluster ({} for a night on one machine)."""
-    recorded = [n["cluster_json"] for n in nights if n.get("cluster_json")]
-    return json.loads(recorded[-1]) if recorded else {}
+    recorded = [n.cluster for n in nights if n.cluster]
+    return recorded[-1] if recorded else {}
 
 
 def _node_figures(node: dict, rows: list[Experiment], wall: float) -> dict:
@@ -149,13 +148,13 @@ def _first_baseline(rows: list[Experiment]) -> str | None:
     return next((r.id for r in rows if r.kind == BASELINE and r.status == Status.DONE), None)
 
 
-def _state(nights: list[dict], now: datetime, tag: str) -> tuple[str, str]:
+def _state(nights: list[NightRecord], now: datetime, tag: str) -> tuple[str, str]:
     """Whether the night runs, from the latest invocation's end or heartbeat (runner.core.heartbeat)."""
     if not nights:
         return "not started", "no night has started under this tag"
     latest = nights[-1]
-    if latest["ended_at"]:
-        return "ended", f"ended {latest['ended_at'][:19]} ({latest['stop_reason']})"
+    if latest.ended_at:
+        return "ended", f"ended {latest.ended_at[:19]} ({latest.stop_reason})"
     seen = last_seen(latest)
     ago = (now - seen).total_seconds()
     if is_running(latest, now):

@@ -25,12 +25,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from runner.core.errors import UserError
-from runner.core.ledger import Ledger, LedgerUnavailable, parse_time
+from runner.core.ledger import Ledger, LedgerUnavailable, NightRecord, parse_time
 from sandbox.processes import identity_alive, process_identity
 
 log = structlog.get_logger(__name__)
@@ -89,13 +88,13 @@ def sole_runner(run_dir: Path, tag: str) -> Iterator[None]:
         os.close(fd)
 
 
-def refuse_if_running(nights: list[dict[str, Any]], tag: str) -> None:
+def refuse_if_running(nights: list[NightRecord], tag: str) -> None:
     """NightRunning when an invocation of the night (`nights`, from its ledger) still beats: a runner
     on another machine sharing the runs directory, which the lock may not reach."""
     now = datetime.now(timezone.utc)
     for night in nights:
         if is_running(night, now):
-            raise NightRunning(_running(tag, night.get("runner") or "", (now - last_seen(night)).total_seconds()))
+            raise NightRunning(_running(tag, night.runner or "", (now - last_seen(night)).total_seconds()))
 
 
 def _running(tag: str, runner: str, seen_s: float | None = None) -> str:
@@ -113,23 +112,23 @@ def _running(tag: str, runner: str, seen_s: float | None = None) -> str:
             "last seen), or start another night with a new --tag.")
 
 
-def last_seen(night: dict[str, Any]) -> datetime:
+def last_seen(night: NightRecord) -> datetime:
     """The latest sign of life of one invocation (its start when it recorded no heartbeat)."""
-    return parse_time(night.get("heartbeat_at")) or parse_time(night["started_at"])
+    return parse_time(night.heartbeat_at) or parse_time(night.started_at)
 
 
-def is_running(night: dict[str, Any], now: datetime) -> bool:
+def is_running(night: NightRecord, now: datetime) -> bool:
     """Whether the invocation runs: no end recorded, a fresh heartbeat, and a runner not known to be dead."""
-    if night["ended_at"]:
+    if night.ended_at:
         return False
     fresh = (now - last_seen(night)).total_seconds() <= STALE_AFTER_S
-    return fresh and not _runner_gone(night.get("runner"))
+    return fresh and not _runner_gone(night.runner)
 
 
-def ran_seconds(night: dict[str, Any], now: datetime) -> float:
+def ran_seconds(night: NightRecord, now: datetime) -> float:
     """How long the invocation ran: to its recorded end, to now while it runs, else to its last heartbeat."""
-    end = parse_time(night["ended_at"]) or (now if is_running(night, now) else last_seen(night))
-    return max((end - parse_time(night["started_at"])).total_seconds(), 0.0)
+    end = parse_time(night.ended_at) or (now if is_running(night, now) else last_seen(night))
+    return max((end - parse_time(night.started_at)).total_seconds(), 0.0)
 
 
 class Heartbeat:

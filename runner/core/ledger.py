@@ -247,6 +247,40 @@ class _Connection(sqlite3.Connection):
             raise _unavailable(self.path, exc) from exc
 
 
+@dataclass(frozen=True)
+class NightRecord:
+    """One invocation of a night, as the `nights` table keeps it, its JSON columns decoded here and nowhere else."""
+
+    id: int
+    tag: str
+    started_at: str
+    ended_at: str | None
+    stop_reason: str | None
+    settings: dict[str, Any]  # what the invocation ran with (Settings.record() plus what the night resolved)
+    baseline_mean: float | None  # the noise at the start of its experiments (set_noise) ...
+    sigma: float | None
+    noise_df: int | None
+    baseline_runs: int | None
+    threshold: float | None  # ... and the smallest gain a keep needed then
+    allowance: dict[str, Any] | None  # what phase 1 may spend beside its budget, measured on the baselines
+    heartbeat_at: str | None
+    runner: str | None  # `host pid:start` of the process that ran it (runner.core.heartbeat)
+    cluster: dict[str, Any]  # the cluster's inventory ({} for a night on one machine)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> NightRecord:
+        return cls(id=row["id"], tag=row["tag"], started_at=row["started_at"], ended_at=row["ended_at"],
+                   stop_reason=row["stop_reason"], settings=json.loads(row["settings_json"]),
+                   baseline_mean=row["baseline_mean"], sigma=row["sigma"], noise_df=row["noise_df"],
+                   baseline_runs=row["baseline_runs"], threshold=row["threshold"],
+                   allowance=json.loads(row["allowance_json"]) if row["allowance_json"] else None,
+                   heartbeat_at=row["heartbeat_at"], runner=row["runner"],
+                   cluster=json.loads(row["cluster_json"]) if row["cluster_json"] else {})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class Experiment:
     """One ledger row (mirrors the latest schema)."""
@@ -522,9 +556,10 @@ class Ledger:
                 "UPDATE nights SET ended_at=?, stop_reason=? WHERE id=?", (now(), reason, night_id)
             )
 
-    def nights(self) -> list[dict[str, Any]]:
+    def nights(self) -> list[NightRecord]:
+        """Every invocation of the night, oldest first."""
         with self._lock:
-            return [dict(r) for r in self._db.execute("SELECT * FROM nights ORDER BY id")]
+            return [NightRecord.from_row(dict(r)) for r in self._db.execute("SELECT * FROM nights ORDER BY id")]
 
     # -- experiments ------------------------------------------------------------
 

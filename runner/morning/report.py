@@ -14,7 +14,6 @@ import base64
 import dataclasses
 import html
 import io
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -114,8 +113,7 @@ def _clip(text: str, width: int) -> str:
 def export_json(ledger: Ledger, tag: str) -> dict[str, Any]:
     """The whole ledger of a night as plain JSON (settings parsed, every column kept), and the kept
     changes with their gain, 95 % interval and runs (results.tsv, the reference's format, has no room)."""
-    nights = [{**{k: v for k, v in n.items() if k != "settings_json"}, "settings": json.loads(n["settings_json"])}
-              for n in ledger.nights()]
+    nights = [n.as_dict() for n in ledger.nights()]
     return {"tag": tag, "nights": nights, "kept": [k.as_dict() for k in kept_changes(ledger)],
             "kept_note": SELECTION_NOTE, "experiments": [dataclasses.asdict(r) for r in ledger.experiments()]}
 

@@ -22,7 +22,6 @@ refused before anything runs.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -188,8 +187,8 @@ def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
     """Check what needs no sandbox: a finished run, the same data, the recorded trace, a GPU."""
     if row.status != Status.DONE:
         raise RerunRefused(f"{row.id} {outcome_phrase(row)}, so there is no val_bpb to reproduce.")
-    night = next((n for n in ledger.nights() if n["id"] == row.night_id), None)
-    settings = json.loads(night["settings_json"]) if night else {}
+    night = next((n for n in ledger.nights() if n.id == row.night_id), None)
+    settings = night.settings if night else {}
     data_dir = Path(settings.get("data_dir", ""))
     _check_data(row, data_dir)
     budget, schedule = settings.get("time_budget"), None
@@ -203,7 +202,7 @@ def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
         schedule = contract.replay_schedule(trace)
     if budget is None:
         raise RerunRefused(f"the night of {row.id} recorded no time budget; rerun it with --exact.")
-    allowance = json.loads(night["allowance_json"]) if night and night.get("allowance_json") else None
+    allowance = night.allowance if night else None
     return _RerunPlan(row, settings, data_dir, _gpu(row, inventory), schedule, float(budget),
                       row.seed if seed is None else seed, Allowance(**allowance) if allowance else None)
 
@@ -272,7 +271,7 @@ def _end(ledger: Ledger, exp_id: str, status: str, error: str) -> None:
 def _verdict(ledger: Ledger, run_dir: Path, plan: _RerunPlan, rerun_id: str, outcome: ExperimentOutcome, exact: bool,
              backend: Backend) -> Verdict:
     original_dir, repeated_dir = run_dir / plan.row.id, run_dir / rerun_id
-    sigmas = [n["sigma"] for n in ledger.nights() if n["id"] == plan.row.night_id]
+    sigmas = [n.sigma for n in ledger.nights() if n.id == plan.row.night_id]
     verdict = Verdict(
         exp_id=plan.row.id, rerun_id=rerun_id, exact=exact, status=outcome.status,
         original=plan.row.val_bpb_hex, repeated=outcome.result.get("val_bpb_hex"),

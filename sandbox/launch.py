@@ -51,6 +51,7 @@ class RunHandle:
     root_pid: int | None = None  # the process the backend started (unshare or the launcher)
     root_start: int | None = None
     new_root: str | None = None  # the empty host directory the launcher mounts the new root on
+    owner: str | None = None  # the runner that supervises it (`pid:start`): a live runner's runs are never reaped
 
     def group(self) -> Cgroup | None:
         return Cgroup.from_record(self.cgroup) if self.cgroup else None

@@ -61,7 +61,7 @@ from sandbox.harness import HARNESS_FILES, PROJECT_ROOT, harness_files
 from sandbox.host_support import HostSupport, probe_host
 from sandbox.launch import CHILD_PATH, LAUNCHER_PATH, RUN_RECORD, Launcher, RunHandle
 from sandbox.namespace_init import LaunchPlan
-from sandbox.processes import read_proc
+from sandbox.processes import identity_alive, process_identity, read_proc
 from sandbox.runlog import LineLog
 from sandbox.snapshots import SnapshotStore, default_snapshots_root, snapshot_id
 from sandbox.spec import CancelToken, Phase, RunResult, RunSpec, SandboxUnavailable
@@ -209,8 +209,6 @@ class ProcessBackend:
         self.launcher = Launcher(self.python, self.harness_root, self.snapshots_root, self._hide)
         self._support = support
         self._gpu_reader = gpu_reader  # None: NVML
-        self._active: set[str] = set()
-        self._lock = threading.Lock()
 
     # -- host support ---------------------------------------------------------
 
@@ -296,9 +294,8 @@ class ProcessBackend:
         shutil.rmtree(state_dir, ignore_errors=True)
         state_dir.mkdir(parents=True)
         support = self.support
-        handle = RunHandle(spec.run_id, uid=Launcher.uid(state_dir) if support.isolated else None, cgroup=None)
-        with self._lock:
-            self._active.add(spec.run_id)
+        handle = RunHandle(spec.run_id, uid=Launcher.uid(state_dir) if support.isolated else None, cgroup=None,
+                           owner=process_identity(os.getpid()))
         try:
             if support.cgroups is not None:
                 handle.cgroup = Launcher.cgroup(support.cgroups, spec, state_dir).record()
@@ -311,19 +308,16 @@ class ProcessBackend:
         finally:
             handle.kill()
             handle.clean_up(state_dir)
-            with self._lock:
-                self._active.discard(spec.run_id)
 
     # -- leftovers ------------------------------------------------------------
 
     def reap(self) -> int:
-        """Kill and remove what runs of an earlier runner left: processes, cgroups, state."""
-        with self._lock:
-            active = set(self._active)
+        """Kill and remove what runs of a runner that is gone left: processes, cgroups, state. The runs of a live
+        runner are left alone, this one's and another's alike (two nights on one host share the snapshots)."""
         reaped = 0
         for record in sorted(self.state_root.glob(f"*/{RUN_RECORD}")):
             handle = RunHandle(**json.loads(record.read_text()))
-            if handle.run_id in active:
+            if handle.owner and identity_alive(handle.owner):
                 continue
             handle.kill()
             handle.clean_up(record.parent)

@@ -16,6 +16,7 @@ from sandbox import backends
 from sandbox.gpu_watchdog import GpuSample
 from sandbox.host_support import HostSupport
 from sandbox.process_backend import ProcessBackend
+from sandbox.processes import process_identity
 from sandbox.sealed_root import runtime_needs, seal, under
 from sandbox.spec import CancelToken, Killer, Limits, Mount, Phase, RunResult, RunSpec, SandboxUnavailable
 from sandbox.status import Status
@@ -176,11 +177,38 @@ def test_reap_kills_what_an_earlier_runner_left(backend, tmp_path):
     runner.start()
     wait_for_line(tmp_path / "run.log", "started")
     another_runner = ProcessBackend(snapshots_root=backend.snapshots_root)
+    assert another_runner.reap() == 0  # its runner lives (here, this process): its run is left alone
+    (record,) = backend.state_root.glob(f"test-{tmp_path.name}/run.json")
+    record.write_text(json.dumps({**json.loads(record.read_text()), "owner": dead_runner()}))  # as if it were killed
     assert another_runner.reap() == 1
     assert leftover_processes(nonce) == []
     runner.join()
     assert outcome and outcome[0].killed_by is not Killer.DEADLINE
     assert another_runner.reap() == 0
+
+
+def dead_runner() -> str:
+    """The identity (`pid:start`) of a process that has ended."""
+    ended = subprocess.Popen(["sleep", "0.1"])
+    identity = process_identity(ended.pid)
+    ended.wait()
+    return identity
+
+
+def test_a_live_runners_run_outlives_another_runners_reap(backend, tmp_path):
+    """Two nights on one host share the snapshots: each one's start reaps leftovers, never the other's live runs."""
+    outcome: list[RunResult] = []
+    runner = threading.Thread(target=lambda: outcome.append(run(backend, tmp_path, """
+        import time
+        print("started", flush=True)
+        time.sleep(3)
+        print("finished", flush=True)
+    """)[0]))
+    runner.start()
+    wait_for_line(tmp_path / "run.log", "started")
+    assert ProcessBackend(snapshots_root=backend.snapshots_root).reap() == 0
+    runner.join()
+    assert outcome[0].status is Status.OK and "finished" in (tmp_path / "run.log").read_text()
 
 
 def test_ensure_ready_runs_a_child_through_the_sandbox(backend):

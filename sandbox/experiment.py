@@ -29,6 +29,7 @@ import structlog
 import contract
 from sandbox.budget_guard import CPU_WALL_STRETCH, Allowance, BudgetRule
 from sandbox.phase1_files import read_phase1_file, read_trace
+from sandbox.run_dir import RunDir
 from sandbox.runlog import tail
 from sandbox.spec import DATA_DIR, OUT_DIR, Backend, CancelToken, Limits, Mount, Phase, RunResult, RunSpec
 from sandbox.status import EXIT_STATUSES, Status
@@ -154,8 +155,8 @@ def _run_spec(spec: ExperimentSpec, phase: Phase, attempt: str, nonce: str) -> R
         image=spec.image,
         phase=phase,
         command=command,
-        log_path=spec.run_dir / f"{phase.value}.log",
-        out_dir=spec.run_dir / "out",
+        log_path=RunDir(spec.run_dir).log(phase),
+        out_dir=RunDir(spec.run_dir).out,
         mounts=mounts,
         env=_env(spec, phase, nonce),
         limits=spec.limits,
@@ -212,7 +213,8 @@ def read_reported(out: Path) -> dict[str, float]:
 def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken | None = None,
                    on_phase: Callable[[Status], None] | None = None) -> ExperimentOutcome:
     """Run both phases of one experiment; the outcome's status is DONE or why it failed."""
-    out = spec.run_dir / "out"
+    run_dir = RunDir(spec.run_dir)
+    out = run_dir.out
     if out.exists():  # a previous attempt (the runner was killed): start clean
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -228,7 +230,7 @@ def run_experiment(backend: Backend, spec: ExperimentSpec, cancel: CancelToken |
     reported = read_reported(out)
     if train.status is not Status.OK:
         return ExperimentOutcome(_phase_status(train), None, {}, reported, train, None, seconds)
-    if not (out / contract.MODEL_FILE).exists():  # the backend already kept the log's tail
+    if not run_dir.model.exists():  # the backend already kept the log's tail
         return ExperimentOutcome(Status.EXPORT_FAILED, None, {}, reported, train, None, seconds)
 
     if on_phase:

@@ -24,6 +24,7 @@ from runner.core.errors import UserError
 from runner.core.figures import Figures, baseline_mean, figures, kept_changes, runs_text, seeing_lines
 from runner.core.ledger import BASELINE, EXPERIMENT, Experiment, Ledger
 from runner.morning.review import item
+from sandbox.run_dir import LOG_FILES
 from sandbox.runlog import tail
 from sandbox.status import Status
 
@@ -233,6 +234,6 @@ def _failures_section(ledger: Ledger, run_dir: Path) -> str:
         group = [r for r in failed if r.status == status]
         parts.append(f"<h3>{html.escape(status)} ({len(group)})</h3>")
         for r in group:
-            logs = r.log_tail or log_tail(run_dir, r, "eval.log") or log_tail(run_dir, r, "train.log") or r.error or ""
+            logs = r.log_tail or log_tail(run_dir, r, LOG_FILES[1]) or log_tail(run_dir, r, LOG_FILES[0]) or r.error or ""
             parts.append(f"<p><b>{r.id}</b> {html.escape(r.description)}</p><pre>{html.escape(logs)}</pre>")
     return "".join(parts)

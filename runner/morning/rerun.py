@@ -40,12 +40,12 @@ from runner.core.settings import DEFAULT_GPU_MEMORY_CAP, GpuMemoryCap
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, run_experiment
 from sandbox.phase1_files import read_trace
+from sandbox.run_dir import RunDir
 from sandbox.spec import Backend
 from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
 
-TRACE, MODEL = f"out/{contract.TRACE_FILE}", f"out/{contract.MODEL_FILE}"
 
 
 class RerunRefused(UserError):
@@ -171,7 +171,7 @@ def _image(row: Experiment, backend: Backend, run_dir: Path, *, build: bool) -> 
     Returns the image and whether it was built again."""
     if row.image and backend.image_exists(row.image):
         return row.image, False
-    train_py = run_dir / row.id / "train.py"
+    train_py = RunDir(run_dir / row.id).train_py
     intact = train_py.is_file() and hashlib.sha256(train_py.read_bytes()).hexdigest() == row.train_sha256
     if row.recipe and intact and backend.recipe() == row.recipe:
         return (backend.build_image(train_py.read_text(), row.id) if build else row.image), True
@@ -194,9 +194,9 @@ def _plan(ledger: Ledger, run_dir: Path, row: Experiment, exact: bool,
     budget, schedule = settings.get("time_budget"), None
     if exact:
         try:
-            trace = read_trace(run_dir / row.id / TRACE)
+            trace = read_trace(RunDir(run_dir / row.id).trace)
         except contract.TraceError as error:
-            raise RerunRefused(f"--exact needs the recorded budget trace {run_dir / row.id / TRACE}, which is not "
+            raise RerunRefused(f"--exact needs the recorded budget trace {RunDir(run_dir / row.id).trace}, which is not "
                                f"a trace the harness writes ({error}).") from None
         budget = trace.time_budget if budget is None else budget  # the night's own figure wins over train.py's
         schedule = contract.replay_schedule(trace)
@@ -242,8 +242,8 @@ def _add_row(ledger: Ledger, run_dir: Path, plan: _RerunPlan, exact: bool, backe
     )
     directory = run_dir / new.id
     directory.mkdir(parents=True, exist_ok=True)
-    if (run_dir / row.id / "train.py").is_file():
-        shutil.copyfile(run_dir / row.id / "train.py", directory / "train.py")
+    if RunDir(run_dir / row.id).train_py.is_file():
+        shutil.copyfile(RunDir(run_dir / row.id).train_py, RunDir(directory).train_py)
     return new
 
 
@@ -276,7 +276,7 @@ def _verdict(ledger: Ledger, run_dir: Path, plan: _RerunPlan, rerun_id: str, out
         exp_id=plan.row.id, rerun_id=rerun_id, exact=exact, status=outcome.status,
         original=plan.row.val_bpb_hex, repeated=outcome.result.get("val_bpb_hex"),
         original_value=plan.row.val_bpb, repeated_value=outcome.val_bpb,
-        original_weights=_sha256(original_dir / MODEL), repeated_weights=_sha256(repeated_dir / MODEL),
+        original_weights=_sha256(RunDir(original_dir).model), repeated_weights=_sha256(RunDir(repeated_dir).model),
         sigma=sigmas[0] if sigmas else None,
     )
     if not exact or verdict.identical:
@@ -297,7 +297,7 @@ def _reasons(plan: _RerunPlan, verdict: Verdict, backend: Backend, original_dir:
         reasons.append(f"other GPU or driver: {row.gpu_name} / {row.gpu_driver} then, {gpu.name} / {gpu.driver} now")
     if row.isolation and backend.isolation != row.isolation:
         reasons.append(f"other sandbox: {row.isolation} then, {backend.isolation} now")
-    steps = [_steps(d / TRACE) for d in (original_dir, repeated_dir)]
+    steps = [_steps(RunDir(d).trace) for d in (original_dir, repeated_dir)]
     if None not in steps and steps[0] != steps[1]:
         reasons.append(f"the step count differs ({steps[0]} then, {steps[1]} now): train.py does not follow the budget")
     if verdict.original_weights and verdict.original_weights == verdict.repeated_weights:

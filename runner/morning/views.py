@@ -19,6 +19,7 @@ from runner.core.ledger import EXPERIMENT, RERUN, Experiment, Ledger
 from runner.morning.report import SELECTION_NOTE, keep_rule_text, log_tail
 from runner.morning.review import Item, item, lineage
 from runner.morning.verify import Verification
+from sandbox.run_dir import LOG_FILES
 from sandbox.status import Status
 
 _DECISION_STYLE = {KEEP: "bold green", DISCARD: "dim"}
@@ -151,7 +152,7 @@ def show_dict(ledger: Ledger, run_dir: Path, row: Experiment) -> dict[str, Any]:
         # the best run again beside a candidate about to be kept: what its recorded estimate compares with
         "reference_runs": [_run_dict(r) for r in ledger.references_of(row.id)],
         "reject_reason": row.reject_reason, "error": row.error, "review_note": row.review_note,
-        "logs": {name: log_tail(run_dir, row, name) for name in ("train.log", "eval.log")},
+        "logs": {name: log_tail(run_dir, row, name) for name in LOG_FILES},
         "diff": row.diff,
     }
 
@@ -248,7 +249,7 @@ def show_renderables(ledger: Ledger, run_dir: Path, row: Experiment) -> list[Ren
                 table.add_row(key, f"{value:g}")
             parts.append(table)
     for name, text in data["logs"].items():
-        body = text if text is not None else (row.log_tail if name == "train.log" and row.log_tail else "(no log)")
+        body = text if text is not None else (row.log_tail if name == LOG_FILES[0] and row.log_tail else "(no log)")
         parts.append(Panel(Text(body or "(empty)"), title=f"{name} (tail)", title_align="left", style="dim"))
     if row.diff:
         parts.append(Panel(_diff(row.diff), title="diff", title_align="left"))

@@ -31,11 +31,12 @@ import structlog
 from runner.core.errors import MachineError
 from runner.core.gpus import Gpu
 from runner.core.ledger import Experiment
-from runner.night.cluster_node import LOG_FILES, Job, NodeRefused, describe
+from runner.night.cluster_node import Job, NodeRefused, describe
 from runner.night.cluster_node import remove_image as remove_image_on_node
 from runner.night.cluster_node import run as run_on_node
 from sandbox.experiment import ExperimentOutcome
-from sandbox.spec import CancelToken, Killer, RunResult
+from sandbox.run_dir import LOG_FILES, OUT, RunDir
+from sandbox.spec import CancelToken, Killer, Phase, RunResult
 from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
@@ -352,7 +353,7 @@ def _inside(run_dir: Path, relative: str) -> Path:
 def _clear(run_dir: Path) -> None:
     """Start an attempt from nothing: what an attempt on a lost node left goes."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in (*LOG_FILES, "out"):
+    for name in (*LOG_FILES, OUT):
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -361,7 +362,7 @@ def _clear(run_dir: Path) -> None:
 
 
 def _cancelled(run_dir: Path) -> ExperimentOutcome:
-    result = RunResult(Status.CANCELLED, None, Killer.CANCEL, 0.0, run_dir / "train.log")
+    result = RunResult(Status.CANCELLED, None, Killer.CANCEL, 0.0, RunDir(run_dir).log(Phase.TRAIN))
     return ExperimentOutcome(Status.CANCELLED, None, {}, {}, result, None, {})
 
 

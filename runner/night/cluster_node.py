@@ -30,12 +30,12 @@ from runner.core.plan import RunPlan
 from runner.core.settings import prepared_data
 from sandbox.backends import get_backend
 from sandbox.experiment import ExperimentOutcome, ExperimentSpec, run_experiment
+from sandbox.run_dir import LOG_FILES
 from sandbox.spec import Backend, CancelToken
 
 log = structlog.get_logger(__name__)
 
 STREAM_EVERY_S = 0.5  # how often a running experiment's new log bytes go back to the runner
-LOG_FILES = ("train.log", "eval.log")
 MAX_CHUNK = 4 * 2**20  # a file goes back in pieces of at most this size
 
 

@@ -55,6 +55,7 @@ from runner.night.pruning import prune_images
 from runner.night.records import Records
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, run_experiment
+from sandbox.run_dir import RunDir
 from sandbox.spec import Backend, CancelToken
 from sandbox.status import Status
 
@@ -476,7 +477,7 @@ class Night:
                 if low_on_space(self.settings.run_dir) or machine_problem(exc) is not None:
                     # The night stops and the row stays owed: it starts over on resume, so what its run
                     # wrote only holds space that the night's end needs.
-                    shutil.rmtree(self.records.dir(row.id) / "out", ignore_errors=True)
+                    shutil.rmtree(RunDir(self.records.dir(row.id)).out, ignore_errors=True)
                     self._check_space()
                     raise
                 self._infra_failure(slot, row, exc)

@@ -15,6 +15,7 @@ import structlog
 
 from runner.agents.hyperparameters import hyperparameters
 from runner.core.ledger import Experiment, Ledger
+from sandbox.run_dir import RunDir
 
 log = structlog.get_logger(__name__)
 
@@ -38,12 +39,12 @@ class Records:
             fields.update(train_sha256=hashlib.sha256(train_py.encode()).hexdigest(),
                           params_json=json.dumps(self.params(train_py)))
         row = self.ledger.add(kind=kind, status=status, night_id=self.night_id, **fields)
-        directory = self.dir(row.id)
-        directory.mkdir(parents=True, exist_ok=True)
+        files = RunDir(self.dir(row.id))
+        files.path.mkdir(parents=True, exist_ok=True)
         if train_py is not None:
-            (directory / "train.py").write_text(train_py, encoding="utf-8")
+            files.train_py.write_text(train_py, encoding="utf-8")
         if row.diff:
-            (directory / "diff.patch").write_text(row.diff, encoding="utf-8")
+            files.diff.write_text(row.diff, encoding="utf-8")
         log.info("experiment.added", exp=row.id, kind=kind, status=status, parent=row.parent_id,
                  description=row.description, reason=row.reject_reason)
         return row
@@ -52,7 +53,7 @@ class Records:
         return self.run_dir / exp_id
 
     def train_py(self, row: Experiment) -> str:
-        return (self.dir(row.id) / "train.py").read_text(encoding="utf-8")
+        return RunDir(self.dir(row.id)).train_py.read_text(encoding="utf-8")
 
     def params(self, train_py: str) -> dict:
         """Its hyperparameter constants, shown to agents and never decisive: none when the file does not

@@ -70,9 +70,14 @@ CUBLAS_DETERMINISTIC = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 # CPU_THREADS_ENV and RESULT_NONCE_ENV stand below, beside the facts they carry.
 
 
+def profile_of(has_gpu: bool) -> str:
+    """The profile of a run given a GPU (gpu) or not (cpu): the one rule, for the host and the harness."""
+    return "gpu" if has_gpu else "cpu"
+
+
 def profile_name(cuda_available: bool) -> str:
     """The profile a run uses: $AR_PROFILE when set (the host sets it per phase), else gpu where CUDA is."""
-    return os.environ.get(PROFILE_ENV) or ("gpu" if cuda_available else "cpu")
+    return os.environ.get(PROFILE_ENV) or profile_of(cuda_available)
 
 
 # On the CPU profile the training budget is CPU time: the harness counts its process's CPU

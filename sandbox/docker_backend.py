@@ -41,7 +41,7 @@ log = structlog.get_logger(__name__)
 
 RUN_LABEL = "autoresearch.run"
 OWNER_LABEL = "autoresearch.owner"  # the runner process that supervises the container
-BACKSTOP_S = 15  # the in-container `timeout` fires this long after the host deadline
+CONTAINER_TIMEOUT_AFTER_S = 15  # the in-container `timeout` fires this long after the host deadline
 LOG_DRAIN_S = 10.0  # how long the log stream may take to deliver its last lines after the exit
 _ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 _DOCKER_ERRORS = (*_ENGINE_ERRORS, OSError)
@@ -58,7 +58,7 @@ def container_config(spec: RunSpec, owner: str = "") -> dict[str, Any]:
     mounts += [Mount(m.target, str(m.source.resolve()), type="bind", read_only=True) for m in spec.mounts]
     config: dict[str, Any] = dict(
         image=spec.image,
-        command=["timeout", "-s", "KILL", str(math.ceil(spec.deadline_s + BACKSTOP_S)), *spec.command],
+        command=["timeout", "-s", "KILL", str(math.ceil(spec.deadline_s + CONTAINER_TIMEOUT_AFTER_S)), *spec.command],
         name=f"autoresearch-{spec.run_id}",
         labels={**spec.labels, RUN_LABEL: spec.run_id, OWNER_LABEL: owner},
         environment=dict(spec.env),

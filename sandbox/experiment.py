@@ -36,7 +36,7 @@ from sandbox.status import EXIT_STATUSES, Status
 
 log = structlog.get_logger(__name__)
 
-BACKSTOP_S = 30.0  # the hard deadline of phase 1 lies this far beyond everything the budget rule allows
+PHASE1_BACKSTOP_S = 30.0  # the hard deadline of phase 1 lies this far beyond everything the budget rule allows
 # Phase 2 is the harness's own fixed work; its deadline is a liveness bound. A CPU shared with
 # other load stretches it (the CPU profile's budget is CPU time for the same reason).
 EVAL_DEADLINE_S = {"gpu": 120.0, "cpu": 120.0 * CPU_WALL_STRETCH}
@@ -61,7 +61,7 @@ class ExperimentSpec:
 
     @property
     def profile(self) -> str:
-        return "gpu" if self.gpu_uuid else "cpu"
+        return contract.profile_of(bool(self.gpu_uuid))
 
     @property
     def cpu_threads(self) -> int | None:
@@ -147,7 +147,7 @@ def _run_spec(spec: ExperimentSpec, phase: Phase, attempt: str, nonce: str) -> R
     command = ["python3", "train.py"] if phase is Phase.TRAIN else ["python3", "prepare.py", "evaluate"]
     rule = spec.budget_rule
     if phase is Phase.TRAIN:
-        deadline = rule.budget_wall_s + rule.startup_wall_s + rule.export_wall_s + BACKSTOP_S
+        deadline = rule.budget_wall_s + rule.startup_wall_s + rule.export_wall_s + PHASE1_BACKSTOP_S
     else:
         deadline = spec.eval_deadline_s or EVAL_DEADLINE_S[spec.profile]
     return RunSpec(

@@ -20,6 +20,7 @@ from pathlib import Path
 import structlog
 from rich.console import Console
 
+import contract
 from dataprep.build import is_built, verify_manifest
 from dataprep.errors import PrepareError
 from runner.agents.base import Agent
@@ -235,7 +236,7 @@ def _start(settings: Settings, gpus: list[Gpu]) -> Night:
         log.info("night.cpu", note="no GPU selected: CPU profile, one worker")
     # Only the search agent's moves depend on the profile, which a cluster's nodes decide: it alone waits for them.
     waits = settings.cluster is not None and choose_agent(settings.agent) == "search"
-    agent = None if waits else open_agent(settings, profile="gpu" if gpus else "cpu")
+    agent = None if waits else open_agent(settings, profile=contract.profile_of(bool(gpus)))
     ledger = Ledger(settings.run_dir / "ledger.sqlite")  # a damaged or locked ledger fails here, in seconds
     try:
         backend = open_backend(settings)

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+import contract
 from runner.core.gpus import Gpu
 from runner.core.ledger import Experiment, Ledger
 from runner.core.plan import RunPlan
@@ -93,7 +94,7 @@ class Local:
         self.backend = backend
         self.gpus = gpus
         self._run = run
-        self.profile = "gpu" if gpus else "cpu"
+        self.profile = contract.profile_of(bool(gpus))
         self.every = "every GPU" if gpus else "the CPU worker"
 
     def slots(self) -> list[Slot]:

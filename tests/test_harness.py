@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import contract
+import evaluate as phase2
 import prepare
 from tests.conftest import ROOT
 
@@ -162,7 +163,7 @@ def test_bits_per_byte_of_a_uniform_model(harness, tmp_path):
     model = Uniform(tok.vocab_size)
     program = torch.export.export(model, (torch.zeros(harness.EVAL_BATCH, harness.MAX_SEQ_LEN, dtype=torch.long),))
     torch.export.save(program, tmp_path / "model.pt2")
-    result = harness.evaluate(tmp_path / "model.pt2")
+    result = phase2.evaluate(tmp_path / "model.pt2")
     val_bpb = float.fromhex(result["val_bpb_hex"])
 
     rows = harness._packed_rows("val", harness.MAX_SEQ_LEN + 1, seed=0)
@@ -179,11 +180,11 @@ def test_causality_probe(harness):
     vocab = harness.get_tokenizer().vocab_size
     generator = torch.Generator().manual_seed(0)
     x, donors = (torch.randint(0, vocab, (8, 48), generator=generator) for _ in range(2))
-    probe, model = harness.Probe(seed=1, vocab_size=vocab), Bigram(vocab)
+    probe, model = phase2.Probe(seed=1, vocab_size=vocab), Bigram(vocab)
     assert torch.equal(probe.scored_logits(model, x, donors), model(x))  # the scored call's logits, unchanged
     assert probe.max_change == 0.0 and probe.rows > 0
-    with pytest.raises(harness.EvaluationError) as leak:
-        harness.Probe(seed=1, vocab_size=vocab).scored_logits(PeeksAhead(vocab), x, donors)
+    with pytest.raises(phase2.EvaluationError) as leak:
+        phase2.Probe(seed=1, vocab_size=vocab).scored_logits(PeeksAhead(vocab), x, donors)
     assert leak.value.exit_code == contract.EXIT_PROBE_FAILED
 
 
@@ -198,14 +199,14 @@ def test_a_huge_constant_logit_cannot_hide_a_look_ahead(harness):
 
     generator = torch.Generator().manual_seed(0)
     x, donors = (torch.randint(0, vocab, (8, 48), generator=generator) for _ in range(2))
-    with pytest.raises(harness.EvaluationError, match="causality probe failed"):
-        harness.Probe(seed=3, vocab_size=vocab).scored_logits(Offset(vocab), x, donors)
+    with pytest.raises(phase2.EvaluationError, match="causality probe failed"):
+        phase2.Probe(seed=3, vocab_size=vocab).scored_logits(Offset(vocab), x, donors)
 
 
 def test_the_probed_batches_are_drawn_afresh_and_all_when_few(harness):
-    a, b = harness.Probe(1, 10).choose(100), harness.Probe(2, 10).choose(100)
-    assert len(a) == len(b) == harness.PROBED_BATCHES and a != b and max(a | b) < 100
-    assert harness.Probe(3, 10).choose(5) == set(range(5))
+    a, b = phase2.Probe(1, 10).choose(100), phase2.Probe(2, 10).choose(100)
+    assert len(a) == len(b) == phase2.PROBED_BATCHES and a != b and max(a | b) < 100
+    assert phase2.Probe(3, 10).choose(5) == set(range(5))
 
 
 def test_probe_positions_come_from_fresh_entropy(harness):
@@ -215,10 +216,10 @@ def test_probe_positions_come_from_fresh_entropy(harness):
     path = harness.OUT_DIR / "model.pt2"
     path.parent.mkdir(parents=True)
     torch.export.save(program, path)
-    first, second = harness.evaluate(path), harness.evaluate(path)
+    first, second = phase2.evaluate(path), phase2.evaluate(path)
     assert first["probe_seed"] != second["probe_seed"]
     assert first["val_bpb_hex"] == second["val_bpb_hex"]  # the scored tokens are the same every time
-    assert first["probe_rows"] >= harness.PROBES_PER_BATCH * harness.EVAL_BATCH // 2
+    assert first["probe_rows"] >= phase2.PROBES_PER_BATCH * harness.EVAL_BATCH // 2
 
 
 def test_phase_2_always_scores_with_deterministic_algorithms(tiny_data):
@@ -266,7 +267,7 @@ def test_finish_exports_and_evaluate_reads_it(harness, capsys):
     printed = capsys.readouterr().out
     assert "\n---\nval_bpb: " in printed  # standalone: finish also evaluates, for the person at the terminal
     assert contract.BUDGET_START_MARK in printed  # the host's budget clock starts on this line
-    assert harness.evaluate_main(["--model", str(out / "model.pt2")]) == 0
+    assert phase2.evaluate_main(["--model", str(out / "model.pt2")]) == 0
     result = contract.parse_result(capsys.readouterr().out, "standalone")
     assert result["val_bpb"] > 0 and "depth" not in result  # phase 2 prints its own figures only
 
@@ -297,7 +298,7 @@ def test_the_model_is_exported_and_scored_in_the_precision_it_trains_in(harness,
         program = torch.export.load(harness.OUT_DIR / "model.pt2")
         regions[dtype] = [node.args[:2] for node in program.graph.nodes
                           if node.target is torch.ops.higher_order.wrap_with_autocast]
-        results[dtype] = harness.evaluate(harness.OUT_DIR / "model.pt2")
+        results[dtype] = phase2.evaluate(harness.OUT_DIR / "model.pt2")
     assert regions == {None: [], torch.bfloat16: [("cpu", torch.bfloat16)]}
     full, half = (float.fromhex(results[d]["val_bpb_hex"]) for d in (None, torch.bfloat16))
     assert full != half and abs(full - half) < 0.01 * full  # the bf16 matmul ran, and scores about the same
@@ -328,7 +329,7 @@ def test_the_autocast_region_hides_no_state(harness, monkeypatch):
     monkeypatch.setattr(harness, "EXPORT_AUTOCAST", torch.bfloat16)
     vocab = harness.get_tokenizer().vocab_size
     for model in (CountsCalls(vocab), WritesItsInput(vocab)):
-        with pytest.raises(harness.EvaluationError, match="not a pure function") as refused:
+        with pytest.raises(phase2.EvaluationError, match="not a pure function") as refused:
             harness.finish(model, harness.Budget(seconds=0.0))  # standalone: finish exports, then evaluates
         assert refused.value.exit_code == contract.EXIT_EXPORT_FAILED
         program = torch.export.load(harness.OUT_DIR / "model.pt2")
@@ -336,13 +337,13 @@ def test_the_autocast_region_hides_no_state(harness, monkeypatch):
 
 
 def test_evaluate_main_statuses(harness, tmp_path):
-    assert harness.evaluate_main(["--model", str(tmp_path / "missing.pt2")]) == contract.EXIT_EXPORT_FAILED
+    assert phase2.evaluate_main(["--model", str(tmp_path / "missing.pt2")]) == contract.EXIT_EXPORT_FAILED
     (tmp_path / "junk.pt2").write_bytes(b"not a model")
-    assert harness.evaluate_main(["--model", str(tmp_path / "junk.pt2")]) == contract.EXIT_EXPORT_FAILED
+    assert phase2.evaluate_main(["--model", str(tmp_path / "junk.pt2")]) == contract.EXIT_EXPORT_FAILED
     vocab = harness.get_tokenizer().vocab_size
     shape = (harness.EVAL_BATCH, harness.MAX_SEQ_LEN)
     torch.export.save(torch.export.export(PeeksAhead(vocab), (torch.zeros(shape, dtype=torch.long),)), tmp_path / "leak.pt2")
-    assert harness.evaluate_main(["--model", str(tmp_path / "leak.pt2")]) == contract.EXIT_PROBE_FAILED
+    assert phase2.evaluate_main(["--model", str(tmp_path / "leak.pt2")]) == contract.EXIT_PROBE_FAILED
 
 
 @pytest.mark.slow
@@ -385,7 +386,7 @@ def test_an_archive_with_code_in_it_is_refused_unrun(harness, tmp_path, capsys):
         with zipfile.ZipFile(tmp_path / f"{key}.pt2", "w") as archive:
             for member, data in {**files, name: json.dumps(program).encode()}.items():
                 archive.writestr(member, data)
-        assert harness.evaluate_main(["--model", str(tmp_path / f"{key}.pt2")]) == contract.EXIT_EXPORT_FAILED
+        assert phase2.evaluate_main(["--model", str(tmp_path / f"{key}.pt2")]) == contract.EXIT_EXPORT_FAILED
         printed = capsys.readouterr()
         assert "PAYLOAD-RAN" not in printed.out + printed.err and "guard code" in printed.err
 
@@ -412,10 +413,10 @@ def test_programs_that_reach_outside_their_tensors_are_refused(harness, tmp_path
         output = next(node for node in program.graph.nodes if node.op == "output")
         with program.graph.inserting_before(output):
             program.graph.call_function(target, args)
-        with pytest.raises(harness.EvaluationError, match="reaches outside") as refused:
-            harness._check_pure(program)
+        with pytest.raises(phase2.EvaluationError, match="reaches outside") as refused:
+            phase2._check_pure(program)
         assert refused.value.exit_code == contract.EXIT_EXPORT_FAILED
-    harness._check_pure(torch.export.export(Bigram(vocab), (torch.zeros(shape, dtype=torch.long),)))
+    phase2._check_pure(torch.export.export(Bigram(vocab), (torch.zeros(shape, dtype=torch.long),)))
 
 
 # -- no call of the scored model sees what an earlier call did -----------------------------------------------
@@ -478,7 +479,7 @@ def test_a_model_that_writes_its_tensors_scores_as_if_it_had_not(harness, route)
             module, batch = program.module(), torch.randint(0, vocab, shape)
             assert not torch.equal(module(batch), module(batch)), f"{route}: the cheat does not remember"
         torch.export.save(program, harness.OUT_DIR.parent / f"{name}.pt2")
-        scores[name] = harness.evaluate(harness.OUT_DIR.parent / f"{name}.pt2")
+        scores[name] = phase2.evaluate(harness.OUT_DIR.parent / f"{name}.pt2")
     assert scores["cheat"]["val_bpb_hex"] == scores["twin"]["val_bpb_hex"]
     assert scores["cheat"]["probe_max_change"] == 0.0
 
@@ -495,7 +496,7 @@ def test_every_call_starts_from_the_same_random_state(harness):
 
     with torch.no_grad():
         program = torch.export.export(Draws(vocab), (torch.zeros(shape, dtype=torch.long),))
-    pure, batch = harness._PureProgram(program), torch.randint(0, vocab, shape)
+    pure, batch = phase2._PureProgram(program), torch.randint(0, vocab, shape)
     assert torch.equal(pure(batch), pure(batch))
 
 
@@ -525,12 +526,12 @@ def test_programs_with_python_state_or_extra_outputs_are_refused(harness):
         output = next(node for node in program.graph.nodes if node.op == "output")
         with program.graph.inserting_before(output):
             edit(program.graph)
-        with pytest.raises(harness.EvaluationError, match=message):
-            harness._check_pure(program)
+        with pytest.raises(phase2.EvaluationError, match=message):
+            phase2._check_pure(program)
 
     class Pair(Bigram):
         def forward(self, idx):
             return self.table(idx), idx
 
-    with pytest.raises(harness.EvaluationError, match="return the logits and nothing else"):
-        harness._check_pure(torch.export.export(Pair(vocab), (torch.zeros(shape, dtype=torch.long),)))
+    with pytest.raises(phase2.EvaluationError, match="return the logits and nothing else"):
+        phase2._check_pure(torch.export.export(Pair(vocab), (torch.zeros(shape, dtype=torch.long),)))

@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT = ("common", "contract", "dataprep", "prepare", "runner", "sandbox", "train")
+PROJECT = ("common", "contract", "dataprep", "evaluate", "prepare", "runner", "sandbox", "train")
 
 # (modules the rule is about, project modules they must never import, why)
 RULES = [
-    (("prepare", "contract", "train"), ("common", "dataprep", "runner", "sandbox"),
+    (("prepare", "evaluate", "contract", "train"), ("common", "dataprep", "runner", "sandbox"),
      "the files baked into every image stand alone: nothing of the host enters an image"),
-    (("common",), ("contract", "dataprep", "prepare", "runner", "sandbox"), "what every host part imports leans on nothing"),
-    (("dataprep",), ("prepare", "runner", "sandbox"), "data building leans on neither the runner nor isolation"),
-    (("sandbox",), ("dataprep", "prepare", "runner"), "isolation knows nothing of the runner or of data building"),
+    (("common",), ("contract", "dataprep", "evaluate", "prepare", "runner", "sandbox"),
+     "what every host part imports leans on nothing"),
+    (("dataprep",), ("evaluate", "prepare", "runner", "sandbox"), "data building leans on neither the runner nor isolation"),
+    (("sandbox",), ("dataprep", "evaluate", "prepare", "runner"), "isolation knows nothing of the runner or of data building"),
     (("runner.core",), ("runner.agents", "runner.cli", "runner.morning", "runner.night"),
      "the core stands under every wing"),
     (("runner.agents",), ("runner.cli", "runner.morning", "runner.night"), "agents only propose"),
@@ -34,7 +35,7 @@ def module_name(path: Path, root: Path = ROOT) -> str:
 
 
 def sources() -> dict[str, Path]:
-    files = [ROOT / f"{name}.py" for name in ("prepare", "contract", "train")]
+    files = [ROOT / f"{name}.py" for name in ("prepare", "evaluate", "contract", "train")]
     for package in ("common", "dataprep", "sandbox", "runner"):
         files += sorted((ROOT / package).rglob("*.py"))
     return {module_name(f): f for f in files}

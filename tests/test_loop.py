@@ -30,6 +30,8 @@ from runner.core.log_setup import night_log
 from runner.core.settings import Settings, Source
 from runner.night import overnight
 from runner.night.loop import Dataset, Night, NightError
+from runner.night.proposals import Best, Proposer
+from runner.night.records import Records
 from runner.night.overnight import ensure_data
 from sandbox.spec import Phase
 from sandbox.status import Status
@@ -528,3 +530,37 @@ def test_asking_for_docker_without_an_engine_is_one_line(project, monkeypatch):
     last = result.output.strip().splitlines()[-1]
     assert result.exit_code == 1 and last.startswith("Error: the docker sandbox was asked for")
     assert "Traceback" not in result.output
+
+
+def test_the_agent_sees_what_each_run_measured_and_the_keep_rules_verdict(night):
+    ledger = Ledger(night.run_dir / "ledger.sqlite")
+    try:
+        records = Records(ledger, night.run_dir, "cpu")
+        proposer = Proposer(ScriptedAgent(), records, night.project, 1, machine="the CPU (no GPU); training stops after 1 s")
+        best = ledger.get(night.ids["best"])
+        context = proposer.context(Best(best.id, best.decision_value, records.train_py(best)), baseline_mean=0.9)
+    finally:
+        ledger.close()
+    rows = {row.exp_id: row for row in context.history}
+    kept, unproven = rows[night.ids["best"]], rows[night.ids["unproven"]]
+    assert kept.verdict.startswith("keep: gain +0.1") and "95 % interval" in kept.verdict
+    assert unproven.verdict.startswith("discard: gain") and "a keep needed >" in unproven.verdict
+    assert kept.measured["train_s"] > 0 and kept.reported["steps"] == 20  # the fake's trace: reported, not measured
+    assert rows[night.ids["crash"]].status == "crash" and rows[night.ids["crash"]].verdict == ""
+    assert "step 00020 | loss" in context.parent_log  # the best's own training log
+    assert context.machine == "the CPU (no GPU); training stops after 1 s"
+
+
+@pytest.mark.parametrize("gpus, cap, told", [
+    ([], "0.9", "the CPU (no GPU); training stops after 1 s (the harness's time budget)"),
+    ([Gpu(0, "GPU-a", "NVIDIA H200", "580.1", memory_bytes=140 * 2**30)], "0.9",
+     "NVIDIA H200 with 140 GiB of GPU memory, of which a run may hold 126 GiB; training stops after 1 s"),
+    ([Gpu(0, "GPU-a", "NVIDIA H200", "580.1", memory_bytes=140 * 2**30)], "none",
+     "NVIDIA H200 with 140 GiB of GPU memory; training stops after 1 s"),
+])
+def test_the_agent_is_told_the_card_its_memory_and_the_budget(project, gpus, cap, told):
+    agent = ScriptedAgent(change(LR=0.2))
+    night, ledger = make_night(project, agent, FakeBackend(), gpus=gpus, gpu_memory_cap=cap)
+    night.run()
+    ledger.close()
+    assert agent.contexts[0].machine.startswith(told)

@@ -301,16 +301,19 @@ def test_the_data_builder_never_changes_an_image(tmp_path):
     with open(copy / "dataprep" / "sources.py", "a") as f:
         f.write("\n# a change to a corpus reader\n")
     assert (base_tag("runtime-id", copy), snapshot_id(harness_files(copy))) == before
-    with open(copy / "prepare.py", "a") as f:
-        f.write("\n# a change to the harness\n")
-    assert base_tag("runtime-id", copy) != before[0] and snapshot_id(harness_files(copy)) != before[1]
-    assert set(HARNESS_FILES) == {"prepare.py", "contract.py"}
+    for name in ("prepare.py", "evaluate.py"):
+        with open(copy / name, "a") as f:
+            f.write("\n# a change to the harness\n")
+        assert base_tag("runtime-id", copy) != before[0] and snapshot_id(harness_files(copy)) != before[1]
+        before = (base_tag("runtime-id", copy), snapshot_id(harness_files(copy)))
+    assert set(HARNESS_FILES) == {"prepare.py", "evaluate.py", "contract.py"}
 
 
 def test_the_harness_reads_no_data_building_code():
-    source = (ROOT / "prepare.py").read_text()
-    assert "import dataprep" not in source and "from dataprep" not in source  # no hand-off to the host's builder
-    assert all(word not in source for word in ("urllib", "subprocess", "tarfile", "rustbpe"))
+    for name in ("prepare.py", "evaluate.py"):
+        source = (ROOT / name).read_text()
+        assert "import dataprep" not in source and "from dataprep" not in source  # no hand-off to the host's builder
+        assert all(word not in source for word in ("urllib", "subprocess", "tarfile", "rustbpe"))
     done = subprocess.run([sys.executable, "prepare.py", "--source", "offline"], cwd=ROOT, capture_output=True, text=True)
     assert (done.returncode, done.stdout) == (2, "") and "python -m dataprep" in done.stderr
 

@@ -24,6 +24,10 @@ class HistoryRow:
     val_bpb: float | None
     delta: float | None  # val_bpb minus the parent's val_bpb (negative is better)
     params: dict[str, float | int | str] = field(default_factory=dict)  # constants of its train.py
+    measured: dict[str, float] = field(default_factory=dict)  # by the host and the harness: train_s, eval_s, peak_gpu_gib
+    reported: dict[str, float] = field(default_factory=dict)  # by its train.py itself: steps, tokens_per_s, mfu_percent
+    verdict: str = ""  # the keep rule's: its estimate and interval, and what a keep needed
+    error: str = ""  # why it failed (over budget, out of memory, a crash), in a few words
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,9 @@ class Context:
     harness_api: str  # prepare.py's public API, as text
     history: tuple[HistoryRow, ...] = ()
     best_val_bpb: float | None = None
-    last_failure_log: str = ""  # tail of the last failed experiment's log
+    last_failure_log: str = ""  # tail of the last failed experiment's log (written by its train.py: untrusted)
+    parent_log: str = ""  # tail of the training log of the train.py shown (written by it: untrusted)
+    machine: str = ""  # where runs run (GPU model and memory, or the CPU) and the time budget of each
     feedback: str = ""  # why the previous proposal was rejected (retry), else ""
     seed: int = 0  # for reproducible proposers
 

@@ -133,7 +133,7 @@ class Night:
         self.time_budget = settings.time_budget(self.profile)
         self.slots = self.placement.slots()
         self.records = Records(ledger, settings.run_dir, self.profile)
-        self.proposer = Proposer(agent, self.records, settings.root, settings.max_diff_retries)
+        self.proposer = Proposer(agent, self.records, settings.root, settings.max_diff_retries, self._machine())
         self.judge: Judge | None = None  # once the baseline has measured the noise
         self.baseline_mean: float | None = None
         self.allowance: Allowance | None = None  # measured on the baseline; None: the profile's defaults
@@ -154,6 +154,17 @@ class Night:
         self._started = time.monotonic()
         left = self.limits.seconds_left(ledger)
         self._deadline = self._started + left if left is not None else None
+
+    def _machine(self) -> str:
+        """Where each experiment runs and for how long, as the agent is told."""
+        gpu = next((slot.gpu for slot in self.slots if slot.gpu), None)
+        if gpu is None or not gpu.memory_bytes:
+            where = gpu.name if gpu else self.placement.gpu_name(self.slots[0]) or "the CPU (no GPU)"
+        else:
+            cap = self.settings.memory_cap.bytes_for(gpu.memory_bytes)
+            where = (f"{gpu.name} with {gpu.memory_bytes / 2**30:.0f} GiB of GPU memory"
+                     + (f", of which a run may hold {cap / 2**30:.0f} GiB" if cap else ""))
+        return f"{where}; training stops after {self.time_budget:.0f} s (the harness's time budget)"
 
     # -- public -------------------------------------------------------------------
 

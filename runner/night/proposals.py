@@ -20,12 +20,17 @@ from runner.agents.base import Agent, AgentError, Context, HistoryRow, Proposal,
 from runner.agents.prompt import ReplyFormatError, harness_api_text
 from runner.core.decision import KEEP
 from runner.core.diffs import DiffRejected, error_text, validate_and_apply
+from runner.core.figures import gain_text, runs_text
 from runner.core.ledger import BASELINE, EXPERIMENT, Experiment
 from runner.core.settings import project_text
 from runner.night.records import PARSE_LOCK, Records
+from sandbox.run_dir import RunDir
+from sandbox.spec import Phase
 from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
+
+LOG_TAIL_BYTES = 16_384  # of the parent's training log: the prompt keeps its last lines
 
 
 @dataclass(frozen=True)
@@ -38,10 +43,11 @@ class Best:
 
 
 class Proposer:
-    def __init__(self, agent: Agent, records: Records, root: Path, max_tries: int) -> None:
+    def __init__(self, agent: Agent, records: Records, root: Path, max_tries: int, machine: str = "") -> None:
         self.agent = agent
         self.records = records
         self.max_tries = max_tries
+        self.machine = machine  # where each run runs and its budget, as the agent is told
         self._program = project_text(root, "program.md")
         self._harness_api = harness_api_text(project_text(root, "prepare.py"))
 
@@ -103,10 +109,15 @@ class Proposer:
                 val_bpb=r.val_bpb,
                 delta=(r.val_bpb - values[r.parent_id]) if r.val_bpb is not None and r.parent_id in values else None,
                 params=r.params,
+                measured=_measured(r),
+                reported=_reported(r),
+                verdict=_verdict(r),
+                error=r.error or "",
             )
             for r in rows
         )
         failures = [r for r in rows if r.status.is_failure() and r.log_tail]
+        parent_log = RunDir(self.records.dir(parent.exp_id)).log(Phase.TRAIN)
         return Context(
             program=self._program,
             train_py=parent.train_py,
@@ -114,8 +125,33 @@ class Proposer:
             history=history,
             best_val_bpb=parent.value,
             last_failure_log=failures[-1].log_tail if failures else "",
+            parent_log=parent_log.read_text(errors="replace")[-LOG_TAIL_BYTES:] if parent_log.is_file() else "",
+            machine=self.machine,
             seed=len(rows),
         )
+
+
+def _measured(row: Experiment) -> dict[str, float]:
+    """What the host and the harness measured of a run."""
+    figures = {"train_s": row.train_seconds, "eval_s": row.eval_seconds,
+               "peak_gpu_gib": row.peak_gpu_memory_bytes / 2**30 if row.peak_gpu_memory_bytes else None}
+    return {key: value for key, value in figures.items() if value is not None}
+
+
+def _reported(row: Experiment) -> dict[str, float]:
+    """What a run's train.py reported about itself (untrusted; shown marked)."""
+    said = row.reported
+    figures = {"steps": said.get("num_steps"), "tokens_per_s": said.get("tokens_per_second"),
+               "mfu_percent": said.get("mfu_percent")}
+    return {key: value for key, value in figures.items() if value is not None}
+
+
+def _verdict(row: Experiment) -> str:
+    """The keep rule's verdict: its estimate of the gain over the best, and what a keep needed at that look."""
+    if row.decision is None or not row.estimate:
+        return ""
+    needed = f"; a keep needed > {row.threshold:.4f}" if row.threshold is not None else ""
+    return f"{row.decision}: gain {gain_text(row.estimate)} over {runs_text(row.estimate)}{needed}"
 
 
 def _add_usage(a: Usage, b: Usage) -> Usage:

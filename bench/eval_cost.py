@@ -2,7 +2,7 @@
 
     AR_PHASE=eval AR_DATA_DIR=DATA python bench/eval_cost.py MODEL.pt2 [--repeat 3]
 
-Prints the seconds of `prepare.evaluate` (load, purity check, scoring, probes, the
+Prints the seconds of `evaluate.evaluate` (load, purity check, scoring, probes, the
 repeat check), val_bpb and the probes' largest change for: the model as exported (on
 the GPU under bf16 autocast, prepare.EXPORT_AUTOCAST), the same without probe batches,
 and the same graph and weights with its autocast regions switched off (float32, TF32
@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import evaluate  # noqa: E402
 import prepare  # noqa: E402
 import torch  # noqa: E402
 
@@ -41,11 +42,11 @@ def full_precision_copy(model: Path, out: Path) -> Path:
 
 
 def measure(model: Path, probes_per_batch: int, repeat: int) -> tuple[float, dict]:
-    prepare.PROBES_PER_BATCH = probes_per_batch
+    evaluate.PROBES_PER_BATCH = probes_per_batch
     seconds = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        result = prepare.evaluate(model)
+        result = evaluate.evaluate(model)
         if prepare.DEVICE.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
@@ -57,7 +58,7 @@ def main() -> int:
     parser.add_argument("model", type=Path)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    probes = prepare.PROBES_PER_BATCH
+    probes = evaluate.PROBES_PER_BATCH
     with tempfile.TemporaryDirectory() as tmp:
         variants = [("as exported", args.model, probes), ("as exported, no probes", args.model, 0),
                     ("autocast off (fp32/TF32)", full_precision_copy(args.model, Path(tmp) / "fp32.pt2"), probes)]

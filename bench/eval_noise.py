@@ -31,10 +31,11 @@ def batch_sums(model_path: Path, n_batches: int) -> tuple[np.ndarray, np.ndarray
     """Nats and bytes of every evaluation batch (BOS excluded), as phase 2 sums them."""
     import torch
 
+    import evaluate
     import prepare
 
     torch.set_float32_matmul_precision("high")
-    model, device, _ = prepare._load_exported(model_path)
+    model, device, _ = evaluate._load_exported(model_path)
     token_bytes = torch.from_numpy(prepare.get_tokenizer().token_bytes.astype(np.int64)).to(device)
     rows = prepare._packed_rows("val", prepare.MAX_SEQ_LEN + 1, seed=0)
     nats, nbytes = np.zeros(n_batches), np.zeros(n_batches)
@@ -42,7 +43,7 @@ def batch_sums(model_path: Path, n_batches: int) -> tuple[np.ndarray, np.ndarray
         for i in range(n_batches):
             batch = torch.from_numpy(np.stack([next(rows) for _ in range(prepare.EVAL_BATCH)]))
             x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
-            losses = prepare._token_losses(prepare._logits(model, x, prepare.get_tokenizer().vocab_size), y)
+            losses = evaluate._token_losses(evaluate._logits(model, x, prepare.get_tokenizer().vocab_size), y)
             weights = token_bytes[y.reshape(-1)]
             nats[i], nbytes[i] = float((losses * (weights > 0)).sum()), float(weights.sum())
     return nats, nbytes

@@ -9,7 +9,7 @@ training with a new initialisation, an effect-free change whose runs are not cou
 
 Every run is the default train.py (or a copy with one constant changed), standalone, in a
 fresh process, deterministic, under AR_SEED=seed: the harness scores it with
-`prepare.evaluate` at the end of the run. Runs go seed by seed (the baseline and every
+`evaluate.evaluate` at the end of the run. Runs go seed by seed (the baseline and every
 change on seed 0, then on seed 1, ...), so a run cut short leaves whole pairs. After each
 run the JSON file holds {code: {seed: {val_bpb, num_steps}}}, and at the end the script
 prints, per change, the paired differences d(seed) = val_bpb(change) - val_bpb(baseline),
@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import contract  # noqa: E402
 from bench.agents.nudge import after_harness_import  # noqa: E402
+from sandbox.harness import HARNESS_FILES  # noqa: E402
 
 
 def edited(constant: str, value: str) -> str:
@@ -52,7 +53,7 @@ def run(source: str, seed: int, budget: float, data: Path, work: Path, schedule:
     """One standalone run; with `schedule` it replays that step schedule (as `rerun --exact` does) instead of
     training for the budget's time."""
     work.mkdir(parents=True, exist_ok=True)
-    for name in ("prepare.py", "contract.py"):
+    for name in HARNESS_FILES:
         shutil.copyfile(ROOT / name, work / name)
     (work / "train.py").write_text(source)
     name, value = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

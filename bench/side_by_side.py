@@ -8,7 +8,7 @@ and in deterministic mode (the night's default), then, given a checkout of the r
 bench/reference_api/prepare.py standing in for its prepare.py. Two edits are made to a copy of the
 reference's train.py, and the run stops if either no longer applies: its FlashAttention-3 kernel
 download becomes torch's SDPA, and its sliding windows ("SSSL") become full windows ("L"), which
-SDPA computes without a mask. Both scripts' val_bpb are measured by prepare.evaluate on the same
+SDPA computes without a mask. Both scripts' val_bpb are measured by evaluate.evaluate (phase 2) on the same
 tokens. tokens/s counts timed steps only: ours from the harness's budget account, the
 reference's after its 10 untimed warm-up steps (its own accounting). MFU is as each script
 counts it (docs/benchmarks.md: ours counts causal attention, the reference's does not halve it).

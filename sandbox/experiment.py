@@ -144,7 +144,7 @@ def _run_spec(spec: ExperimentSpec, phase: Phase, attempt: str, nonce: str) -> R
         Mount(spec.data_dir / "tokenizer", f"{DATA_DIR}/tokenizer"),
         Mount(spec.data_dir / "manifest.json", f"{DATA_DIR}/manifest.json"),
     )
-    command = ["python3", "train.py"] if phase is Phase.TRAIN else ["python3", "prepare.py", "evaluate"]
+    command = ["python3", "train.py"] if phase is Phase.TRAIN else ["python3", "evaluate.py"]
     rule = spec.budget_rule
     if phase is Phase.TRAIN:
         deadline = rule.budget_wall_s + rule.startup_wall_s + rule.export_wall_s + PHASE1_BACKSTOP_S

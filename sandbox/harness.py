@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-HARNESS_FILES = ("prepare.py", "contract.py")
+HARNESS_FILES = ("prepare.py", "evaluate.py", "contract.py")
 
 
 def harness_files(root: Path = PROJECT_ROOT) -> dict[str, bytes]:

@@ -9,7 +9,7 @@ Each layer is tagged by the hash of its inputs, so a second build finds it and d
                which images/base.lock keeps for every later build (the user commits it).
       hash of: the runtime requirements (taken from uv.lock) + the builder script or Dockerfile
                (online also: the pinned upstream reference and the locked torch version).
-  autoresearch-base:<hash>   runtime + the trusted harness (sandbox.harness: prepare.py, contract.py),
+  autoresearch-base:<hash>   runtime + the trusted harness (sandbox.harness: prepare.py, evaluate.py, contract.py),
       user, workdir, env, and a label naming what the runtime was built from (base.Dockerfile).
       hash of: runtime id + the harness files + base.Dockerfile + the container uid.
   autoresearch-exp:<hash>    base + one experiment's train.py (read-only), nothing run to build it.

@@ -49,7 +49,7 @@ _PYTHON_PROBE = r"""
 import importlib.metadata, json, os, re, sys, sysconfig
 harness = os.path.realpath(sys.argv[1])
 sys.path.insert(0, harness)
-import prepare  # the trusted harness: torch, numpy and whatever else it imports
+import prepare, evaluate  # the trusted harness: torch, numpy and whatever else it imports
 files = [getattr(module, "__file__", None) for module in list(sys.modules.values())]
 # and the distributions they require, transitively (torch.compile's triton, sympy, ... are imported later)
 owners = importlib.metadata.packages_distributions()

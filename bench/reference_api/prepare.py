@@ -5,7 +5,7 @@ MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader and evaluate_bpb from its
 prepare.py. This module stands in for that prepare.py, so its train.py runs
 unchanged on our tokens, under our time budget, and is scored by our harness:
 evaluate_bpb exports the model the way prepare.finish does and hands the file to
-prepare.evaluate, so both scripts' val_bpb come from the same tokens, bytes and
+evaluate.evaluate (phase 2), so both scripts' val_bpb come from the same tokens, bytes and
 probes. It also stands in for the reference's FlashAttention-3 kernel (`fa3`),
 which needs a download; torch's SDPA computes the same function for full windows.
 """
@@ -24,9 +24,19 @@ import torch.nn.functional as F
 
 ROOT = Path(os.environ["AR_PROJECT_ROOT"])
 sys.path.insert(0, str(ROOT))
-_spec = importlib.util.spec_from_file_location("harness", ROOT / "prepare.py")
-harness = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(harness)
+
+
+def _load(file: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load("prepare.py", "harness")
+_stand_in, sys.modules["prepare"] = sys.modules.get("prepare"), harness  # evaluate.py imports the harness as prepare
+scorer = _load("evaluate.py", "scorer")
+sys.modules["prepare"] = _stand_in
 
 MAX_SEQ_LEN = harness.MAX_SEQ_LEN
 TIME_BUDGET = harness.TIME_BUDGET
@@ -76,6 +86,6 @@ def evaluate_bpb(model, tokenizer: Tokenizer, batch_size: int) -> float:
     # the caller runs this under its bf16 autocast; the exported program enters its own (prepare._Autocast)
     with torch.autocast(harness.DEVICE.type, enabled=False), torch.no_grad():
         torch.export.save(torch.export.export(harness._Autocast(model, torch.bfloat16), (example,)), path)
-        result = harness.evaluate(path)
+        result = scorer.evaluate(path)
     print(f"probe_max_change: {result['probe_max_change']}")
     return float.fromhex(result["val_bpb_hex"])

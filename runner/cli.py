@@ -41,6 +41,10 @@ def main(ctx: click.Context) -> None:
               help="Stop once the agent has made this many proposals in the night, resumes included: kept, "
                    "discarded, failed, cancelled and rejected (invalid diff) ones all count; baseline and "
                    "confirmation runs do not. Default: the night's last --max-experiments, else no limit.")
+@click.option("--max-agent-usd", type=float, default=None,
+              help="Stop proposing once the agent has cost this many US dollars in the night, resumes included "
+                   "(as its API reports or the anthropic agent estimates; proposals already under way are still "
+                   "run). Default: the night's last --max-agent-usd, else no limit.")
 @click.option("--agent", type=click.Choice(AGENT_NAMES), default="auto", show_default=True,
               help="auto: anthropic when ANTHROPIC_API_KEY is set, else the offline search.")
 @click.option("--agent-command", default=None, help="Shell command for --agent command (prompt on stdin).")
@@ -77,14 +81,14 @@ def main(ctx: click.Context) -> None:
               help="Run the experiments on a Ray cluster: its address (ray://HOST:10001, HOST:6379, or auto); "
                    "this machine keeps the ledger. Needs `uv sync --extra ray`.")
 @user_errors
-def overnight(hours, max_experiments, agent, agent_command, sandbox, gpus, tag, runs_dir, budget, source,
+def overnight(hours, max_experiments, max_agent_usd, agent, agent_command, sandbox, gpus, tag, runs_dir, budget, source,
               baseline_runs, alpha, max_runs, min_delta, paired_share, max_diff_retries, deterministic, gpu_memory_cap, base_image,
               prune_images, cluster) -> None:
     """Run the experiment loop for the night (resume with the same --tag)."""
     from runner.night.overnight import Interrupted, run_overnight
 
     settings = Settings(
-        tag=tag or default_tag(), hours=hours, max_experiments=max_experiments, agent=agent,
+        tag=tag or default_tag(), hours=hours, max_experiments=max_experiments, max_agent_usd=max_agent_usd, agent=agent,
         agent_command=agent_command, sandbox=sandbox, gpus=gpus, budget=budget, source=Source.parse(source),
         baseline_runs=baseline_runs, rule=Rule(alpha=alpha, max_runs=max_runs, min_delta=min_delta,
                                                   paired_share=paired_share),

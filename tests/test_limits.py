@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import main
+from runner.core.figures import figures
 from runner.core.heartbeat import Heartbeat, this_runner
 from runner.core.ledger import BASELINE, EXPERIMENT, Ledger, LedgerUnavailable
 from runner.core.settings import Settings
@@ -101,6 +102,35 @@ def test_work_owed_by_a_killed_invocation_is_finished_though_the_limit_is_reache
     ledger.close()
     reason, rows = run_night(project, change(LR=0.3), max_experiments=2)
     assert reason == "max-experiments" and [status for status, _ in rows] == ["done", "done"]  # no third
+
+
+# -- --max-agent-usd -----------------------------------------------------------------------------
+
+
+def test_the_agent_budget_stops_proposals_once_spent_and_a_resume_says_so(project, monkeypatch):
+    """Each scripted proposal costs $0.50: with $1.20 allowed, the third crosses it and is the last."""
+    steps = [change(LR=round(0.1 + 0.01 * n, 3)) for n in range(1, 7)]
+    reason, rows = run_night(project, *steps, max_agent_usd=1.2)
+    assert reason == "agent-budget" and len(rows) == 3
+    ledger = Ledger(project / "runs" / "t" / "ledger.sqlite")
+    assert ledger.nights()[-1].settings["max_agent_usd"] == 1.2 and figures(ledger, project / "runs" / "t").agent_usd == 1.5
+    ledger.close()
+    monkeypatch.chdir(project)
+    result = overnight(project)  # a resume that says nothing: the night's last limit, spent
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 0 and len(lines) == 1, result.output
+    assert lines[0] == ("night t's agent has cost $1.50 of its $1.2 (--max-agent-usd, every start counted); pass a "
+                        "larger --max-agent-usd to go on.")
+    reason, rows = run_night(project, *steps, max_agent_usd=2.0)  # a larger one: one more proposal crosses it
+    assert reason == "agent-budget" and len(rows) == 4
+    status = CliRunner().invoke(cli(), ["status", "--runs-dir", str(project / "runs")])
+    assert "agent cost $2.00 of $2 (--max-agent-usd)" in flat(status.output)
+
+
+def test_a_bad_agent_budget_is_one_sentence(project, monkeypatch):
+    monkeypatch.chdir(project)
+    result = CliRunner().invoke(main, ["overnight", "--tag", "t", "--max-agent-usd", "0"])
+    assert result.exit_code == 1 and result.output.strip() == "Error: --max-agent-usd must be a positive amount."
 
 
 # -- --hours -----------------------------------------------------------------------------------

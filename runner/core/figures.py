@@ -30,6 +30,11 @@ def baseline_mean(ledger: Ledger) -> float | None:
     return means[-1] if means else None
 
 
+def agent_usd(ledger: Ledger) -> float:
+    """What the agent's proposals have cost in the night (what `--max-agent-usd` counts)."""
+    return sum(row.cost_usd for row in ledger.experiments(kinds=[EXPERIMENT]))
+
+
 def night_settings(ledger: Ledger) -> dict[str, Any]:
     """The settings the latest start of this night ran with."""
     nights = ledger.nights()
@@ -67,6 +72,8 @@ class Figures:
     gpu_memory_cap: str | None  # as the night was told (a share of the card, GiB or none)
     peak_gpu_mb: float | None  # the largest GPU memory any run of the night held (host-measured)
     allowance: dict | None  # what phase 1 may spend beside its budget (measured on the baselines)
+    agent_usd: float  # what the agent's proposals cost (as recorded with each)
+    max_agent_usd: float | None  # --max-agent-usd as the night last ran with it
     nodes: list[dict]  # a cluster night: each node, its GPUs, what it runs and its experiments per hour
     refused_nodes: dict[str, str]  # a cluster night: the nodes left out, and why
 
@@ -125,6 +132,7 @@ def figures(ledger: Ledger, run_dir: Path, now: datetime | None = None) -> Figur
         gpu_memory_cap=settings.get("gpu_memory_cap") if settings.get("gpus") else None,
         peak_gpu_mb=max((r.peak_gpu_memory_bytes / 2**20 for r in rows if r.peak_gpu_memory_bytes), default=None),
         allowance=record.allowance if record else None,
+        agent_usd=sum(r.cost_usd for r in experiments), max_agent_usd=settings.get("max_agent_usd"),
         nodes=[_node_figures(node, rows, wall) for node in cluster.get("nodes", ())],
         refused_nodes=cluster.get("refused", {}),
     )

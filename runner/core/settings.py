@@ -112,6 +112,7 @@ class Settings:
     tag: str = field(default_factory=default_tag)
     hours: float | None = None  # the night's total over its invocations (runner.night.limits); None: as last time
     max_experiments: int | None = None  # proposals of the night, resumes included; None: as last time
+    max_agent_usd: float | None = None  # what the agent may cost in the night, resumes included; None: as last time
     agent: str = "auto"
     agent_command: str | None = None
     sandbox: str = "auto"
@@ -133,6 +134,7 @@ class Settings:
         checks = [
             (self.hours is None or self.hours > 0, "--hours must be positive"),
             (self.max_experiments is None or self.max_experiments > 0, "--max-experiments must be positive"),
+            (self.max_agent_usd is None or self.max_agent_usd > 0, "--max-agent-usd must be a positive amount"),
             (self.budget is None or self.budget > 0, "--budget must be a positive number of seconds"),
             (self.baseline_runs >= 2, "--baseline-runs must be at least 2 (the noise needs repeated runs)"),
             (0 < self.rule.alpha < 1, "--alpha must be between 0 and 1"),

@@ -176,6 +176,8 @@ def _figures_table(fig: Figures) -> str:
                        f"{fig.training_seconds / 3600:.2f} h of {fig.wall_seconds / 3600:.2f} h × {fig.slots})"),
         ("MFU (median)", f"{_num(fig.mfu_percent, '.1f')} %"),
         ("profile / budget", f"{fig.profile or '-'} / {_num(fig.time_budget, 'g')} s"),
+        ("agent cost", f"${fig.agent_usd:.2f}" + (f" of ${fig.max_agent_usd:g} (--max-agent-usd)"
+                                                  if fig.max_agent_usd is not None else "")),
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<h2>Figures</h2><table>{body}</table>"

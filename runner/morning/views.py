@@ -69,6 +69,8 @@ def status_panel(fig: Figures) -> Panel:
     lines.append(Text(f"{rate} experiments/hour   duty cycle {duty} "
                       f"(training {fig.training_seconds / 60:.1f} min / wall {fig.wall_seconds / 60:.1f} min"
                       f" x {fig.slots} slot{'s' if fig.slots > 1 else ''}){mfu}"))
+    budget = f" of ${fig.max_agent_usd:g} (--max-agent-usd)" if fig.max_agent_usd is not None else ""
+    lines.append(Text(f"agent cost ${fig.agent_usd:.2f}{budget}"))
     for node in fig.nodes:
         gpus = ", ".join(f"{g['name']} {g['uuid']}" for g in node["gpus"]) or "no GPU (CPU profile)"
         rate = "-" if node["per_hour"] is None else f"{node['per_hour']:.2f}/h"

@@ -244,6 +244,7 @@ class Night:
             **self.settings.record(),
             "hours": self.limits.hours,  # the night's limits as this invocation applies them
             "max_experiments": self.limits.max_experiments,
+            "max_agent_usd": self.limits.max_agent_usd,
             "profile": self.profile,
             "time_budget": self.time_budget,
             "gpus": [s.gpu.uuid for s in self.slots if s.gpu],
@@ -285,7 +286,9 @@ class Night:
         self._work(propose=True)
         if self._stop.is_set():
             return self._stop_reason()
-        return "hours" if self._past_deadline() else "max-experiments"
+        if self._past_deadline():
+            return "hours"
+        return "agent-budget" if self.limits.agent_budget_spent(self.ledger) else "max-experiments"
 
     def _stop_reason(self) -> str:
         return "error" if self._fatal else "interrupted"
@@ -427,6 +430,8 @@ class Night:
         with self._lock:
             if self.limits.max_experiments is not None and self._proposals >= self.limits.max_experiments:
                 return None
+            if self.limits.agent_budget_spent(self.ledger):
+                return None  # the agent has cost what --max-agent-usd allows
             self._proposals += 1
         parent = self.judge.best
         return _Prefetch(lambda: self._prepare(parent), self._images)

@@ -28,7 +28,7 @@ from runner.agents.config import AnthropicConfig, CommandConfig, SearchConfig
 from runner.agents.factory import choose_agent, make_agent
 from runner.core import gpus as gpu_inventory
 from runner.core.errors import UserError
-from runner.core.figures import figures, seeing_lines, verify_hint
+from runner.core.figures import agent_usd, figures, seeing_lines, verify_hint
 from runner.core.gpus import Gpu
 from runner.core.heartbeat import refuse_if_running, sole_runner
 from runner.core.ledger import Experiment, Ledger
@@ -290,7 +290,12 @@ def _run(night: Night, settings: Settings, console: Console, presses: Presses) -
             console.print(line)
         if reason == "interrupted":
             raise presses.stopped(rows)
-        console.print(f"stopped: {reason}; ledger {ledger.path}; resume with --tag {settings.tag}")
+        if reason == "agent-budget":
+            console.print(f"stopped: the agent has cost ${agent_usd(ledger):.2f} of the ${night.limits.max_agent_usd:g} "
+                          f"--max-agent-usd allows; ledger {ledger.path}; resume with --tag {settings.tag} and a "
+                          "larger --max-agent-usd")
+        else:
+            console.print(f"stopped: {reason}; ledger {ledger.path}; resume with --tag {settings.tag}")
         if ledger.best_kept() is not None:
             console.print(verify_hint(settings.tag))
         return reason

@@ -80,10 +80,18 @@ def main(ctx: click.Context) -> None:
 @click.option("--cluster", envvar="AR_CLUSTER", default=None,
               help="Run the experiments on a Ray cluster: its address (ray://HOST:10001, HOST:6379, or auto); "
                    "this machine keeps the ledger. Needs `uv sync --extra ray`.")
+@click.option("--notify", "notify", multiple=True, metavar="URL",
+              help="POST a JSON message (Slack's `text`, Discord's `content`) to this webhook on a keep, a streak "
+                   "of failures, a stall, a full disk and the night's end; repeatable. Failures are logged, "
+                   "never stop the night.")
+@click.option("--on-event", "on_event", multiple=True, metavar="CMD",
+              help="Run CMD with each such event as JSON on its stdin; repeatable.")
+@click.option("--stall-minutes", type=float, default=30.0, show_default=True,
+              help="No run ending for this many minutes is a stall worth an event.")
 @user_errors
 def overnight(hours, max_experiments, max_agent_usd, agent, agent_command, sandbox, gpus, tag, runs_dir, budget, source,
               baseline_runs, alpha, max_runs, min_delta, paired_share, max_diff_retries, deterministic, gpu_memory_cap, base_image,
-              prune_images, cluster) -> None:
+              prune_images, cluster, notify, on_event, stall_minutes) -> None:
     """Run the experiment loop for the night (resume with the same --tag)."""
     from runner.night.overnight import Interrupted, run_overnight
 
@@ -94,6 +102,7 @@ def overnight(hours, max_experiments, max_agent_usd, agent, agent_command, sandb
                                                   paired_share=paired_share),
         max_diff_retries=max_diff_retries, deterministic=deterministic, gpu_memory_cap=gpu_memory_cap,
         runs_dir=runs_dir, base_image=base_image, prune_images=prune_images, cluster=cluster,
+        notify=tuple(notify), on_event=tuple(on_event), stall_minutes=stall_minutes,
     )
     try:
         run_overnight(settings)

@@ -129,6 +129,9 @@ class Settings:
     base_image: str | None = None  # the docker runtime's upstream (name:tag); None: the pinned default
     prune_images: bool = True  # remove discarded and failed experiments' images (runner.night.pruning)
     cluster: str | None = None  # a Ray cluster's address (runner.night.cluster); None: this machine's GPUs
+    notify: tuple[str, ...] = ()  # webhook URLs told of keeps, failure streaks, stalls, a full disk, the end
+    on_event: tuple[str, ...] = ()  # commands given each such event as JSON on stdin
+    stall_minutes: float | None = 30.0  # no run ending for this long is a stall worth a word (None: never)
 
     def __post_init__(self) -> None:
         checks = [
@@ -152,6 +155,9 @@ class Settings:
              "--base-image is for the docker sandbox, not process"),
             (self.cluster is None or (self.cluster.strip() and not any(c.isspace() for c in self.cluster)),
              "--cluster takes a Ray address such as ray://HOST:10001, HOST:6379 or auto"),
+            (all(url.startswith(("http://", "https://")) for url in self.notify),
+             "--notify takes http:// or https:// webhook URLs"),
+            (self.stall_minutes is None or self.stall_minutes > 0, "--stall-minutes must be positive"),
             (self.cluster is None or self.gpus in ("all", "none"),
              "--gpus on a cluster is all or none: the nodes give each run its GPU"),
         ]
@@ -180,4 +186,5 @@ class Settings:
         """The settings as stored with the night."""
         data = dataclasses.asdict(self)
         data["source"] = str(self.source)
-        return data
+        data["notify"] = [url.split("://")[0] + "://" + url.split("://")[1].split("/")[0] + "/..." for url in self.notify]
+        return data  # a webhook's path is its secret: the record keeps the host

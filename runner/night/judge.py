@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import statistics
 import threading
+from typing import Callable
 
 import structlog
 
@@ -61,11 +62,13 @@ def next_seed(rows: list[Experiment]) -> int | None:
 
 
 class Judge:
-    def __init__(self, records: Records, rule: decision.Rule, best: Best) -> None:
+    def __init__(self, records: Records, rule: decision.Rule, best: Best,
+                 on_keep: Callable[[Experiment], None] = lambda row: None) -> None:
         self.records = records
         self.ledger = records.ledger
         self.rule = rule
         self._best = best
+        self._on_keep = on_keep  # told of every keep, with the decided row (it must not block)
         self._lock = threading.Lock()
 
     @property
@@ -173,5 +176,6 @@ class Judge:
                            estimate=est.record() if est else {})
         if verdict == decision.KEEP:
             self._best = Best(row.id, value, self.records.train_py(row))
+            self._on_keep(self.ledger.get(row.id))
         log.info("experiment.decided", exp=row.id, decision=verdict, value=value, best_before=best_before,
                  estimate=est.record() if est else None)

@@ -39,24 +39,26 @@ import structlog
 from runner.agents.base import Agent, AgentConfigError, AgentError
 from runner.core import decision
 from runner.core.errors import UserError, low_on_space, machine_problem
+from runner.core.figures import gain_text
 from runner.core.gpus import Gpu
 from runner.core.heartbeat import Heartbeat, this_runner
+from runner.core.ledger import (BASELINE, EXPERIMENT, RERUN, Experiment, Ledger, LedgerUnavailable, budget_account,
+                                outcome_fields)
+from runner.core.plan import RunPlan
 from runner.core.runs import flag_disturbed
+from runner.core.settings import Settings, project_text
 from runner.night.console import NightView, WorkerView
 from runner.night.judge import Judge, next_seed
-from runner.core.ledger import (BASELINE, EXPERIMENT, RERUN, Experiment, Ledger, LedgerUnavailable, budget_account,
-                           outcome_fields)
-from runner.core.plan import RunPlan
-from runner.core.settings import Settings, project_text
-from runner.night.placement import Local, Placement, RunFn, Slot
 from runner.night.limits import NightLimits, proposals
+from runner.night.notify import Notifier, Watch
+from runner.night.placement import Local, Placement, RunFn, Slot
 from runner.night.proposals import Best, Proposer
 from runner.night.pruning import prune_images
 from runner.night.records import Records
 from sandbox.budget_guard import Allowance
 from sandbox.experiment import ExperimentOutcome, run_experiment
 from sandbox.run_dir import RunDir
-from sandbox.spec import Backend, CancelToken
+from sandbox.spec import Backend, CancelToken, Phase
 from sandbox.status import Status
 
 log = structlog.get_logger(__name__)
@@ -133,6 +135,8 @@ class Night:
         self.time_budget = settings.time_budget(self.profile)
         self.slots = self.placement.slots()
         self.records = Records(ledger, settings.run_dir, self.profile)
+        stall = settings.stall_minutes * 60 if settings.stall_minutes is not None else None
+        self.watch = Watch(Notifier(settings.notify, settings.on_event), settings.tag, stall)
         self.proposer = Proposer(agent, self.records, settings.root, settings.max_diff_retries, self._machine())
         self.judge: Judge | None = None  # once the baseline has measured the noise
         self.baseline_mean: float | None = None
@@ -188,6 +192,9 @@ class Night:
             reason = "error"
         finally:
             self._end(reason)
+            decided = [r for r in self.ledger.experiments(kinds=[EXPERIMENT]) if r.decision is not None]
+            self.watch.ended(reason, sum(r.decision == decision.KEEP for r in decided), len(decided))
+            self.watch.notifier.close()
         if self._fatal:
             raise NightError(self._fatal)
         return reason
@@ -325,7 +332,7 @@ class Night:
         if failed:
             raise NightError(
                 f"the baseline train.py ended in {failed[0].status} ({failed[0].id}); "
-                f"see {self.records.dir(failed[0].id) / 'train.log'}."
+                f"see {RunDir(self.records.dir(failed[0].id)).log(Phase.TRAIN)}."
             )
         runs = [r for r in self.ledger.experiments(kinds=[BASELINE], statuses=[Status.DONE]) if r.counts]
         if len(runs) < self.settings.baseline_runs:
@@ -335,7 +342,9 @@ class Night:
         kept = self.ledger.best_kept()
         start = kept or runs[0]
         best = Best(start.id, kept.decision_value if kept else self.baseline_mean, self.records.train_py(start))
-        judge = Judge(self.records, self.settings.rule, best)
+        judge = Judge(self.records, self.settings.rule, best,
+                      on_keep=lambda row: self.watch.kept(row.id, row.description, row.decision_value,
+                                                          gain_text(row.estimate)))
         noise = judge.noise()
         smallest = decision.detectable_gain(self.settings.rule, noise, len(runs))
         self.ledger.set_noise(self.night_id, mean=self.baseline_mean, sigma=noise.sigma, df=noise.df, runs=len(runs),
@@ -372,6 +381,7 @@ class Night:
         for finished in self._finished:
             while not finished.wait(0.5):
                 self._tick(self.view())
+                self.watch.check_stall()
 
     def _worker(self, slot: Slot, propose: bool, finished: threading.Event) -> None:
         try:
@@ -531,12 +541,14 @@ class Night:
         """No run starts while the runs directory's disk is (nearly) full, and a run that failed (or
         could not go on) then is put down to the disk: the night stops, the row stays owed."""
         if (outcome is None or outcome.status != Status.DONE) and low_on_space(self.settings.run_dir):
+            self.watch.disk_full(str(self.settings.run_dir))
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.settings.run_dir))
 
     def _record_outcome(self, row: Experiment, outcome: ExperimentOutcome) -> None:
         self.ledger.transition(row.id, outcome.status, **outcome_fields(outcome))
         log.info("experiment.finished", exp=row.id, kind=row.kind, status=outcome.status, val_bpb=outcome.val_bpb,
                  seconds=outcome.phase_seconds)
+        self.watch.ran(row.id, row.kind == EXPERIMENT, outcome.status.is_failure(), outcome.status)
 
     def _infra_failure(self, slot: Slot, row: Experiment, exc: Exception) -> None:
         """Requeue the row for another slot; a slot failing N times in a row leaves rotation."""

@@ -43,7 +43,7 @@ from runner.core.heartbeat import ran_seconds  # noqa: E402
 from runner.core.ledger import BASELINE, CONFIRM, EXPERIMENT, REFERENCE, Ledger  # noqa: E402
 from sandbox.status import Status  # noqa: E402
 
-PROJECT_FILES = ("train.py", "prepare.py", "contract.py", "program.md")  # what a night reads from its root
+PROJECT_FILES = ("train.py", "prepare.py", "evaluate.py", "contract.py", "program.md")  # what a night reads from its root
 
 
 def degraded_project(directory: Path, name: str, factor: float) -> str:

@@ -42,6 +42,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandbox.harness import HARNESS_FILES
 from sandbox.spec import APP_DIR, DATA_DIR, OUT_DIR, SandboxUnavailable
 
 # the harness's imports, and where they came from, as the child's Python sees them (run by it)
@@ -49,7 +50,9 @@ _PYTHON_PROBE = r"""
 import importlib.metadata, json, os, re, sys, sysconfig
 harness = os.path.realpath(sys.argv[1])
 sys.path.insert(0, harness)
-import prepare, evaluate  # the trusted harness: torch, numpy and whatever else it imports
+import importlib
+for module in sys.argv[2:]:  # the trusted harness: torch, numpy and whatever else it imports
+    importlib.import_module(module)
 files = [getattr(module, "__file__", None) for module in list(sys.modules.values())]
 # and the distributions they require, transitively (torch.compile's triton, sympy, ... are imported later)
 owners = importlib.metadata.packages_distributions()
@@ -111,7 +114,8 @@ def runtime_needs(python: str, harness_root: Path, child_path: str) -> tuple[str
 
 def _python_needs(python: str, harness_root: Path, child_path: str) -> list[str]:
     try:
-        out = subprocess.run([python, "-c", _PYTHON_PROBE, str(harness_root)], capture_output=True, text=True,
+        modules = [name.removesuffix(".py") for name in HARNESS_FILES if (harness_root / name).is_file()]
+        out = subprocess.run([python, "-c", _PYTHON_PROBE, str(harness_root), *modules], capture_output=True, text=True,
                              check=True, cwd="/", env={"PATH": child_path, "HOME": "/nonexistent"}).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         why = (getattr(error, "stderr", "") or str(error)).strip().splitlines() or ["no output"]

@@ -544,7 +544,7 @@ def test_wordnet_glosses(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_real_offline_build_uses_every_package(tmp_path):
     env = {**os.environ, "AR_CACHE": str(tmp_path)}
-    subprocess.run([sys.executable, "prepare.py"], cwd=ROOT, env=env, check=True, timeout=1200)
+    subprocess.run([sys.executable, "-m", "dataprep"], cwd=ROOT, env=env, check=True, timeout=1200)
     data = tmp_path / "offline"
     manifest = builder.read_manifest(data)
     assert builder.verify_manifest(data) == manifest["hash"]

@@ -85,7 +85,7 @@ def sandbox_processes(cache: Path) -> dict[str, str]:
 
 def harness_runs(found: dict[str, str]) -> bool:
     """Whether the sandbox runs a phase already (train.py, or the harness's evaluation), not only its launcher."""
-    return any("train.py" in command or "prepare.py" in command for command in found.values())
+    return any("train.py" in command or "evaluate.py" in command for command in found.values())
 
 
 # -- a night, as a user starts it ----------------------------------------------------------------------

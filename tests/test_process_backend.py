@@ -156,7 +156,7 @@ def test_snapshots_are_content_addressed_and_read_only(backend):
     second = backend.build_image("print('b')\n", "exp-3")
     assert second != first
     snapshot = Path(first)
-    assert sorted(p.name for p in snapshot.iterdir()) == ["contract.py", "prepare.py", "train.py"]
+    assert sorted(p.name for p in snapshot.iterdir()) == ["contract.py", "evaluate.py", "prepare.py", "train.py"]
     assert (snapshot / "prepare.py").read_bytes() == (ROOT / "prepare.py").read_bytes()
     assert (snapshot / "train.py").stat().st_mode & 0o777 == 0o444
     assert backend.image_exists(first)
@@ -226,7 +226,7 @@ def test_without_isolation_it_says_so_and_still_runs(tmp_path):
         print("cwd files:", sorted(os.listdir(".")))
     """, mounts=(Mount(data / "train", "/data/train"),), env={"AR_DATA_DIR": "/data", "AR_OUT_DIR": "/out"})
     assert result.status is Status.OK, log
-    assert "train: train/tokens.bin" in log and "cwd files: ['contract.py', 'prepare.py', 'train.py']" in log
+    assert "train: train/tokens.bin" in log and "cwd files: ['contract.py', 'evaluate.py', 'prepare.py', 'train.py']" in log
     assert (tmp_path / "out" / "model").read_text() == "m"
     assert result.isolation == "process (no isolation: not root)"
 

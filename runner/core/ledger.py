@@ -36,7 +36,20 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-class Kind(enum.StrEnum):
+class _Recorded(enum.StrEnum):
+    """A word the ledger records. A value this version does not know (written by a newer one) is read as it is,
+    a member of no name that equals nothing else, so an old runner can still read and show a newer ledger."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> _Recorded | None:
+        if not isinstance(value, str):
+            return None
+        member = str.__new__(cls, value)
+        member._name_, member._value_ = value, value
+        return member
+
+
+class Kind(_Recorded):
     """What a row is."""
 
     BASELINE = "baseline"  # the night's unmodified train.py, on the baseline seeds
@@ -48,14 +61,14 @@ class Kind(enum.StrEnum):
     RERUN = "rerun"  # morning work: `rerun` and `verify`
 
 
-class Decision(enum.StrEnum):
+class Decision(_Recorded):
     """What the keep rule decided about an experiment (runner.core.decision)."""
 
     KEEP = "keep"
     DISCARD = "discard"
 
 
-class ReviewState(enum.StrEnum):
+class ReviewState(_Recorded):
     """The morning review of a kept experiment (a keep enters the queue as pending)."""
 
     PENDING = "pending"

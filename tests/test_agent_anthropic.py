@@ -79,7 +79,7 @@ def test_success_sends_cached_static_part_and_dynamic_user_message(server: Messa
     train_block, dynamic_block = message["content"]
     assert "MATRIX_LR = 0.04" in train_block["text"] and train_block["cache_control"] == {"type": "ephemeral"}
     dynamic = dynamic_block["text"]
-    assert "| e0007 | discard | 1.7000 | +0.0200 | DEPTH 8 -> 12 |" in dynamic
+    assert "| e0007 | discard | 1.7000 | +0.0200 | - | - | - | - | - | - | - | DEPTH 8 -> 12 |" in dynamic
     assert "1.6800" in dynamic and "Traceback: boom" in dynamic
     assert "the diff touched prepare.py" in dynamic
     assert "cache_control" not in dynamic_block

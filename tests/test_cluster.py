@@ -111,9 +111,9 @@ class LocalCluster:
 def _other_harness(tmp_path: Path) -> Path:
     """A copy of the project's code whose prepare.py differs: a node running it builds from other inputs."""
     copy = tmp_path / "other-version"
-    for name in ("runner", "sandbox", "dataprep", "images"):
+    for name in ("common", "runner", "sandbox", "dataprep", "images"):
         shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("contract.py", "uv.lock", "pyproject.toml"):
+    for name in ("contract.py", "evaluate.py", "uv.lock", "pyproject.toml"):
         shutil.copyfile(ROOT / name, copy / name)
     (copy / "prepare.py").write_text((ROOT / "prepare.py").read_text() + "\n# another version of the harness\n")
     return copy

@@ -33,6 +33,12 @@ class SettingsError(UserError):
     """A setting the user gave cannot work (one sentence)."""
 
 
+def webhook_host(url: str) -> str:
+    """A webhook URL as records and logs may show it: its path is its secret, so only the host is kept."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/')[0]}/..."
+
+
 def default_tag() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -186,5 +192,5 @@ class Settings:
         """The settings as stored with the night."""
         data = dataclasses.asdict(self)
         data["source"] = str(self.source)
-        data["notify"] = [url.split("://")[0] + "://" + url.split("://")[1].split("/")[0] + "/..." for url in self.notify]
-        return data  # a webhook's path is its secret: the record keeps the host
+        data["notify"] = [webhook_host(url) for url in self.notify]
+        return data

@@ -21,6 +21,8 @@ from typing import Any
 
 import structlog
 
+from runner.core.settings import webhook_host
+
 log = structlog.get_logger(__name__)
 
 ATTEMPTS = 3  # tries per target and event
@@ -96,11 +98,10 @@ def _run(command: str, body: bytes) -> None:
 
 
 def _redacted(target: str) -> str:
-    """A webhook URL's path is its secret: logs name the host only."""
-    if "://" not in target:
-        return target.split()[0] if target.split() else target
-    scheme, _, rest = target.partition("://")
-    return f"{scheme}://{rest.split('/')[0]}/..."
+    """How a target is named in the log: a webhook by its host only, a command by its program."""
+    if "://" in target:
+        return webhook_host(target)
+    return target.split()[0] if target.split() else target
 
 
 class Watch:

@@ -242,8 +242,9 @@ def _add_row(ledger: Ledger, run_dir: Path, plan: _RerunPlan, exact: bool, backe
     )
     directory = run_dir / new.id
     directory.mkdir(parents=True, exist_ok=True)
-    if RunDir(run_dir / row.id).train_py.is_file():
-        shutil.copyfile(RunDir(run_dir / row.id).train_py, RunDir(directory).train_py)
+    recorded = RunDir(run_dir / row.id).train_py
+    if recorded.is_file():
+        shutil.copyfile(recorded, RunDir(directory).train_py)
     return new
 
 
